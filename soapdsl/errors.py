@@ -1,0 +1,148 @@
+"""soapdsl's error types.
+
+Every failure a user can cause (bad recipe text, bad arguments, a shape the recipe cannot
+handle, bad YAML, a state dict from another recipe) raises a subclass of :class:`SoapError`.
+Errors that come from source text carry a :class:`~soapdsl.syntax.ast.Loc` and print as::
+
+    recipe.soap:3:14: error: unknown operator 'newton_shulz'; did you mean 'newton_schulz'?
+        3 |   rotate(left) |> newton_shulz(5)
+          |                   ^^^^^^^^^^^^
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+__all__ = [
+    "Loc",
+    "SoapError",
+    "SoapSyntaxError",
+    "SoapNameError",
+    "SoapArgumentError",
+    "SoapRouteError",
+    "SoapShapeError",
+    "SoapConfigError",
+    "SoapStateError",
+    "SoapRecipeError",
+    "did_you_mean",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Loc:
+    """A span of source text: 1-based line and column, end exclusive."""
+
+
+    file: str
+    line: int
+    col: int
+    end_line: int
+    end_col: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.col}"
+
+
+#: Text of every source parsed in this process, by file name, so that any error with a
+#: location can print the offending line. Inline texts are registered under "<inline>".
+SOURCES: dict[str, str] = {}
+
+
+class SoapError(Exception):
+    """Base class of every error soapdsl raises on bad input.
+
+    ``message`` is the one-line description; ``loc`` the source span, if any; ``source`` the
+    text the span points into, used to print the offending line with a caret.
+    """
+
+    kind = "error"
+
+    def __init__(
+        self,
+        message: str,
+        loc: Loc | None = None,
+        source: str | None = None,
+        notes: Iterable[str] = (),
+    ) -> None:
+        self.message = message
+        self.loc = loc
+        self.source = source
+        self.notes = tuple(notes)
+        super().__init__(self.format())
+
+    def at(self, loc: Loc | None) -> SoapError:
+        """Give this error a location, if it has none yet."""
+        if self.loc is None and loc is not None:
+            self.loc = loc
+            self.args = (self.format(),)
+        return self
+
+    def format(self) -> str:
+        head = f"{self.kind}: {self.message}"
+        if self.loc is not None:
+            head = f"{self.loc}: {head}"
+        lines = [head]
+        if self.loc is not None:
+            source = self.source if self.source is not None else SOURCES.get(self.loc.file)
+            if source is not None:
+                lines.extend(_caret(self.loc, source))
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def _caret(loc: Loc, source: str) -> list[str]:
+    text_lines = source.splitlines()
+    if not 1 <= loc.line <= len(text_lines):
+        return []
+    line = text_lines[loc.line - 1].expandtabs(1)
+    width = 1
+    if loc.end_line == loc.line and loc.end_col > loc.col:
+        width = loc.end_col - loc.col
+    width = max(1, min(width, len(line) - loc.col + 1))
+    gutter = f"{loc.line:>5} | "
+    return [gutter + line, " " * (len(gutter) - 2) + "| " + " " * (loc.col - 1) + "^" * width]
+
+
+class SoapSyntaxError(SoapError):
+    """The text is not valid soapdsl."""
+
+    kind = "syntax error"
+
+
+class SoapNameError(SoapError):
+    """A name (operator, macro, recipe, parameter) does not resolve."""
+
+
+class SoapArgumentError(SoapError):
+    """An argument has the wrong type, is out of range, missing, or repeated."""
+
+
+class SoapRouteError(SoapError):
+    """A route selector is malformed, duplicated, unreachable, or leaves a parameter unrouted."""
+
+
+class SoapShapeError(SoapError):
+    """A stage cannot handle the shape of a parameter routed to it."""
+
+
+class SoapConfigError(SoapError):
+    """A YAML or dict configuration is malformed."""
+
+
+class SoapStateError(SoapError):
+    """A state dict does not belong to this optimizer."""
+
+
+class SoapRecipeError(SoapError):
+    """A recipe is structurally wrong (no update applied, `lr` twice, a scope misused)."""
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str:
+    """Return "; did you mean 'x'?" for the closest candidate, or ""."""
+    match = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"; did you mean '{match[0]}'?" if match else ""
