@@ -1,0 +1,309 @@
+"""Checked IR: macros expanded, names resolved, arguments bound to operator fields.
+
+Frozen, tensor-free and hashable; locations are excluded from equality. Argument values are
+:class:`Value` trees that may refer to recipe parameters, evaluated against a route's
+hyperparameters at compile time (static arguments) or at every step (dynamic ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from soapdsl.errors import Loc, SoapArgumentError
+from soapdsl.syntax import ast as A
+from soapdsl.syntax.printer import format_selector
+
+_NOLOC = Loc("<none>", 0, 0, 0, 0)
+
+
+def _loc() -> Loc:
+    return field(default=_NOLOC, compare=False, repr=False)  # type: ignore[return-value]
+
+
+# -- values ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Const:
+    value: Any  # int | float | bool | str | tuple
+    loc: Loc = _loc()
+
+    def evaluate(self, env: Mapping[str, Any]) -> Any:
+        return self.value
+
+    def refs(self) -> frozenset[str]:
+        return frozenset()
+
+    def text(self) -> str:
+        return _const_text(self.value)
+
+
+@dataclass(frozen=True)
+class Sym:
+    """A bare name that is no parameter: an enum-like symbol such as ``left`` or ``norm``."""
+
+    name: str
+    loc: Loc = _loc()
+
+    def evaluate(self, env: Mapping[str, Any]) -> Any:
+        return self.name
+
+    def refs(self) -> frozenset[str]:
+        return frozenset()
+
+    def text(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to a recipe parameter (a key of the route's param_group)."""
+
+    name: str
+    loc: Loc = _loc()
+
+    def evaluate(self, env: Mapping[str, Any]) -> Any:
+        return env[self.name]
+
+    def refs(self) -> frozenset[str]:
+        return frozenset((self.name,))
+
+    def text(self) -> str:
+        return self.name
+
+
+_BINOPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: Value
+    loc: Loc = _loc()
+
+    def evaluate(self, env: Mapping[str, Any]) -> Any:
+        v = self.operand.evaluate(env)
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise SoapArgumentError(f"cannot negate {_const_text(v)}", self.loc)
+        return -v
+
+    def refs(self) -> frozenset[str]:
+        return self.operand.refs()
+
+    def text(self) -> str:
+        inner = self.operand.text()
+        return f"-({inner})" if isinstance(self.operand, Bin) else f"-{inner}"
+
+
+@dataclass(frozen=True)
+class Bin:
+    op: str
+    left: Value
+    right: Value
+    loc: Loc = _loc()
+
+    def evaluate(self, env: Mapping[str, Any]) -> Any:
+        a, b = self.left.evaluate(env), self.right.evaluate(env)
+        for v in (a, b):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise SoapArgumentError(
+                    f"arithmetic needs numbers, got {_const_text(v)} in '{self.text()}'", self.loc
+                )
+        if self.op == "/" and b == 0:
+            raise SoapArgumentError(f"division by zero in '{self.text()}'", self.loc)
+        return _BINOPS[self.op](a, b)
+
+    def refs(self) -> frozenset[str]:
+        return self.left.refs() | self.right.refs()
+
+    def text(self) -> str:
+        p = _PREC[self.op]
+
+        def side(v: Value, need: int) -> str:
+            t = v.text()
+            return f"({t})" if isinstance(v, Bin) and _PREC[v.op] < need else t
+
+        return f"{side(self.left, p)} {self.op} {side(self.right, p + 1)}"
+
+
+@dataclass(frozen=True)
+class TupleVal:
+    items: tuple[Value, ...]
+    loc: Loc = _loc()
+
+    def evaluate(self, env: Mapping[str, Any]) -> Any:
+        return tuple(i.evaluate(env) for i in self.items)
+
+    def refs(self) -> frozenset[str]:
+        out: frozenset[str] = frozenset()
+        for i in self.items:
+            out |= i.refs()
+        return out
+
+    def text(self) -> str:
+        if len(self.items) == 1:
+            return f"({self.items[0].text()},)"
+        return "(" + ", ".join(i.text() for i in self.items) + ")"
+
+
+@dataclass(frozen=True)
+class PipeVal:
+    """A pipeline passed as an argument (a parallel branch)."""
+
+    pipeline: Pipeline
+    loc: Loc = _loc()
+
+    def evaluate(self, env: Mapping[str, Any]) -> Any:
+        return self.pipeline
+
+    def refs(self) -> frozenset[str]:
+        return self.pipeline.refs()
+
+    def text(self) -> str:
+        return "{ " + self.pipeline.text() + " }"
+
+
+Value = Union[Const, Sym, Ref, Neg, Bin, TupleVal, PipeVal]
+
+
+def _const_text(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, tuple):
+        return TupleVal(tuple(Const(i) for i in v)).text()
+    return str(v)
+
+
+def const_text(v: Any) -> str:
+    """Render a Python value as soapdsl source."""
+    return _const_text(v)
+
+
+# -- pipelines ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A bound primitive: ``args`` holds the arguments given, by field name, in field order."""
+
+    op: str
+    args: tuple[tuple[str, Value], ...]
+    body: Pipeline | None = None
+    label: str | None = None
+    implicit: bool = False
+    via: tuple[str, ...] = field(default=(), compare=False)  # macro expansion chain
+    loc: Loc = _loc()
+
+    def arg(self, name: str) -> Value | None:
+        for k, v in self.args:
+            if k == name:
+                return v
+        return None
+
+    def refs(self) -> frozenset[str]:
+        out: frozenset[str] = frozenset()
+        for _, v in self.args:
+            out |= v.refs()
+        if self.body is not None:
+            out |= self.body.refs()
+        return out
+
+    def text(self, filled: bool = False) -> str:
+        """Source form; with ``filled``, every argument is shown, defaults included."""
+        given = dict(self.args)
+        if filled:
+            parts = [
+                f"{k}={given[k].text() if k in given else _const_text(d)}"
+                for k, d in defaults_of(self.op).items()
+                if k in given or d is not _REQUIRED
+            ]
+        else:
+            parts = [f"{k}={v.text()}" for k, v in self.args]
+        out = self.op + (f"({', '.join(parts)})" if parts else "")
+        if self.body is not None:
+            out += " { " + self.body.text(filled) + " }"
+        if self.label:
+            out += f" as {self.label}"
+        return out
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    stages: tuple[Stage, ...]
+    loc: Loc = _loc()
+
+    def refs(self) -> frozenset[str]:
+        out: frozenset[str] = frozenset()
+        for s in self.stages:
+            out |= s.refs()
+        return out
+
+    def text(self, filled: bool = False) -> str:
+        return " |> ".join(s.text(filled) for s in self.stages)
+
+    def walk(self, prefix: str = "") -> list[tuple[str, Stage]]:
+        """Every stage with its path ("2", "1.0", ...), scope bodies included, in order."""
+        out: list[tuple[str, Stage]] = []
+        for i, s in enumerate(self.stages):
+            path = f"{prefix}{i}"
+            out.append((path, s))
+            if s.body is not None:
+                out.extend(s.body.walk(path + "."))
+        return out
+
+
+_REQUIRED = object()
+
+
+def defaults_of(op: str) -> dict[str, Any]:
+    """Field -> default of an op's argument model (``_REQUIRED`` where there is none)."""
+    from soapdsl import registry
+
+    cls = registry.get(op)
+    if cls is None:
+        return {}
+    return {
+        k: (_REQUIRED if f.is_required() else f.get_default(call_default_factory=True))
+        for k, f in cls.Args.model_fields.items()
+    }
+
+
+# -- recipes --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Route:
+    selector: A.Selector
+    settings: tuple[tuple[str, Value], ...]
+    pipeline: Pipeline
+    loc: Loc = _loc()
+
+    def selector_text(self) -> str:
+        return format_selector(self.selector)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    params: tuple[tuple[str, Any], ...]  # header parameter -> default (None: required)
+    routes: tuple[Route, ...]
+    doc: str = field(default="", compare=False)
+    file: str = field(default="<inline>", compare=False)
+    loc: Loc = _loc()
+
+    def defaults(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def fingerprint(self) -> str:
+        """Identity of the recipe's structure (routes and pipelines, not hyperparameter values)."""
+        body = repr((self.name, tuple(n for n, _ in self.params), self.routes))
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
