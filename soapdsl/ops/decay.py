@@ -1,0 +1,52 @@
+"""decay: decoupled weight decay of the parameter."""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from soapdsl.registry import Hyper, Op, OpArgs, register
+from soapdsl.runtime.context import Ctx, Val
+
+
+class DecayArgs(OpArgs):
+    weight_decay: Hyper = Field(0.01, ge=0.0)
+    lr_scaled: bool = True
+
+
+@register
+class Decay(Op):
+    """Decoupled weight decay: shrink the parameter, leave the update as it is.
+
+    Where it stands in the pipeline is when it happens: before `lr` it decays the parameter
+    before the update is applied (torch.optim.AdamW, Muon); after `lr` it decays the updated
+    parameter (SOAP, SOAP-Muon). Skipped when weight_decay is 0.
+
+    Math:
+        p <- p * (1 - lr * weight_decay)        (lr_scaled=true; lr is the param_group's)
+        p <- p * (1 - weight_decay)             (lr_scaled=false)
+        out = x
+
+    Args:
+        weight_decay: the decay rate, >= 0.
+        lr_scaled: multiply the rate by the group's current lr (torch's convention).
+
+    Example:
+        decay(0.01) |> momentum(0.9) |> rms_normalize(0.999) |> bias_correct(0.9) |> lr
+
+    References:
+        Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (2019).
+    """
+
+    name = "decay"
+    Args = DecayArgs
+    kind = "param"
+    linear = True
+
+    def apply(self, ctx: Ctx, x: Val) -> Val:
+        wd = self.hp("weight_decay", ctx.group)
+        if wd == 0:
+            return x
+        rate = wd * ctx.group["lr"] if self.args.lr_scaled else wd  # type: ignore[attr-defined]
+        torch._foreach_mul_(ctx.params, 1.0 - rate)
+        return x

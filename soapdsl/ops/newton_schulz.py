@@ -1,0 +1,66 @@
+"""newton_schulz: orthogonalize the update (Muon's zeroth-power iteration)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from soapdsl.ops._linalg import as_matrices, newton_schulz
+from soapdsl.registry import Float, Int, Op, OpArgs, register
+from soapdsl.runtime.context import Ctx, Val
+
+
+class NewtonSchulzArgs(OpArgs):
+    steps: Int = Field(5, ge=0, lt=100)
+    coeffs: tuple[Float, Float, Float] = (3.4445, -4.7750, 2.0315)
+    cleanup: Int = Field(0, ge=0, lt=100)
+    eps: Float = Field(1e-7, ge=0.0)
+    eps_mode: Literal["add", "clamp"] = "add"
+    dtype: Literal["fp32", "bf16"] = "fp32"
+
+
+@register
+class NewtonSchulz(Op):
+    """Newton-Schulz orthogonalization: map each matrix towards U V^T of its SVD.
+
+    Works on the last two dimensions; a parameter of more dimensions (a conv kernel
+    [out, in, kh, kw]) is flattened to [out, in*kh*kw] and back, as Muon does. All
+    parameters of one shape in the route run as one batched iteration.
+
+    Math:
+        X = x / (||x||_F + eps)                (eps_mode=clamp: x / max(||x||_F, eps))
+        transpose when rows > cols
+        steps times:   A = X X^T;  X <- a X + (b A + c A A) X      (a, b, c) = coeffs
+        cleanup times: X <- 1.5 X - 0.5 (X X^T) X                  (pulls singular values to 1)
+        out = X (transposed back)
+
+    Args:
+        steps: quintic steps (Muon: 5; SOAP-Muon: 10), below 100.
+        coeffs: the quintic coefficients (a, b, c).
+        cleanup: cubic steps after the quintic ones (SOAP-Muon: 2).
+        eps: guards the normalisation.
+        eps_mode: "add" (Keller Jordan's Muon, SOAP-Muon) or "clamp" (torch.optim.Muon).
+        dtype: "fp32" or "bf16" iteration (the references use bf16 on GPU; on CPU bf16 matmul
+            is about 100x slower than fp32).
+
+    Example:
+        momentum(0.95, nesterov=true) |> newton_schulz(5, dtype=bf16) |> lr
+
+    References:
+        Jordan et al., "Muon" (2024); Vyas et al., "Improving SOAP using iterative whitening
+        and Muon" (2025), section 3.5.
+    """
+
+    name = "newton_schulz"
+    Args = NewtonSchulzArgs
+    kind = "matrix"
+    scale_invariant = False
+
+    def apply(self, ctx: Ctx, x: Val) -> Val:
+        a: NewtonSchulzArgs = self.args  # type: ignore[assignment]
+        out = []
+        for t in x.ts:
+            m = newton_schulz(as_matrices(t), a.steps, a.coeffs, a.cleanup, a.eps, a.eps_mode, a.dtype)
+            out.append(m.view(t.shape))
+        return Val(out, owned=True)

@@ -1,0 +1,76 @@
+"""rms_normalize: divide the update by the root of the raw gradient's second moment."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from soapdsl.registry import Hyper, Op, OpArgs, StateSpec, register
+from soapdsl.runtime.context import Ctx, Val
+
+
+class RmsNormalizeArgs(OpArgs):
+    beta: Hyper = Field(0.999, ge=0.0, lt=1.0)
+    eps: Hyper = Field(1e-8, ge=0.0)
+    eps_at: Literal["corrected", "raw"] = "corrected"
+    correct: bool = True
+
+
+@register
+class RmsNormalize(Op):
+    """Second-moment normalization: Adam's denominator, in the current basis.
+
+    The second moment is kept of the *raw gradient* g in the coordinates of the enclosing scope
+    (inside `rotate`, of the rotated gradient), whatever the stages before did to the update.
+
+    Math:
+        v <- beta * v + (1 - beta) * g^2,     c = 1 - beta^t (1 when correct=false)
+        eps_at=corrected:  out = x / (sqrt(v) / sqrt(c) + eps)          (torch.optim.Adam/AdamW)
+        eps_at=raw:        out = sqrt(c) * x / (sqrt(v) + eps)          (SOAP: eps on the raw root,
+                                                                         correction folded into the step)
+
+    Args:
+        beta: decay of the second moment (Adam's beta2), in [0, 1).
+        eps: added to the root, at the place eps_at names.
+        eps_at: "corrected" adds eps to the bias-corrected root, "raw" to the raw root.
+        correct: apply the bias correction sqrt(1 - beta^t).
+
+    State:
+        v: like the parameter (in the coordinates of the enclosing scope).
+
+    Example:
+        momentum(0.9) |> rms_normalize(0.999, 1e-8) |> bias_correct(0.9) |> lr
+
+    References:
+        Kingma & Ba, "Adam" (2015); Vyas et al., "SOAP" (2024), eps placement.
+    """
+
+    name = "rms_normalize"
+    Args = RmsNormalizeArgs
+    linear = True
+
+    def state(self, shape: tuple[int, ...]) -> dict[str, StateSpec]:
+        return {"v": StateSpec(shape)}
+
+    def apply(self, ctx: Ctx, x: Val) -> Val:
+        a: RmsNormalizeArgs = self.args  # type: ignore[assignment]
+        beta = self.hp("beta", ctx.group)
+        eps = self.hp("eps", ctx.group)
+        v = ctx.state(self)["v"]
+        torch._foreach_mul_(v, beta)
+        torch._foreach_addcmul_(v, ctx.g, ctx.g, value=1.0 - beta)
+        root_c = math.sqrt(1.0 - beta**ctx.t) if a.correct else 1.0
+        denom = torch._foreach_sqrt(v)
+        if a.eps_at == "corrected":
+            if root_c != 1.0:
+                torch._foreach_div_(denom, root_c)
+        elif root_c != 1.0:
+            ctx.scale *= root_c
+        torch._foreach_add_(denom, eps)
+        if x.owned:
+            torch._foreach_div_(x.ts, denom)
+            return x
+        return Val(list(torch._foreach_div(x.ts, denom)), owned=True)

@@ -1,0 +1,168 @@
+"""The operator registry: the contract every primitive implements.
+
+A primitive is one module in :mod:`soapdsl.ops` defining one :class:`Op` subclass decorated
+with :func:`register`. Everything else (checker, compiler, runtime, CLI, docs) finds it here.
+
+An op declares
+
+* ``Args``: a pydantic model; field order is the positional-argument order. Fields annotated
+  with :data:`Hyper` may be given a recipe parameter and are then read from the route's
+  param_group at every step, so LR schedulers and users can change them during training.
+* ``state(shape)``: the per-parameter state it needs (name -> :class:`StateSpec`).
+* ``apply(ctx, x)``: the batched tensor function. ``x`` is a :class:`~soapdsl.runtime.context.Val`
+  holding one tensor per bucket; in a batched route a bucket tensor has a leading batch
+  dimension over parameters of equal shape.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+if TYPE_CHECKING:
+    import torch
+
+    from soapdsl.ir import Value
+    from soapdsl.runtime.context import Ctx, Val
+
+
+class _DynamicMarker:
+    """Marks an argument that may be read from the param_group at every step."""
+
+    def __repr__(self) -> str:
+        return "Dynamic"
+
+
+DYNAMIC = _DynamicMarker()
+
+
+def _no_bool(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("expected a number, got a boolean")
+    return v
+
+
+#: A float argument that may follow a recipe parameter (read from the param_group per step).
+Hyper = Annotated[float, BeforeValidator(_no_bool), DYNAMIC]
+#: A float argument fixed at compile time.
+Float = Annotated[float, BeforeValidator(_no_bool)]
+#: An int argument fixed at compile time.
+Int = Annotated[int, BeforeValidator(_no_bool)]
+
+
+class OpArgs(BaseModel):
+    """Base of every op's argument model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor per parameter.
+
+    ``shape`` is per parameter (no batch dim). ``dtype`` "state" means the route's state dtype
+    (fp32 for low-precision params, else the param's dtype); "fp32" forces float32 (factors,
+    bases). ``init`` is "zeros" or "eye" (identity over the last two dims).
+    """
+
+    shape: tuple[int, ...]
+    dtype: Literal["state", "fp32"] = "state"
+    init: Literal["zeros", "eye"] = "zeros"
+
+
+class Op:
+    """Base class of a primitive operator. Subclasses set the class attributes below."""
+
+    #: name used in recipes
+    name: ClassVar[str]
+    #: argument model (field order = positional order)
+    Args: ClassVar[type[OpArgs]] = OpArgs
+    #: "elementwise" ops work on any shape; "matrix" ops need ndim >= 2 and are batched over
+    #: same-shape parameters; "scope" ops take a block; "apply" writes the parameter.
+    kind: ClassVar[Literal["elementwise", "matrix", "scope", "apply", "param"]] = "elementwise"
+    #: True when op(c * x) == c * op(x) for a scalar c > 0 held on the host, so a pending
+    #: scale (from bias_correct, scale, ...) can pass through without touching memory.
+    linear: ClassVar[bool] = False
+    #: True when op(c * x) == op(x) for a scalar c > 0: a pending scale is dropped unapplied.
+    scale_invariant: ClassVar[bool] = False
+
+    def __init__(self, args: OpArgs, dynamic: Mapping[str, Value] | None = None, path: str = "") -> None:
+        self.args = args
+        self.dynamic = dict(dynamic or {})
+        self.path = path  # position in the pipeline, e.g. "2" or "1.0"; namespaces state keys
+
+    # -- compile time ---------------------------------------------------------------------
+
+    def check_shape(self, shape: tuple[int, ...]) -> str | None:
+        """Return why this op cannot handle a parameter of ``shape``, or None."""
+        if self.kind == "matrix" and len(shape) < 2:
+            return f"'{self.name}' needs a matrix (ndim >= 2), got shape {list(shape)}"
+        return None
+
+    def state(self, shape: tuple[int, ...]) -> dict[str, StateSpec]:
+        """Per-parameter state this op allocates for a parameter of ``shape``."""
+        return {}
+
+    # -- run time -------------------------------------------------------------------------
+
+    def hp(self, name: str, group: Mapping[str, Any]) -> Any:
+        """Value of argument ``name``: from the param_group if it follows a recipe parameter."""
+        expr = self.dynamic.get(name)
+        if expr is None:
+            return getattr(self.args, name)
+        return expr.evaluate(group)
+
+    def apply(self, ctx: Ctx, x: Val) -> Val:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def state_key(self, name: str) -> str:
+        return f"{self.path}.{self.name}.{name}"
+
+    def __repr__(self) -> str:
+        return f"<op {self.name} at {self.path}>"
+
+    # -- introspection --------------------------------------------------------------------
+
+    @classmethod
+    def summary(cls) -> str:
+        doc = inspect.getdoc(cls) or ""
+        return doc.split("\n\n")[0].replace("\n", " ").strip()
+
+    @classmethod
+    def dynamic_fields(cls) -> frozenset[str]:
+        return frozenset(
+            n for n, f in cls.Args.model_fields.items() if any(m is DYNAMIC for m in f.metadata)
+        )
+
+
+_REGISTRY: dict[str, type[Op]] = {}
+
+
+def register(cls: type[Op]) -> type[Op]:
+    """Class decorator adding an op to the registry."""
+    name = cls.name
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise RuntimeError(f"operator {name!r} registered twice")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _load() -> None:
+    import soapdsl.ops  # noqa: F401  (imports every op module, which registers it)
+
+
+def get(name: str) -> type[Op] | None:
+    _load()
+    return _REGISTRY.get(name)
+
+
+def all_ops() -> dict[str, type[Op]]:
+    _load()
+    return dict(sorted(_REGISTRY.items()))
+
+
+OpFactory = Callable[..., Op]

@@ -1,0 +1,125 @@
+"""What an op sees while it runs: the value, the raw gradient, state, params, hyperparameters.
+
+Execution is per *cohort*: the parameters of one route that share a step count. A cohort is a
+list of *buckets*; in a batched route a bucket stacks parameters of equal shape along a new
+leading dimension (one ``bmm``/``eigh``/Newton-Schulz for all of them), otherwise each
+parameter is its own bucket and its tensors keep the parameter's shape. Elementwise ops treat
+both alike and use ``torch._foreach_*`` over the bucket tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from soapdsl.registry import Op
+
+
+@dataclass
+class Val:
+    """The value flowing through a pipeline: one tensor per bucket.
+
+    ``owned`` says whether the tensors are temporaries that the next op may overwrite in
+    place; state buffers and gradients are handed on with ``owned=False``.
+    """
+
+    ts: list[torch.Tensor]
+    owned: bool = False
+
+
+@dataclass
+class Bucket:
+    params: list[torch.Tensor]
+    shape: tuple[int, ...]
+    stacked: bool  # True: tensors carry a leading batch dim of len(params)
+
+    @property
+    def size(self) -> int:
+        return len(self.params)
+
+
+@dataclass
+class Ctx:
+    """Execution context of one cohort for one step."""
+
+    group: Mapping[str, Any]  # the route's param_group (hyperparameters)
+    t: int  # this step's count, 1-based
+    buckets: list[Bucket]
+    g: list[torch.Tensor]  # the raw gradient, in the current basis
+    states: Mapping[str, dict[str, list[torch.Tensor]]]  # op path -> state name -> per bucket
+    runner: Any  # executes op lists (scopes call back into it)
+    scale: float = 1.0  # pending host-side factor of the value (see Op.linear)
+    _param_slabs: list[torch.Tensor] | None = field(default=None, repr=False)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state(self, op: Op) -> dict[str, list[torch.Tensor]]:
+        return self.states[op.path]
+
+    # -- parameters -------------------------------------------------------------------------
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """Flat list of the cohort's parameters, bucket by bucket."""
+        return [p for b in self.buckets for p in b.params]
+
+    def param_slabs(self) -> list[torch.Tensor]:
+        """Parameters laid out like the value (stacked copies in batched buckets; read-only)."""
+        if self._param_slabs is None:
+            self._param_slabs = [
+                torch.stack(b.params) if b.stacked else b.params[0] for b in self.buckets
+            ]
+        return self._param_slabs
+
+    def unbind(self, ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-parameter views of bucket tensors, aligned with :attr:`params`."""
+        out: list[torch.Tensor] = []
+        for b, t in zip(self.buckets, ts, strict=True):
+            out.extend(t.unbind(0) if b.stacked else (t,))
+        return out
+
+    def add_to_params(self, ts: Sequence[torch.Tensor], alpha: float) -> None:
+        """``p += alpha * x`` for every parameter, casting to the parameter dtype if needed."""
+        params = self.params
+        updates = self.unbind(ts)
+        if all(p.dtype == u.dtype and p.device == u.device for p, u in zip(params, updates, strict=True)):
+            torch._foreach_add_(params, updates, alpha=alpha)
+        else:
+            for p, u in zip(params, updates, strict=True):
+                p.add_(u.to(p.dtype), alpha=alpha)
+
+    # -- value helpers ----------------------------------------------------------------------
+
+    def writable(self, x: Val) -> list[torch.Tensor]:
+        """Tensors of ``x`` that may be overwritten: ``x``'s own if owned, else copies."""
+        return x.ts if x.owned else [t.clone() for t in x.ts]
+
+    def materialize(self, x: Val) -> Val:
+        """Apply the pending scale to the value."""
+        if self.scale == 1.0:
+            return x
+        s, self.scale = self.scale, 1.0
+        if x.owned:
+            torch._foreach_mul_(x.ts, s)
+            return x
+        return Val(list(torch._foreach_mul(x.ts, s)), True)
+
+    def run(self, ops: Sequence[Op], x: Val) -> Val:
+        return self.runner(self, ops, x)
+
+    # -- reductions -------------------------------------------------------------------------
+
+    def norms(self, ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Frobenius norm per parameter, shaped to broadcast against each bucket tensor."""
+        out = []
+        for b, t in zip(self.buckets, ts, strict=True):
+            if b.stacked:
+                n = torch.linalg.vector_norm(t.flatten(1), dim=1)
+                out.append(n.view(-1, *([1] * (t.dim() - 1))))
+            else:
+                out.append(torch.linalg.vector_norm(t))
+        return out
