@@ -1,0 +1,295 @@
+"""Compiler: checked recipe + concrete parameters -> Plan.
+
+Binds the recipe's header parameters (defaults, then the user's arguments), evaluates every
+route's settings, validates every stage's arguments with the bound values, routes each
+parameter to the first route whose selector matches it, checks that every stage can handle
+the shapes routed to it, builds the runtime op tree, and lays out the state.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from soapdsl import ir, registry
+from soapdsl.check import ROUTE_OPTIONS, evaluate, validate_args
+from soapdsl.errors import (
+    SoapArgumentError,
+    SoapError,
+    SoapNameError,
+    SoapRouteError,
+    SoapShapeError,
+    did_you_mean,
+)
+from soapdsl.syntax import ast as A
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ParamEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    route: int
+    state_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        return math.prod(self.shape) * _itemsize(self.dtype)
+
+
+@dataclass
+class RoutePlan:
+    index: int
+    route: ir.Route
+    hyper: dict[str, Any]  # the route's param_group values
+    options: dict[str, Any]
+    ops: list[registry.Op]  # runtime op tree (scope ops hold .body)
+    params: list[ParamEntry] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    @property
+    def batched(self) -> bool:
+        if self.options.get("batch") is False:
+            return False
+        return any(op.kind in ("matrix", "scope") for op in walk_ops(self.ops))
+
+    @property
+    def selector(self) -> str:
+        return self.route.selector_text()
+
+
+@dataclass
+class Plan:
+    """What a recipe becomes for a given set of parameters: printable and JSON-serializable."""
+
+    recipe: ir.Recipe
+    args: dict[str, Any]
+    routes: list[RoutePlan]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.recipe.fingerprint()
+
+    @property
+    def params(self) -> list[ParamEntry]:
+        return [p for r in self.routes for p in r.params]
+
+    def state_bytes(self) -> int:
+        return sum(p.state_bytes for p in self.params)
+
+    def param_bytes(self) -> int:
+        return sum(p.bytes for p in self.params)
+
+    def to_dict(self) -> dict[str, Any]:
+        from soapdsl.report import plan_to_dict
+
+        return plan_to_dict(self)
+
+    def to_text(self) -> str:
+        from soapdsl.report import plan_to_text
+
+        return plan_to_text(self)
+
+
+def walk_ops(ops: Iterable[registry.Op]) -> Iterable[registry.Op]:
+    for op in ops:
+        yield op
+        yield from walk_ops(getattr(op, "body", ()))
+
+
+# -- binding ----------------------------------------------------------------------------------
+
+
+def bind_args(recipe: ir.Recipe, args: Mapping[str, Any]) -> dict[str, Any]:
+    """Header parameter values: the defaults, overridden by ``args``."""
+    values = recipe.defaults()
+    for k, v in args.items():
+        if k not in values:
+            raise SoapNameError(
+                f"recipe '{recipe.name}' has no parameter '{k}'" + did_you_mean(k, values)
+                + (f" (parameters: {', '.join(values)})" if values else "")
+            )
+        if not isinstance(v, bool | int | float | str | tuple):
+            raise SoapArgumentError(
+                f"argument {k} of recipe '{recipe.name}' must be a number, boolean, name or tuple,"
+                f" got {type(v).__name__}"
+            )
+        values[k] = v
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        raise SoapArgumentError(f"recipe '{recipe.name}' needs argument '{missing[0]}'", recipe.loc)
+    return values
+
+
+def _build_ops(pipeline: ir.Pipeline, env: Mapping[str, Any], prefix: str = "") -> list[registry.Op]:
+    ops: list[registry.Op] = []
+    for i, stage in enumerate(pipeline.stages):
+        cls = registry.get(stage.op)
+        assert cls is not None, stage.op
+        model = validate_args(cls, stage.args, env, stage.loc)
+        assert model is not None
+        dyn = cls.dynamic_fields()
+        dynamic = {k: v for k, v in stage.args if k in dyn and v.refs()}
+        op = cls(model, dynamic, f"{prefix}{i}")
+        op.loc = stage.loc  # type: ignore[attr-defined]
+        if stage.body is not None:
+            op.body = _build_ops(stage.body, env, f"{prefix}{i}.")  # type: ignore[attr-defined]
+        ops.append(op)
+    return ops
+
+
+# -- selectors --------------------------------------------------------------------------------
+
+
+def shape_quantity(name: str, shape: tuple[int, ...]) -> float:
+    if name == "ndim":
+        return len(shape)
+    if name == "numel":
+        return math.prod(shape)
+    if name == "max_dim":
+        return max(shape, default=0)
+    if name == "min_dim":
+        return min(shape, default=0)
+    if name == "aspect":
+        return max(shape) / max(min(shape), 1) if shape else 1.0
+    raise KeyError(name)  # pragma: no cover - the checker rejects other names
+
+
+_CMP = {
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+}
+
+
+def matches(sel: A.Selector, name: str, shape: tuple[int, ...], env: Mapping[str, Any]) -> bool:
+    if isinstance(sel, A.SelPattern):
+        return fnmatch.fnmatchcase(name, sel.pattern)
+    if isinstance(sel, A.SelName):
+        n = len(shape)
+        return {
+            "default": True,
+            "scalar": n == 0,
+            "vector": n == 1,
+            "matrix": n == 2,
+            "tensor": n >= 3,
+        }[sel.name]
+    if isinstance(sel, A.SelCompare):
+        return _CMP[sel.op](shape_quantity(sel.name, shape), evaluate(sel.value, env))
+    if isinstance(sel, A.SelNot):
+        return not matches(sel.operand, name, shape, env)
+    if isinstance(sel, A.SelAnd):
+        return all(matches(i, name, shape, env) for i in sel.items)
+    return any(matches(i, name, shape, env) for i in sel.items)
+
+
+# -- state layout -----------------------------------------------------------------------------
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """State is kept in at least fp32 (fp64 parameters keep fp64 state)."""
+    if not param_dtype.is_floating_point:
+        return torch.float32
+    return torch.promote_types(param_dtype, torch.float32)
+
+
+def op_state_bytes(ops: Iterable[registry.Op], shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    total = 0
+    for op in walk_ops(ops):
+        for spec in op.state(shape).values():
+            total += math.prod(spec.shape) * _itemsize(state_dtype(dtype))
+    return total
+
+
+# -- the compiler -----------------------------------------------------------------------------
+
+
+def named_parameters(params: Any) -> list[tuple[str, torch.Tensor]]:
+    """Accept an nn.Module, an iterable of (name, tensor), or an iterable of tensors."""
+    if isinstance(params, torch.nn.Module):
+        return list(params.named_parameters())
+    if isinstance(params, torch.Tensor):
+        raise SoapArgumentError("params must be an iterable of tensors or an nn.Module, got a single tensor")
+    try:
+        items = list(params)
+    except TypeError:
+        raise SoapArgumentError(
+            f"params must be an nn.Module or an iterable of parameters, got {type(params).__name__}"
+        ) from None
+    out: list[tuple[str, torch.Tensor]] = []
+    seen: set[int] = set()
+    for i, item in enumerate(items):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            name, t = item
+        elif isinstance(item, dict):
+            raise SoapArgumentError(
+                "param-group dicts are not accepted: routes make the groups; use a recipe route instead"
+            )
+        else:
+            name, t = f"param.{i}", item
+        if not isinstance(t, torch.Tensor):
+            raise SoapArgumentError(f"parameter '{name}' is a {type(t).__name__}, not a tensor")
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out.append((name, t))
+    return out
+
+
+def compile_plan(recipe: ir.Recipe, params: Any, args: Mapping[str, Any] | None = None) -> Plan:
+    values = bind_args(recipe, dict(args or {}))
+    routes: list[RoutePlan] = []
+    for i, route in enumerate(recipe.routes):
+        env = dict(values)
+        options: dict[str, Any] = {}
+        for name, v in route.settings:
+            value = v.evaluate(env if name in ROUTE_OPTIONS else values)
+            if name in ROUTE_OPTIONS:
+                options[name] = value
+            else:
+                env[name] = value
+        try:
+            ops = _build_ops(route.pipeline, env)
+        except SoapError as e:
+            note = ", ".join(f"{k}={ir.const_text(v)}" for k, v in args.items()) if args else ""
+            if note:
+                e.notes = (*e.notes, f"recipe arguments given: {note}")
+                e.args = (e.format(),)
+            raise
+        routes.append(RoutePlan(i, route, env, options, ops))
+    for name, t in named_parameters(params):
+        shape = tuple(t.shape)
+        for rp in routes:
+            if matches(rp.route.selector, name, shape, rp.hyper):
+                break
+        else:
+            raise SoapRouteError(
+                f"parameter '{name}' (shape {list(shape)}) matches no route of recipe"
+                f" '{recipe.name}'; add a final `route default: ...`",
+                recipe.loc,
+            )
+        for op in walk_ops(rp.ops):
+            why = op.check_shape(shape)
+            if why is not None:
+                raise SoapShapeError(
+                    f"parameter '{name}' of shape {list(shape)} cannot go through this stage: {why}",
+                    getattr(op, "loc", None),
+                    notes=[f"it was routed by 'route {rp.selector}' (route {rp.index})"],
+                )
+        rp.params.append(ParamEntry(name, shape, t.dtype, rp.index, op_state_bytes(rp.ops, shape, t.dtype)))
+        rp.tensors.append(t)
+    return Plan(recipe, values, routes)

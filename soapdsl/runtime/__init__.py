@@ -1,0 +1,1 @@
+"""Runtime: the torch optimizer that executes a Plan."""

@@ -1,0 +1,287 @@
+"""SoapOptimizer: a torch.optim.Optimizer that executes a Plan.
+
+* one param_group per route, holding "lr" and the recipe's hyperparameters (LR schedulers
+  and users may change them; stages that follow a recipe parameter read them every step);
+* lazy state in ``self.state[param]`` (torch's conventions; keys namespaced by the stage's
+  position, e.g. ``"1.momentum.buf"``), with a ``"step"`` count per parameter;
+* parameters of equal shape in a batched route are stacked and run as one batch; their state
+  lives in one slab per state key and ``self.state[param]`` holds views into it;
+* no host-device synchronisation inside ``step()``: every decision is taken from host-side
+  step counts.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from soapdsl.compiler import FORMAT_VERSION, Plan, RoutePlan, state_dtype, walk_ops
+from soapdsl.errors import SoapArgumentError, SoapError, SoapStateError
+from soapdsl.registry import Op
+from soapdsl.runtime.context import Bucket, Ctx, Val
+
+__all__ = ["SoapOptimizer"]
+
+
+def run_ops(ctx: Ctx, ops: Sequence[Op], x: Val) -> Val:
+    """Run ``ops`` in order, applying or dropping the pending scale where an op needs it."""
+    for op in ops:
+        if ctx.scale != 1.0 and not op.linear:
+            if op.scale_invariant and ctx.scale > 0:
+                ctx.scale = 1.0
+            else:
+                x = ctx.materialize(x)
+        x = op.apply(ctx, x)
+    return x
+
+
+@dataclass
+class _Cohort:
+    t: int  # steps taken so far
+    buckets: list[Bucket]
+    states: dict[str, dict[str, list[torch.Tensor]]]
+    steps: list[torch.Tensor]  # the per-parameter "step" tensors
+
+
+@dataclass
+class _Layout:
+    signature: tuple[int, ...]
+    cohorts: list[_Cohort]
+
+
+class SoapOptimizer(torch.optim.Optimizer):
+    """A torch optimizer compiled from a soapdsl recipe. Build it with :func:`soapdsl.build`."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self._routes: list[RoutePlan] = [rp for rp in plan.routes if rp.tensors]
+        self._names: dict[int, str] = {
+            id(t): e.name for rp in self._routes for t, e in zip(rp.tensors, rp.params, strict=True)
+        }
+        groups = [{"params": list(rp.tensors), **rp.hyper, "route": rp.selector} for rp in self._routes]
+        if not groups:
+            raise SoapArgumentError("the optimizer got an empty parameter list")
+        self._sealed = False
+        try:
+            super().__init__(groups, {})
+        except (ValueError, TypeError) as e:
+            raise SoapArgumentError(str(e)) from None
+        self._sealed = True
+        self._layouts: dict[int, _Layout] = {}
+
+    # -- torch API ----------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_sealed", False):
+            raise SoapArgumentError(
+                "a soapdsl optimizer's param_groups are its routes; build a new optimizer (or add a"
+                " route to the recipe) to optimize more parameters"
+            )
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for rp, group in zip(self._routes, self.param_groups, strict=True):
+            for cohort in self._layout(rp, group).cohorts:
+                self._run(rp, group, cohort)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["soapdsl"] = {
+            "format": FORMAT_VERSION,
+            "recipe": self.plan.recipe.name,
+            "fingerprint": self.plan.fingerprint,
+            "routes": [rp.selector for rp in self._routes],
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._check_state_dict(state_dict)
+        saved_groups = state_dict["param_groups"]
+        id_map: dict[Any, torch.Tensor] = {}
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            id_map.update(zip(saved["params"], group["params"], strict=True))
+        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        for key, value in state_dict["state"].items():
+            if key not in id_map:
+                raise SoapStateError(f"state dict holds state for parameter index {key!r}, which this optimizer lacks")
+            p = id_map[key]
+            new_state[p] = self._load_param_state(p, value)
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            for k, v in saved.items():
+                if k != "params":
+                    group[k] = v
+        self.state = new_state
+        self._layouts.clear()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __repr__(self) -> str:
+        lines = [f"SoapOptimizer(recipe={self.plan.recipe.name!r}"]
+        for rp, g in zip(self._routes, self.param_groups, strict=True):
+            lines.append(f"  route {rp.selector}: {len(g['params'])} params, lr={g['lr']}")
+        return "\n".join(lines) + "\n)"
+
+    # -- state dict checks --------------------------------------------------------------------
+
+    def _check_state_dict(self, sd: Any) -> None:
+        if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+            raise SoapStateError("not an optimizer state dict (needs 'state' and 'param_groups')")
+        meta = sd.get("soapdsl")
+        if not isinstance(meta, dict):
+            raise SoapStateError(
+                "this state dict was not saved by a soapdsl optimizer (it has no 'soapdsl' entry);"
+                f" this optimizer runs recipe '{self.plan.recipe.name}'"
+            )
+        if meta.get("format") != FORMAT_VERSION:
+            raise SoapStateError(
+                f"state dict format {meta.get('format')!r} cannot be read; this soapdsl reads format {FORMAT_VERSION}"
+            )
+        if meta.get("fingerprint") != self.plan.fingerprint or meta.get("recipe") != self.plan.recipe.name:
+            raise SoapStateError(
+                f"state dict was saved by recipe '{meta.get('recipe')}' (fingerprint"
+                f" {meta.get('fingerprint')}), but this optimizer runs recipe"
+                f" '{self.plan.recipe.name}' (fingerprint {self.plan.fingerprint})"
+            )
+        groups = sd["param_groups"]
+        mine = [len(g["params"]) for g in self.param_groups]
+        theirs = [len(g.get("params", ())) for g in groups] if isinstance(groups, list) else []
+        if mine != theirs:
+            raise SoapStateError(
+                f"state dict has routes with {theirs} parameters, this optimizer has {mine}:"
+                " it was saved for a different model"
+            )
+
+    def _load_param_state(self, p: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
+        expected = self._state_specs(self._route_of(p), p)
+        out: dict[str, Any] = {}
+        name = self._names.get(id(p), "?")
+        for key, value in saved.items():
+            if key == "step":
+                out[key] = value.detach().clone() if torch.is_tensor(value) else torch.tensor(float(value))
+                continue
+            if key in expected and torch.is_tensor(value):
+                shape, dtype = expected[key]
+                if tuple(value.shape) != shape:
+                    raise SoapStateError(
+                        f"state '{key}' of parameter '{name}' has shape {list(value.shape)}, expected {list(shape)}"
+                    )
+                out[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
+            elif torch.is_tensor(value):
+                raise SoapStateError(f"state dict holds unknown state '{key}' for parameter '{name}'")
+            else:
+                out[key] = value
+        missing = set(expected) - set(out)
+        if out and missing:
+            raise SoapStateError(f"state dict lacks state {sorted(missing)} for parameter '{name}'")
+        return out
+
+    def _route_of(self, p: torch.Tensor) -> RoutePlan:
+        for rp, g in zip(self._routes, self.param_groups, strict=True):
+            if any(q is p for q in g["params"]):
+                return rp
+        raise SoapError("parameter is not managed by this optimizer")  # pragma: no cover
+
+    # -- layout -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _state_specs(rp: RoutePlan, p: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        out = {}
+        for op in walk_ops(rp.ops):
+            for name, spec in op.state(tuple(p.shape)).items():
+                out[op.state_key(name)] = (spec.shape, state_dtype(p.dtype))
+        return out
+
+    def _init_state(self, rp: RoutePlan, p: torch.Tensor) -> None:
+        st = self.state[p]
+        st["step"] = torch.zeros((), dtype=torch.float32)
+        for op in walk_ops(rp.ops):
+            for name, spec in op.state(tuple(p.shape)).items():
+                t = torch.zeros(spec.shape, dtype=state_dtype(p.dtype), device=p.device)
+                if spec.init == "eye":
+                    t.copy_(torch.eye(spec.shape[-2], spec.shape[-1], dtype=t.dtype, device=t.device).expand_as(t))
+                st[op.state_key(name)] = t
+
+    def _layout(self, rp: RoutePlan, group: dict[str, Any]) -> _Layout:
+        active = [p for p in group["params"] if p.grad is not None]
+        signature = tuple(id(p) for p in active)
+        cached = self._layouts.get(rp.index)
+        if cached is not None and cached.signature == signature:
+            return cached
+        for p in active:
+            if p.grad.is_sparse:
+                raise SoapArgumentError(f"parameter '{self._names.get(id(p))}' has a sparse gradient, which soapdsl does not support")
+            if not self.state[p]:
+                self._init_state(rp, p)
+        by_step: dict[int, list[torch.Tensor]] = {}
+        for p in active:
+            by_step.setdefault(int(self.state[p]["step"]), []).append(p)
+        cohorts = [self._cohort(rp, t, ps) for t, ps in sorted(by_step.items())]
+        layout = _Layout(signature, cohorts)
+        self._layouts[rp.index] = layout
+        return layout
+
+    def _cohort(self, rp: RoutePlan, t: int, params: list[torch.Tensor]) -> _Cohort:
+        if rp.batched:
+            groups: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+            for p in params:
+                groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+            buckets = [Bucket(ps, key[0], True) for key, ps in groups.items()]
+        else:
+            buckets = [Bucket([p], tuple(p.shape), False) for p in params]
+        states: dict[str, dict[str, list[torch.Tensor]]] = {}
+        for op in walk_ops(rp.ops):
+            names = op.state(buckets[0].shape) if buckets else {}
+            per_op: dict[str, list[torch.Tensor]] = {}
+            for name in names:
+                key = op.state_key(name)
+                per_op[name] = [self._slab(b, key) for b in buckets]
+            states[op.path] = per_op
+        return _Cohort(t, buckets, states, [self.state[p]["step"] for p in params])
+
+    def _slab(self, bucket: Bucket, key: str) -> torch.Tensor:
+        tensors = [self.state[p][key] for p in bucket.params]
+        if not bucket.stacked:
+            return tensors[0]
+        base = tensors[0]._base
+        if (
+            base is not None
+            and base.shape[0] == len(tensors)
+            and all(t._base is base and t.data_ptr() == base[i].data_ptr() for i, t in enumerate(tensors))
+        ):
+            return base
+        slab = torch.stack(tensors)
+        for i, p in enumerate(bucket.params):
+            self.state[p][key] = slab[i]
+        return slab
+
+    # -- execution ----------------------------------------------------------------------------
+
+    def _run(self, rp: RoutePlan, group: dict[str, Any], cohort: _Cohort) -> None:
+        grads: list[torch.Tensor] = []
+        for b in cohort.buckets:
+            dtype = state_dtype(b.params[0].dtype)
+            if b.stacked:
+                grads.append(torch.stack([p.grad for p in b.params]).to(dtype))  # type: ignore[misc]
+            else:
+                g = b.params[0].grad
+                assert g is not None
+                grads.append(g if g.dtype == dtype else g.to(dtype))
+        t = cohort.t + 1
+        ctx = Ctx(group, t, cohort.buckets, grads, cohort.states, run_ops)
+        run_ops(ctx, rp.ops, Val(grads, owned=False))
+        torch._foreach_add_(cohort.steps, 1.0)
+        cohort.t = t
