@@ -9,6 +9,7 @@ the shapes routed to it, builds the runtime op tree, and lays out the state.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from soapdsl import ir, registry
-from soapdsl.check import ROUTE_OPTIONS, evaluate, validate_args
+from soapdsl.check import ROUTE_OPTIONS, always_true, evaluate, validate_args
 from soapdsl.errors import (
     SoapArgumentError,
     SoapError,
@@ -27,6 +28,7 @@ from soapdsl.errors import (
     did_you_mean,
 )
 from soapdsl.syntax import ast as A
+from soapdsl.syntax.printer import format_selector
 
 FORMAT_VERSION = 1
 
@@ -72,10 +74,15 @@ class Plan:
     recipe: ir.Recipe
     args: dict[str, Any]
     routes: list[RoutePlan]
+    #: route overrides: (selector, recipe name, recipe fingerprint)
+    overrides: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def fingerprint(self) -> str:
-        return self.recipe.fingerprint()
+        if not self.overrides:
+            return self.recipe.fingerprint()
+        body = repr((self.recipe.fingerprint(), tuple(self.overrides)))
+        return hashlib.sha256(body.encode()).hexdigest()[:16]
 
     @property
     def params(self) -> list[ParamEntry]:
@@ -250,27 +257,53 @@ def named_parameters(params: Any) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def compile_plan(recipe: ir.Recipe, params: Any, args: Mapping[str, Any] | None = None) -> Plan:
-    values = bind_args(recipe, dict(args or {}))
+def _route_plan(index: int, route: ir.Route, values: Mapping[str, Any], args: Mapping[str, Any]) -> RoutePlan:
+    env = dict(values)
+    options: dict[str, Any] = {}
+    for name, v in route.settings:
+        value = v.evaluate(values)
+        if name in ROUTE_OPTIONS:
+            options[name] = value
+        else:
+            env[name] = value
+    try:
+        ops = _build_ops(route.pipeline, env)
+    except SoapError as e:
+        note = ", ".join(f"{k}={ir.const_text(v)}" for k, v in args.items())
+        if note:
+            e.notes = (*e.notes, f"recipe arguments given: {note}")
+            e.args = (e.format(),)
+        raise
+    return RoutePlan(index, route, env, options, ops)
+
+
+Override = tuple[A.Selector, ir.Recipe, Mapping[str, Any]]
+
+
+def compile_plan(
+    recipe: ir.Recipe,
+    params: Any,
+    args: Mapping[str, Any] | None = None,
+    overrides: Iterable[Override] = (),
+) -> Plan:
+    """Compile ``recipe`` for ``params``.
+
+    ``overrides`` are (selector, recipe, args) triples tried before the recipe's own routes:
+    the parameters a selector takes are routed through that recipe's routes, with its own
+    hyperparameters (e.g. send ``"embed*"`` to ``adamw`` with its own lr).
+    """
+    args = dict(args or {})
     routes: list[RoutePlan] = []
-    for i, route in enumerate(recipe.routes):
-        env = dict(values)
-        options: dict[str, Any] = {}
-        for name, v in route.settings:
-            value = v.evaluate(env if name in ROUTE_OPTIONS else values)
-            if name in ROUTE_OPTIONS:
-                options[name] = value
-            else:
-                env[name] = value
-        try:
-            ops = _build_ops(route.pipeline, env)
-        except SoapError as e:
-            note = ", ".join(f"{k}={ir.const_text(v)}" for k, v in args.items()) if args else ""
-            if note:
-                e.notes = (*e.notes, f"recipe arguments given: {note}")
-                e.args = (e.format(),)
-            raise
-        routes.append(RoutePlan(i, route, env, options, ops))
+    borrowed: list[tuple[str, str, str]] = []
+    for selector, sub, sub_args in overrides:
+        sub_values = bind_args(sub, dict(sub_args))
+        borrowed.append((format_selector(selector), sub.name, sub.fingerprint()))
+        for r in sub.routes:
+            combined = selector if always_true(r.selector) else A.SelAnd((selector, r.selector))
+            routes.append(_route_plan(len(routes), ir.Route(combined, r.settings, r.pipeline, r.loc), sub_values, sub_args))
+    values = bind_args(recipe, args)
+    for route in recipe.routes:
+        routes.append(_route_plan(len(routes), route, values, args))
     for name, t in named_parameters(params):
         shape = tuple(t.shape)
         for rp in routes:
@@ -292,4 +325,4 @@ def compile_plan(recipe: ir.Recipe, params: Any, args: Mapping[str, Any] | None 
                 )
         rp.params.append(ParamEntry(name, shape, t.dtype, rp.index, op_state_bytes(rp.ops, shape, t.dtype)))
         rp.tensors.append(t)
-    return Plan(recipe, values, routes)
+    return Plan(recipe, values, routes, borrowed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -77,6 +78,8 @@ class Ref:
         return self.name
 
 
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_KEYWORDS = frozenset({"recipe", "macro", "route", "and", "or", "not", "as", "true", "false"})
 _BINOPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 
@@ -177,7 +180,7 @@ def _const_text(v: Any) -> str:
     if isinstance(v, float):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v)
+        return v if _IDENT.match(v) and v not in _KEYWORDS else json.dumps(v)
     if isinstance(v, tuple):
         return TupleVal(tuple(Const(i) for i in v)).text()
     return str(v)

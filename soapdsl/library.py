@@ -35,7 +35,7 @@ def library() -> Library:
     """Every shipped recipe and macro (parsed once per process)."""
     recipes: dict[str, A.Recipe] = {}
     macros = MacroTable()
-    modules = [parse_file(p) for p in recipe_files()]
+    modules = [parse_file(p, f"recipes/{p.name}") for p in recipe_files()]
     for m in modules:
         for r in m.recipes:
             if r.name in recipes:

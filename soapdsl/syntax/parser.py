@@ -117,8 +117,8 @@ def _end_position(text: str) -> tuple[int, int]:
     return len(lines), len(lines[-1]) + 1
 
 
-def parse_file(path: str | Path) -> A.Module:
-    """Parse a ``.soap`` file; errors point at the file's path."""
+def parse_file(path: str | Path, display: str | None = None) -> A.Module:
+    """Parse a ``.soap`` file; errors point at ``display`` (default: the path as given)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -126,7 +126,7 @@ def parse_file(path: str | Path) -> A.Module:
         raise SoapSyntaxError(f"cannot read recipe file {str(p)!r}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise SoapSyntaxError(f"recipe file {str(p)!r} is not UTF-8 text") from None
-    return parse(text, str(p))
+    return parse(text, display or str(p))
 
 
 @v_args(meta=True)

@@ -1,0 +1,187 @@
+"""Rendering a Plan: the text and JSON that `soapdsl compile` prints."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from soapdsl import ir, registry
+from soapdsl.compiler import FORMAT_VERSION, RoutePlan, state_dtype, walk_ops
+
+if TYPE_CHECKING:
+    from soapdsl.compiler import Plan
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, tuple | list):
+        return [_jsonable(i) for i in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, ir.Pipeline):
+        return v.text()
+    return v
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"  # pragma: no cover
+
+
+def _stage_json(path: str, stage: ir.Stage) -> dict[str, Any]:
+    cls = registry.get(stage.op)
+    dynamic = cls.dynamic_fields() if cls else frozenset()
+    given = dict(stage.args)
+    args = {}
+    for name, default in ir.defaults_of(stage.op).items():
+        if name in given:
+            v = given[name]
+            args[name] = {
+                "text": v.text(),
+                "dynamic": name in dynamic and bool(v.refs()),
+                "refs": sorted(v.refs()),
+            }
+        else:
+            args[name] = {"text": ir.const_text(default), "dynamic": False, "refs": []}
+    out: dict[str, Any] = {"path": path, "op": stage.op, "args": args, "text": stage.text(filled=True)}
+    if stage.via:
+        out["via"] = list(stage.via)
+    if stage.implicit:
+        out["implicit"] = True
+    if stage.label:
+        out["label"] = stage.label
+    return out
+
+
+def _state_rows(rp: RoutePlan) -> list[tuple[str, str]]:
+    rows = []
+    shape = rp.params[0].shape if rp.params else None
+    for op in walk_ops(rp.ops):
+        if shape is None:
+            continue
+        for name, spec in op.state(shape).items():
+            like = "like the parameter" if spec.shape == shape else f"{list(spec.shape)}"
+            rows.append((op.state_key(name), like))
+    return rows
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    routes = []
+    for rp in plan.routes:
+        buckets: dict[str, int] = {}
+        for p in rp.params:
+            buckets[str(list(p.shape))] = buckets.get(str(list(p.shape)), 0) + 1
+        routes.append(
+            {
+                "index": rp.index,
+                "selector": rp.selector,
+                "settings": {k: v.text() for k, v in rp.route.settings},
+                "options": {k: _jsonable(v) for k, v in rp.options.items()},
+                "param_group": {k: _jsonable(v) for k, v in rp.hyper.items()},
+                "batched": rp.batched,
+                "pipeline": [_stage_json(path, s) for path, s in rp.route.pipeline.walk()],
+                "params": [p.name for p in rp.params],
+                "buckets": buckets if rp.batched else {},
+                "state_keys": [k for k, _ in _state_rows(rp)],
+                "state_bytes": sum(p.state_bytes for p in rp.params),
+            }
+        )
+    pb, sb = plan.param_bytes(), plan.state_bytes()
+    return {
+        "format": FORMAT_VERSION,
+        "recipe": {
+            "name": plan.recipe.name,
+            "file": plan.recipe.file,
+            "fingerprint": plan.fingerprint,
+            "doc": plan.recipe.doc,
+        },
+        "args": {k: _jsonable(v) for k, v in plan.args.items()},
+        "routes": routes,
+        "params": [
+            {
+                "name": p.name,
+                "shape": list(p.shape),
+                "dtype": str(p.dtype).removeprefix("torch."),
+                "route": p.route,
+                "bytes": p.bytes,
+                "state_bytes": p.state_bytes,
+                "state_dtype": str(state_dtype(p.dtype)).removeprefix("torch."),
+            }
+            for p in plan.params
+        ],
+        "totals": {
+            "param_bytes": pb,
+            "state_bytes": sb,
+            "state_per_param_byte": round(sb / pb, 4) if pb else 0.0,
+        },
+    }
+
+
+def _pipeline_lines(pipeline: ir.Pipeline, indent: str, prefix: str = "") -> list[str]:
+    lines = []
+    for i, stage in enumerate(pipeline.stages):
+        path = f"{prefix}{i}"
+        text = stage.text(filled=True) if stage.body is None else _head(stage)
+        notes = []
+        if stage.via:
+            notes.append("via " + " > ".join(stage.via))
+        if stage.implicit:
+            notes.append("implicit")
+        note = f"    # {', '.join(notes)}" if notes else ""
+        lines.append(f"{indent}{path:<6}{text}{note}")
+        if stage.body is not None:
+            lines.extend(_pipeline_lines(stage.body, indent + "  ", path + "."))
+    return lines
+
+
+def _head(stage: ir.Stage) -> str:
+    bare = ir.Stage(stage.op, stage.args, None, stage.label, stage.implicit, stage.via, stage.loc)
+    return bare.text(filled=True) + " {"
+
+
+def plan_to_text(plan: Plan) -> str:
+    r = plan.recipe
+    out = [f"recipe {r.name}  ({r.file})  fingerprint {plan.fingerprint}"]
+    if r.doc:
+        out.append("  " + r.doc.splitlines()[0])
+    out.append("arguments: " + ", ".join(f"{k}={ir.const_text(v)}" for k, v in plan.args.items()))
+    for rp in plan.routes:
+        out.append("")
+        settings = ""
+        if rp.route.settings:
+            settings = " [" + ", ".join(f"{k}={v.text()}" for k, v in rp.route.settings) + "]"
+        batched = "batched by shape" if rp.batched else "per parameter (foreach)"
+        out.append(f"route {rp.index}: {rp.selector}{settings}  ({len(rp.params)} params, {batched})")
+        group = ", ".join(f"{k}={ir.const_text(v)}" for k, v in rp.hyper.items())
+        out.append(f"  param_group: {group}")
+        out.append("  pipeline:")
+        out.extend(_pipeline_lines(rp.route.pipeline, "    "))
+        rows = _state_rows(rp)
+        if rows:
+            out.append("  state per parameter:")
+            width = max(len(k) for k, _ in rows)
+            out.extend(f"    {k:<{width}}  {like}" for k, like in rows)
+        elif rp.params:
+            out.append("  state per parameter: none")
+    params = plan.params
+    if params:
+        out.append("")
+        out.append("routing:")
+        nw = max(12, *(len(p.name) for p in params))
+        sw = max(8, *(len(str(list(p.shape))) for p in params))
+        out.append(f"  {'parameter':<{nw}}  {'shape':<{sw}}  route  {'state':>12}  state/param bytes")
+        for p in params:
+            ratio = p.state_bytes / p.bytes if p.bytes else 0.0
+            out.append(
+                f"  {p.name:<{nw}}  {str(list(p.shape)):<{sw}}  {p.route:>5}  "
+                f"{human_bytes(p.state_bytes):>12}  {ratio:.2f}"
+            )
+        pb, sb = plan.param_bytes(), plan.state_bytes()
+        out.append("")
+        out.append(
+            f"state: {human_bytes(sb)} for {human_bytes(pb)} of parameters"
+            f" ({sb / pb if pb else 0.0:.2f} bytes per parameter byte)"
+        )
+    return "\n".join(out) + "\n"
