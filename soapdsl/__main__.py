@@ -1,0 +1,5 @@
+import sys
+
+from soapdsl.cli import main
+
+sys.exit(main())

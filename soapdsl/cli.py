@@ -1,0 +1,173 @@
+"""The soapdsl command line: compile, check, list, fmt.
+
+    soapdsl compile soap --set freq=40 --shapes "w=1024x256,b=256" --format json
+    soapdsl check my_recipe.soap other.soap
+    soapdsl list
+    soapdsl fmt my_recipe.soap
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from soapdsl import __version__, library, registry
+from soapdsl.check import constant
+from soapdsl.compiler import compile_plan
+from soapdsl.errors import SoapArgumentError, SoapError
+from soapdsl.syntax.parser import parse, parse_file
+from soapdsl.syntax.printer import format_module
+
+#: parameter shapes `soapdsl compile` uses when none are given: a small GPT-like model
+EXAMPLE_SHAPES = (
+    "embed.weight=4096x256,"
+    "blocks.0.attn.qkv.weight=768x256,blocks.0.attn.proj.weight=256x256,"
+    "blocks.0.mlp.fc.weight=1024x256,blocks.0.mlp.proj.weight=256x1024,"
+    "blocks.0.norm1.weight=256,blocks.0.norm2.weight=256,"
+    "norm.weight=256,head.weight=4096x256"
+)
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``k=v`` pairs; values are soapdsl literals (numbers, true/false, names, tuples)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise SoapArgumentError(f"--set expects KEY=VALUE, got {item!r}")
+        module = parse(f"x({text})", f"<--set {key}>")
+        assert module.pipeline is not None
+        args = module.pipeline.stages[0].args
+        if len(args) != 1 or args[0].name is not None:
+            raise SoapArgumentError(f"--set {key}: expected one value, got {text!r}")
+        out[key] = constant(args[0].value)
+    return out
+
+
+def parse_shapes(text: str) -> list[tuple[str, torch.Tensor]]:
+    """``name=MxN,name2=K`` -> meta tensors (no memory is allocated)."""
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, dims = item.partition("=")
+        try:
+            shape = [int(d) for d in dims.lower().split("x")] if dims.strip() else []
+        except ValueError:
+            shape = None
+        if not sep or not name or shape is None or any(d < 0 for d in shape):
+            raise SoapArgumentError(f"--shapes expects NAME=MxN[,NAME=K...], got {item!r}")
+        out.append((name.strip(), torch.empty(shape, device="meta")))
+    if not out:
+        raise SoapArgumentError("--shapes names no parameter")
+    return out
+
+
+def cmd_compile(ns: argparse.Namespace) -> int:
+    args = parse_set(ns.set or [])
+    recipe = library.resolve(ns.recipe, args)
+    shapes = parse_shapes(ns.shapes or EXAMPLE_SHAPES)
+    plan = compile_plan(recipe, shapes, args)
+    if ns.format == "json":
+        out = plan.to_dict()
+        out["example_shapes"] = ns.shapes is None
+        print(json.dumps(out, indent=2))
+    else:
+        text = plan.to_text()
+        if ns.shapes is None:
+            text += "(parameter shapes: a small GPT-like example; pass --shapes NAME=MxN,... for yours)\n"
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_check(ns: argparse.Namespace) -> int:
+    bad = 0
+    for path in ns.files:
+        try:
+            module = parse_file(path)
+            recipes, _ = library.check_module(module)
+            if module.pipeline is not None:
+                if recipes:
+                    library._pick(module, recipes, library.library().macros, None, {})
+                library.inline_recipe(module.pipeline, library.library().macros.with_module(module), {}, path)
+        except SoapError as e:
+            print(e.format(), file=sys.stderr)
+            bad += 1
+            continue
+        what = [f"recipe {r.name}" for r in recipes] + [f"macro {m.name}" for m in module.macros]
+        if module.pipeline is not None:
+            what.append("a pipeline")
+        print(f"{path}: ok ({', '.join(what) or 'empty'})")
+    return 1 if bad else 0
+
+
+def cmd_list(ns: argparse.Namespace) -> int:
+    ops = registry.all_ops()
+    width = max(len(n) for n in ops)
+    print("operators:")
+    for name, cls in ops.items():
+        print(f"  {name:<{width}}  {cls.summary()}")
+    lib = library.library()
+    print("\nrecipes:")
+    for name in library.shipped_names():
+        r = library.shipped(name)
+        params = ", ".join(f"{k}={library.ir.const_text(v)}" for k, v in r.params)
+        doc = r.doc.splitlines()[0] if r.doc else ""
+        print(f"  {name}({params})")
+        if doc:
+            print(f"      {doc}")
+    print("\nmacros (prelude):")
+    for name, m in sorted(lib.macros.macros.items()):
+        params = ", ".join(p.name for p in m.params)
+        print(f"  {name}({params})")
+    return 0
+
+
+def cmd_fmt(ns: argparse.Namespace) -> int:
+    for path in ns.files:
+        module = parse_file(path)
+        library.check_module(module)
+        sys.stdout.write(format_module(module))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="soapdsl", description="Compose PyTorch optimizers from recipes.")
+    p.add_argument("--version", action="version", version=f"soapdsl {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="show what a recipe becomes: pipelines, routing, state")
+    c.add_argument("recipe", help="shipped name, path to a .soap file, or inline pipeline text")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="set a recipe parameter (repeatable)")
+    c.add_argument("--shapes", metavar="NAME=MxN,...", help="parameter shapes (default: a small GPT-like model)")
+    c.add_argument("--format", choices=("text", "json"), default="text")
+    c.set_defaults(func=cmd_compile)
+
+    k = sub.add_parser("check", help="check .soap files; errors on stderr, exit 1 if any is bad")
+    k.add_argument("files", nargs="+")
+    k.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("list", help="operators and shipped recipes")
+    s.set_defaults(func=cmd_list)
+
+    f = sub.add_parser("fmt", help="print .soap files in canonical form")
+    f.add_argument("files", nargs="+")
+    f.set_defaults(func=cmd_fmt)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = make_parser().parse_args(argv)
+    try:
+        return int(ns.func(ns))
+    except SoapError as e:
+        print(e.format(), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
