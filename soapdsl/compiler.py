@@ -57,10 +57,14 @@ class RoutePlan:
     tensors: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     @property
-    def batched(self) -> bool:
-        if self.options.get("batch") is False:
-            return False
+    def needs_batch_dim(self) -> bool:
+        """Matrix and scope ops see every bucket with a leading batch dimension."""
         return any(op.kind in ("matrix", "scope") for op in walk_ops(self.ops))
+
+    @property
+    def batched(self) -> bool:
+        """Parameters of equal shape are stacked into one batch (off with ``[batch=false]``)."""
+        return self.needs_batch_dim and self.options.get("batch") is not False
 
     @property
     def selector(self) -> str:

@@ -71,7 +71,10 @@ class Ctx:
         """Parameters laid out like the value (stacked copies in batched buckets; read-only)."""
         if self._param_slabs is None:
             self._param_slabs = [
-                torch.stack(b.params) if b.stacked else b.params[0] for b in self.buckets
+                (torch.stack(b.params) if b.size > 1 else b.params[0].unsqueeze(0))
+                if b.stacked
+                else b.params[0]
+                for b in self.buckets
             ]
         return self._param_slabs
 

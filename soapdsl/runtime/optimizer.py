@@ -240,8 +240,8 @@ class SoapOptimizer(torch.optim.Optimizer):
             for p in params:
                 groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
             buckets = [Bucket(ps, key[0], True) for key, ps in groups.items()]
-        else:
-            buckets = [Bucket([p], tuple(p.shape), False) for p in params]
+        else:  # one bucket per parameter; a leading dim of 1 (a view) where matrix ops need one
+            buckets = [Bucket([p], tuple(p.shape), rp.needs_batch_dim) for p in params]
         states: dict[str, dict[str, list[torch.Tensor]]] = {}
         for op in walk_ops(rp.ops):
             names = op.state(buckets[0].shape) if buckets else {}
@@ -256,6 +256,8 @@ class SoapOptimizer(torch.optim.Optimizer):
         tensors = [self.state[p][key] for p in bucket.params]
         if not bucket.stacked:
             return tensors[0]
+        if len(tensors) == 1:
+            return tensors[0].unsqueeze(0)  # a view: in-place updates reach the state
         base = tensors[0]._base
         if (
             base is not None
@@ -274,8 +276,12 @@ class SoapOptimizer(torch.optim.Optimizer):
         grads: list[torch.Tensor] = []
         for b in cohort.buckets:
             dtype = state_dtype(b.params[0].dtype)
-            if b.stacked:
+            if b.stacked and b.size > 1:
                 grads.append(torch.stack([p.grad for p in b.params]).to(dtype))  # type: ignore[misc]
+            elif b.stacked:
+                g = b.params[0].grad
+                assert g is not None
+                grads.append((g if g.dtype == dtype else g.to(dtype)).unsqueeze(0))
             else:
                 g = b.params[0].grad
                 assert g is not None
