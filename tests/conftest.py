@@ -1,0 +1,63 @@
+"""Shared fixtures: a small conv + MLP + LayerNorm model and deterministic data."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+
+
+class SmallNet(torch.nn.Module):
+    """conv -> MLP with a LayerNorm: matrices, 4-D kernels, vectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.fc1 = torch.nn.Linear(4 * 6 * 6, 32)
+        self.norm = torch.nn.LayerNorm(32)
+        self.fc2 = torch.nn.Linear(32, 32)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).flatten(1)
+        h = self.norm(torch.relu(self.fc1(h)))
+        h = torch.relu(self.fc2(h))
+        return self.head(h)
+
+
+def make_net(seed: int = 0, dtype: torch.dtype = torch.float32) -> SmallNet:
+    torch.manual_seed(seed)
+    return SmallNet().to(dtype)
+
+
+def batches(n: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(16, 2, 6, 6, generator=g, dtype=dtype), torch.randint(0, 5, (16,), generator=g))
+        for _ in range(n)
+    ]
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[torch.Tensor, torch.Tensor]) -> float:
+    x, y = batch
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.item()
+
+
+def max_rel_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """Largest over parameters of max|a - b| / max|b|."""
+    return max(
+        float((p - q).abs().max() / q.abs().max().clamp(min=1e-30))
+        for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )
+
+
+@pytest.fixture
+def net() -> SmallNet:
+    return make_net()

@@ -1,0 +1,246 @@
+"""SoapOptimizer's torch contract: state dicts, closures, missing grads, dtypes, batching."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+import soapdsl
+from soapdsl.errors import SoapArgumentError, SoapStateError
+from tests.conftest import batches, make_net, train_step
+
+DATA = batches(100)
+RECIPES = [
+    ("adamw", {"lr": 3e-3, "weight_decay": 0.1}),
+    ("adam", {"lr": 3e-3, "weight_decay": 0.01}),
+    (
+        "recipe ns(lr=0.02, mu=0.95):\n"
+        "  route matrix: momentum(mu, nesterov=true) |> newton_schulz(5) |> decay(0.01) |> lr\n"
+        "  route default: adamw(0.9, 0.95, 1e-8, 0)\n",
+        {},
+    ),
+]
+
+
+@pytest.mark.parametrize(("recipe", "args"), RECIPES, ids=["adamw", "adam", "ns"])
+def test_state_dict_resume_is_bit_identical(recipe, args):
+    model = make_net()
+    opt = soapdsl.build(recipe, model, **args)
+    for batch in DATA[:60]:
+        train_step(model, opt, batch)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+
+    for batch in DATA[60:]:
+        train_step(model, opt, batch)
+
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=False)
+    resumed = make_net(seed=123)
+    resumed.load_state_dict(saved["model"])
+    opt2 = soapdsl.build(recipe, resumed, **args)
+    opt2.load_state_dict(saved["opt"])
+    for batch in DATA[60:]:
+        train_step(resumed, opt2, batch)
+    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_records_format_and_recipe():
+    model = make_net()
+    opt = soapdsl.build("adamw", model)
+    train_step(model, opt, DATA[0])
+    sd = opt.state_dict()
+    assert sd["soapdsl"]["format"] == 1
+    assert sd["soapdsl"]["recipe"] == "adamw"
+    assert sd["soapdsl"]["fingerprint"] == opt.plan.fingerprint
+    assert float(sd["state"][0]["step"]) == 1.0
+
+
+def test_state_dict_from_another_recipe_is_rejected():
+    model = make_net()
+    a = soapdsl.build("adam", model)
+    train_step(model, a, DATA[0])
+    b = soapdsl.build("adamw", model)
+    with pytest.raises(SoapStateError, match=r"saved by recipe 'adam'.*runs recipe 'adamw'"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_state_dict_from_torch_is_rejected():
+    model = make_net()
+    ref = torch.optim.AdamW(model.parameters())
+    opt = soapdsl.build("adamw", model)
+    with pytest.raises(SoapStateError, match="not saved by a soapdsl optimizer"):
+        opt.load_state_dict(ref.state_dict())
+
+
+def test_state_dict_for_another_model_is_rejected():
+    a_model, b_model = make_net(), torch.nn.Linear(3, 3)
+    a = soapdsl.build("adamw", a_model)
+    train_step(a_model, a, DATA[0])
+    b = soapdsl.build("adamw", b_model)
+    with pytest.raises(SoapStateError, match="different model"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_hyperparameters_hyperparameters_restored_from_state_dict():
+    model = make_net()
+    opt = soapdsl.build("adamw", model, lr=0.5)
+    opt.param_groups[0]["lr"] = 0.125
+    opt2 = soapdsl.build("adamw", make_net(), lr=0.5)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.param_groups[0]["lr"] == 0.125
+
+
+def test_closure_and_return_value():
+    model = make_net()
+    opt = soapdsl.build("adamw", model)
+    x, y = DATA[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.ndim == 0
+    assert opt.step() is None
+
+
+def test_params_without_grad_are_skipped_and_keep_no_state():
+    model = make_net()
+    model.head.weight.requires_grad_(False)
+    frozen = model.head.weight.detach().clone()
+    opt = soapdsl.build("adamw", model)
+    for batch in DATA[:3]:
+        train_step(model, opt, batch)
+    assert torch.equal(model.head.weight, frozen)
+    assert len(opt.state[model.head.weight]) == 0
+
+
+def test_partial_grads_split_cohorts_correctly():
+    """A parameter that misses steps keeps its own step count (bias correction per param)."""
+    torch.manual_seed(0)
+    ws = [torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64)) for _ in range(3)]
+    refs = [torch.nn.Parameter(w.detach().clone()) for w in ws]
+    recipe = "recipe r(lr=0.01):\n  route default: momentum(0.9) |> newton_schulz(3) |> rms_normalize(0.99) |> bias_correct(0.9) |> lr\n"
+    opt = soapdsl.build(recipe, [(f"w{i}", w) for i, w in enumerate(ws)])
+    solo = [soapdsl.build(recipe, [("w", r)]) for r in refs]
+    g = torch.Generator().manual_seed(1)
+    for step in range(6):
+        grads = [torch.randn(4, 4, generator=g, dtype=torch.float64) for _ in ws]
+        for i, (w, r, o) in enumerate(zip(ws, refs, solo, strict=True)):
+            skip = i == 1 and step in (1, 2)
+            w.grad = None if skip else grads[i].clone()
+            r.grad = None if skip else grads[i].clone()
+            if not skip:
+                o.step()
+        opt.step()
+    for w, r in zip(ws, refs, strict=True):
+        torch.testing.assert_close(w, r, rtol=1e-12, atol=1e-14)
+    assert float(opt.state[ws[1]]["step"]) == 4.0
+
+
+def test_batched_equals_per_parameter():
+    text = (
+        "recipe r(lr=0.02):\n"
+        "  route matrix{opt}: momentum(0.9, nesterov=true) |> newton_schulz(5, cleanup=2) |> lr\n"
+        "  route default: adamw\n"
+    )
+    a_model, b_model = make_net(dtype=torch.float64), make_net(dtype=torch.float64)
+    a = soapdsl.build(text.format(opt=""), a_model)
+    b = soapdsl.build(text.format(opt=" [batch=false]"), b_model)
+    assert a.plan.routes[0].batched and not b.plan.routes[0].batched
+    for batch in batches(10, dtype=torch.float64):
+        train_step(a_model, a, batch)
+        train_step(b_model, b, batch)
+    for p, q in zip(a_model.parameters(), b_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_batched_state_lives_in_slabs_with_per_param_views():
+    ws = [torch.nn.Parameter(torch.randn(3, 3)) for _ in range(2)]
+    opt = soapdsl.build("momentum(0.9) |> newton_schulz(2) |> lr", [("a", ws[0]), ("b", ws[1])])
+    for w in ws:
+        w.grad = torch.ones(3, 3)
+    opt.step()
+    a, b = (opt.state[w]["0.momentum.buf"] for w in ws)
+    assert a._base is not None and a._base is b._base
+    torch.testing.assert_close(a, torch.full((3, 3), 0.1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dtype_kept_and_state_at_least_fp32(dtype):
+    model = make_net(dtype=dtype)
+    opt = soapdsl.build("adamw", model)
+    train_step(model, opt, batches(1, dtype=dtype)[0])
+    for p in model.parameters():
+        assert p.dtype == dtype
+        for key, value in opt.state[p].items():
+            if key != "step":
+                assert value.dtype == torch.promote_types(dtype, torch.float32)
+
+
+def test_zero_dim_and_empty_parameters():
+    scalar = torch.nn.Parameter(torch.tensor(2.0))
+    empty = torch.nn.Parameter(torch.zeros(0, 3))
+    opt = soapdsl.build("adamw", [("s", scalar), ("e", empty)], lr=0.1)
+    scalar.grad = torch.tensor(1.0)
+    empty.grad = torch.zeros(0, 3)
+    opt.step()
+    assert scalar.item() < 2.0
+    assert empty.shape == (0, 3)
+
+
+def test_loss_decreases():
+    model = make_net()
+    opt = soapdsl.build("adamw", model, lr=3e-3)
+    x, y = DATA[0]
+    losses = [train_step(model, opt, (x, y)) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_param_groups_are_routes():
+    model = make_net()
+    text = 'recipe r(lr=0.01, head_lr=0.001):\n  route "head.*" [lr=head_lr]: adamw\n  route default: adamw\n'
+    opt = soapdsl.build(text, model)
+    assert [g["route"] for g in opt.param_groups] == ['"head.*"', "default"]
+    assert [g["lr"] for g in opt.param_groups] == [0.001, 0.01]
+    assert {id(p) for p in opt.param_groups[0]["params"]} == {id(model.head.weight), id(model.head.bias)}
+    with pytest.raises(SoapArgumentError, match="param_groups are its routes"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
+
+
+def test_deepcopy_and_hooks():
+    model = make_net()
+    opt = soapdsl.build("adamw", model)
+    calls = []
+    opt.register_step_post_hook(lambda o, a, k: calls.append(1))
+    train_step(model, opt, DATA[0])
+    assert calls == [1]
+    sd = copy.deepcopy(opt.state_dict())
+    assert sd["soapdsl"]["recipe"] == "adamw"
+
+
+def test_inline_pipeline_with_declared_params():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = soapdsl.build("scale(f) |> lr", [("w", w)], lr=1.0, f=0.5)
+    w.grad = torch.ones(3)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((3,), 0.5))
+    opt.param_groups[0]["f"] = 2.0
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((3,), -1.5))
+
+
+def test_unnamed_parameters_and_modules_accepted():
+    model = make_net()
+    a = soapdsl.build("adamw", model.parameters())
+    b = soapdsl.build("adamw", list(model.named_parameters()))
+    assert len(a.param_groups[0]["params"]) == len(b.param_groups[0]["params"])
+    with pytest.raises(SoapArgumentError, match="empty parameter list"):
+        soapdsl.build("adamw", [])
