@@ -119,10 +119,11 @@ def format_selector(s: A.Selector, prec: int = 0) -> str:
         return f"{s.name} {s.op} {format_expr(s.value)}"
     if isinstance(s, A.SelNot):
         return "not " + format_selector(s.operand, 3)
+    # a nested and/or of the same kind keeps its parentheses, so the tree round-trips
     if isinstance(s, A.SelAnd):
         text = " and ".join(format_selector(i, 2) for i in s.items)
-        return f"({text})" if prec > 2 else text
+        return f"({text})" if prec >= 2 else text
     if isinstance(s, A.SelOr):
         text = " or ".join(format_selector(i, 1) for i in s.items)
-        return f"({text})" if prec > 1 else text
+        return f"({text})" if prec >= 1 else text
     raise TypeError(f"not a selector: {s!r}")  # pragma: no cover
