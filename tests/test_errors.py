@@ -1,0 +1,193 @@
+"""Table-driven bad inputs: each raises one soapdsl error with a message and a location."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import soapdsl
+from soapdsl import library
+from soapdsl.errors import (
+    SoapArgumentError,
+    SoapConfigError,
+    SoapError,
+    SoapNameError,
+    SoapRecipeError,
+    SoapRouteError,
+    SoapShapeError,
+    SoapStateError,
+    SoapSyntaxError,
+)
+
+R = "recipe r(lr=0.1, beta=0.9):\n"
+
+# (id, source, error class, message regex, "line:col" or None)
+SOURCES = [
+    ("unclosed-paren", "momentum(0.9", SoapSyntaxError, r"unexpected end of text; expected", "1:13"),
+    ("double-pipe", "momentum |> |> lr", SoapSyntaxError, r"unexpected '\|>'", "1:13"),
+    ("trailing-pipe", "momentum |>", SoapSyntaxError, r"unexpected end of text; expected a name", "1:12"),
+    ("bad-char", "momentum $ lr", SoapSyntaxError, r"unexpected character '\$'", "1:10"),
+    ("empty-arg", "momentum(0.9,,)", SoapSyntaxError, r"unexpected ','", "1:14"),
+    ("recipe-no-routes", "recipe r(lr=1):\n", SoapSyntaxError, r"expected 'route'", "1:16"),
+    ("syntax-line-3", "recipe r(lr=1):\n  route default:\n    momentum(0.9) |> = lr\n", SoapSyntaxError,
+     r"unexpected '='", "3:22"),
+    ("unterminated-string", 'recipe r(lr=1):\n  route "embed*: lr\n', SoapSyntaxError, r"unexpected character", "2:9"),
+    ("keyword-as-name", "recipe(0.9)", SoapSyntaxError, r"unexpected '\('; expected a name", "1:7"),
+    ("unknown-op", "momentum(0.9) |> newton_shulz(5)", SoapNameError,
+     r"unknown operator 'newton_shulz'; did you mean 'newton_schulz'\?", "1:18"),
+    ("unknown-op-far", "sign |> frobnicate", SoapNameError, r"unknown operator 'frobnicate'$", "1:9"),
+    ("unknown-recipe-name", "frobnicate", SoapNameError, r"unknown recipe 'frobnicate' \(shipped: ", None),
+    ("unknown-name-arg", R + "  route default: momentum(bta)\n", SoapNameError,
+     r"unknown name 'bta' for argument 'beta' of 'momentum'; did you mean 'beta'\?", "2:27"),
+    ("unknown-keyword", "momentum(bta=0.9)", SoapArgumentError,
+     r"'momentum' has no parameter 'bta'; did you mean 'beta'\?", "1:10"),
+    ("too-many-positional", "sign(1)", SoapArgumentError, r"'sign' takes at most 0 positional arguments", "1:6"),
+    ("duplicate-arg", "momentum(0.9, beta=0.8)", SoapArgumentError, r"argument 'beta' of 'momentum' given twice",
+     "1:15"),
+    ("positional-after-keyword", "momentum(beta=0.9, true)", SoapArgumentError,
+     r"positional argument follows a keyword argument", "1:20"),
+    ("out-of-range", "momentum(1.5)", SoapArgumentError, r"invalid beta=1\.5 for 'momentum': must be < 1\.0",
+     "1:10"),
+    ("negative", "decay(-0.1)", SoapArgumentError, r"invalid weight_decay=-0\.1 for 'decay': must be >= 0", "1:7"),
+    ("wrong-type-bool", "momentum(true)", SoapArgumentError, r"invalid beta=true.*expected a number", "1:10"),
+    ("wrong-type-int", "newton_schulz(2.5)", SoapArgumentError, r"invalid steps=2\.5.*valid integer", "1:15"),
+    ("bad-enum", "rms_normalize(eps_at=rwa)", SoapArgumentError,
+     r"expected one of corrected, raw; did you mean 'raw'\?", "1:22"),
+    ("short-tuple", "newton_schulz(coeffs=(1, 2))", SoapArgumentError, r"item 2 is missing", "1:22"),
+    ("range-via-param", "recipe r(lr=0.1, b=2.0) = momentum(b)", SoapArgumentError,
+     r"invalid beta=2\.0 for 'momentum'", "1:36"),
+    ("arith-on-symbol", "scale(left * 2)", SoapArgumentError, r"arithmetic needs numbers", "1:7"),
+    ("division-by-zero", "recipe r(lr=0.1, z=0) = scale(1 / z)", SoapArgumentError, r"division by zero", "1:31"),
+    ("lr-twice", "momentum(0.9) |> lr |> lr", SoapRecipeError, r"the update is applied twice", "1:24"),
+    ("block-on-non-scope", "momentum(0.9) { sign }", SoapRecipeError, r"'momentum' is not a scope", "1:1"),
+    ("no-lr-param", "recipe r(beta=0.9) = momentum(beta)", SoapRecipeError, r"declares no 'lr' parameter", "1:1"),
+    ("duplicate-param", "recipe r(lr=1, lr=2) = sign", SoapNameError, r"parameter 'lr' .* declared twice", "1:16"),
+    ("macro-recursion", "macro a(x=1) = b\nmacro b(x=1) = a\nrecipe r(lr=1) = a\n", SoapRecipeError,
+     r"macro 'a' expands into itself \(a -> b -> a\)", "2:16"),
+    ("macro-bad-keyword", "macro m(b=0.9) = momentum(b)\nrecipe r(lr=1) = m(bb=0.5)\n", SoapArgumentError,
+     r"macro 'm' has no parameter 'bb'; did you mean 'b'\?", "2:20"),
+    ("macro-twice", "macro m = sign\nmacro m = sign\n", SoapNameError, r"macro 'm' is defined twice", "2:1"),
+    ("macro-shadows-op", "macro sign = lr\n", SoapNameError, r"has the name of a primitive", "1:1"),
+    ("recipe-twice", "recipe r(lr=1) = sign\nrecipe r(lr=1) = sign\n", SoapNameError, r"recipe 'r' is defined twice",
+     "2:1"),
+    ("duplicate-route", R + "  route vector: sign\n  route vector: lr\n", SoapRouteError,
+     r"duplicates the route at line 2", "3:3"),
+    ("unreachable-route", R + "  route default: sign\n  route vector: lr\n", SoapRouteError,
+     r"unreachable: the route at line 2 matches every parameter", "3:3"),
+    ("unknown-selector", R + "  route vectr: sign\n", SoapRouteError, r"unknown selector 'vectr'; did you mean 'vector'\?",
+     "2:9"),
+    ("unknown-quantity", R + "  route ndimm > 2: sign\n", SoapRouteError, r"unknown shape quantity 'ndimm'", "2:9"),
+    ("selector-non-number", R + "  route ndim > left: sign\n", SoapRouteError, r"needs a number", "2:16"),
+    ("bad-route-setting", R + "  route default [lrr=1]: sign\n", SoapNameError,
+     r"route setting 'lrr' is no parameter of recipe 'r'; did you mean 'lr'\?", "2:18"),
+    ("pipeline-default", "recipe r(lr=1, x={ sign }) = lr", SoapArgumentError, r"pipeline cannot be a parameter default",
+     "1:18"),
+]
+
+
+def _raise(source: str) -> None:
+    library.resolve(source)
+
+
+@pytest.mark.parametrize(("source", "cls", "pattern", "where"), [s[1:] for s in SOURCES], ids=[s[0] for s in SOURCES])
+def test_bad_source(source, cls, pattern, where):
+    with pytest.raises(SoapError) as info:
+        _raise(source)
+    err = info.value
+    assert type(err) is cls, f"{type(err).__name__}: {err}"
+    assert re.search(pattern, err.message), err.message
+    if where is not None:
+        assert err.loc is not None, err
+        assert f"{err.loc.line}:{err.loc.col}" == where, str(err)
+        text = str(err)
+        assert f"<inline>:{where}:" in text
+        assert "^" in text  # the caret line
+
+
+def test_at_least_thirty_bad_inputs():
+    assert len(SOURCES) + len(COMPILE) + len(CONFIGS) >= 30
+
+
+# -- errors that need parameters (compile time) ---------------------------------------------
+
+COMPILE = [
+    ("matrix-op-on-vector", "momentum(0.9) |> newton_schulz(5) |> lr", {"bias": (8,)}, {}, SoapShapeError,
+     r"parameter 'bias' of shape \[8\] cannot go through this stage: 'newton_schulz' needs a matrix", "1:18"),
+    ("no-route", 'recipe r(lr=1):\n  route "w*": sign\n', {"bias": (3,)}, {}, SoapRouteError,
+     r"parameter 'bias' \(shape \[3\]\) matches no route", "1:1"),
+    ("unknown-recipe-arg", "adamw", {"w": (2, 2)}, {"lrr": 0.1}, SoapNameError,
+     r"recipe 'adamw' has no parameter 'lrr'; did you mean 'lr'\?", None),
+    ("arg-out-of-range", "adamw", {"w": (2, 2)}, {"beta1": 1.0}, SoapArgumentError,
+     r"invalid beta=1\.0 for 'momentum'", "7:12"),
+    ("unknown-recipe", "adamww", {"w": (2, 2)}, {}, SoapNameError, r"unknown recipe 'adamww'; did you mean 'adamw'\?",
+     None),
+    ("missing-file", "no/such/file.soap", {"w": (2, 2)}, {}, SoapSyntaxError, r"cannot read recipe file", None),
+    ("arg-bad-type", "adamw", {"w": (2, 2)}, {"lr": [1]}, SoapArgumentError, r"must be a number", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "shapes", "args", "cls", "pattern", "where"), [c[1:] for c in COMPILE], ids=[c[0] for c in COMPILE]
+)
+def test_bad_compile(recipe, shapes, args, cls, pattern, where):
+    params = [(n, torch.nn.Parameter(torch.zeros(s))) for n, s in shapes.items()]
+    with pytest.raises(SoapError) as info:
+        soapdsl.build(recipe, params, **args)
+    err = info.value
+    assert type(err) is cls, f"{type(err).__name__}: {err}"
+    assert re.search(pattern, err.message), err.message
+    if where is not None:
+        assert f"{err.loc.line}:{err.loc.col}" == where, str(err)
+
+
+# -- configs --------------------------------------------------------------------------------
+
+CONFIGS = [
+    ("yaml-syntax", "recipe: adamw\nargs: {lr: [1,\n", SoapConfigError, r"invalid YAML", "3:1"),
+    ("yaml-tab", "recipe: adamw\nargs:\n\tlr: 1\n", SoapConfigError, r"invalid YAML", "3:1"),
+    ("unknown-key", "optimizer:\n  recipe: adamw\n  argz: {lr: 1}\n", SoapConfigError,
+     r"optimizer\.argz: unknown key \(allowed: recipe, args, routes\)", "3:3"),
+    ("missing-recipe", "args: {lr: 1}\n", SoapConfigError, r"recipe: is required", None),
+    ("not-a-mapping", "- adamw\n", SoapConfigError, r"is a mapping", None),
+    ("unknown-arg", "recipe: adamw\nargs: {lrr: 1}\n", SoapNameError, r"has no parameter 'lrr'", "2:8"),
+    ("route-needs-selector", "recipe: adamw\nroutes:\n  - recipe: adam\n", SoapConfigError,
+     r"needs 'match' or 'where'", "1:1"),
+    ("route-bad-where", "recipe: adamw\nroutes:\n  - where: vectr\n    recipe: adam\n", SoapRouteError,
+     r"unknown selector 'vectr'", None),
+    ("unknown-recipe", "recipe: adamx\n", SoapNameError, r"unknown recipe 'adamx'", "1:1"),
+]
+
+
+@pytest.mark.parametrize(("text", "cls", "pattern", "where"), [c[1:] for c in CONFIGS], ids=[c[0] for c in CONFIGS])
+def test_bad_config(text, cls, pattern, where):
+    model = torch.nn.Linear(3, 3)
+    with pytest.raises(SoapError) as info:
+        soapdsl.from_config(model, text)
+    err = info.value
+    assert type(err) is cls, f"{type(err).__name__}: {err}"
+    assert re.search(pattern, err.message), err.message
+    if where is not None:
+        assert f"{err.loc.line}:{err.loc.col}" == where, str(err)
+        assert err.loc.file == "<config>"
+
+
+def test_state_dict_of_another_recipe():
+    model = torch.nn.Linear(3, 3)
+    a = soapdsl.build("adam", model)
+    model(torch.ones(1, 3)).sum().backward()
+    a.step()
+    b = soapdsl.build("adamw", model)
+    with pytest.raises(SoapStateError, match="saved by recipe 'adam'"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_error_format_has_file_line_col_source_and_caret():
+    with pytest.raises(SoapError) as info:
+        soapdsl.parse("recipe r(lr=1):\n  route default:\n    momentum(0.9) |> = lr\n", "my.soap")
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("my.soap:3:22: syntax error: unexpected '='")
+    assert lines[1].endswith("momentum(0.9) |> = lr")
+    caret_col = lines[2].index("^")
+    assert lines[1][caret_col] == "="
