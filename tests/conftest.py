@@ -61,3 +61,16 @@ def max_rel_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
 @pytest.fixture
 def net() -> SmallNet:
     return make_net()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--update-goldens",
+        action="store_true",
+        help="rewrite the golden files of `soapdsl compile` output (review the diff!)",
+    )
+
+
+@pytest.fixture
+def update_goldens(request: pytest.FixtureRequest) -> bool:
+    return bool(request.config.getoption("--update-goldens"))

@@ -1,0 +1,125 @@
+"""The command line: golden `compile` output per shipped recipe, check, list, fmt."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from soapdsl import library, registry
+from soapdsl.cli import main
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_golden(path: Path, text: str, update: bool) -> None:
+    if update:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"missing golden {path}; run pytest --update-goldens and review the diff"
+    assert text == path.read_text(), f"{path} is stale; run pytest --update-goldens and review the diff"
+
+
+@pytest.mark.parametrize("name", library.shipped_names())
+def test_compile_golden_text(capsys, update_goldens, name):
+    code, out, err = run(capsys, "compile", name)
+    assert code == 0, err
+    check_golden(GOLDEN / f"compile_{name}.txt", out, update_goldens)
+
+
+@pytest.mark.parametrize("name", library.shipped_names())
+def test_compile_golden_json(capsys, update_goldens, name):
+    code, out, err = run(capsys, "compile", name, "--format", "json", "--shapes", "w=64x32,v=32,k=8x4x3x3")
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["recipe"]["name"] == name
+    check_golden(GOLDEN / f"compile_{name}.json", out, update_goldens)
+
+
+def test_compile_state_bytes_match_adam_formula(capsys):
+    code, out, _ = run(capsys, "compile", "adamw", "--format", "json", "--shapes", "w=64x32,v=32")
+    data = json.loads(out)
+    for p in data["params"]:
+        numel = 1
+        for d in p["shape"]:
+            numel *= d
+        assert p["state_bytes"] == 2 * 4 * numel  # exp_avg + exp_avg_sq, fp32
+    assert data["totals"]["state_per_param_byte"] == 2.0
+
+
+def test_compile_set_and_inline(capsys):
+    code, out, _ = run(capsys, "compile", "adamw", "--set", "lr=0.5", "--set", "beta1=0.8", "--shapes", "w=4x3")
+    assert code == 0
+    assert "arguments: lr=0.5, beta1=0.8," in out
+    code, out, _ = run(capsys, "compile", "momentum(0.9) |> newton_schulz(5)", "--shapes", "w=4x3,u=4x3")
+    assert code == 0
+    assert "batched by shape" in out and "# implicit" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "pattern"),
+    [
+        (["compile", "adamw", "--set", "beta1=2"], "invalid beta=2"),
+        (["compile", "adamw", "--set", "nonsense"], "--set expects KEY=VALUE"),
+        (["compile", "adamw", "--shapes", "w=3xq"], "--shapes expects NAME=MxN"),
+        (["compile", "adamww"], "unknown recipe 'adamww'; did you mean 'adamw'"),
+        (["compile", "momentum |> newton_schulz(5)", "--shapes", "b=3"], "parameter 'b' of shape \\[3\\]"),
+    ],
+)
+def test_compile_errors(capsys, argv, pattern):
+    import re
+
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out == ""
+    assert re.search(pattern, err), err
+    assert "Traceback" not in err
+
+
+def test_check_reports_syntax_error_with_caret(tmp_path):
+    bad = tmp_path / "bad.soap"
+    bad.write_text("recipe r(lr=1):\n  route default:\n    momentum(0.9) |> |> lr\n")
+    good = tmp_path / "good.soap"
+    good.write_text("recipe g(lr=1) = momentum(0.9) |> sign\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "soapdsl", "check", str(good), str(bad)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert f"{good}: ok (recipe g)" in proc.stdout
+    lines = proc.stderr.splitlines()
+    assert lines[0].startswith(f"{bad}:3:22: syntax error: unexpected '|>'")
+    assert lines[1].endswith("momentum(0.9) |> |> lr")
+    assert lines[2].index("^") == lines[1].index("|> lr")
+    assert "Traceback" not in proc.stderr
+
+
+def test_check_all_good_exits_zero(capsys):
+    files = [str(p) for p in sorted((Path(__file__).parents[1] / "recipes").glob("*.soap"))]
+    code, out, err = run(capsys, "check", *files)
+    assert code == 0, err
+    assert out.count(": ok (") == len(files)
+
+
+def test_list_shows_every_op_and_recipe(capsys):
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    for name, cls in registry.all_ops().items():
+        assert f"  {name}" in out and cls.summary() in out
+    for name in library.shipped_names():
+        assert f"  {name}(lr=" in out
+
+
+def test_fmt_prints_canonical_form(tmp_path, capsys):
+    f = tmp_path / "x.soap"
+    f.write_text("recipe   x( lr = 1e-3 )=momentum( 0.9 )|>sign\n")
+    code, out, _ = run(capsys, "fmt", str(f))
+    assert code == 0
+    assert out == "recipe x(lr=0.001) = momentum(0.9) |> sign\n"
