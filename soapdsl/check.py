@@ -31,7 +31,7 @@ from soapdsl.syntax import ast as A
 SELECTOR_NAMES = ("default", "scalar", "vector", "matrix", "tensor")
 SELECTOR_QUANTITIES = ("ndim", "numel", "max_dim", "min_dim", "aspect")
 #: reserved route settings that configure the runtime rather than a param_group key
-ROUTE_OPTIONS = ("state_dtype", "batch")
+ROUTE_OPTIONS = ("batch",)
 
 
 @dataclass
@@ -45,9 +45,7 @@ class MacroTable:
         seen: dict[str, A.Macro] = {}
         for m in module.macros:
             if m.name in seen:
-                raise SoapNameError(
-                    f"macro '{m.name}' is defined twice (first at line {seen[m.name].loc.line})", m.loc
-                )
+                raise SoapNameError(f"macro '{m.name}' is defined twice (first at line {seen[m.name].loc.line})", m.loc)
             if registry.get(m.name) is not None:
                 raise SoapNameError(f"macro '{m.name}' has the name of a primitive operator", m.loc)
             seen[m.name] = m
@@ -127,9 +125,7 @@ def _bind(cls: type[registry.Op], stage: A.Stage, scope: _Scope) -> tuple[tuple[
         if a.name is None:
             continue
         if a.name not in fields:
-            raise SoapArgumentError(
-                f"'{cls.name}' has no parameter '{a.name}'" + did_you_mean(a.name, fields), a.loc
-            )
+            raise SoapArgumentError(f"'{cls.name}' has no parameter '{a.name}'" + did_you_mean(a.name, fields), a.loc)
         if a.name in bound:
             raise SoapArgumentError(f"argument '{a.name}' of '{cls.name}' given twice", a.loc)
         bound[a.name] = _value(a.value, scope)
@@ -192,9 +188,7 @@ def validate_args(
         msg = _pydantic_message(err)
         note = []
         if raw is not None and raw.refs():
-            note.append(
-                ", ".join(f"{r} = {ir.const_text(env[r])}" for r in sorted(raw.refs()) if r in env)
-            )
+            note.append(", ".join(f"{r} = {ir.const_text(env[r])}" for r in sorted(raw.refs()) if r in env))
         raise SoapArgumentError(
             f"invalid {fname}={ir.const_text(given)} for '{cls.name}': {msg}", where, notes=note
         ) from None
@@ -262,7 +256,7 @@ def _pipeline(p: A.Pipeline, scope: _Scope) -> ir.Pipeline:
 
 def _expand(macro: A.Macro, call: A.Stage, scope: _Scope) -> list[ir.Stage]:
     if macro.name in scope.stack:
-        chain = " -> ".join((*scope.stack[scope.stack.index(macro.name):], macro.name))
+        chain = " -> ".join((*scope.stack[scope.stack.index(macro.name) :], macro.name))
         raise SoapRecipeError(f"macro '{macro.name}' expands into itself ({chain})", call.loc)
     if call.block is not None:
         raise SoapRecipeError(f"macro '{macro.name}' takes no block", call.loc)
@@ -322,15 +316,17 @@ def check_selector(sel: A.Selector, env: Mapping[str, Any], names: Mapping[str, 
     if isinstance(sel, A.SelName):
         if sel.name not in SELECTOR_NAMES:
             raise SoapRouteError(
-                f"unknown selector '{sel.name}'" + did_you_mean(sel.name, SELECTOR_NAMES + SELECTOR_QUANTITIES)
-                + f" (selectors: {', '.join(SELECTOR_NAMES)}, a \"name*\" pattern, or a comparison of"
+                f"unknown selector '{sel.name}'"
+                + did_you_mean(sel.name, SELECTOR_NAMES + SELECTOR_QUANTITIES)
+                + f' (selectors: {", ".join(SELECTOR_NAMES)}, a "name*" pattern, or a comparison of'
                 f" {', '.join(SELECTOR_QUANTITIES)})",
                 sel.loc,
             )
     elif isinstance(sel, A.SelCompare):
         if sel.name not in SELECTOR_QUANTITIES:
             raise SoapRouteError(
-                f"unknown shape quantity '{sel.name}'" + did_you_mean(sel.name, SELECTOR_QUANTITIES)
+                f"unknown shape quantity '{sel.name}'"
+                + did_you_mean(sel.name, SELECTOR_QUANTITIES)
                 + f" (one of {', '.join(SELECTOR_QUANTITIES)})",
                 sel.loc,
             )

@@ -21,11 +21,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 if TYPE_CHECKING:
-    import torch
-
     from soapdsl.ir import Value
     from soapdsl.runtime.context import Ctx, Val
 
@@ -64,13 +62,11 @@ class OpArgs(BaseModel):
 class StateSpec:
     """One state tensor per parameter.
 
-    ``shape`` is per parameter (no batch dim). ``dtype`` "state" means the route's state dtype
-    (fp32 for low-precision params, else the param's dtype); "fp32" forces float32 (factors,
-    bases). ``init`` is "zeros" or "eye" (identity over the last two dims).
+    ``shape`` is per parameter (no batch dim). State is kept in at least fp32 (fp64 for fp64
+    parameters). ``init`` is "zeros" or "eye" (identity over the last two dims).
     """
 
     shape: tuple[int, ...]
-    dtype: Literal["state", "fp32"] = "state"
     init: Literal["zeros", "eye"] = "zeros"
 
 
@@ -107,6 +103,10 @@ class Op:
         """Per-parameter state this op allocates for a parameter of ``shape``."""
         return {}
 
+    def reduces_over_route(self) -> bool:
+        """True when the op combines values of all the route's parameters (a global norm)."""
+        return False
+
     # -- run time -------------------------------------------------------------------------
 
     def hp(self, name: str, group: Mapping[str, Any]) -> Any:
@@ -115,6 +115,24 @@ class Op:
         if expr is None:
             return getattr(self.args, name)
         return expr.evaluate(group)
+
+    def revalidate(self, group: Mapping[str, Any]) -> None:
+        """Check the arguments that follow the param_group against the group's current values."""
+        from soapdsl.errors import SoapArgumentError
+
+        updates = {name: expr.evaluate(group) for name, expr in self.dynamic.items()}
+        try:
+            type(self.args).model_validate({**self.args.model_dump(), **updates})
+        except ValidationError as e:
+            err = e.errors()[0]
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            refs = ", ".join(
+                f"param_group['{r}'] = {group.get(r)!r}" for r in sorted(self.dynamic[field].refs())
+            ) if field in self.dynamic else ""
+            raise SoapArgumentError(
+                f"'{self.name}' argument {field} became invalid during training ({refs}): {err['msg']}",
+                getattr(self, "loc", None),
+            ) from None
 
     def apply(self, ctx: Ctx, x: Val) -> Val:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -134,9 +152,7 @@ class Op:
 
     @classmethod
     def dynamic_fields(cls) -> frozenset[str]:
-        return frozenset(
-            n for n, f in cls.Args.model_fields.items() if any(m is DYNAMIC for m in f.metadata)
-        )
+        return frozenset(n for n, f in cls.Args.model_fields.items() if any(m is DYNAMIC for m in f.metadata))
 
 
 _REGISTRY: dict[str, type[Op]] = {}

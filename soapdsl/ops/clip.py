@@ -26,7 +26,9 @@ class Clip(Op):
     Math:
         c = min(1, max_norm / (||x|| + eps));   out = c * x
         per=tensor: ||x|| is each parameter's Frobenius norm;
-        per=route: the norm of all the route's updates together (torch.nn.utils.clip_grad_norm_).
+        per=route: the norm of all the route's updates together (torch.nn.utils.clip_grad_norm_);
+            every parameter of the route must then take every step (a parameter that had no
+            gradient at some step is an error, not a silently partial norm).
 
     Args:
         max_norm: the bound, > 0.
@@ -42,6 +44,9 @@ class Clip(Op):
 
     name = "clip"
     Args = ClipArgs
+
+    def reduces_over_route(self) -> bool:
+        return self.args.per == "route"  # type: ignore[attr-defined]
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
         a: ClipArgs = self.args  # type: ignore[assignment]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
 from soapdsl.registry import Hyper, Op, OpArgs, register
@@ -48,5 +47,5 @@ class Decay(Op):
         if wd == 0:
             return x
         rate = wd * ctx.group["lr"] if self.args.lr_scaled else wd  # type: ignore[attr-defined]
-        torch._foreach_mul_(ctx.params, 1.0 - rate)
+        ctx.scale_params(1.0 - rate)
         return x

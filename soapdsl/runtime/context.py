@@ -68,12 +68,13 @@ class Ctx:
         return [p for b in self.buckets for p in b.params]
 
     def param_slabs(self) -> list[torch.Tensor]:
-        """Parameters laid out like the value (stacked copies in batched buckets; read-only)."""
+        """Parameters laid out like the value (stacked copies in batched buckets; read-only).
+
+        The copy is refreshed after any stage writes the parameters.
+        """
         if self._param_slabs is None:
             self._param_slabs = [
-                (torch.stack(b.params) if b.size > 1 else b.params[0].unsqueeze(0))
-                if b.stacked
-                else b.params[0]
+                (torch.stack(b.params) if b.size > 1 else b.params[0].unsqueeze(0)) if b.stacked else b.params[0]
                 for b in self.buckets
             ]
         return self._param_slabs
@@ -85,8 +86,14 @@ class Ctx:
             out.extend(t.unbind(0) if b.stacked else (t,))
         return out
 
+    def scale_params(self, factor: float) -> None:
+        """``p *= factor`` for every parameter of the cohort."""
+        self._param_slabs = None
+        torch._foreach_mul_(self.params, factor)
+
     def add_to_params(self, ts: Sequence[torch.Tensor], alpha: float) -> None:
         """``p += alpha * x`` for every parameter, casting to the parameter dtype if needed."""
+        self._param_slabs = None
         params = self.params
         updates = self.unbind(ts)
         if all(p.dtype == u.dtype and p.device == u.device for p, u in zip(params, updates, strict=True)):

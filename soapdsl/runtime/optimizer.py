@@ -39,6 +39,16 @@ def run_ops(ctx: Ctx, ops: Sequence[Op], x: Val) -> Val:
     return x
 
 
+_MISSING = object()
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    numbers = (int, float)
+    return isinstance(a, numbers) and isinstance(b, numbers) and a == b and type(a) is type(b)
+
+
 @dataclass
 class _Cohort:
     t: int  # steps taken so far
@@ -72,6 +82,12 @@ class SoapOptimizer(torch.optim.Optimizer):
             raise SoapArgumentError(str(e)) from None
         self._sealed = True
         self._layouts: dict[int, _Layout] = {}
+        # hyperparameters that stages follow: re-validated whenever their values change
+        self._watched: list[tuple[str, ...]] = [
+            tuple(sorted({r for op in walk_ops(rp.ops) for v in op.dynamic.values() for r in v.refs()} | {"lr"}))
+            for rp in self._routes
+        ]
+        self._validated: list[tuple[Any, ...] | None] = [None] * len(self._routes)
 
     # -- torch API ----------------------------------------------------------------------------
 
@@ -89,10 +105,30 @@ class SoapOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for rp, group in zip(self._routes, self.param_groups, strict=True):
+        for i, (rp, group) in enumerate(zip(self._routes, self.param_groups, strict=True)):
+            self._check_hyperparameters(i, rp, group)
             for cohort in self._layout(rp, group).cohorts:
                 self._run(rp, group, cohort)
         return loss
+
+    def _check_hyperparameters(self, i: int, rp: RoutePlan, group: dict[str, Any]) -> None:
+        """Validate the param_group values the stages follow, when they changed since last step."""
+        keys = self._watched[i]
+        values = tuple(group.get(k, _MISSING) for k in keys)
+        previous = self._validated[i]
+        if previous is not None and all(_same(a, b) for a, b in zip(values, previous, strict=True)):
+            return
+        for key, value in zip(keys, values, strict=True):
+            if value is _MISSING:
+                raise SoapArgumentError(f"param_group of route '{rp.selector}' lost its key '{key}'")
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise SoapArgumentError(
+                    f"param_group['{key}'] of route '{rp.selector}' must be a number, got {type(value).__name__}"
+                )
+        for op in walk_ops(rp.ops):
+            if op.dynamic:
+                op.revalidate(group)
+        self._validated[i] = values
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -223,12 +259,26 @@ class SoapOptimizer(torch.optim.Optimizer):
             return cached
         for p in active:
             if p.grad.is_sparse:
-                raise SoapArgumentError(f"parameter '{self._names.get(id(p))}' has a sparse gradient, which soapdsl does not support")
+                raise SoapArgumentError(
+                    f"parameter '{self._names.get(id(p))}' has a sparse gradient, which soapdsl does not support"
+                )
             if not self.state[p]:
                 self._init_state(rp, p)
         by_step: dict[int, list[torch.Tensor]] = {}
         for p in active:
             by_step.setdefault(int(self.state[p]["step"]), []).append(p)
+        if len(by_step) > 1:
+            for op in walk_ops(rp.ops):
+                if op.reduces_over_route():
+                    counts = sorted(by_step)
+                    lagging = self._names.get(id(by_step[counts[0]][0]), "?")
+                    raise SoapArgumentError(
+                        f"'{op.name}' reduces over all parameters of route '{rp.selector}', but they have"
+                        f" taken different numbers of steps ({', '.join(map(str, counts))}; e.g."
+                        f" '{lagging}' had no gradient at some step): give every parameter a gradient at"
+                        " every step, or use a per-tensor variant",
+                        getattr(op, "loc", None),
+                    )
         cohorts = [self._cohort(rp, t, ps) for t, ps in sorted(by_step.items())]
         layout = _Layout(signature, cohorts)
         self._layouts[rp.index] = layout
@@ -244,11 +294,10 @@ class SoapOptimizer(torch.optim.Optimizer):
             buckets = [Bucket([p], tuple(p.shape), rp.needs_batch_dim) for p in params]
         states: dict[str, dict[str, list[torch.Tensor]]] = {}
         for op in walk_ops(rp.ops):
-            names = op.state(buckets[0].shape) if buckets else {}
-            per_op: dict[str, list[torch.Tensor]] = {}
-            for name in names:
-                key = op.state_key(name)
-                per_op[name] = [self._slab(b, key) for b in buckets]
+            per_op: dict[str, list[Any]] = {}
+            for j, b in enumerate(buckets):
+                for name in op.state(b.shape):  # names may depend on the shape
+                    per_op.setdefault(name, [None] * len(buckets))[j] = self._slab(b, op.state_key(name))
             states[op.path] = per_op
         return _Cohort(t, buckets, states, [self.state[p]["step"] for p in params])
 
