@@ -36,8 +36,7 @@ def make_net(seed: int = 0, dtype: torch.dtype = torch.float32) -> SmallNet:
 def batches(n: int, seed: int = 1, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [
-        (torch.randn(16, 2, 6, 6, generator=g, dtype=dtype), torch.randint(0, 5, (16,), generator=g))
-        for _ in range(n)
+        (torch.randn(16, 2, 6, 6, generator=g, dtype=dtype), torch.randint(0, 5, (16,), generator=g)) for _ in range(n)
     ]
 
 

@@ -46,7 +46,7 @@ def test_compile_golden_json(capsys, update_goldens, name):
 
 
 def test_compile_state_bytes_match_adam_formula(capsys):
-    code, out, _ = run(capsys, "compile", "adamw", "--format", "json", "--shapes", "w=64x32,v=32")
+    _, out, _ = run(capsys, "compile", "adamw", "--format", "json", "--shapes", "w=64x32,v=32")
     data = json.loads(out)
     for p in data["params"]:
         numel = 1

@@ -26,7 +26,7 @@ def test_card_parses_verbatim():
 
 
 def test_literals():
-    m = soapdsl.parse('f(1, 1e-8, 3.5, .5, 2E3, true, false, left, "s t", \'q\', (1, 2), (1,), (), -1, -x, a - b * c)')
+    m = soapdsl.parse("f(1, 1e-8, 3.5, .5, 2E3, true, false, left, \"s t\", 'q', (1, 2), (1,), (), -1, -x, a - b * c)")
     values = [a.value for a in m.pipeline.stages[0].args]
     assert values[:5] == [A.Num(1), A.Num(1e-8), A.Num(3.5), A.Num(0.5), A.Num(2000.0)]
     assert isinstance(values[0].value, int) and isinstance(values[1].value, float)

@@ -24,8 +24,9 @@ DATA = batches(STEPS)
 def test_matches_torch_with_scheduler(recipe, torch_cls, kw):
     ours_model, ref_model = make_net(), make_net()
     b1, b2 = kw["betas"]
-    ours = soapdsl.build(recipe, ours_model, lr=kw["lr"], beta1=b1, beta2=b2, eps=kw["eps"],
-                         weight_decay=kw["weight_decay"])
+    ours = soapdsl.build(
+        recipe, ours_model, lr=kw["lr"], beta1=b1, beta2=b2, eps=kw["eps"], weight_decay=kw["weight_decay"]
+    )
     ref = torch_cls(ref_model.parameters(), foreach=False, **kw)
     sched_ours = torch.optim.lr_scheduler.StepLR(ours, step_size=50, gamma=0.5)
     sched_ref = torch.optim.lr_scheduler.StepLR(ref, step_size=50, gamma=0.5)

@@ -127,7 +127,10 @@ def test_partial_grads_split_cohorts_correctly():
     torch.manual_seed(0)
     ws = [torch.nn.Parameter(torch.randn(4, 4, dtype=torch.float64)) for _ in range(3)]
     refs = [torch.nn.Parameter(w.detach().clone()) for w in ws]
-    recipe = "recipe r(lr=0.01):\n  route default: momentum(0.9) |> newton_schulz(3) |> rms_normalize(0.99) |> bias_correct(0.9) |> lr\n"
+    recipe = (
+        "recipe r(lr=0.01):\n"
+        "  route default: momentum(0.9) |> newton_schulz(3) |> rms_normalize(0.99) |> bias_correct(0.9) |> lr\n"
+    )
     opt = soapdsl.build(recipe, [(f"w{i}", w) for i, w in enumerate(ws)])
     solo = [soapdsl.build(recipe, [("w", r)]) for r in refs]
     g = torch.Generator().manual_seed(1)
@@ -244,3 +247,34 @@ def test_unnamed_parameters_and_modules_accepted():
     assert len(a.param_groups[0]["params"]) == len(b.param_groups[0]["params"])
     with pytest.raises(SoapArgumentError, match="empty parameter list"):
         soapdsl.build("adamw", [])
+
+
+def test_param_group_changes_are_revalidated_with_a_location():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = soapdsl.build("momentum(b) |> bias_correct(b) |> lr", [("w", w)], lr=1.0, b=0.9)
+    w.grad = torch.ones(3)
+    opt.step()
+    opt.param_groups[0]["b"] = 1.0
+    with pytest.raises(SoapArgumentError, match=r"'momentum' argument beta became invalid.*\['b'\] = 1\.0") as info:
+        opt.step()
+    assert info.value.loc is not None and info.value.loc.col == 1
+    opt.param_groups[0]["b"] = "x"
+    with pytest.raises(SoapArgumentError, match=r"param_group\['b'\] .* must be a number"):
+        opt.step()
+    opt.param_groups[0]["b"] = 0.5
+    opt.step()  # valid again: training goes on
+
+
+def test_l2_after_decay_sees_the_decayed_parameter_in_stacked_routes():
+    text = "recipe r(lr=1.0):\n  route default{o}: l2(0.1) |> decay(0.5, lr_scaled=false) |> l2(0.1) |> newton_schulz(1) |> lr\n"
+    results = []
+    for o in ("", " [batch=false]"):
+        torch.manual_seed(0)
+        ws = [torch.nn.Parameter(torch.randn(3, 3, dtype=torch.float64)) for _ in range(2)]
+        opt = soapdsl.build(text.format(o=o), [(f"w{i}", w) for i, w in enumerate(ws)])
+        for w in ws:
+            w.grad = torch.ones(3, 3, dtype=torch.float64)
+        opt.step()
+        results.append([w.detach().clone() for w in ws])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -1,0 +1,182 @@
+"""newton_schulz: orthogonalize each matrix (Muon's quintic iteration, optional cubic cleanup).
+
+The expected values come from a plain per-matrix loop written here from the op's docstring, and
+from the iteration's action on singular values: the polynomial p(X) = aX + bXX^TX + c(XX^T)^2X
+maps each singular value s of X to a*s + b*s^3 + c*s^5 and keeps the singular vectors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import soapdsl
+
+COEFFS = (3.4445, -4.7750, 2.0315)  # the op's default (Muon's) coefficients
+# fp32: each quintic step amplifies rounding by up to ~2x (|f'(s)| <= 2 on [0.68, 1.14])
+FP32 = {"rtol": 1e-4, "atol": 2e-5}
+
+
+def _ns_reference(
+    g: torch.Tensor, steps: int, cleanup: int = 0, eps: float = 1e-7, eps_mode: str = "add", coeffs=COEFFS
+) -> torch.Tensor:
+    """One matrix at a time, in fp32: flatten to [rows, rest], orient wide, normalize, iterate."""
+    a, b, c = coeffs
+    x = g.float().reshape(g.shape[0], -1)
+    tall = x.shape[0] > x.shape[1]
+    if tall:
+        x = x.T
+    norm = float(torch.linalg.norm(x))
+    x = x / (norm + eps) if eps_mode == "add" else x / max(norm, eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    for _ in range(cleanup):
+        x = 1.5 * x - 0.5 * (x @ x.T) @ x
+    if tall:
+        x = x.T
+    return x.reshape(g.shape)
+
+
+def _run(recipe: str, shapes, seed: int, dtype=torch.float32, steps: int = 1, **args):
+    """Build ``recipe`` with lr=1; return [(grads, updates)] per step."""
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    opt = soapdsl.build(recipe, [(f"p{i}", p) for i, p in enumerate(params)], lr=1.0, **args)
+    out = []
+    for _ in range(steps):
+        gs = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+        before = [p.clone() for p in params]
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        out.append((gs, [(b - p) for b, p in zip(before, params)]))
+        for p, g in zip(params, gs):
+            assert torch.equal(p.grad, g), "newton_schulz must not write into the gradient"
+    return out
+
+
+def _svals(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(x.double().reshape(x.shape[0], -1))
+
+
+SHAPES = {
+    "wide": [(6, 10)] * 3,
+    "tall": [(10, 6)] * 3,
+    "square": [(8, 8)] * 2,
+    "conv": [(8, 3, 3, 3)] * 2,  # [out, in, kh, kw] -> [8, 27]
+    "tall_conv": [(24, 2, 2, 1)] * 2,  # -> [24, 4], transposed
+    "mixed": [(6, 10), (10, 6), (6, 10), (5, 5)],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SHAPES))
+def test_matches_reference_loop(kind: str) -> None:
+    """Batched over same-shape parameters; each equals the per-matrix loop."""
+    for gs, updates in _run("newton_schulz(5) |> lr", SHAPES[kind], 0, steps=2):
+        for g, u in zip(gs, updates):
+            torch.testing.assert_close(u, _ns_reference(g, 5), **FP32)
+
+
+@pytest.mark.parametrize("eps_mode", ["add", "clamp"])
+def test_normalization_and_eps_mode(eps_mode: str) -> None:
+    """With no steps the result is the normalized input: x / (||x|| + eps) or x / max(||x||, eps).
+
+    Matrices with Frobenius norm 0.5 and 3 against eps = 1 show both branches of clamp."""
+    gen = torch.Generator().manual_seed(1)
+    p = [torch.zeros(4, 6), torch.zeros(4, 6)]
+    opt = soapdsl.build(f"newton_schulz(0, eps=1.0, eps_mode={eps_mode}) |> lr", p, lr=1.0)
+    gs = [torch.randn(4, 6, generator=gen) for _ in p]
+    gs = [g * (n / float(g.norm())) for g, n in zip(gs, (0.5, 3.0))]
+    for q, g in zip(p, gs):
+        q.grad = g.clone()
+    opt.step()
+    for q, g in zip(p, gs):
+        norm = float(g.norm())
+        want = g / (norm + 1.0) if eps_mode == "add" else g / max(norm, 1.0)
+        torch.testing.assert_close(-q, want, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("eps_mode", ["add", "clamp"])
+def test_eps_mode_with_steps(eps_mode: str) -> None:
+    """eps = 10 exceeds the gradients' norms (about 6), so add and clamp give different inputs."""
+    for gs, updates in _run(f"newton_schulz(5, eps=10.0, eps_mode={eps_mode}) |> lr", [(5, 7)] * 2, 2):
+        for g, u in zip(gs, updates):
+            torch.testing.assert_close(u, _ns_reference(g, 5, eps=10.0, eps_mode=eps_mode), **FP32)
+
+
+def test_singular_values_follow_the_scalar_polynomial() -> None:
+    """s_i(out) = h^cleanup(f^steps(s_i(g) / (||g|| + eps))), f(s) = as + bs^3 + cs^5, h(s) = 1.5s - 0.5s^3."""
+    a, b, c = COEFFS
+    for gs, updates in _run("newton_schulz(4, cleanup=2) |> lr", [(6, 9)] * 3, 3):
+        for g, u in zip(gs, updates):
+            s = _svals(g) / (float(g.double().norm()) + 1e-7)
+            for _ in range(4):
+                s = a * s + b * s**3 + c * s**5
+            for _ in range(2):
+                s = 1.5 * s - 0.5 * s**3
+            torch.testing.assert_close(_svals(u), s.sort(descending=True).values, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["wide", "tall", "conv"])
+def test_singular_values_near_one(kind: str) -> None:
+    """10 quintic steps keep the singular values in the coefficients' band [0.68, 1.14] (f(1) = a + b + c
+    = 0.701 and the iteration settles on [0.6818, 1.1344]); 5 cleanup steps pull them to 1."""
+    for cleanup in (0, 5):
+        for _, updates in _run(f"newton_schulz(10, cleanup={cleanup}) |> lr", SHAPES[kind], 4):
+            for u in updates:
+                s = _svals(u)
+                if cleanup:
+                    assert float((s - 1).abs().max()) < 1e-4, s
+                else:
+                    assert 0.68 <= float(s.min()) and float(s.max()) <= 1.14, s
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (5, 9), (9, 5)])
+def test_orthogonal_input_is_returned(shape: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(5)
+    m, n = shape
+    q, _ = torch.linalg.qr(torch.randn(max(m, n), min(m, n), generator=gen, dtype=torch.float64))
+    q = (q if m >= n else q.T).float()  # orthonormal columns (tall) or rows (wide)
+    p = torch.zeros(shape)
+    opt = soapdsl.build("newton_schulz(10, cleanup=5) |> lr", [p], lr=1.0)
+    p.grad = q.clone()
+    opt.step()
+    torch.testing.assert_close(-p, q, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_iteration_is_close_to_fp32() -> None:
+    """bf16 has an 8-bit mantissa (relative rounding 2^-9); 5 steps of three matmuls stay within 5%."""
+    shapes = [(16, 24)] * 3
+    fp32 = _run("newton_schulz(5) |> lr", shapes, 6)
+    bf16 = _run("newton_schulz(5, dtype=bf16) |> lr", shapes, 6)
+    for (g32, u32), (g16, u16) in zip(fp32, bf16):
+        for a, b, u, v in zip(g32, g16, u32, u16):
+            assert torch.equal(a, b)
+            assert v.dtype == torch.float32
+            assert float((u - v).norm() / u.norm()) < 5e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_parameter_dtype_is_kept(dtype: torch.dtype) -> None:
+    """Other parameter dtypes iterate in fp32 (the op's dtype) and are written back in their own."""
+    tol = {"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else FP32
+    gen = torch.Generator().manual_seed(7)
+    params = [torch.zeros(6, 10, dtype=dtype) for _ in range(2)]
+    opt = soapdsl.build("newton_schulz(5) |> lr", params, lr=1.0)
+    gs = [torch.randn(6, 10, generator=gen).to(dtype) for _ in params]
+    for p, g in zip(params, gs):
+        p.grad = g.clone()
+    opt.step()
+    for p, g in zip(params, gs):
+        assert p.dtype == dtype
+        torch.testing.assert_close(-p.float(), _ns_reference(g, 5), **tol)
+
+
+@pytest.mark.parametrize("kind", ["wide", "tall", "conv"])
+def test_unbatched_route_matches_reference(kind: str) -> None:
+    """[batch=false]: each parameter is its own matrix (a conv kernel flattened), not a batch of rows."""
+    recipe = "recipe t(lr=1.0):\n  route default [batch=false]: newton_schulz(5) |> lr"
+    for gs, updates in _run(recipe, SHAPES[kind], 8):
+        for g, u in zip(gs, updates):
+            torch.testing.assert_close(u, _ns_reference(g, 5), **FP32)

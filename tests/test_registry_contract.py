@@ -1,0 +1,328 @@
+"""The op contract and the house rule, checked for every op in the registry.
+
+House rule: a primitive is one module in soapdsl/ops (one Op subclass, named after the module)
+plus one test module tests/ops/test_<name>.py; its docstring has Math and a runnable Example; the
+grammar names no operator; no op imports another op (shared kernels live in private modules).
+
+Op contract: batched (stacked same-shape parameters) == per-parameter; parameter dtypes are kept
+and state is at least fp32; step() never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import pkgutil
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import soapdsl
+from soapdsl import library, registry
+from soapdsl.compiler import walk_ops
+from soapdsl.registry import Op
+
+ROOT = Path(__file__).resolve().parents[1]
+OPS_DIR = ROOT / "soapdsl" / "ops"
+OPS = registry.all_ops()
+NAMES = sorted(OPS)
+PUBLIC_MODULES = sorted(m.name for m in pkgutil.iter_modules([str(OPS_DIR)]) if not m.name.startswith("_"))
+OP_SOURCES = sorted(p for p in OPS_DIR.glob("*.py") if p.name != "__init__.py")
+
+# Stages exercising each op beyond its defaults. Every op is also run bare (its default arguments),
+# so an op added later is covered without touching this file.
+EXTRA_STAGES = {
+    "bias_correct": ["bias_correct(0.9, 0.99)"],
+    "clip": ["clip(0.5)", "clip(0.5, per=route)"],
+    "decay": ["decay(0.1, lr_scaled=false)"],
+    "l2": ["l2(0.1)"],
+    "momentum": ["momentum(0.9, nesterov=true)", "momentum(0.8, kind=sgd)"],
+    "newton_schulz": ["newton_schulz(2, cleanup=1, eps_mode=clamp)"],
+    "rms_normalize": ["rms_normalize(0.99, 1e-3, eps_at=raw)", "rms_normalize(0.9, correct=false)"],
+    "scale": ["scale(-0.5)"],
+}
+CASES = [(name, name) for name in NAMES] + [(name, stage) for name in NAMES for stage in EXTRA_STAGES.get(name, [])]
+CASE_IDS = [stage for _, stage in CASES]
+MATRIX_OPS = [name for name in NAMES if OPS[name].kind == "matrix"]
+
+
+def _pipeline(name: str, stage: str, batch: bool | None) -> str:
+    """A recipe running ``stage`` on matrices: with a matrix op after it when ``batch`` is given
+    (so the route stacks same-shape parameters unless ``batch`` is false), and an `lr`."""
+    apply = OPS[name].kind == "apply"
+    stages = [] if apply else [stage]
+    if batch is not None:
+        stages.append(f"{MATRIX_OPS[0]}(3)")
+    stages.append(stage if apply else "lr")
+    settings = "" if batch is None else f" [batch={'true' if batch else 'false'}]"
+    return f"recipe t(lr=0.1):\n  route default{settings}: " + " |> ".join(stages)
+
+
+SHAPES = [(4, 6), (4, 6), (4, 6), (5, 3), (5, 3)]  # two buckets: 3 wide, 2 tall matrices
+
+
+def _params(dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype) for s in SHAPES]
+
+
+def _grads(dtype: torch.dtype, steps: int, seed: int = 1, device: str = "cpu") -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        [torch.randn(s, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype) for s in SHAPES]
+        for _ in range(steps)
+    ]
+
+
+def _set_grads(params: list[torch.Tensor], gs: list[torch.Tensor]) -> None:
+    for p, g in zip(params, gs):
+        p.grad = g.clone()
+
+
+def _section(doc: str, title: str) -> str | None:
+    """The body of a Google-style docstring section, dedented; None when absent."""
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip() == f"{title}:":
+            indent = len(line) - len(line.lstrip())
+            body = []
+            for rest in lines[i + 1 :]:
+                if rest.strip() and len(rest) - len(rest.lstrip()) <= indent:
+                    break
+                body.append(rest)
+            return textwrap.dedent("\n".join(body)).strip()
+    return None
+
+
+def _example(name: str) -> str:
+    example = _section(inspect.getdoc(OPS[name]) or "", "Example")
+    assert example, f"op '{name}' has no Example section"
+    return example
+
+
+# -- the house rule ---------------------------------------------------------------------------
+
+
+def test_every_module_is_registered_and_every_op_has_a_module() -> None:
+    assert PUBLIC_MODULES == NAMES
+
+
+@pytest.mark.parametrize("module", PUBLIC_MODULES)
+def test_one_op_per_module_named_after_it(module: str) -> None:
+    mod = importlib.import_module(f"soapdsl.ops.{module}")
+    classes = [
+        v
+        for v in vars(mod).values()
+        if isinstance(v, type) and issubclass(v, Op) and v is not Op and v.__module__ == mod.__name__
+    ]
+    assert len(classes) == 1, f"soapdsl/ops/{module}.py defines {len(classes)} Op subclasses"
+    (cls,) = classes
+    assert cls.name == module
+    assert OPS.get(module) is cls
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registered_op_lives_in_its_module(name: str) -> None:
+    assert OPS[name].__module__ == f"soapdsl.ops.{name}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_op_has_a_test_module(name: str) -> None:
+    assert (ROOT / "tests" / "ops" / f"test_{name}.py").is_file()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_docstring_sections(name: str) -> None:
+    cls = OPS[name]
+    doc = inspect.getdoc(cls) or ""
+    assert cls.summary(), f"op '{name}' has no one-line summary"
+    assert _section(doc, "Math"), f"op '{name}' has no Math section"
+    _example(name)
+    fields = list(cls.Args.model_fields)
+    if fields:
+        args_doc = _section(doc, "Args") or ""
+        for f in fields:
+            assert re.search(rf"^{f}:", args_doc, re.M), f"argument '{f}' of '{name}' is not documented"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_parses_checks_and_runs(name: str) -> None:
+    example = _example(name)
+    module = soapdsl.parse(example)
+    assert module.pipeline is not None
+    assert name in [s.name for s in module.pipeline.stages], f"the example of '{name}' does not use it"
+    library.resolve(example)
+    params = [torch.randn(4, 6) for _ in range(2)]
+    opt = soapdsl.build(example, params, lr=1e-2)
+    for _ in range(2):
+        _set_grads(params, [torch.randn(4, 6) for _ in params])
+        opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+    # the state the op declares is documented under State:
+    plan = soapdsl.compile(example, [("w", torch.zeros(4, 6))])
+    declared = {k for op in walk_ops(plan.routes[0].ops) if op.name == name for k in op.state((4, 6))}
+    state_doc = _section(inspect.getdoc(OPS[name]) or "", "State") or ""
+    for key in declared:
+        assert re.search(rf"^{key}:", state_doc, re.M), f"state '{key}' of '{name}' is not documented"
+
+
+def test_grammar_names_no_operator() -> None:
+    text = (ROOT / "grammar" / "soap.lark").read_text()
+    literals = set(re.findall(r'"((?:[^"\\]|\\.)*)"', text))
+    assert literals, "no string literals found: the grammar check is broken"
+    named = sorted(set(NAMES) & literals)
+    assert not named, f"grammar/soap.lark names operators: {named}"
+
+
+def _imported_modules(source: str, package: str = "soapdsl.ops") -> list[str]:
+    """Every module (or module attribute) a source imports, with relative imports resolved."""
+    out: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out.extend(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.extend(f"{mod}.{a.name}" for a in node.names)
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            out.append(node.args[0].value)
+    return out
+
+
+def _op_imports(source: str) -> list[str]:
+    """Imports of an op module (or of the ops package itself, which imports every op)."""
+    bad = []
+    for target in _imported_modules(source):
+        if target == "soapdsl.ops":
+            bad.append(target)
+        elif target.startswith("soapdsl.ops."):
+            first = target.removeprefix("soapdsl.ops.").split(".")[0]
+            if not first.startswith("_"):
+                bad.append(target)
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("source", "bad"),
+    [
+        ("from soapdsl.ops.momentum import Momentum", True),
+        ("import soapdsl.ops.sign", True),
+        ("from soapdsl.ops import sign", True),
+        ("from soapdsl import ops", True),
+        ("from . import sign", True),
+        ("from .clip import Clip", True),
+        ("importlib.import_module('soapdsl.ops.scale')", True),
+        ("from soapdsl.ops._linalg import newton_schulz", False),
+        ("from ._linalg import as_matrices", False),
+        ("from soapdsl.ops import _linalg", False),
+        ("from soapdsl.registry import Op\nimport torch", False),
+    ],
+)
+def test_import_check_itself(source: str, bad: bool) -> None:
+    assert bool(_op_imports(source)) == bad
+
+
+@pytest.mark.parametrize("path", OP_SOURCES, ids=lambda p: p.name)
+def test_no_op_imports_another_op(path: Path) -> None:
+    bad = _op_imports(path.read_text())
+    assert not bad, f"soapdsl/ops/{path.name} imports {bad}; shared code belongs in a private _module"
+
+
+# -- the op contract --------------------------------------------------------------------------
+
+
+def _run(recipe: str, params: list[torch.Tensor], grads: list[list[torch.Tensor]]):
+    opt = soapdsl.build(recipe, [(f"p{i}", p) for i, p in enumerate(params)])
+    for gs in grads:
+        _set_grads(params, gs)
+        opt.step()
+        for p, g in zip(params, gs):
+            assert torch.equal(p.grad, g), "an op wrote into the gradient"
+    return opt
+
+
+@pytest.mark.parametrize(("name", "stage"), CASES, ids=CASE_IDS)
+def test_batched_equals_per_parameter(name: str, stage: str) -> None:
+    grads = _grads(torch.float64, 5)
+    batched, single = _params(torch.float64), _params(torch.float64)
+    opt_b = _run(_pipeline(name, stage, batch=True), batched, grads)
+    opt_s = _run(_pipeline(name, stage, batch=False), single, grads)
+    assert opt_b.plan.routes[0].batched and not opt_s.plan.routes[0].batched
+    for p, q in zip(batched, single):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        assert opt_b.state[p].keys() == opt_s.state[q].keys()
+        for key in opt_b.state[p]:
+            torch.testing.assert_close(opt_b.state[p][key], opt_s.state[q][key], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("batch", [None, True], ids=["elementwise", "stacked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("name", "stage"), CASES, ids=CASE_IDS)
+def test_dtype_kept(name: str, stage: str, dtype: torch.dtype, batch: bool | None) -> None:
+    params = _params(dtype)
+    opt = _run(_pipeline(name, stage, batch), params, _grads(dtype, 3))
+    for p in params:
+        assert p.dtype == dtype
+        assert bool(torch.isfinite(p).all())
+        for key, t in opt.state[p].items():
+            if torch.is_tensor(t):
+                assert t.dtype.is_floating_point and t.dtype.itemsize >= 4, f"state {key} is {t.dtype}"
+
+
+def _forbid_host_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    def sync(*args, **kwargs):
+        raise AssertionError("host-device synchronisation inside step()")
+
+    for attr in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, attr, sync)
+
+
+def test_host_sync_guard_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    _forbid_host_sync(monkeypatch)
+    t = torch.ones(())
+    for read in (t.item, t.tolist, lambda: bool(t), lambda: float(t), lambda: int(t)):
+        with pytest.raises(AssertionError, match="host-device"):
+            read()
+
+
+@pytest.mark.parametrize("batch", [None, True], ids=["elementwise", "stacked"])
+@pytest.mark.parametrize(("name", "stage"), CASES, ids=CASE_IDS)
+def test_no_host_sync(name: str, stage: str, batch: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runtime reads its host-side step counters when it lays out state (the first step);
+    after that, a step reads nothing back from tensors."""
+    params = _params(torch.float32)
+    grads = _grads(torch.float32, 3)
+    opt = soapdsl.build(_pipeline(name, stage, batch), params)
+    _set_grads(params, grads[0])
+    opt.step()
+    with monkeypatch.context() as m:
+        _forbid_host_sync(m)
+        for gs in grads[1:]:
+            _set_grads(params, gs)
+            opt.step()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("name", "stage"), CASES, ids=CASE_IDS)
+def test_cpu_equals_gpu(name: str, stage: str) -> None:
+    """Matrix ops iterate in fp32 on both devices (GPU matmuls round differently): fp32 tolerance."""
+    recipe = _pipeline(name, stage, batch=True)
+    cpu, gpu = _params(torch.float64), _params(torch.float64, device="cuda")
+    _run(recipe, cpu, _grads(torch.float64, 3))
+    _run(recipe, gpu, _grads(torch.float64, 3, device="cuda"))
+    for p, q in zip(cpu, gpu):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-5, atol=1e-5)
