@@ -1,8 +1,8 @@
 """soapdsl: a declarative language for composing PyTorch optimizers.
 
-    import soapdsl
-    opt = soapdsl.build("adamw", model, lr=3e-4)
-    opt = soapdsl.build("momentum(0.9) |> sign |> lr", model, lr=1e-3)
+import soapdsl
+opt = soapdsl.build("adamw", model, lr=3e-4)
+opt = soapdsl.build("momentum(0.9) |> sign |> lr", model, lr=1e-3)
 """
 
 from soapdsl.api import build, compile, from_config, parse

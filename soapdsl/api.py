@@ -17,7 +17,7 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
     return _parse(text, file)
 
 
-def compile(recipe: str | Path, params: Any, **args: Any) -> Plan:  # noqa: A001 - the verb is the point
+def compile(recipe: str | Path, params: Any, **args: Any) -> Plan:
     """Compile a recipe for ``params`` into a :class:`~soapdsl.compiler.Plan`.
 
     ``recipe`` is a shipped name (``"soap"``), a path to a ``.soap`` file, or inline text

@@ -1,9 +1,9 @@
 """The soapdsl command line: compile, check, list, fmt.
 
-    soapdsl compile soap --set freq=40 --shapes "w=1024x256,b=256" --format json
-    soapdsl check my_recipe.soap other.soap
-    soapdsl list
-    soapdsl fmt my_recipe.soap
+soapdsl compile soap --set freq=40 --shapes "w=1024x256,b=256" --format json
+soapdsl check my_recipe.soap other.soap
+soapdsl list
+soapdsl fmt my_recipe.soap
 """
 
 from __future__ import annotations

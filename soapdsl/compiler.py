@@ -124,7 +124,8 @@ def bind_args(recipe: ir.Recipe, args: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in args.items():
         if k not in values:
             raise SoapNameError(
-                f"recipe '{recipe.name}' has no parameter '{k}'" + did_you_mean(k, values)
+                f"recipe '{recipe.name}' has no parameter '{k}'"
+                + did_you_mean(k, values)
                 + (f" (parameters: {', '.join(values)})" if values else "")
             )
         if not isinstance(v, bool | int | float | str | tuple):
@@ -304,7 +305,9 @@ def compile_plan(
         borrowed.append((format_selector(selector), sub.name, sub.fingerprint()))
         for r in sub.routes:
             combined = selector if always_true(r.selector) else A.SelAnd((selector, r.selector))
-            routes.append(_route_plan(len(routes), ir.Route(combined, r.settings, r.pipeline, r.loc), sub_values, sub_args))
+            routes.append(
+                _route_plan(len(routes), ir.Route(combined, r.settings, r.pipeline, r.loc), sub_values, sub_args)
+            )
     values = bind_args(recipe, args)
     for route in recipe.routes:
         routes.append(_route_plan(len(routes), route, values, args))

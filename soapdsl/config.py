@@ -24,8 +24,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from soapdsl import library
-from soapdsl.compiler import compile_plan
 from soapdsl.check import check_selector
+from soapdsl.compiler import compile_plan
 from soapdsl.errors import SOURCES, Loc, SoapConfigError, SoapError, SoapNameError, did_you_mean
 from soapdsl.ir import Ref
 from soapdsl.runtime.optimizer import SoapOptimizer
@@ -161,7 +161,8 @@ def _check_args(recipe: Any, args: Mapping[str, Any], file: str, marks: Any, pat
     for k in args:
         if k not in known:
             raise SoapNameError(
-                f"recipe '{recipe.name}' has no parameter '{k}'" + did_you_mean(k, known)
+                f"recipe '{recipe.name}' has no parameter '{k}'"
+                + did_you_mean(k, known)
                 + f" (parameters: {', '.join(known)})",
                 _loc(file, marks, (*path, k)),
             )

@@ -34,7 +34,6 @@ __all__ = [
 class Loc:
     """A span of source text: 1-based line and column, end exclusive."""
 
-
     file: str
     line: int
     col: int

@@ -114,9 +114,7 @@ class Bin:
         a, b = self.left.evaluate(env), self.right.evaluate(env)
         for v in (a, b):
             if isinstance(v, bool) or not isinstance(v, int | float):
-                raise SoapArgumentError(
-                    f"arithmetic needs numbers, got {_const_text(v)} in '{self.text()}'", self.loc
-                )
+                raise SoapArgumentError(f"arithmetic needs numbers, got {_const_text(v)} in '{self.text()}'", self.loc)
         if self.op == "/" and b == 0:
             raise SoapArgumentError(f"division by zero in '{self.text()}'", self.loc)
         return _BINOPS[self.op](a, b)

@@ -78,8 +78,13 @@ def inline_recipe(pipeline: A.Pipeline, macros: MacroTable, params: Mapping[str,
     return check_recipe(recipe, macros, extra_params=header)
 
 
-def _pick(module: A.Module, recipes: list[ir.Recipe], macros: MacroTable, hint: str | None,
-          params: Mapping[str, Any]) -> ir.Recipe:
+def _pick(
+    module: A.Module,
+    recipes: list[ir.Recipe],
+    macros: MacroTable,
+    hint: str | None,
+    params: Mapping[str, Any],
+) -> ir.Recipe:
     if module.pipeline is not None and not recipes:
         return inline_recipe(module.pipeline, macros, params, module.file)
     if module.pipeline is not None:
@@ -95,8 +100,7 @@ def _pick(module: A.Module, recipes: list[ir.Recipe], macros: MacroTable, hint: 
     if hint in names:
         return recipes[names.index(hint)]
     raise SoapNameError(
-        f"{module.file} defines several recipes ({', '.join(names)}); name one as"
-        f" '{module.file}::NAME'"
+        f"{module.file} defines several recipes ({', '.join(names)}); name one as '{module.file}::NAME'"
     )
 
 
@@ -116,7 +120,8 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None) -> ir.Rec
             return shipped(text)
         if registry.get(text) is None and text not in library().macros.macros:
             raise SoapNameError(
-                f"unknown recipe '{text}'" + did_you_mean(text, library().recipes)
+                f"unknown recipe '{text}'"
+                + did_you_mean(text, library().recipes)
                 + f" (shipped: {', '.join(shipped_names())})"
             )
     path_part, _, hint = text.partition("::")

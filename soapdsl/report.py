@@ -175,7 +175,7 @@ def plan_to_text(plan: Plan) -> str:
         for p in params:
             ratio = p.state_bytes / p.bytes if p.bytes else 0.0
             out.append(
-                f"  {p.name:<{nw}}  {str(list(p.shape)):<{sw}}  {p.route:>5}  "
+                f"  {p.name:<{nw}}  {list(p.shape)!s:<{sw}}  {p.route:>5}  "
                 f"{human_bytes(p.state_bytes):>12}  {ratio:.2f}"
             )
         pb, sb = plan.param_bytes(), plan.state_bytes()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
 
 from soapdsl.registry import Hyper, Op, OpArgs, register

@@ -74,8 +74,13 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
             line, col = _end_position(text)
             loc = Loc(file, line, col, line, col + 1)
             raise SoapSyntaxError("unexpected end of text" + _expected(e.expected), loc) from None
-        loc = Loc(file, tok.line or 1, tok.column or 1, tok.end_line or tok.line or 1,
-                  tok.end_column or (tok.column or 1) + 1)
+        loc = Loc(
+            file,
+            tok.line or 1,
+            tok.column or 1,
+            tok.end_line or tok.line or 1,
+            tok.end_column or (tok.column or 1) + 1,
+        )
         raise SoapSyntaxError(f"unexpected {tok.value!r}" + _expected(e.expected), loc) from None
     except lark.UnexpectedEOF as e:
         line, col = _end_position(text)
@@ -309,7 +314,7 @@ def _unquote(tok: Token, loc: Loc) -> str:
     try:
         value = pyast.literal_eval(str(tok))
     except (ValueError, SyntaxError):
-        raise SoapSyntaxError(f"malformed string literal {str(tok)}", loc) from None
+        raise SoapSyntaxError(f"malformed string literal {tok!s}", loc) from None
     if not isinstance(value, str):  # pragma: no cover
-        raise SoapSyntaxError(f"malformed string literal {str(tok)}", loc)
+        raise SoapSyntaxError(f"malformed string literal {tok!s}", loc)
     return value
