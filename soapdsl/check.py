@@ -103,7 +103,7 @@ def constant(e: A.Expr) -> Any:
 
 
 def _bind(cls: type[registry.Op], stage: A.Stage, scope: _Scope) -> tuple[tuple[str, ir.Value], ...]:
-    fields = list(cls.Args.model_fields)
+    fields = list(registry.public_fields(cls.Args))
     bound: dict[str, ir.Value] = {}
     positional = [a for a in stage.args if a.name is None]
     seen_keyword = False
@@ -195,7 +195,7 @@ def validate_args(
 
 
 def _literal_choices(cls: type[registry.Op], field_name: str) -> tuple[Any, ...]:
-    f = cls.Args.model_fields.get(field_name)
+    f = registry.public_fields(cls.Args).get(field_name)
     if f is None or get_origin(f.annotation) is not Literal:
         return ()
     return get_args(f.annotation)

@@ -23,6 +23,7 @@ from soapdsl.errors import (
     SoapArgumentError,
     SoapError,
     SoapNameError,
+    SoapRecipeError,
     SoapRouteError,
     SoapShapeError,
     did_you_mean,
@@ -59,7 +60,7 @@ class RoutePlan:
     @property
     def needs_batch_dim(self) -> bool:
         """Matrix and scope ops see every bucket with a leading batch dimension."""
-        return any(op.kind in ("matrix", "scope") for op in walk_ops(self.ops))
+        return any(op.kind in ("matrix", "batched", "scope") for op in walk_ops(self.ops))
 
     @property
     def batched(self) -> bool:
@@ -110,9 +111,22 @@ class Plan:
 
 
 def walk_ops(ops: Iterable[registry.Op]) -> Iterable[registry.Op]:
+    """Every op, depth first: scope bodies and pipeline-valued arguments included."""
     for op in ops:
         yield op
-        yield from walk_ops(getattr(op, "body", ()))
+        for child in op.children():
+            yield from walk_ops(child)
+
+
+def walk_shaped(ops: Iterable[registry.Op], shape: tuple[int, ...]) -> Iterable[tuple[registry.Op, tuple[int, ...]]]:
+    """Like :func:`walk_ops`, with the parameter shape each op sees (scopes may reshape)."""
+    for op in ops:
+        yield op, shape
+        body = getattr(op, "body", None)
+        if body:
+            yield from walk_shaped(body, op.inner_shape(shape))
+        for branch in getattr(op, "branches", {}).values():
+            yield from walk_shaped(branch, shape)
 
 
 # -- binding ----------------------------------------------------------------------------------
@@ -140,7 +154,7 @@ def bind_args(recipe: ir.Recipe, args: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _build_ops(pipeline: ir.Pipeline, env: Mapping[str, Any], prefix: str = "") -> list[registry.Op]:
+def _build_ops(pipeline: ir.Pipeline, env: Mapping[str, Any], prefix: str = "", depth: int = 0) -> list[registry.Op]:
     ops: list[registry.Op] = []
     for i, stage in enumerate(pipeline.stages):
         cls = registry.get(stage.op)
@@ -151,10 +165,52 @@ def _build_ops(pipeline: ir.Pipeline, env: Mapping[str, Any], prefix: str = "") 
         dynamic = {k: v for k, v in stage.args if k in dyn and v.refs()}
         op = cls(model, dynamic, f"{prefix}{i}")
         op.loc = stage.loc  # type: ignore[attr-defined]
+        op.label = stage.label  # type: ignore[attr-defined]
+        op.depth = depth  # type: ignore[attr-defined]
         if stage.body is not None:
-            op.body = _build_ops(stage.body, env, f"{prefix}{i}.")  # type: ignore[attr-defined]
+            op.body = _build_ops(stage.body, env, f"{prefix}{i}.", depth + 1)  # type: ignore[attr-defined]
+        op.branches = {  # type: ignore[attr-defined]
+            k: _build_ops(v.pipeline, env, f"{prefix}{i}.{k}.", depth + 1)
+            for k, v in stage.args
+            if isinstance(v, ir.PipeVal)
+        }
         ops.append(op)
+    _link_probes(ops)
     return ops
+
+
+def _link_probes(ops: list[registry.Op]) -> None:
+    """Tell ops that read an earlier point of their pipeline (graft) where to look.
+
+    An op with a ``source()`` of ("input", None) reads the input of the stage before it;
+    ("output", label) the output of the stage labelled ``label`` in the same pipeline.
+    The executor records that value's norms (and a branch's output) at that point.
+    """
+    for op in ops:
+        op.probes_before = []  # type: ignore[attr-defined]
+        op.probes_after = []  # type: ignore[attr-defined]
+    labels = {getattr(op, "label", None): j for j, op in enumerate(ops) if getattr(op, "label", None)}
+    for i, op in enumerate(ops):
+        source = op.source() if hasattr(op, "source") else None
+        if source is None:
+            continue
+        kind, label = source
+        if kind == "input":
+            if i == 0:
+                raise SoapRecipeError(
+                    f"'{op.name}' reads the input of the stage before it, and there is none here",
+                    getattr(op, "loc", None),
+                )
+            ops[i - 1].probes_before.append(op)  # type: ignore[attr-defined]
+        else:
+            j = labels.get(label)
+            if j is None or j >= i:
+                raise SoapRecipeError(
+                    f"'{op.name}' reads the stage labelled '{label}', which is not an earlier stage of"
+                    " this pipeline" + did_you_mean(str(label), [str(k) for k, v in labels.items() if v < i]),
+                    getattr(op, "loc", None),
+                )
+            ops[j].probes_after.append(op)  # type: ignore[attr-defined]
 
 
 # -- selectors --------------------------------------------------------------------------------
@@ -221,8 +277,8 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
 
 def op_state_bytes(ops: Iterable[registry.Op], shape: tuple[int, ...], dtype: torch.dtype) -> int:
     total = 0
-    for op in walk_ops(ops):
-        for spec in op.state(shape).values():
+    for op, seen in walk_shaped(ops, shape):
+        for spec in op.state(seen).values():
             total += math.prod(spec.shape) * _itemsize(state_dtype(dtype))
     return total
 
@@ -322,8 +378,8 @@ def compile_plan(
                 f" '{recipe.name}'; add a final `route default: ...`",
                 recipe.loc,
             )
-        for op in walk_ops(rp.ops):
-            why = op.check_shape(shape)
+        for op, seen in walk_shaped(rp.ops, shape):
+            why = op.check_shape(seen)
             if why is not None:
                 raise SoapShapeError(
                     f"parameter '{name}' of shape {list(shape)} cannot go through this stage: {why}",

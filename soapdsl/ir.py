@@ -274,7 +274,7 @@ def defaults_of(op: str) -> dict[str, Any]:
         return {}
     return {
         k: (_REQUIRED if f.is_required() else f.get_default(call_default_factory=True))
-        for k, f in cls.Args.model_fields.items()
+        for k, f in registry.public_fields(cls.Args).items()
     }
 
 

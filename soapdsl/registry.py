@@ -53,21 +53,38 @@ Int = Annotated[int, BeforeValidator(_no_bool)]
 
 
 class OpArgs(BaseModel):
-    """Base of every op's argument model."""
+    """Base of every op's argument model.
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+    A field's public name (what recipes write) is its alias if it has one (``from``, a
+    Python keyword), else its name.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, strict=False, populate_by_name=True, arbitrary_types_allowed=True
+    )
+
+
+def public_fields(model: type[BaseModel]) -> dict[str, Any]:
+    """Public argument name -> pydantic FieldInfo, in positional order."""
+    return {(f.alias or n): f for n, f in model.model_fields.items()}
 
 
 @dataclass(frozen=True)
 class StateSpec:
     """One state tensor per parameter.
 
-    ``shape`` is per parameter (no batch dim). State is kept in at least fp32 (fp64 for fp64
+    ``shape`` is per parameter (no batch dim), in the coordinates the op sees (inside a
+    scope that merges dims, the merged shape). State is kept in at least fp32 (fp64 for fp64
     parameters). ``init`` is "zeros" or "eye" (identity over the last two dims).
+
+    ``basis`` says what happens to the tensor when an enclosing scope refreshes its basis:
+    "rotate" re-expresses it exactly in the new basis (first moments), "permute" only permutes
+    it by the new eigenvalue order (SOAP's second moment), "none" leaves it alone.
     """
 
     shape: tuple[int, ...]
     init: Literal["zeros", "eye"] = "zeros"
+    basis: Literal["rotate", "permute", "none"] = "rotate"
 
 
 class Op:
@@ -78,8 +95,9 @@ class Op:
     #: argument model (field order = positional order)
     Args: ClassVar[type[OpArgs]] = OpArgs
     #: "elementwise" ops work on any shape; "matrix" ops need ndim >= 2 and are batched over
-    #: same-shape parameters; "scope" ops take a block; "apply" writes the parameter.
-    kind: ClassVar[Literal["elementwise", "matrix", "scope", "apply", "param"]] = "elementwise"
+    #: same-shape parameters; "batched" ops take any shape and are batched the same way;
+    #: "scope" ops take a block; "apply" writes the parameter; "param" acts on the parameter.
+    kind: ClassVar[Literal["elementwise", "matrix", "batched", "scope", "apply", "param"]] = "elementwise"
     #: True when op(c * x) == c * op(x) for a scalar c > 0 held on the host, so a pending
     #: scale (from bias_correct, scale, ...) can pass through without touching memory.
     linear: ClassVar[bool] = False
@@ -103,6 +121,34 @@ class Op:
         """Per-parameter state this op allocates for a parameter of ``shape``."""
         return {}
 
+    def host_state(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        """Per-parameter host-side values (Python scalars) and their initial values.
+
+        They live in ``self.state[param]`` beside the tensors (so state dicts keep them) and
+        parameters with different host values never share a batch.
+        """
+        return {}
+
+    def inner_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Shape of a parameter as the stages inside this scope see it."""
+        return shape
+
+    def children(self) -> list[list[Op]]:
+        """Op lists nested in this op: a scope's body, pipeline-valued arguments."""
+        out = []
+        body = getattr(self, "body", None)
+        if body:
+            out.append(body)
+        out.extend(getattr(self, "branches", {}).values())
+        return out
+
+    def before(self, ctx: Ctx) -> bool:
+        """Called for every op before the pipeline runs; False skips this step's update."""
+        return True
+
+    def after(self, ctx: Ctx) -> None:
+        """Called for every op after the pipeline ran (preconditioner maintenance)."""
+
     def reduces_over_route(self) -> bool:
         """True when the op combines values of all the route's parameters (a global norm)."""
         return False
@@ -122,13 +168,15 @@ class Op:
 
         updates = {name: expr.evaluate(group) for name, expr in self.dynamic.items()}
         try:
-            type(self.args).model_validate({**self.args.model_dump(), **updates})
+            type(self.args).model_validate({**self.args.model_dump(by_alias=True), **updates})
         except ValidationError as e:
             err = e.errors()[0]
             field = str(err["loc"][0]) if err["loc"] else "?"
-            refs = ", ".join(
-                f"param_group['{r}'] = {group.get(r)!r}" for r in sorted(self.dynamic[field].refs())
-            ) if field in self.dynamic else ""
+            refs = (
+                ", ".join(f"param_group['{r}'] = {group.get(r)!r}" for r in sorted(self.dynamic[field].refs()))
+                if field in self.dynamic
+                else ""
+            )
             raise SoapArgumentError(
                 f"'{self.name}' argument {field} became invalid during training ({refs}): {err['msg']}",
                 getattr(self, "loc", None),
@@ -152,7 +200,7 @@ class Op:
 
     @classmethod
     def dynamic_fields(cls) -> frozenset[str]:
-        return frozenset(n for n, f in cls.Args.model_fields.items() if any(m is DYNAMIC for m in f.metadata))
+        return frozenset(n for n, f in public_fields(cls.Args).items() if any(m is DYNAMIC for m in f.metadata))
 
 
 _REGISTRY: dict[str, type[Op]] = {}

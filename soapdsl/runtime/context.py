@@ -53,12 +53,29 @@ class Ctx:
     states: Mapping[str, dict[str, list[torch.Tensor]]]  # op path -> state name -> per bucket
     runner: Any  # executes op lists (scopes call back into it)
     scale: float = 1.0  # pending host-side factor of the value (see Op.linear)
+    host: dict[str, Any] = field(default_factory=dict)  # the cohort's host-side state values
+    host_changed: bool = False  # a stage changed host state: the layout is rebuilt next step
+    scratch: dict[Any, Any] = field(default_factory=dict)  # per-step notes between hooks
+    probes: dict[int, Any] = field(default_factory=dict)  # recorded reference values (graft)
     _param_slabs: list[torch.Tensor] | None = field(default=None, repr=False)
+    _host_writes: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # -- state ------------------------------------------------------------------------------
 
     def state(self, op: Op) -> dict[str, list[torch.Tensor]]:
         return self.states[op.path]
+
+    def get_host(self, op: Op, name: str) -> Any:
+        """Host-side state value (shared by the whole cohort)."""
+        key = op.state_key(name)
+        return self._host_writes.get(key, self.host[key])
+
+    def set_host(self, op: Op, name: str, value: Any) -> None:
+        """Set a host-side state value for every parameter of the cohort."""
+        key = op.state_key(name)
+        if self.get_host(op, name) != value:
+            self._host_writes[key] = value
+            self.host_changed = True
 
     # -- parameters -------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from soapdsl.compiler import FORMAT_VERSION, Plan, RoutePlan, state_dtype, walk_ops
+from soapdsl.compiler import FORMAT_VERSION, Plan, RoutePlan, state_dtype, walk_ops, walk_shaped
 from soapdsl.errors import SoapArgumentError, SoapError, SoapStateError
 from soapdsl.registry import Op
 from soapdsl.runtime.context import Bucket, Ctx, Val
@@ -28,18 +28,32 @@ __all__ = ["SoapOptimizer"]
 
 
 def run_ops(ctx: Ctx, ops: Sequence[Op], x: Val) -> Val:
-    """Run ``ops`` in order, applying or dropping the pending scale where an op needs it."""
+    """Run ``ops`` in order, applying or dropping the pending scale where an op needs it,
+    and recording the values that later stages read (probes)."""
     for op in ops:
+        if op.probes_before:  # type: ignore[attr-defined]
+            x = ctx.materialize(x)
+            for reader in op.probes_before:  # type: ignore[attr-defined]
+                reader.record(ctx, x)
         if ctx.scale != 1.0 and not op.linear:
             if op.scale_invariant and ctx.scale > 0:
                 ctx.scale = 1.0
             else:
                 x = ctx.materialize(x)
         x = op.apply(ctx, x)
+        if op.probes_after:  # type: ignore[attr-defined]
+            x = ctx.materialize(x)
+            for reader in op.probes_after:  # type: ignore[attr-defined]
+                reader.record(ctx, x)
     return x
 
 
 _MISSING = object()
+
+
+def _key(item: tuple[tuple[int, tuple[Any, ...]], Any]) -> tuple[int, str]:
+    (t, host), _ = item
+    return (t, repr(host))
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -52,6 +66,7 @@ def _same(a: Any, b: Any) -> bool:
 @dataclass
 class _Cohort:
     t: int  # steps taken so far
+    host: dict[str, Any]  # host-side state values shared by the cohort
     buckets: list[Bucket]
     states: dict[str, dict[str, list[torch.Tensor]]]
     steps: list[torch.Tensor]  # the per-parameter "step" tensors
@@ -236,16 +251,18 @@ class SoapOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _state_specs(rp: RoutePlan, p: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         out = {}
-        for op in walk_ops(rp.ops):
-            for name, spec in op.state(tuple(p.shape)).items():
+        for op, shape in walk_shaped(rp.ops, tuple(p.shape)):
+            for name, spec in op.state(shape).items():
                 out[op.state_key(name)] = (spec.shape, state_dtype(p.dtype))
         return out
 
     def _init_state(self, rp: RoutePlan, p: torch.Tensor) -> None:
         st = self.state[p]
         st["step"] = torch.zeros((), dtype=torch.float32)
-        for op in walk_ops(rp.ops):
-            for name, spec in op.state(tuple(p.shape)).items():
+        for op, shape in walk_shaped(rp.ops, tuple(p.shape)):
+            for name, value in op.host_state(shape).items():
+                st[op.state_key(name)] = value
+            for name, spec in op.state(shape).items():
                 t = torch.zeros(spec.shape, dtype=state_dtype(p.dtype), device=p.device)
                 if spec.init == "eye":
                     t.copy_(torch.eye(spec.shape[-2], spec.shape[-1], dtype=t.dtype, device=t.device).expand_as(t))
@@ -264,14 +281,16 @@ class SoapOptimizer(torch.optim.Optimizer):
                 )
             if not self.state[p]:
                 self._init_state(rp, p)
-        by_step: dict[int, list[torch.Tensor]] = {}
+        by_step: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         for p in active:
-            by_step.setdefault(int(self.state[p]["step"]), []).append(p)
+            st = self.state[p]
+            host = tuple(sorted((k, v) for k, v in st.items() if k != "step" and not torch.is_tensor(v)))
+            by_step.setdefault((int(st["step"]), host), []).append(p)
         if len(by_step) > 1:
             for op in walk_ops(rp.ops):
                 if op.reduces_over_route():
-                    counts = sorted(by_step)
-                    lagging = self._names.get(id(by_step[counts[0]][0]), "?")
+                    counts = sorted({t for t, _ in by_step})
+                    lagging = self._names.get(id(by_step[min(by_step)][0]), "?")
                     raise SoapArgumentError(
                         f"'{op.name}' reduces over all parameters of route '{rp.selector}', but they have"
                         f" taken different numbers of steps ({', '.join(map(str, counts))}; e.g."
@@ -279,12 +298,12 @@ class SoapOptimizer(torch.optim.Optimizer):
                         " every step, or use a per-tensor variant",
                         getattr(op, "loc", None),
                     )
-        cohorts = [self._cohort(rp, t, ps) for t, ps in sorted(by_step.items())]
+        cohorts = [self._cohort(rp, t, dict(host), ps) for (t, host), ps in sorted(by_step.items(), key=_key)]
         layout = _Layout(signature, cohorts)
         self._layouts[rp.index] = layout
         return layout
 
-    def _cohort(self, rp: RoutePlan, t: int, params: list[torch.Tensor]) -> _Cohort:
+    def _cohort(self, rp: RoutePlan, t: int, host: dict[str, Any], params: list[torch.Tensor]) -> _Cohort:
         if rp.batched:
             groups: dict[tuple[Any, ...], list[torch.Tensor]] = {}
             for p in params:
@@ -293,13 +312,14 @@ class SoapOptimizer(torch.optim.Optimizer):
         else:  # one bucket per parameter; a leading dim of 1 (a view) where matrix ops need one
             buckets = [Bucket([p], tuple(p.shape), rp.needs_batch_dim) for p in params]
         states: dict[str, dict[str, list[torch.Tensor]]] = {}
-        for op in walk_ops(rp.ops):
-            per_op: dict[str, list[Any]] = {}
-            for j, b in enumerate(buckets):
-                for name in op.state(b.shape):  # names may depend on the shape
+        for j, b in enumerate(buckets):
+            for op, shape in walk_shaped(rp.ops, b.shape):
+                per_op = states.setdefault(op.path, {})
+                for name in op.state(shape):  # names may depend on the shape
                     per_op.setdefault(name, [None] * len(buckets))[j] = self._slab(b, op.state_key(name))
-            states[op.path] = per_op
-        return _Cohort(t, buckets, states, [self.state[p]["step"] for p in params])
+        for op in walk_ops(rp.ops):
+            states.setdefault(op.path, {})
+        return _Cohort(t, host, buckets, states, [self.state[p]["step"] for p in params])
 
     def _slab(self, bucket: Bucket, key: str) -> torch.Tensor:
         tensors = [self.state[p][key] for p in bucket.params]
@@ -336,7 +356,18 @@ class SoapOptimizer(torch.optim.Optimizer):
                 assert g is not None
                 grads.append(g if g.dtype == dtype else g.to(dtype))
         t = cohort.t + 1
-        ctx = Ctx(group, t, cohort.buckets, grads, cohort.states, run_ops)
-        run_ops(ctx, rp.ops, Val(grads, owned=False))
-        torch._foreach_add_(cohort.steps, 1.0)
-        cohort.t = t
+        ctx = Ctx(group, t, cohort.buckets, grads, cohort.states, run_ops, host=cohort.host)
+        ops = list(walk_ops(rp.ops))
+        proceed = [op.before(ctx) for op in ops]  # every op sees the step, even when one skips it
+        if all(proceed):
+            run_ops(ctx, rp.ops, Val(grads, owned=False))
+            for op in ops:
+                op.after(ctx)
+            torch._foreach_add_(cohort.steps, 1.0)
+            cohort.t = t
+        if ctx.host_changed:
+            params = [p for b in cohort.buckets for p in b.params]
+            for key, value in ctx._host_writes.items():
+                for p in params:
+                    self.state[p][key] = value
+            self._layouts.pop(rp.index, None)
