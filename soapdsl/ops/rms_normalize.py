@@ -53,7 +53,7 @@ class RmsNormalize(Op):
     linear = True
 
     def state(self, shape: tuple[int, ...]) -> dict[str, StateSpec]:
-        return {"v": StateSpec(shape)}
+        return {"v": StateSpec(shape, basis="permute")}
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
         a: RmsNormalizeArgs = self.args  # type: ignore[assignment]

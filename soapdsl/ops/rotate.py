@@ -1,0 +1,251 @@
+"""rotate: run a block in the eigenbasis of Kronecker-factored gradient statistics (SOAP's basis)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from soapdsl.ops import _linalg as la
+from soapdsl.registry import Float, Hyper, Int, Op, OpArgs, StateSpec, register
+from soapdsl.runtime.context import Ctx, Val
+
+
+class RotateArgs(OpArgs):
+    side: Literal["both", "left", "right", "smaller", "larger"] = "both"
+    freq: Int = Field(10, ge=1)
+    beta: Hyper = Field(0.95, lt=1.0)
+    beta_fallback: Hyper = Field(0.95, ge=0.0, lt=1.0)
+    max_dim: Int = Field(10000, ge=0)
+    merge_dims: bool = False
+    precondition_1d: bool = False
+    skip_first: bool = False
+    jitter: Float = Field(1e-30, ge=0.0)
+    source: Literal["grad", "input"] = "grad"
+    offset: Int = Field(0, ge=0)
+    data_format: Literal["channels_first", "channels_last"] = "channels_first"
+
+
+@register
+class Rotate(Op):
+    """Rotate into the eigenbasis of the gradient's Kronecker factors, run a block there, rotate back.
+
+    A scope: `rotate(...) { block }`, or bare, `rotate(...) |> rest`, which scopes the rest of
+    the pipeline. Inside, the update and the raw gradient are in rotated coordinates, and the
+    state of the stages inside lives there too: when the basis is refreshed, first moments are
+    re-rotated exactly and second moments are permuted by the new eigenvalue order (SOAP's
+    choice; the stale magnitudes wash out through the EMA).
+
+    Math:
+        for each factored dim k:  GG_k <- b GG_k + (1 - b) G_(k) G_(k)^T      (b = beta, or
+                                  beta_fallback when beta < 0; G_(k) G_(k)^T contracts G with
+                                  itself over every other dim; for a matrix, G G^T and G^T G)
+        first basis: Q_k = eigenvectors of GG_k + jitter I, descending (fp64 retry on failure)
+        inside:  X -> X x_k Q_k^T (Q_L^T X Q_R for a matrix);  after the block: X -> X x_k Q_k
+        every `freq` steps (t % freq == offset), after the update: sort Q_k's columns by
+        diag(Q_k^T GG_k Q_k) descending, permute the block's second moments the same way,
+        then Q_k <- qr(GG_k Q_k).Q  (one power iteration)
+        The factors are updated after the update, so the current gradient never shapes the
+        basis it is rotated with.
+
+    Args:
+        side: the dims that get a factor: both (every dim), left (the first), right (the last),
+            smaller / larger (of the first and last; a square matrix counts as right for
+            smaller and left for larger, as the SOAP-Muon reference does).
+        freq: refresh period in steps.
+        beta: EMA decay of the factors; negative means beta_fallback (SOAP's shampoo_beta=-1
+            meaning beta2).
+        beta_fallback: used when beta is negative.
+        max_dim: a dim larger than this gets no factor (identity on that dim).
+        merge_dims: merge consecutive dims while their product is <= max_dim (SOAP's option;
+            a 50 x 100 matrix becomes one dim of 5000).
+        precondition_1d: give vectors a full d x d factor (otherwise they are not rotated).
+        skip_first: the first step only initialises the factors and the basis, and no stage
+            updates anything (the SOAP and SOAP-Muon references' first step).
+        jitter: added to the diagonal before the first eigendecomposition (SOAP: 1e-30).
+        source: statistics of the raw gradient ("grad", SOAP) or of the value entering the
+            scope ("input": iterative whitening, a second basis fed by the first's output; the
+            stages inside then see that value's rotation as their gradient).
+        offset: refresh when t % freq == offset (SOAP-SOAP refreshes its second basis at freq/2).
+        data_format: with merge_dims, "channels_last" 4-D tensors are permuted to NCHW first.
+
+    State:
+        GG{k}, Q{k}: a d_k x d_k factor and basis per factored dim k; ready (host): the basis exists.
+
+    Example:
+        momentum(0.95) |> rotate(both, freq=10) { rms_normalize(0.95, 1e-8, eps_at=raw) } |> lr
+
+    References:
+        Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam" (2024), Algorithm 3;
+        Gupta et al., "Shampoo" (2018).
+    """
+
+    name = "rotate"
+    Args = RotateArgs
+    kind = "scope"
+    linear = True
+
+    # -- layout ---------------------------------------------------------------------------
+
+    def _args(self) -> RotateArgs:
+        return self.args  # type: ignore[return-value]
+
+    def inner_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        a = self._args()
+        if not a.merge_dims or len(shape) < 2:
+            return shape
+        if len(shape) == 4 and a.data_format == "channels_last":
+            shape = (shape[0], shape[3], shape[1], shape[2])
+        return la.merge_shape(shape, a.max_dim)
+
+    def factored(self, shape: tuple[int, ...]) -> list[int]:
+        """Dims (of the inner shape) that get a factor and a basis."""
+        a = self._args()
+        inner = self.inner_shape(shape)
+        if len(shape) == 0 or not inner:
+            return []
+        if len(shape) == 1:
+            return [0] if a.precondition_1d and inner[0] <= a.max_dim else []
+        last = len(inner) - 1
+        if a.side == "both":
+            dims = list(range(len(inner)))
+        elif a.side == "left":
+            dims = [0]
+        elif a.side == "right":
+            dims = [last]
+        elif a.side == "smaller":
+            dims = [0] if inner[0] < inner[last] else [last]
+        else:
+            dims = [0] if inner[0] >= inner[last] else [last]
+        return [k for k in dims if inner[k] <= a.max_dim]
+
+    def state(self, shape: tuple[int, ...]) -> dict[str, StateSpec]:
+        inner = self.inner_shape(shape)
+        out = {}
+        for k in self.factored(shape):
+            out[f"GG{k}"] = StateSpec((inner[k], inner[k]), basis="none")
+            out[f"Q{k}"] = StateSpec((inner[k], inner[k]), basis="none")
+        return out
+
+    def host_state(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        return {"ready": False}
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _to_inner(self, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        a = self._args()
+        if a.merge_dims and len(shape) == 4 and a.data_format == "channels_last":
+            t = t.permute(0, 1, 4, 2, 3)
+        return t.reshape(t.size(0), *self.inner_shape(shape))
+
+    def _from_inner(self, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        a = self._args()
+        if a.merge_dims and len(shape) == 4 and a.data_format == "channels_last":
+            n, c, h, w = shape[0], shape[3], shape[1], shape[2]
+            return t.reshape(t.size(0), n, c, h, w).permute(0, 1, 3, 4, 2)
+        return t.reshape(t.size(0), *shape)
+
+    def _qs(self, ctx: Ctx, j: int, shape: tuple[int, ...]) -> dict[int, torch.Tensor]:
+        st = ctx.state(self)
+        return {k: st[f"Q{k}"][j] for k in self.factored(shape)}
+
+    def _update_factors(self, ctx: Ctx, sources: list[torch.Tensor]) -> None:
+        beta = self.hp("beta", ctx.group)
+        if beta < 0:
+            beta = self.hp("beta_fallback", ctx.group)
+        st = ctx.state(self)
+        for j, (b, src) in enumerate(zip(ctx.buckets, sources, strict=True)):
+            for k in self.factored(b.shape):
+                gg = st[f"GG{k}"][j]
+                gg.lerp_(la.factor_stats(src.to(gg.dtype), k), 1.0 - beta)
+
+    def _init_bases(self, ctx: Ctx) -> None:
+        st = ctx.state(self)
+        jitter = self._args().jitter
+        for j, b in enumerate(ctx.buckets):
+            for k in self.factored(b.shape):
+                _, vecs = la.eigh_desc(st[f"GG{k}"][j], jitter)
+                st[f"Q{k}"][j].copy_(vecs)
+        ctx.set_host(self, "ready", True)
+
+    def _grad_sources(self, ctx: Ctx) -> list[torch.Tensor]:
+        return [self._to_inner(g, b.shape) for g, b in zip(ctx.g, ctx.buckets, strict=True)]
+
+    # -- hooks ----------------------------------------------------------------------------
+
+    def before(self, ctx: Ctx) -> bool:
+        a = self._args()
+        if getattr(self, "depth", 0) > 0 or a.source != "grad" or ctx.get_host(self, "ready"):
+            return True
+        # a top-level scope over the raw gradient starts its basis before the pipeline runs
+        self._update_factors(ctx, self._grad_sources(ctx))
+        self._init_bases(ctx)
+        ctx.scratch[(self.path, "factors_done")] = True
+        return not a.skip_first
+
+    def apply(self, ctx: Ctx, x: Val) -> Val:
+        a = self._args()
+        if a.source == "input":
+            x = ctx.materialize(x)
+            sources = [self._to_inner(t, b.shape) for t, b in zip(x.ts, ctx.buckets, strict=True)]
+        else:
+            sources = self._grad_sources(ctx)
+        if not ctx.get_host(self, "ready"):
+            self._update_factors(ctx, sources)
+            self._init_bases(ctx)
+            ctx.scratch[(self.path, "factors_done")] = True
+        ctx.scratch[(self.path, "sources")] = sources
+        outer_g = ctx.g
+        xr: list[torch.Tensor] = []
+        gr: list[torch.Tensor] = []
+        for j, (b, t) in enumerate(zip(ctx.buckets, x.ts, strict=True)):
+            qs = self._qs(ctx, j, b.shape)
+            inner = self._to_inner(t, b.shape)
+            # a rotation makes a fresh tensor; an identity rotation must not hand the block a
+            # view of state it could overwrite (the momentum buffer, say)
+            xr.append(la.rotate(inner, qs) if qs else (inner if x.owned else inner.clone()))
+            if a.source == "grad":
+                gr.append(la.rotate(sources[j], qs))
+        ctx.g = xr if a.source == "input" else gr
+        # with source=input the value doubles as the block's gradient: the block may not overwrite it
+        y = ctx.run(self.body, Val(xr, owned=a.source != "input"))  # type: ignore[attr-defined]
+        ctx.g = outer_g
+        out = [
+            self._from_inner(la.unrotate(t, self._qs(ctx, j, b.shape)), b.shape)
+            for j, (b, t) in enumerate(zip(ctx.buckets, y.ts, strict=True))
+        ]
+        return Val(out, owned=True)
+
+    def after(self, ctx: Ctx) -> None:
+        sources = ctx.scratch.pop((self.path, "sources"), None)
+        if ctx.scratch.pop((self.path, "factors_done"), False) or sources is None:
+            return
+        self._update_factors(ctx, sources)
+        a = self._args()
+        if ctx.t % a.freq == a.offset % a.freq:
+            self._refresh(ctx)
+
+    def _refresh(self, ctx: Ctx) -> None:
+        st = ctx.state(self)
+        inner_ops = list(self.body)  # type: ignore[attr-defined]
+        for op in list(inner_ops):
+            for branch in getattr(op, "branches", {}).values():
+                inner_ops.extend(branch)
+        for j, b in enumerate(ctx.buckets):
+            inner = self.inner_shape(b.shape)
+            for k in self.factored(b.shape):
+                q_old = st[f"Q{k}"][j]
+                q_new, idx = la.refresh_basis(st[f"GG{k}"][j], q_old)
+                for op in inner_ops:
+                    specs = op.state(inner)
+                    for name, tensors in ctx.state(op).items():
+                        spec = specs.get(name)
+                        if spec is None or spec.basis == "none" or tensors[j] is None:
+                            continue
+                        t = tensors[j]
+                        if spec.basis == "permute":
+                            t.copy_(la.permute_dim(t, idx, k))
+                        else:
+                            t.copy_(la.mode_mul(la.mode_mul(t, q_old, k), q_new.mT, k))
+                q_old.copy_(q_new)
