@@ -17,7 +17,7 @@ class NewtonSchulzArgs(OpArgs):
     cleanup: Int = Field(0, ge=0, lt=100)
     eps: Float = Field(1e-7, ge=0.0)
     eps_mode: Literal["add", "clamp"] = "add"
-    dtype: Literal["fp32", "bf16", "fp64"] = "fp32"
+    dtype: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
 
 
 @register
@@ -41,8 +41,9 @@ class NewtonSchulz(Op):
         cleanup: cubic steps after the quintic ones (SOAP-Muon: 2).
         eps: guards the normalisation.
         eps_mode: "add" (Keller Jordan's Muon, SOAP-Muon) or "clamp" (torch.optim.Muon).
-        dtype: "fp32", "bf16" or "fp64" iteration (the references use bf16 on GPU; on CPU bf16
-            matmul is about 100x slower than fp32; fp64 is for float64 experiments).
+        dtype: the iteration's dtype: "auto" (the update's own: fp32, or fp64 for float64
+            parameters), "fp32", "bf16" (what the references use on GPU; on CPU bf16 matmul is
+            about 100x slower than fp32) or "fp64".
 
     Example:
         momentum(0.95, nesterov=true) |> newton_schulz(5, dtype=bf16) |> lr

@@ -1,0 +1,112 @@
+"""shampoo: Shampoo's inverse-root Kronecker preconditioner."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from soapdsl.ops import _linalg as la
+from soapdsl.registry import Float, Hyper, Int, Op, OpArgs, StateSpec, register
+from soapdsl.runtime.context import Ctx, Val
+
+
+class ShampooArgs(OpArgs):
+    beta: Hyper = Field(0.95, ge=0.0, le=1.0)
+    eps: Hyper = Field(1e-12, ge=0.0)
+    freq: Int = Field(10, ge=1)
+    exponent: Literal["classic", "power_half"] | Float = "classic"
+    max_dim: Int = Field(8192, ge=0)
+    start: Int = Field(-1, ge=-1)
+
+
+@register
+class Shampoo(Op):
+    """Shampoo: multiply the update by inverse roots of the gradient's Kronecker factors.
+
+    The factors take the current raw gradient before they are used (unlike SOAP's basis).
+    Until the first inverse root exists (the first refresh at or after step `start`), the stage
+    passes the update through
+    and tells a following `graft` to use its reference direction as it is (DistributedShampoo
+    runs the grafted optimizer alone until then).
+
+    Math:
+        per factored dim k:  F_k <- beta F_k + (1 - beta) G_(k) G_(k)^T   (beta = 1: F_k += G_(k) G_(k)^T)
+        every `freq` steps from `start` (t % freq == 0 and t >= start):
+            P_k = (F_k + eps I)^(-e)      via eigh, fp64 retry on failure
+        out = x x_1 P_1 x_2 P_2 ...       (P_L X P_R for a matrix)
+        e: "classic" 1/(2 * ndim) (1/4 per side of a matrix), "power_half" 1/2, or a number.
+
+    Args:
+        beta: factor EMA decay; 1 accumulates (AdaGrad-style sums).
+        eps: added to the factors' eigenvalues before the root.
+        freq: steps between inverse-root computations.
+        exponent: "classic", "power_half", or the per-factor exponent e itself.
+        max_dim: a dim larger than this gets no factor (identity; DistributedShampoo would
+            block the dim instead).
+        start: first step with a preconditioner; -1 means `freq`.
+
+    State:
+        F{k}: the factor of dim k; P{k}: its inverse root; ready (host): a root exists.
+
+    Example:
+        momentum(0.9) |> bias_correct(0.9) |> shampoo(0.95, 1e-12) |> graft(norm, from={ rms_normalize(0.95) })
+
+    References:
+        Gupta, Koren & Singer, "Shampoo: Preconditioned Stochastic Tensor Optimization" (2018);
+        Vyas et al., "SOAP" (2024), section 5; Shi et al., DistributedShampoo (2023).
+    """
+
+    name = "shampoo"
+    Args = ShampooArgs
+    kind = "batched"
+    linear = True
+
+    def factored(self, shape: tuple[int, ...]) -> list[int]:
+        return [k for k, d in enumerate(shape) if d <= self.args.max_dim]  # type: ignore[attr-defined]
+
+    def state(self, shape: tuple[int, ...]) -> dict[str, StateSpec]:
+        out = {}
+        for k in self.factored(shape):
+            out[f"F{k}"] = StateSpec((shape[k], shape[k]), basis="none")
+            out[f"P{k}"] = StateSpec((shape[k], shape[k]), basis="none")
+        return out
+
+    def host_state(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        return {"ready": False}
+
+    def exponent(self, shape: tuple[int, ...]) -> float:
+        e = self.args.exponent  # type: ignore[attr-defined]
+        if e == "classic":
+            return 1.0 / (2 * max(1, len(shape)))
+        if e == "power_half":
+            return 0.5
+        return float(e)
+
+    def apply(self, ctx: Ctx, x: Val) -> Val:
+        a: ShampooArgs = self.args  # type: ignore[assignment]
+        beta = self.hp("beta", ctx.group)
+        eps = self.hp("eps", ctx.group)
+        start = a.freq if a.start < 0 else a.start
+        st = ctx.state(self)
+        refresh = ctx.t % a.freq == 0 and ctx.t >= start
+        for j, (b, g) in enumerate(zip(ctx.buckets, ctx.g, strict=True)):
+            for k in self.factored(b.shape):
+                f = st[f"F{k}"][j]
+                stats = la.factor_stats(g.to(f.dtype), k)
+                if beta == 1.0:
+                    f.add_(stats)
+                else:
+                    f.lerp_(stats, 1.0 - beta)
+                if refresh:
+                    st[f"P{k}"][j].copy_(la.inverse_root(f, self.exponent(b.shape), eps))
+        if refresh:
+            ctx.set_host(self, "ready", True)
+        if not ctx.get_host(self, "ready"):
+            ctx.scratch["unready"] = True
+            return x
+        out = []
+        for j, (b, t) in enumerate(zip(ctx.buckets, x.ts, strict=True)):
+            qs = {k: st[f"P{k}"][j] for k in self.factored(b.shape)}
+            out.append(la.unrotate(t, qs) if qs else t.clone())  # P symmetric: x_k P_k
+        return Val(out, owned=True)
