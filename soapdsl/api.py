@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from soapdsl import library
-from soapdsl.compiler import Plan, compile_plan
-from soapdsl.runtime.optimizer import SoapOptimizer
+from soapdsl.compiler import Plan, compile_plan, state_dtype, walk_ops, walk_shaped
+from soapdsl.errors import SoapArgumentError
+from soapdsl.runtime.context import Bucket, Ctx, Val
+from soapdsl.runtime.optimizer import SoapOptimizer, run_ops
 from soapdsl.syntax import ast as A
 from soapdsl.syntax.parser import parse as _parse
 
@@ -32,6 +36,38 @@ def compile(recipe: str | Path, params: Any, **args: Any) -> Plan:
 def build(recipe: str | Path, params: Any, **args: Any) -> SoapOptimizer:
     """Build the optimizer: ``soapdsl.build("adamw", model, lr=3e-4)``."""
     return SoapOptimizer(compile(recipe, params, **args))
+
+
+def apply(pipeline: str, tensor: torch.Tensor, **args: Any) -> torch.Tensor:
+    """Apply a stateless pipeline to a tensor: ``soapdsl.apply("newton_schulz(10, cleanup=5)", G)``.
+
+    For experiments on the operators themselves. The pipeline sees ``tensor`` as both the
+    update and the raw gradient of a single parameter of its shape, at step 1. Stages that keep
+    state (momentum, rotate, ...) or write a parameter (lr, decay) are refused.
+    """
+    if not isinstance(tensor, torch.Tensor):
+        raise SoapArgumentError(f"apply() takes a tensor, got {type(tensor).__name__}")
+    recipe = library.resolve(pipeline, args)
+    if len(recipe.routes) != 1:
+        raise SoapArgumentError("apply() takes a single pipeline, not a recipe with several routes")
+    plan = compile_plan(recipe, [("x", torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))], args)
+    (rp,) = plan.routes
+    ops = [op for op in rp.ops if op.kind != "apply"]
+    for op, shape in walk_shaped(ops, tuple(tensor.shape)):
+        if op.state(shape) or op.host_state(shape) or op.kind in ("apply", "param"):
+            raise SoapArgumentError(
+                f"apply() takes a stateless pipeline; '{op.name}' keeps state or writes the parameter",
+                getattr(op, "loc", None),
+            )
+    x = tensor.detach().to(state_dtype(tensor.dtype))
+    batched = rp.needs_batch_dim
+    slab = x.unsqueeze(0) if batched else x
+    bucket = Bucket([tensor], tuple(tensor.shape), batched)
+    states = {op.path: {} for op in walk_ops(ops)}
+    ctx = Ctx(rp.hyper, 1, [bucket], [slab], states, run_ops)
+    with torch.no_grad():
+        out = ctx.materialize(run_ops(ctx, ops, Val([slab], owned=False))).ts[0]
+    return (out[0] if batched else out).to(tensor.dtype)
 
 
 def from_config(model: Any, cfg: Any) -> SoapOptimizer:
