@@ -20,19 +20,25 @@ def newton_schulz(
     eps: float = 1e-7,
     eps_mode: str = "add",
     dtype: str = "auto",
+    norm_kind: str = "fro",
+    power_iters: int = 10,
 ) -> torch.Tensor:
     """Approximate the orthogonal polar factor U V^T of each matrix in ``g`` ([B, m, n]).
 
     Quintic steps ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, then ``cleanup`` cubic
     steps ``X <- 1.5 X - 0.5 (X X^T) X``, on the wide orientation (transposed when m > n),
-    after dividing each matrix by its Frobenius norm (``+ eps`` or ``clamp(min=eps)``).
-    Returns ``g``'s dtype.
+    after dividing each matrix by its Frobenius norm, or with ``norm_kind="spectral"`` by its
+    top singular value from ``power_iters`` power-iteration steps (``+ eps`` or
+    ``clamp(min=eps)``). Returns ``g``'s dtype.
     """
     x = g.to(_DTYPES[dtype] or g.dtype)
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT
-    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    if norm_kind == "spectral":
+        norm = top_singular_value(x, power_iters).to(x.dtype)
+    else:
+        norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
     x = x / (norm + eps) if eps_mode == "add" else x / norm.clamp(min=eps)
     a, b, c = coeffs
     for _ in range(steps):
@@ -44,6 +50,21 @@ def newton_schulz(
     if tall:
         x = x.mT
     return x.to(g.dtype)
+
+
+def top_singular_value(x: torch.Tensor, iters: int) -> torch.Tensor:
+    """Largest singular value of each matrix of a wide batch [B, m, n] (m <= n), as [B, 1, 1].
+
+    Power iteration on ``X X^T`` (the small side) from a fixed start vector, in at least fp32;
+    no host synchronisation.
+    """
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    gram = work @ work.mT
+    v = torch.ones(gram.shape[:-1], dtype=gram.dtype, device=gram.device).unsqueeze(-1)
+    for _ in range(iters):
+        v = gram @ v
+        v = v / torch.linalg.vector_norm(v, dim=-2, keepdim=True).clamp(min=torch.finfo(v.dtype).tiny)
+    return (v.mT @ gram @ v).clamp(min=0).sqrt()
 
 
 def as_matrices(t: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,8 @@ class NewtonSchulzArgs(OpArgs):
     cleanup: Int = Field(0, ge=0, lt=100)
     eps: Float = Field(1e-7, ge=0.0)
     eps_mode: Literal["add", "clamp"] = "add"
+    norm: Literal["fro", "spectral"] = "fro"
+    power_iters: Int = Field(10, ge=1, le=1000)
     dtype: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
 
 
@@ -29,7 +31,8 @@ class NewtonSchulz(Op):
     parameters of one shape in the route run as one batched iteration.
 
     Math:
-        X = x / (||x||_F + eps)                (eps_mode=clamp: x / max(||x||_F, eps))
+        X = x / (||x||_F + eps)                (eps_mode=clamp: x / max(||x||_F, eps);
+                                                norm=spectral: the top singular value instead)
         transpose when rows > cols
         steps times:   A = X X^T;  X <- a X + (b A + c A A) X      (a, b, c) = coeffs
         cleanup times: X <- 1.5 X - 0.5 (X X^T) X                  (pulls singular values to 1)
@@ -41,6 +44,10 @@ class NewtonSchulz(Op):
         cleanup: cubic steps after the quintic ones (SOAP-Muon: 2).
         eps: guards the normalisation.
         eps_mode: "add" (Keller Jordan's Muon, SOAP-Muon) or "clamp" (torch.optim.Muon).
+        norm: "fro" divides by the Frobenius norm; "spectral" by the top singular value from
+            power iteration, so "fewer steps" means the same thing at every shape (the SOAP-Muon
+            report's footnote 6); the largest singular value then starts at 1.
+        power_iters: power-iteration steps for norm=spectral.
         dtype: the iteration's dtype: "auto" (the update's own: fp32, or fp64 for float64
             parameters), "fp32", "bf16" (what the references use on GPU; on CPU bf16 matmul is
             about 100x slower than fp32) or "fp64".
@@ -62,6 +69,8 @@ class NewtonSchulz(Op):
         a: NewtonSchulzArgs = self.args  # type: ignore[assignment]
         out = []
         for t in x.ts:
-            m = newton_schulz(as_matrices(t), a.steps, a.coeffs, a.cleanup, a.eps, a.eps_mode, a.dtype)
+            m = newton_schulz(
+                as_matrices(t), a.steps, a.coeffs, a.cleanup, a.eps, a.eps_mode, a.dtype, a.norm, a.power_iters
+            )
             out.append(m.view(t.shape))
         return Val(out, owned=True)

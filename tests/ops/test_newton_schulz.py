@@ -180,3 +180,20 @@ def test_unbatched_route_matches_reference(kind: str) -> None:
     for gs, updates in _run(recipe, SHAPES[kind], 8):
         for g, u in zip(gs, updates):
             torch.testing.assert_close(u, _ns_reference(g, 5), **FP32)
+
+
+def test_spectral_norm_divides_by_the_top_singular_value() -> None:
+    torch.manual_seed(3)
+    g = torch.randn(24, 40, dtype=torch.float64) * torch.linspace(0.01, 1.0, 40, dtype=torch.float64)
+    x = soapdsl.apply("newton_schulz(0, norm=spectral, power_iters=50)", g)
+    sigma = torch.linalg.svdvals(g)[0]
+    torch.testing.assert_close(x, g / (sigma + 1e-7), rtol=1e-6, atol=1e-12)
+
+
+def test_spectral_norm_converges_in_fewer_steps_than_frobenius() -> None:
+    torch.manual_seed(4)
+    g = torch.randn(32, 96) * torch.linspace(0.01, 1.0, 96)
+    fro = torch.linalg.svdvals(soapdsl.apply("newton_schulz(1)", g))
+    spectral = torch.linalg.svdvals(soapdsl.apply("newton_schulz(1, norm=spectral)", g))
+    assert spectral.min() > fro.min()
+    assert spectral.max() < 1.25  # the largest singular value started at (about) 1
