@@ -36,6 +36,10 @@ class Bucket:
     params: list[torch.Tensor]
     shape: tuple[int, ...]
     stacked: bool  # True: tensors carry a leading batch dim of len(params)
+    names: list[str] = field(default_factory=list)
+    #: per op path: member -> slot of its share group in the op's shared state ([B] long), or
+    #: None when every member is its own group
+    groups: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -145,7 +149,7 @@ class Ctx:
         out = []
         for b, t in zip(self.buckets, ts, strict=True):
             if b.stacked:
-                n = torch.linalg.vector_norm(t.flatten(1), dim=1)
+                n = torch.linalg.vector_norm(t.reshape(t.size(0), -1), dim=1)
                 out.append(n.view(-1, *([1] * (t.dim() - 1))))
             else:
                 out.append(torch.linalg.vector_norm(t))
