@@ -80,8 +80,15 @@ class Ref:
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KEYWORDS = frozenset({"recipe", "macro", "route", "and", "or", "not", "as", "true", "false"})
-_BINOPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
-_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+_BINOPS = {
+    "+": operator.add,
+    "-": operator.sub,
+    "*": operator.mul,
+    "/": operator.truediv,
+    "//": operator.floordiv,
+    "%": operator.mod,
+}
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2}
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,7 @@ class Bin:
         for v in (a, b):
             if isinstance(v, bool) or not isinstance(v, int | float):
                 raise SoapArgumentError(f"arithmetic needs numbers, got {_const_text(v)} in '{self.text()}'", self.loc)
-        if self.op == "/" and b == 0:
+        if self.op in ("/", "//", "%") and b == 0:
             raise SoapArgumentError(f"division by zero in '{self.text()}'", self.loc)
         return _BINOPS[self.op](a, b)
 

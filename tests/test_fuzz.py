@@ -127,7 +127,7 @@ def exprs():
     return st.recursive(
         leaves,
         lambda inner: st.one_of(
-            st.tuples(st.sampled_from("+-*/"), inner, inner).map(lambda t: A.BinOp(*t)),
+            st.tuples(st.sampled_from(["+", "-", "*", "/", "//", "%"]), inner, inner).map(lambda t: A.BinOp(*t)),
             inner.filter(lambda e: not isinstance(e, A.Num)).map(A.Neg),
             st.lists(inner, max_size=3).map(lambda xs: A.Tuple(tuple(xs))),
         ),

@@ -61,7 +61,7 @@ class Neg:
 
 @dataclass(frozen=True)
 class BinOp:
-    op: str  # one of + - * /
+    op: str  # one of + - * / // %
     left: Expr
     right: Expr
     loc: Loc = _loc()

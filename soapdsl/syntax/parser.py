@@ -306,6 +306,12 @@ class _Builder(Transformer):
     def div(self, meta, items):
         return self._bin("/", meta, items)
 
+    def floordiv(self, meta, items):
+        return self._bin("//", meta, items)
+
+    def mod(self, meta, items):
+        return self._bin("%", meta, items)
+
     def __default__(self, data, children, meta):  # pragma: no cover - grammar/builder mismatch
         raise AssertionError(f"unhandled grammar rule {data!r}")
 

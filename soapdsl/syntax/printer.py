@@ -11,7 +11,7 @@ import json
 from soapdsl.syntax import ast as A
 
 _WIDTH = 88
-_PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
+_PREC = {"+": 1, "-": 1, "*": 2, "/": 2, "//": 2, "%": 2}
 
 
 def format_module(module: A.Module) -> str:
