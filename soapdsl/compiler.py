@@ -275,10 +275,13 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(param_dtype, torch.float32)
 
 
-def op_state_bytes(ops: Iterable[registry.Op], shape: tuple[int, ...], dtype: torch.dtype) -> int:
+def op_state_bytes(ops: Iterable[registry.Op], shape: tuple[int, ...], dtype: torch.dtype, leads: Any = None) -> int:
+    """State bytes of one parameter; ``leads(op)`` says whether it holds the op's shared state."""
     total = 0
     for op, seen in walk_shaped(ops, shape):
         for spec in op.state(seen).values():
+            if spec.shared and leads is not None and not leads(op):
+                continue
             total += math.prod(spec.shape) * _itemsize(state_dtype(dtype))
     return total
 
@@ -386,6 +389,18 @@ def compile_plan(
                     getattr(op, "loc", None),
                     notes=[f"it was routed by 'route {rp.selector}' (route {rp.index})"],
                 )
-        rp.params.append(ParamEntry(name, shape, t.dtype, rp.index, op_state_bytes(rp.ops, shape, t.dtype)))
+        rp.params.append(ParamEntry(name, shape, t.dtype, rp.index, 0))
         rp.tensors.append(t)
+    for rp in routes:
+        leaders: dict[tuple[str, str], str] = {}
+        for e in rp.params:
+            for op in walk_ops(rp.ops):
+                leaders.setdefault((op.path, op.share_key(e.name)), e.name)
+        for e in rp.params:
+            e.state_bytes = op_state_bytes(
+                rp.ops,
+                e.shape,
+                e.dtype,
+                lambda op, n=e.name, lead=leaders: lead[(op.path, op.share_key(n))] == n,
+            )
     return Plan(recipe, values, routes, borrowed)

@@ -85,6 +85,8 @@ class StateSpec:
     shape: tuple[int, ...]
     init: Literal["zeros", "eye"] = "zeros"
     basis: Literal["rotate", "permute", "none"] = "rotate"
+    #: one tensor per share group (see Op.share_key), kept in the group leader's state only
+    shared: bool = False
 
 
 class Op:
@@ -101,6 +103,9 @@ class Op:
     #: True when op(c * x) == c * op(x) for a scalar c > 0 held on the host, so a pending
     #: scale (from bias_correct, scale, ...) can pass through without touching memory.
     linear: ClassVar[bool] = False
+    #: True when op(c * x) == c * op(x) only for c > 0 (a sign-dependent op): a positive pending
+    #: scale passes through, a negative one is applied first.
+    homogeneous: ClassVar[bool] = False
     #: True when op(c * x) == op(x) for a scalar c > 0: a pending scale is dropped unapplied.
     scale_invariant: ClassVar[bool] = False
 
@@ -152,6 +157,10 @@ class Op:
     def reduces_over_route(self) -> bool:
         """True when the op combines values of all the route's parameters (a global norm)."""
         return False
+
+    def share_key(self, name: str) -> str:
+        """Parameters with equal keys share this op's ``shared`` state (default: none share)."""
+        return name
 
     # -- run time -------------------------------------------------------------------------
 

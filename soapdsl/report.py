@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from soapdsl import ir, registry
-from soapdsl.compiler import FORMAT_VERSION, RoutePlan, state_dtype, walk_ops
+from soapdsl.compiler import FORMAT_VERSION, RoutePlan, op_state_bytes, state_dtype, walk_ops
 
 if TYPE_CHECKING:
     from soapdsl.compiler import Plan
@@ -67,6 +67,26 @@ def _state_rows(rp: RoutePlan) -> list[tuple[str, str]]:
     return rows
 
 
+def share_groups(rp: RoutePlan) -> dict[str, list[list[str]]]:
+    """Op path -> the groups (of two or more parameters) that share that op's state."""
+    out: dict[str, list[list[str]]] = {}
+    for op in walk_ops(rp.ops):
+        if not any(spec.shared for e in rp.params for spec in op.state(e.shape).values()):
+            continue
+        groups: dict[str, list[str]] = {}
+        for e in rp.params:
+            groups.setdefault(op.share_key(e.name), []).append(e.name)
+        shared = [members for members in groups.values() if len(members) > 1]
+        if shared:
+            out[op.path] = shared
+    return out
+
+
+def shared_savings(rp: RoutePlan) -> int:
+    """Bytes of state that sharing saves in a route."""
+    return sum(op_state_bytes(rp.ops, e.shape, e.dtype) - e.state_bytes for e in rp.params)
+
+
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
     routes = []
     for rp in plan.routes:
@@ -86,6 +106,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "buckets": buckets if rp.batched else {},
                 "state_keys": [k for k, _ in _state_rows(rp)],
                 "state_bytes": sum(p.state_bytes for p in rp.params),
+                "share_groups": share_groups(rp),
+                "shared_savings_bytes": shared_savings(rp),
             }
         )
     pb, sb = plan.param_bytes(), plan.state_bytes()
@@ -133,6 +155,7 @@ def _pipeline_lines(pipeline: ir.Pipeline, indent: str, prefix: str = "") -> lis
         lines.append(f"{indent}{path:<6}{text}{note}")
         if stage.body is not None:
             lines.extend(_pipeline_lines(stage.body, indent + "  ", path + "."))
+            lines.append(f"{indent}      }}")
     return lines
 
 
@@ -165,6 +188,12 @@ def plan_to_text(plan: Plan) -> str:
             out.extend(f"    {k:<{width}}  {like}" for k, like in rows)
         elif rp.params:
             out.append("  state per parameter: none")
+        groups = share_groups(rp)
+        for path, members in groups.items():
+            out.append(f"  shared by stage {path} (one state per group, held by its first parameter):")
+            out.extend(f"    {', '.join(g)}" for g in members)
+        if groups:
+            out.append(f"  sharing saves {human_bytes(shared_savings(rp))} of state")
     params = plan.params
     if params:
         out.append("")

@@ -36,7 +36,9 @@ def run_ops(ctx: Ctx, ops: Sequence[Op], x: Val) -> Val:
             for reader in op.probes_before:  # type: ignore[attr-defined]
                 reader.record(ctx, x)
         if ctx.scale != 1.0 and not op.linear:
-            if op.scale_invariant and ctx.scale > 0:
+            if op.homogeneous and ctx.scale > 0:
+                pass
+            elif op.scale_invariant and ctx.scale > 0:
                 ctx.scale = 1.0
             else:
                 x = ctx.materialize(x)
@@ -248,12 +250,12 @@ class SoapOptimizer(torch.optim.Optimizer):
 
     # -- layout -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _state_specs(rp: RoutePlan, p: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def _state_specs(self, rp: RoutePlan, p: torch.Tensor) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         out = {}
         for op, shape in walk_shaped(rp.ops, tuple(p.shape)):
             for name, spec in op.state(shape).items():
-                out[op.state_key(name)] = (spec.shape, state_dtype(p.dtype))
+                if not spec.shared or self._leads(op, p):
+                    out[op.state_key(name)] = (spec.shape, state_dtype(p.dtype))
         return out
 
     def _init_state(self, rp: RoutePlan, p: torch.Tensor) -> None:
@@ -263,10 +265,21 @@ class SoapOptimizer(torch.optim.Optimizer):
             for name, value in op.host_state(shape).items():
                 st[op.state_key(name)] = value
             for name, spec in op.state(shape).items():
+                if spec.shared and not self._leads(op, p):
+                    continue  # the group's leader holds the shared tensor
                 t = torch.zeros(spec.shape, dtype=state_dtype(p.dtype), device=p.device)
                 if spec.init == "eye":
                     t.copy_(torch.eye(spec.shape[-2], spec.shape[-1], dtype=t.dtype, device=t.device).expand_as(t))
                 st[op.state_key(name)] = t
+
+    def _leads(self, op: Op, p: torch.Tensor) -> bool:
+        """Whether ``p`` is the first parameter of its share group for ``op``."""
+        name = self._names.get(id(p), "")
+        key = op.share_key(name)
+        for q in self._route_of(p).tensors:
+            if op.share_key(self._names.get(id(q), "")) == key:
+                return q is p
+        return True  # pragma: no cover
 
     def _layout(self, rp: RoutePlan, group: dict[str, Any]) -> _Layout:
         active = [p for p in group["params"] if p.grad is not None]
@@ -311,15 +324,43 @@ class SoapOptimizer(torch.optim.Optimizer):
             buckets = [Bucket(ps, key[0], True) for key, ps in groups.items()]
         else:  # one bucket per parameter; a leading dim of 1 (a view) where matrix ops need one
             buckets = [Bucket([p], tuple(p.shape), rp.needs_batch_dim) for p in params]
+        for b in buckets:
+            b.names = [self._names.get(id(p), "?") for p in b.params]
         states: dict[str, dict[str, list[torch.Tensor]]] = {}
         for j, b in enumerate(buckets):
             for op, shape in walk_shaped(rp.ops, b.shape):
                 per_op = states.setdefault(op.path, {})
-                for name in op.state(shape):  # names may depend on the shape
-                    per_op.setdefault(name, [None] * len(buckets))[j] = self._slab(b, op.state_key(name))
+                for name, spec in op.state(shape).items():  # names may depend on the shape
+                    key = op.state_key(name)
+                    slab = self._shared_slab(rp, op, b, key) if spec.shared else self._slab(b, key)
+                    per_op.setdefault(name, [None] * len(buckets))[j] = slab
         for op in walk_ops(rp.ops):
             states.setdefault(op.path, {})
         return _Cohort(t, host, buckets, states, [self.state[p]["step"] for p in params])
+
+    def _shared_slab(self, rp: RoutePlan, op: Op, bucket: Bucket, key: str) -> torch.Tensor:
+        """A slab with one entry per share group of the bucket; records member -> slot."""
+        keys = [op.share_key(n) for n in bucket.names]
+        slots = list(dict.fromkeys(keys))
+        leaders = []
+        for k in slots:
+            leader = next(
+                (p for p in bucket.params if key in self.state[p] and op.share_key(self._names.get(id(p), "")) == k),
+                None,
+            )
+            if leader is None:
+                members = [n for n in bucket.names if op.share_key(n) == k]
+                raise SoapArgumentError(
+                    f"'{op.name}' shares state within group '{k}', but its first parameter is not"
+                    f" stepping with {members}: every parameter of a share group must have a"
+                    " gradient at every step",
+                    getattr(op, "loc", None),
+                )
+            leaders.append(leader)
+        bucket.groups[op.path] = (
+            None if len(slots) == len(keys) else torch.tensor([slots.index(k) for k in keys], device=leaders[0].device)
+        )
+        return self._slab(Bucket(leaders, bucket.shape, bucket.stacked), key)
 
     def _slab(self, bucket: Bucket, key: str) -> torch.Tensor:
         tensors = [self.state[p][key] for p in bucket.params]
