@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from soapdsl.registry import Hyper, Op, OpArgs, StateSpec, register
+from soapdsl.registry import Float, Hyper, Op, OpArgs, StateSpec, register
 from soapdsl.runtime.context import Ctx, Val
 
 
@@ -17,6 +17,9 @@ class RmsNormalizeArgs(OpArgs):
     eps: Hyper = Field(1e-8, ge=0.0)
     eps_at: Literal["corrected", "raw"] = "corrected"
     correct: bool = True
+    power: Float = Field(1.0, gt=0.0)
+    keep_norm: bool = True
+    whiten_grad: bool = False
 
 
 @register
@@ -28,15 +31,23 @@ class RmsNormalize(Op):
 
     Math:
         v <- beta * v + (1 - beta) * g^2,     c = 1 - beta^t (1 when correct=false)
-        eps_at=corrected:  out = x / (sqrt(v) / sqrt(c) + eps)          (torch.optim.Adam/AdamW)
-        eps_at=raw:        out = sqrt(c) * x / (sqrt(v) + eps)          (SOAP: eps on the raw root,
+        eps_at=corrected:  d = sqrt(v) / sqrt(c) + eps,  out = x / d    (torch.optim.Adam/AdamW)
+        eps_at=raw:        d = sqrt(v) + eps,  out = sqrt(c) * x / d    (SOAP: eps on the raw root,
                                                                          correction folded into the step)
+        power p != 1:      out = x / d^p, rescaled to ||x / d||_F when keep_norm (pSOAP)
+        whiten_grad:       the stages after this one see g / d as their raw gradient
 
     Args:
         beta: decay of the second moment (Adam's beta2), in [0, 1).
         eps: added to the root, at the place eps_at names.
         eps_at: "corrected" adds eps to the bias-corrected root, "raw" to the raw root.
         correct: apply the bias correction sqrt(1 - beta^t).
+        power: the power of the denominator d (pSOAP's p, in units of the root: d^p =
+            (sqrt(v) + eps)^p, about v^(p/2); pAdam's q is p/2). 1 is Adam.
+        keep_norm: with power != 1, rescale each parameter's output to the norm of x / d
+            (pSOAP grafts SOAP's norm back).
+        whiten_grad: pass the whitened gradient g / d on as the gradient of the later stages
+            (iterative whitening: a second basis fed with the first's output, SOAP-SOAP).
 
     State:
         v: like the parameter (in the coordinates of the enclosing scope).
@@ -70,7 +81,22 @@ class RmsNormalize(Op):
         elif root_c != 1.0:
             ctx.scale *= root_c
         torch._foreach_add_(denom, eps)
+        if a.whiten_grad:
+            ctx.g = list(torch._foreach_div(ctx.g, denom))
+        if a.power != 1.0:
+            return Val(self._powered(ctx, x.ts, denom, a.power, a.keep_norm), owned=True)
         if x.owned:
             torch._foreach_div_(x.ts, denom)
             return x
         return Val(list(torch._foreach_div(x.ts, denom)), owned=True)
+
+    @staticmethod
+    def _powered(
+        ctx: Ctx, xs: list[torch.Tensor], denom: list[torch.Tensor], p: float, keep: bool
+    ) -> list[torch.Tensor]:
+        out = list(torch._foreach_div(xs, torch._foreach_pow(denom, p)))
+        if keep:
+            target = ctx.norms(list(torch._foreach_div(xs, denom)))
+            have = ctx.norms(out)
+            torch._foreach_mul_(out, [t / h for t, h in zip(target, have, strict=True)])
+        return out

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Any, Literal, Union
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from soapdsl.ops import _linalg as la
 from soapdsl.registry import Float, Hyper, Int, Op, OpArgs, StateSpec, register
 from soapdsl.runtime.context import Ctx, Val
 
+Schedule = tuple[Union[tuple[int, int], int], ...]
+
 
 class RotateArgs(OpArgs):
     side: Literal["both", "left", "right", "smaller", "larger"] = "both"
-    freq: Int = Field(10, ge=1)
+    freq: Union[Int, Schedule] = 10
     beta: Hyper = Field(0.95, lt=1.0)
     beta_fallback: Hyper = Field(0.95, ge=0.0, lt=1.0)
     max_dim: Int = Field(10000, ge=0)
@@ -25,6 +28,53 @@ class RotateArgs(OpArgs):
     source: Literal["grad", "input"] = "grad"
     offset: Int = Field(0, ge=0)
     data_format: Literal["channels_first", "channels_last"] = "channels_first"
+    share: str = ""
+    share_size: Int = Field(2, ge=0)
+
+    @field_validator("freq")
+    @classmethod
+    def _schedule(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("expected a number of steps or a schedule")
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError("must be >= 1")
+            return v
+        *segments, final = v
+        if not isinstance(final, int) or isinstance(final, bool) or final < 1:
+            raise ValueError("a schedule ends with the period used after its last segment (an int >= 1)")
+        last = 0
+        for seg in segments:
+            if not isinstance(seg, tuple) or len(seg) != 2:
+                raise ValueError("a schedule is ((until_step, every), ..., every)")
+            until, every = seg
+            if until < last or every < 1:
+                raise ValueError("schedule segments need increasing until_steps and periods >= 1")
+            last = until
+        return v
+
+    @field_validator("share")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        if v:
+            try:
+                pattern = re.compile(v)
+            except re.error as e:
+                raise ValueError(f"not a regular expression: {e}") from None
+            if pattern.groups != 1:
+                raise ValueError("needs exactly one capturing group (the layer or expert index)")
+        return v
+
+
+def period(freq: Any, t: int) -> int:
+    """The refresh period in force at step ``t`` of a frequency or a schedule."""
+    if isinstance(freq, int):
+        return freq
+    *segments, final = freq
+    for until, every in segments:
+        if t <= until:
+            return every
+    return final
 
 
 @register
@@ -43,6 +93,7 @@ class Rotate(Op):
                                   itself over every other dim; for a matrix, G G^T and G^T G)
         first basis: Q_k = eigenvectors of GG_k + jitter I, descending (fp64 retry on failure)
         inside:  X -> X x_k Q_k^T (Q_L^T X Q_R for a matrix);  after the block: X -> X x_k Q_k
+        shared (share=...): GG_k sums the statistics of every member of the group; one Q_k
         every `freq` steps (t % freq == offset), after the update: sort Q_k's columns by
         diag(Q_k^T GG_k Q_k) descending, permute the block's second moments the same way,
         then Q_k <- qr(GG_k Q_k).Q  (one power iteration)
@@ -53,7 +104,9 @@ class Rotate(Op):
         side: the dims that get a factor: both (every dim), left (the first), right (the last),
             smaller / larger (of the first and last; a square matrix counts as right for
             smaller and left for larger, as the SOAP-Muon reference does).
-        freq: refresh period in steps.
+        freq: refresh period in steps, or a schedule ((until_step, every), ..., every): e.g.
+            ((100, 1), 10) refreshes every step up to step 100, then every 10 (the frequency
+            warmup of the SOAP-Muon report's section 4).
         beta: EMA decay of the factors; negative means beta_fallback (SOAP's shampoo_beta=-1
             meaning beta2).
         beta_fallback: used when beta is negative.
@@ -69,9 +122,17 @@ class Rotate(Op):
             stages inside then see that value's rotation as their gradient).
         offset: refresh when t % freq == offset (SOAP-SOAP refreshes its second basis at freq/2).
         data_format: with merge_dims, "channels_last" 4-D tensors are permuted to NCHW first.
+        share: a regular expression with one group capturing a layer (or expert) index in the
+            parameter name, e.g. "blocks\\.(\\d+)\\."; parameters whose names agree except for
+            index // share_size share one factor and one basis per dim: their statistics are
+            summed, and each keeps its own state inside the block (its own second moment).
+            Members of a group need equal shapes. Empty: no sharing.
+        share_size: how many consecutive indices form a group (2: adjacent blocks); 0 puts
+            every index in one group (all the experts of a layer).
 
     State:
-        GG{k}, Q{k}: a d_k x d_k factor and basis per factored dim k; ready (host): the basis exists.
+        GG{k}, Q{k}: a d_k x d_k factor and basis per factored dim k (one per share group, held
+        by its first parameter); ready (host): the basis exists.
 
     Example:
         momentum(0.95) |> rotate(both, freq=10) { rms_normalize(0.95, 1e-8, eps_at=raw) } |> lr
@@ -123,10 +184,22 @@ class Rotate(Op):
     def state(self, shape: tuple[int, ...]) -> dict[str, StateSpec]:
         inner = self.inner_shape(shape)
         out = {}
+        shared = bool(self._args().share)
         for k in self.factored(shape):
-            out[f"GG{k}"] = StateSpec((inner[k], inner[k]), basis="none")
-            out[f"Q{k}"] = StateSpec((inner[k], inner[k]), basis="none")
+            out[f"GG{k}"] = StateSpec((inner[k], inner[k]), basis="none", shared=shared)
+            out[f"Q{k}"] = StateSpec((inner[k], inner[k]), basis="none", shared=shared)
         return out
+
+    def share_key(self, name: str) -> str:
+        a = self._args()
+        if not a.share:
+            return name
+        m = re.search(a.share, name)
+        if m is None:
+            return name
+        index = m.group(1)
+        group = "*" if a.share_size == 0 else str(int(index) // a.share_size) if index.isdigit() else index
+        return f"{name[: m.start(1)]}<{group}>{name[m.end(1) :]}"
 
     def host_state(self, shape: tuple[int, ...]) -> dict[str, Any]:
         return {"ready": False}
@@ -146,9 +219,14 @@ class Rotate(Op):
             return t.reshape(t.size(0), n, c, h, w).permute(0, 1, 3, 4, 2)
         return t.reshape(t.size(0), *shape)
 
+    def _members(self, ctx: Ctx, j: int, t: torch.Tensor) -> torch.Tensor:
+        """Per-group tensor [G, ...] -> per-member [B, ...] (identity without sharing)."""
+        gidx = ctx.buckets[j].groups.get(self.path)
+        return t if gidx is None else t.index_select(0, gidx)
+
     def _qs(self, ctx: Ctx, j: int, shape: tuple[int, ...]) -> dict[int, torch.Tensor]:
         st = ctx.state(self)
-        return {k: st[f"Q{k}"][j] for k in self.factored(shape)}
+        return {k: self._members(ctx, j, st[f"Q{k}"][j]) for k in self.factored(shape)}
 
     def _update_factors(self, ctx: Ctx, sources: list[torch.Tensor]) -> None:
         beta = self.hp("beta", ctx.group)
@@ -156,9 +234,13 @@ class Rotate(Op):
             beta = self.hp("beta_fallback", ctx.group)
         st = ctx.state(self)
         for j, (b, src) in enumerate(zip(ctx.buckets, sources, strict=True)):
+            gidx = b.groups.get(self.path)
             for k in self.factored(b.shape):
                 gg = st[f"GG{k}"][j]
-                gg.lerp_(la.factor_stats(src.to(gg.dtype), k), 1.0 - beta)
+                stats = la.factor_stats(src.to(gg.dtype), k)
+                if gidx is not None:  # a share group sums its members' statistics
+                    stats = torch.zeros_like(gg).index_add_(0, gidx, stats)
+                gg.lerp_(stats, 1.0 - beta)
 
     def _init_bases(self, ctx: Ctx) -> None:
         st = ctx.state(self)
@@ -223,7 +305,8 @@ class Rotate(Op):
             return
         self._update_factors(ctx, sources)
         a = self._args()
-        if ctx.t % a.freq == a.offset % a.freq:
+        every = period(a.freq, ctx.t)
+        if ctx.t % every == a.offset % every:
             self._refresh(ctx)
 
     def _refresh(self, ctx: Ctx) -> None:
@@ -235,8 +318,11 @@ class Rotate(Op):
         for j, b in enumerate(ctx.buckets):
             inner = self.inner_shape(b.shape)
             for k in self.factored(b.shape):
-                q_old = st[f"Q{k}"][j]
-                q_new, idx = la.refresh_basis(st[f"GG{k}"][j], q_old)
+                q_group = st[f"Q{k}"][j]
+                q_new_group, idx_group = la.refresh_basis(st[f"GG{k}"][j], q_group)
+                q_old = self._members(ctx, j, q_group)
+                q_new = self._members(ctx, j, q_new_group)
+                idx = self._members(ctx, j, idx_group)
                 for op in inner_ops:
                     specs = op.state(inner)
                     for name, tensors in ctx.state(op).items():
@@ -248,4 +334,4 @@ class Rotate(Op):
                             t.copy_(la.permute_dim(t, idx, k))
                         else:
                             t.copy_(la.mode_mul(la.mode_mul(t, q_old, k), q_new.mT, k))
-                q_old.copy_(q_new)
+                q_group.copy_(q_new_group)
