@@ -7,6 +7,8 @@ import warnings
 import pytest
 import torch
 
+import soapdsl
+
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
 
 
@@ -55,6 +57,32 @@ def max_rel_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
         float((p - q).abs().max() / q.abs().max().clamp(min=1e-30))
         for p, q in zip(a.parameters(), b.parameters(), strict=True)
     )
+
+
+def race(recipe, kw, ref_cls, ref_kw, shapes, steps=60, dtype=torch.float64, seed=1, names=None):
+    """Run a recipe and a reference optimizer on identical gradients for ``steps`` steps.
+
+    ``shapes`` maps parameter names to shapes; ``ref_kw`` may be a callable taking the reference's
+    parameters by name (for references that need them, such as share groups). Returns the worst
+    relative error max|ours - ref| / max|ref| over the parameters.
+    """
+
+    def params():
+        torch.manual_seed(0)
+        return {n: torch.nn.Parameter(torch.randn(s, dtype=dtype)) for n, s in shapes.items()}
+
+    ours, theirs = params(), params()
+    opt = soapdsl.build(recipe, list(ours.items()), **kw)
+    ref = ref_cls(list(theirs.values()), **(ref_kw(theirs) if callable(ref_kw) else ref_kw))
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for n, shape in shapes.items():
+            grad = torch.randn(shape, generator=g, dtype=dtype)
+            ours[n].grad = grad.clone()
+            theirs[n].grad = grad.clone()
+        opt.step()
+        ref.step()
+    return max(float((ours[n] - theirs[n]).detach().abs().max() / theirs[n].detach().abs().max()) for n in shapes)
 
 
 @pytest.fixture

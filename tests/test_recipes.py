@@ -10,30 +10,10 @@ import torch
 
 import soapdsl
 from tests import references as R
+from tests.conftest import race
 
 MATS = {"square": (6, 6), "tall": (10, 4), "wide": (4, 10)}
 ALL = {**MATS, "vector": (7,), "over_max_dim": (12, 5), "conv": (3, 2, 3, 3)}
-
-
-def race(recipe, kw, ref_cls, ref_kw, shapes, steps=60, dtype=torch.float64, seed=1):
-    """Run a recipe and a reference on identical gradients; return the worst relative error."""
-
-    def params():
-        torch.manual_seed(0)
-        return {n: torch.nn.Parameter(torch.randn(s, dtype=dtype)) for n, s in shapes.items()}
-
-    ours, theirs = params(), params()
-    opt = soapdsl.build(recipe, list(ours.items()), **kw)
-    ref = ref_cls(list(theirs.values()), **ref_kw)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        for n, shape in shapes.items():
-            grad = torch.randn(shape, generator=g, dtype=dtype)
-            ours[n].grad = grad.clone()
-            theirs[n].grad = grad.clone()
-        opt.step()
-        ref.step()
-    return max(float((ours[n] - theirs[n]).detach().abs().max() / theirs[n].detach().abs().max()) for n in shapes)
 
 
 # -- SOAP -------------------------------------------------------------------------------------

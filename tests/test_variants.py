@@ -1,0 +1,148 @@
+"""The variant recipes (issue: rapid prototyping) against independent loop references written
+from ALGORITHMS.md in tests/references_variants.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import soapdsl
+from tests import references_variants as V
+from tests.conftest import race
+
+MATS = {"square": (6, 6), "tall": (10, 4), "wide": (4, 10)}
+ALL = {**MATS, "vector": (7,), "over_max_dim": (12, 5), "conv": (3, 2, 3, 3)}
+
+
+@pytest.mark.parametrize("warmups", [{}, {"alpha_warmup": 30, "beta3_warmup": 40}], ids=["no-warmup", "warmups"])
+def test_ademamix_equals_reference(warmups):
+    kw = {"lr": 1e-2, "alpha": 5.0, "weight_decay": 0.1, "beta3": 0.999, **warmups}
+    ref = {"lr": 1e-2, "alpha": 5.0, "weight_decay": 0.1, "betas": (0.9, 0.999, 0.999), **warmups}
+    assert race("ademamix", kw, V.AdEMAMixRef, ref, ALL) < 1e-9
+
+
+@pytest.mark.parametrize("warmups", [{}, {"alpha_warmup": 30, "beta3_warmup": 40}], ids=["no-warmup", "warmups"])
+def test_soap_ademamix_equals_reference(warmups):
+    kw = {"freq": 5, "max_dim": 8, **warmups}
+    ref = {"precondition_frequency": 5, "max_precond_dim": 8, **warmups}
+    assert race("soap_ademamix", kw, V.SoapAdEMAMixRef, ref, ALL) < 1e-9
+
+
+@pytest.mark.parametrize("p", [0.5, 1.3])
+def test_psoap_equals_reference(p):
+    kw = {"freq": 5, "max_dim": 8, "p": p}
+    ref = {"precondition_frequency": 5, "max_precond_dim": 8, "power": p}
+    assert race("psoap", kw, V.PSoapRef, ref, ALL) < 1e-9
+
+
+def test_psoap_with_p_one_is_exactly_soap():
+    def run(recipe):
+        torch.manual_seed(0)
+        ps = {n: torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for n, s in ALL.items()}
+        opt = soapdsl.build(recipe, list(ps.items()), freq=5, max_dim=8)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(30):
+            for n, s in ALL.items():
+                ps[n].grad = torch.randn(s, generator=g, dtype=torch.float64)
+            opt.step()
+        return ps
+
+    a, b = run("psoap"), run("soap")
+    for n in ALL:
+        assert torch.equal(a[n], b[n]), n
+
+
+def test_soap_soap_equals_reference():
+    """Square, well-conditioned matrices: a rectangular G1^T G1 is rank-deficient, so its
+    null-space eigenvectors (and the second basis) are not unique in any implementation."""
+    shapes = {"a": (6, 6), "b": (8, 8), "vector": (7,), "over_max_dim": (12, 5)}
+    for freq in (4, 5):
+        kw = {"freq": freq, "max_dim": 8}
+        ref = {"precondition_frequency": freq, "max_precond_dim": 8}
+        assert race("soap_soap", kw, V.SoapSoapRef, ref, shapes) < 1e-9
+
+
+SHARED = {
+    "blocks.0.fc.weight": (6, 10),
+    "blocks.1.fc.weight": (6, 10),
+    "blocks.2.fc.weight": (6, 10),
+    "blocks.0.proj.weight": (10, 6),
+    "blocks.1.proj.weight": (10, 6),
+}
+
+
+def _groups(ps):
+    return {
+        "groups": [
+            [ps["blocks.0.fc.weight"], ps["blocks.1.fc.weight"]],
+            [ps["blocks.0.proj.weight"], ps["blocks.1.proj.weight"]],
+        ],
+        "precondition_frequency": 5,
+    }
+
+
+def test_soap_muon_shared_equals_reference():
+    assert race("soap_muon_shared", {"freq": 5}, V.SharedSoapMuonRef, _groups, SHARED) < 1e-9
+
+
+def test_shared_basis_is_the_eigenbasis_of_the_summed_statistics():
+    torch.manual_seed(0)
+    ps = {n: torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for n, s in SHARED.items()}
+    opt = soapdsl.build("soap_muon_shared", list(ps.items()))
+    grads = {n: torch.randn(s, dtype=torch.float64) for n, s in SHARED.items()}
+    for n, p in ps.items():
+        p.grad = grads[n].clone()
+    opt.step()  # the first step builds the bases
+    summed = 0.05 * (
+        grads["blocks.0.fc.weight"] @ grads["blocks.0.fc.weight"].T
+        + grads["blocks.1.fc.weight"] @ grads["blocks.1.fc.weight"].T
+    )
+    expected = torch.linalg.eigh(summed).eigenvectors.flip(-1)
+    q = opt.state[ps["blocks.0.fc.weight"]]["1.rotate.Q0"]
+    torch.testing.assert_close((q * expected).sum(0).abs(), torch.ones(6, dtype=torch.float64))
+    assert "1.rotate.Q0" not in opt.state[ps["blocks.1.fc.weight"]]
+    assert "1.rotate.Q0" in opt.state[ps["blocks.2.fc.weight"]]
+
+
+def test_soap_muon_shared_allocates_one_factor_and_basis_per_group():
+    shapes = [(f"blocks.{i}.{w}.weight", s) for i in range(4) for w, s in (("fc", (64, 16)), ("proj", (16, 64)))]
+    params = [(n, torch.empty(s, device="meta")) for n, s in shapes]
+    alone = soapdsl.compile("soap_muon", params)
+    shared = soapdsl.compile("soap_muon_shared", params)
+    factor_and_basis = 2 * 16 * 16 * 4
+    # 8 matrices, 4 groups: 4 factor+basis pairs fewer
+    assert alone.state_bytes() - shared.state_bytes() == 4 * factor_and_basis
+    text = shared.to_text()
+    assert "blocks.0.fc.weight, blocks.1.fc.weight" in text
+    assert "sharing saves 8.00 KiB of state" in text
+
+
+def test_sharing_needs_every_member_to_step():
+    ps = {n: torch.nn.Parameter(torch.randn(s)) for n, s in SHARED.items()}
+    opt = soapdsl.build("soap_muon_shared", list(ps.items()))
+    for n, p in ps.items():
+        p.grad = None if n == "blocks.0.fc.weight" else torch.randn(p.shape)
+    with pytest.raises(soapdsl.SoapArgumentError, match="every parameter of a share group"):
+        opt.step()
+
+
+@pytest.mark.parametrize("schedule", [((10, 1), 5), ((6, 1), (20, 4), 10)])
+def test_refresh_schedule_equals_reference(schedule):
+    kw = {"freq": schedule, "max_dim": 8}
+    ref = {"freq_schedule": [*schedule], "max_precond_dim": 8}
+    assert race("soap", kw, V.SoapScheduleRef, ref, ALL) < 1e-9
+
+
+def test_cautious_adamw_equals_reference():
+    text = "recipe c(lr=1e-2, wd=0.05) = decay(wd) |> adam(0.9, 0.999, 1e-8) |> cautious |> lr"
+    ref = {"lr": 1e-2, "weight_decay": 0.05}
+    assert race(text, {}, V.CautiousAdamRef, ref, ALL) < 1e-9
+
+
+@pytest.mark.parametrize("recipe", ["ademamix", "soap_ademamix", "psoap", "soap_soap", "soap_muon_shared"])
+def test_variants_are_listed_with_their_parameters(capsys, recipe):
+    from soapdsl.cli import main
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert f"  {recipe}(lr=" in out
