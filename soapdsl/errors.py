@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "Loc",
@@ -39,6 +39,8 @@ class Loc:
     col: int
     end_line: int
     end_col: int
+    #: the text the span points into (not compared): carets never show another source's line
+    text: str | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         return f"{self.file}:{self.line}:{self.col}"
@@ -84,7 +86,7 @@ class SoapError(Exception):
             head = f"{self.loc}: {head}"
         lines = [head]
         if self.loc is not None:
-            source = self.source if self.source is not None else SOURCES.get(self.loc.file)
+            source = self.source or self.loc.text or SOURCES.get(self.loc.file)
             if source is not None:
                 lines.extend(_caret(self.loc, source))
         lines.extend(f"  note: {n}" for n in self.notes)
@@ -143,5 +145,5 @@ class SoapRecipeError(SoapError):
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return "; did you mean 'x'?" for the closest candidate, or ""."""
-    match = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    match = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.65)
     return f"; did you mean '{match[0]}'?" if match else ""

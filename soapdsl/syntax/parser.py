@@ -9,7 +9,7 @@ from pathlib import Path
 import lark
 from lark import Lark, Token, Transformer, v_args
 
-from soapdsl.errors import SOURCES, Loc, SoapSyntaxError
+from soapdsl.errors import SOURCES, Loc, SoapNameError, SoapSyntaxError
 from soapdsl.resources import grammar_path
 from soapdsl.syntax import ast as A
 
@@ -66,13 +66,13 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
         tree = _parser().parse(text)
     except lark.UnexpectedCharacters as e:
         ch = text[e.pos_in_stream] if e.pos_in_stream is not None and e.pos_in_stream < len(text) else "?"
-        loc = Loc(file, e.line, e.column, e.line, e.column + 1)
+        loc = Loc(file, e.line, e.column, e.line, e.column + 1, text)
         raise SoapSyntaxError(f"unexpected character {ch!r}", loc) from None
     except lark.UnexpectedToken as e:
         tok = e.token
         if tok.type == "$END":
             line, col = _end_position(text)
-            loc = Loc(file, line, col, line, col + 1)
+            loc = Loc(file, line, col, line, col + 1, text)
             raise SoapSyntaxError("unexpected end of text" + _expected(e.expected), loc) from None
         loc = Loc(
             file,
@@ -80,17 +80,19 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
             tok.column or 1,
             tok.end_line or tok.line or 1,
             tok.end_column or (tok.column or 1) + 1,
+            text,
         )
         raise SoapSyntaxError(f"unexpected {tok.value!r}" + _expected(e.expected), loc) from None
     except lark.UnexpectedEOF as e:
         line, col = _end_position(text)
-        loc = Loc(file, line, col, line, col + 1)
+        loc = Loc(file, line, col, line, col + 1, text)
         raise SoapSyntaxError("unexpected end of text" + _expected(set(e.expected)), loc) from None
+    try:
+        return _Builder(file, text, _comment_tokens(text)).transform(tree)
     except lark.exceptions.VisitError as e:  # raised from inside the builder
         if isinstance(e.orig_exc, SoapSyntaxError):
             raise e.orig_exc from None
         raise
-    return _Builder(file, text, _comment_tokens(text)).transform(tree)
 
 
 def _comment_tokens(text: str) -> list[Token]:
@@ -128,7 +130,7 @@ def parse_file(path: str | Path, display: str | None = None) -> A.Module:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as e:
-        raise SoapSyntaxError(f"cannot read recipe file {str(p)!r}: {e.strerror}") from None
+        raise SoapNameError(f"cannot read recipe file {str(p)!r}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise SoapSyntaxError(f"recipe file {str(p)!r} is not UTF-8 text") from None
     return parse(text, display or str(p))
@@ -149,11 +151,11 @@ class _Builder(Transformer):
 
     def _loc(self, meta: lark.tree.Meta) -> Loc:
         if getattr(meta, "empty", True):
-            return Loc(self.file, 1, 1, 1, 1)
-        return Loc(self.file, meta.line, meta.column, meta.end_line, meta.end_column)
+            return Loc(self.file, 1, 1, 1, 1, self.text)
+        return Loc(self.file, meta.line, meta.column, meta.end_line, meta.end_column, self.text)
 
     def _tok_loc(self, tok: Token) -> Loc:
-        return Loc(self.file, tok.line or 1, tok.column or 1, tok.end_line or 1, tok.end_column or 1)
+        return Loc(self.file, tok.line or 1, tok.column or 1, tok.end_line or 1, tok.end_column or 1, self.text)
 
     def _doc(self, meta: lark.tree.Meta) -> str:
         # contiguous comment-only lines immediately above the definition
@@ -236,7 +238,7 @@ class _Builder(Transformer):
             block.pipeline if block is not None else None,
             label,
             args is not None,
-            Loc(self.file, name.line, name.column, name.end_line, name.end_column),
+            Loc(self.file, name.line, name.column, name.end_line, name.end_column, self.text),
         )
 
     def arguments(self, meta, items):
