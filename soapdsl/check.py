@@ -31,7 +31,7 @@ from soapdsl.syntax import ast as A
 SELECTOR_NAMES = ("default", "scalar", "vector", "matrix", "tensor")
 SELECTOR_QUANTITIES = ("ndim", "numel", "max_dim", "min_dim", "aspect")
 #: reserved route settings that configure the runtime rather than a param_group key
-ROUTE_OPTIONS = ("batch",)
+ROUTE_OPTIONS = ("batch", "compile")
 
 
 @dataclass
@@ -241,7 +241,9 @@ def _pipeline(p: A.Pipeline, scope: _Scope) -> ir.Pipeline:
                 raise SoapRecipeError(f"'{s.name}' is not a scope and takes no block", s.loc)
             if cls.kind == "apply" and scope.in_scope_body:
                 raise SoapRecipeError(
-                    f"'{s.name}' applies the update and must stand in the route's top-level pipeline",
+                    f"'{s.name}' applies the update and must stand in the route's top-level pipeline"
+                    " (a bare scope runs to the end of its pipeline: close it with a block,"
+                    f" `scope(...) {{ ... }} |> {s.name}`, or leave '{s.name}' out and it is appended)",
                     s.loc,
                 )
             out.append(ir.Stage(cls.__dict__.get("name", s.name), args, body, s.label, False, scope.stack, s.loc))
@@ -355,13 +357,22 @@ def always_true(sel: A.Selector) -> bool:
 
 def check_pipeline_route(pipeline: ir.Pipeline, loc: Loc) -> ir.Pipeline:
     """Enforce: at most one `lr` in a route; append an implicit `lr` when there is none."""
-    applies = [s for s in pipeline.stages if registry.get(s.op) is not None and registry.get(s.op).kind == "apply"]  # type: ignore[union-attr]
+    kinds = [registry.get(s.op).kind for s in pipeline.stages]  # type: ignore[union-attr]
+    applies = [s for s, k in zip(pipeline.stages, kinds, strict=True) if k == "apply"]
     if len(applies) > 1:
         raise SoapRecipeError(
-            f"the update is applied twice ('{applies[1].op}' again; first at line {applies[0].loc.line})",
+            f"the update is applied twice ('{applies[1].op}' again; first at {applies[0].loc})",
             applies[1].loc,
         )
     if applies:
+        after = kinds.index("apply") + 1
+        for stage, kind in zip(pipeline.stages[after:], kinds[after:], strict=True):
+            if kind != "param":
+                raise SoapRecipeError(
+                    f"'{stage.op}' after '{applies[0].op}' has no effect: the update is already applied;"
+                    " only stages that act on the parameter (decay) may follow it",
+                    stage.loc,
+                )
         return pipeline
     implicit = ir.Stage("lr", (), None, None, True, (), loc)
     return ir.Pipeline((*pipeline.stages, implicit), pipeline.loc)
@@ -398,10 +409,18 @@ def check_recipe(recipe: A.Recipe, macros: MacroTable, extra_params: Mapping[str
             value = _value(s.value, _Scope(names, env, macros))
             if isinstance(value, ir.PipeVal):
                 raise SoapRouteError("a route setting cannot be a pipeline", s.loc)
+            if isinstance(value, ir.Sym) and not isinstance(params.get(s.name), str):
+                raise SoapNameError(
+                    f"unknown name '{value.name}' in route setting '{s.name}'" + did_you_mean(value.name, params),
+                    value.loc,
+                )
+            if s.name in ROUTE_OPTIONS and not isinstance(value.evaluate(defaults), bool):
+                raise SoapRouteError(f"route option '{s.name}' takes true or false", s.value.loc)
             settings.append((s.name, value))
         for name, value in settings:
             if name not in ROUTE_OPTIONS:
-                env[name] = value.evaluate(defaults)
+                unbound = any(defaults.get(r) is None for r in value.refs())
+                env[name] = None if unbound else value.evaluate(defaults)
         check_selector(r.selector, env, names)
         for prev in routes:
             if prev.selector == r.selector:

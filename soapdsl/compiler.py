@@ -147,6 +147,14 @@ def bind_args(recipe: ir.Recipe, args: Mapping[str, Any]) -> dict[str, Any]:
                 f"argument {k} of recipe '{recipe.name}' must be a number, boolean, name or tuple,"
                 f" got {type(v).__name__}"
             )
+        default = values[k]
+        if isinstance(default, int | float) and not isinstance(default, bool) and isinstance(v, str):
+            # YAML 1.1 reads 3e-4 as a string; a numeric parameter takes it as the number it spells
+            try:
+                number = float(v)
+            except ValueError:
+                raise SoapArgumentError(f"argument {k} of recipe '{recipe.name}' must be a number, got {v!r}") from None
+            v = int(number) if isinstance(default, int) and number.is_integer() and "." not in v else number
         values[k] = v
     missing = [k for k, v in values.items() if v is None]
     if missing:
@@ -169,6 +177,9 @@ def _build_ops(pipeline: ir.Pipeline, env: Mapping[str, Any], prefix: str = "", 
         op.depth = depth  # type: ignore[attr-defined]
         if stage.body is not None:
             op.body = _build_ops(stage.body, env, f"{prefix}{i}.", depth + 1)  # type: ignore[attr-defined]
+        why = op.check_placement()
+        if why is not None:
+            raise SoapRecipeError(f"'{op.name}': {why}", stage.loc)
         op.branches = {  # type: ignore[attr-defined]
             k: _build_ops(v.pipeline, env, f"{prefix}{i}.{k}.", depth + 1)
             for k, v in stage.args
@@ -338,6 +349,12 @@ def _route_plan(index: int, route: ir.Route, values: Mapping[str, Any], args: Ma
             e.notes = (*e.notes, f"recipe arguments given: {note}")
             e.args = (e.format(),)
         raise
+    lr = env.get("lr")
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or lr < 0 or lr != lr:
+        raise SoapArgumentError(
+            f"route '{route.selector_text()}' has lr={ir.const_text(lr)}; the learning rate must be a number >= 0",
+            route.loc,
+        )
     return RoutePlan(index, route, env, options, ops)
 
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from soapdsl import library
 from soapdsl.check import check_selector
-from soapdsl.compiler import compile_plan
+from soapdsl.compiler import bind_args, compile_plan
 from soapdsl.errors import SOURCES, Loc, SoapConfigError, SoapError, SoapNameError, did_you_mean
 from soapdsl.ir import Ref
 from soapdsl.runtime.optimizer import SoapOptimizer
@@ -135,30 +135,61 @@ def _loc(file: str, marks: Mapping[tuple[Any, ...], yaml.Mark], path: tuple[Any,
     mark = marks.get((*path, "__key__")) or marks.get(path)
     if mark is None:
         return None
-    return Loc(file, mark.line + 1, mark.column + 1, mark.line + 1, mark.column + 2)
+    return Loc(file, mark.line + 1, mark.column + 1, mark.line + 1, mark.column + 2, SOURCES.get(file))
 
 
 def _args(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
 
 
-def _selector(override: RouteOverride, index: int, file: str) -> A.Selector:
+_WHERE_PREFIX = "recipe _(lr=1):\n  route "
+
+
+def _selector(
+    override: RouteOverride, index: int, file: str, marks: Mapping[tuple[Any, ...], yaml.Mark], path: tuple[Any, ...]
+) -> A.Selector:
     parts: list[A.Selector] = []
     if override.match is not None:
         globs = [override.match] if isinstance(override.match, str) else override.match
         parts.append(A.SelOr(tuple(A.SelPattern(g) for g in globs)) if len(globs) > 1 else A.SelPattern(globs[0]))
     if override.where is not None:
         name = f"{file}:routes[{index}].where"
-        module = parse(f"recipe _(lr=1):\n  route {override.where}: lr\n", name)
-        parts.append(module.recipes[0].routes[0].selector)
+        try:
+            module = parse(f"{_WHERE_PREFIX}{override.where}: lr\n", name)
+            selector = module.recipes[0].routes[0].selector
+            check_selector(selector, {"lr": 1}, {"lr": Ref("lr")})
+        except SoapError as e:
+            raise _in_yaml(e, file, marks, (*path, "where"), override.where) from None
+        parts.append(selector)
     if not parts:
-        raise SoapConfigError(f"routes[{index}] needs 'match' or 'where' to say which parameters it takes")
+        raise SoapConfigError(
+            f"routes[{index}] needs 'match' or 'where' to say which parameters it takes", _loc(file, marks, path)
+        )
     return parts[0] if len(parts) == 1 else A.SelAnd(tuple(parts))
+
+
+def _in_yaml(
+    e: SoapError, file: str, marks: Mapping[tuple[Any, ...], yaml.Mark], path: tuple[Any, ...], text: str
+) -> SoapError:
+    """Move an error inside a `where:` selector to its place in the YAML file."""
+    mark = marks.get(path)
+    if e.loc is None or mark is None or "\n" in text:
+        return e
+    offset = e.loc.col - (len("  route ") + 1)
+    if e.loc.line != 2 or not 0 <= offset <= len(text):
+        offset = 0
+    source = SOURCES.get(file) or ""
+    quoted = 0 <= mark.index < len(source) and source[mark.index] in "'\""
+    col = mark.column + 1 + offset + (1 if quoted else 0)
+    width = max(1, e.loc.end_col - e.loc.col) if e.loc.end_line == e.loc.line else 1
+    e.loc = Loc(file, mark.line + 1, col, mark.line + 1, col + width, SOURCES.get(file))
+    e.args = (e.format(),)
+    return e
 
 
 def _check_args(recipe: Any, args: Mapping[str, Any], file: str, marks: Any, path: tuple[Any, ...]) -> None:
     known = recipe.defaults()
-    for k in args:
+    for k, v in args.items():
         if k not in known:
             raise SoapNameError(
                 f"recipe '{recipe.name}' has no parameter '{k}'"
@@ -166,6 +197,10 @@ def _check_args(recipe: Any, args: Mapping[str, Any], file: str, marks: Any, pat
                 + f" (parameters: {', '.join(known)})",
                 _loc(file, marks, (*path, k)),
             )
+        try:
+            bind_args(recipe, {k: v})
+        except SoapError as e:
+            raise e.at(_loc(file, marks, (*path, k))) from None
 
 
 def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
@@ -179,7 +214,7 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
             sub_args = _args(o.args)
             sub = library.resolve(o.recipe, sub_args)
             _check_args(sub, sub_args, file, marks, (*prefix, "routes", i, "args"))
-            selector = _selector(o, i, file)
+            selector = _selector(o, i, file, marks, (*prefix, "routes", i))
             values = {**sub.defaults(), **sub_args}
             check_selector(selector, values, {k: Ref(k) for k in values})
             overrides.append((selector, sub, sub_args))
@@ -187,7 +222,7 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
     except SoapError as e:
         if e.loc is None:
             e.at(_loc(file, marks, (*prefix, "recipe")))
-        elif file != "<config>" or e.loc.file != file:
+        elif e.loc.file != file:
             e.notes = (*e.notes, f"from the optimizer config {file}")
             e.args = (e.format(),)
         raise
