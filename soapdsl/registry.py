@@ -87,6 +87,9 @@ class StateSpec:
     basis: Literal["rotate", "permute", "none"] = "rotate"
     #: one tensor per share group (see Op.share_key), kept in the group leader's state only
     shared: bool = False
+    #: the parameter dim each dim of the tensor runs along (None: the same dims, in order);
+    #: e.g. Adafactor's row moment of an [m, n] parameter has axes (0,)
+    axes: tuple[int, ...] | None = None
 
 
 class Op:
@@ -115,6 +118,10 @@ class Op:
         self.path = path  # position in the pipeline, e.g. "2" or "1.0"; namespaces state keys
 
     # -- compile time ---------------------------------------------------------------------
+
+    def check_placement(self) -> str | None:
+        """Return why this op cannot stand where it is (``self.depth``: 0 at top level), or None."""
+        return None
 
     def check_shape(self, shape: tuple[int, ...]) -> str | None:
         """Return why this op cannot handle a parameter of ``shape``, or None."""

@@ -33,7 +33,8 @@ class Adafactor(Op):
         correct: bias-correct V.
 
     State:
-        row, col: the factored moments (a full v for parameters with fewer than two dims).
+        row, col: the factored moments (a full v for parameters with fewer than two dims); inside
+        `rotate` they are permuted with the basis on a refresh, like a full second moment.
 
     Example:
         momentum(0.9) |> adafactor(0.999) |> bias_correct(0.9) |> lr
@@ -48,9 +49,10 @@ class Adafactor(Op):
     def state(self, shape: tuple[int, ...]) -> dict[str, StateSpec]:
         if len(shape) < 2:
             return {"v": StateSpec(shape, basis="permute")}
+        n = len(shape)
         return {
-            "row": StateSpec((*shape[:-1],), basis="none"),
-            "col": StateSpec((*shape[:-2], shape[-1]), basis="none"),
+            "row": StateSpec((*shape[:-1],), basis="permute", axes=tuple(range(n - 1))),
+            "col": StateSpec((*shape[:-2], shape[-1]), basis="permute", axes=(*range(n - 2), n - 1)),
         }
 
     def apply(self, ctx: Ctx, x: Val) -> Val:

@@ -50,7 +50,10 @@ class Graft(Op):
 
     name = "graft"
     Args = GraftArgs
-    scale_invariant = True
+
+    @property  # type: ignore[override]
+    def scale_invariant(self) -> bool:  # exactly, only without eps
+        return self.args.eps == 0  # type: ignore[attr-defined]
 
     def source(self) -> tuple[str, str | None]:
         src = self.args.source  # type: ignore[attr-defined]
@@ -77,7 +80,7 @@ class Graft(Op):
         coefs: list[Any] = []
         for b, r, n in zip(ctx.buckets, ref_norms, norms, strict=True):
             target = r / math.sqrt(max(1, math.prod(b.shape))) if a.mode == "rms" else r
-            coefs.append(target / (n + a.eps))
+            coefs.append(target / (n + a.eps).clamp(min=torch.finfo(n.dtype).tiny))
         out = ctx.writable(x)
         torch._foreach_mul_(out, coefs)
         return Val(out, owned=True)

@@ -28,7 +28,7 @@ class Renorm(Op):
 
     Args:
         target: "rms" (unit RMS) or "fro" (unit Frobenius norm).
-        eps: guards the division (SOAP: 1e-30).
+        eps: guards the division (SOAP: 1e-30); an all-zero update stays zero.
         enabled: false makes the stage the identity (a recipe switch).
 
     Example:
@@ -40,7 +40,14 @@ class Renorm(Op):
 
     name = "renorm"
     Args = RenormArgs
-    scale_invariant = True
+
+    @property  # type: ignore[override]
+    def linear(self) -> bool:  # disabled: the identity
+        return not self.args.enabled  # type: ignore[attr-defined]
+
+    @property  # type: ignore[override]
+    def scale_invariant(self) -> bool:  # exactly, only without eps
+        return self.args.enabled and self.args.eps == 0  # type: ignore[attr-defined]
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
         a: RenormArgs = self.args  # type: ignore[assignment]
@@ -51,7 +58,7 @@ class Renorm(Op):
         for b, n in zip(ctx.buckets, norms, strict=True):
             if a.target == "rms":
                 n = n / math.sqrt(max(1, math.prod(b.shape)))
-            coefs.append(1.0 / (a.eps + n))
+            coefs.append(1.0 / (a.eps + n).clamp(min=torch.finfo(n.dtype).tiny))
         out = ctx.writable(x)
         torch._foreach_mul_(out, coefs)
         return Val(out, owned=True)

@@ -256,15 +256,24 @@ class Rotate(Op):
 
     # -- hooks ----------------------------------------------------------------------------
 
+    def check_placement(self) -> str | None:
+        a = self._args()
+        if a.skip_first and (getattr(self, "depth", 0) > 0 or a.source != "grad"):
+            return (
+                "skip_first needs a top-level rotate over the raw gradient (source=grad): the step is"
+                " skipped before the pipeline runs"
+            )
+        return None
+
     def before(self, ctx: Ctx) -> bool:
         a = self._args()
-        if getattr(self, "depth", 0) > 0 or a.source != "grad" or ctx.get_host(self, "ready"):
+        if not a.skip_first or ctx.get_host(self, "ready"):
             return True
-        # a top-level scope over the raw gradient starts its basis before the pipeline runs
+        # skip_first: the first step only starts the factors and the basis, from the raw gradient
         self._update_factors(ctx, self._grad_sources(ctx))
         self._init_bases(ctx)
         ctx.scratch[(self.path, "factors_done")] = True
-        return not a.skip_first
+        return False
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
         a = self._args()
@@ -330,8 +339,12 @@ class Rotate(Op):
                         if spec is None or spec.basis == "none" or tensors[j] is None:
                             continue
                         t = tensors[j]
+                        axes = spec.axes if spec.axes is not None else tuple(range(len(spec.shape)))
+                        if k not in axes:
+                            continue
+                        dim = axes.index(k)
                         if spec.basis == "permute":
-                            t.copy_(la.permute_dim(t, idx, k))
+                            t.copy_(la.permute_dim(t, idx, dim))
                         else:
-                            t.copy_(la.mode_mul(la.mode_mul(t, q_old, k), q_new.mT, k))
+                            t.copy_(la.mode_mul(la.mode_mul(t, q_old, dim), q_new.mT, dim))
                 q_group.copy_(q_new_group)

@@ -99,6 +99,7 @@ class SoapOptimizer(torch.optim.Optimizer):
             raise SoapArgumentError(str(e)) from None
         self._sealed = True
         self._layouts: dict[int, _Layout] = {}
+        self._steps: dict[int, int] = {}  # host mirror of each parameter's step count
         # hyperparameters that stages follow: re-validated whenever their values change
         self._watched: list[tuple[str, ...]] = [
             tuple(sorted({r for op in walk_ops(rp.ops) for v in op.dynamic.values() for r in v.refs()} | {"lr"}))
@@ -179,6 +180,7 @@ class SoapOptimizer(torch.optim.Optimizer):
                     group[k] = v
         self.state = new_state
         self._layouts.clear()
+        self._steps.clear()
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -298,7 +300,10 @@ class SoapOptimizer(torch.optim.Optimizer):
         for p in active:
             st = self.state[p]
             host = tuple(sorted((k, v) for k, v in st.items() if k != "step" and not torch.is_tensor(v)))
-            by_step.setdefault((int(st["step"]), host), []).append(p)
+            steps = self._steps.get(id(p))
+            if steps is None:  # first seen since construction or a load: read the CPU counter once
+                steps = self._steps[id(p)] = int(st["step"])
+            by_step.setdefault((steps, host), []).append(p)
         if len(by_step) > 1:
             for op in walk_ops(rp.ops):
                 if op.reduces_over_route():
@@ -406,6 +411,9 @@ class SoapOptimizer(torch.optim.Optimizer):
                 op.after(ctx)
             torch._foreach_add_(cohort.steps, 1.0)
             cohort.t = t
+            for b in cohort.buckets:
+                for p in b.params:
+                    self._steps[id(p)] = t
         if ctx.host_changed:
             params = [p for b in cohort.buckets for p in b.params]
             for key, value in ctx._host_writes.items():
