@@ -290,7 +290,7 @@ COMPILE = [
         "no/such/file.soap",
         {"w": (2, 2)},
         {},
-        SoapSyntaxError,
+        SoapNameError,
         r"cannot read recipe file",
         None,
     ),
@@ -334,7 +334,7 @@ CONFIGS = [
         "recipe: adamw\nroutes:\n  - recipe: adam\n",
         SoapConfigError,
         r"needs 'match' or 'where'",
-        "1:1",
+        "3:5",
     ),
     (
         "route-bad-where",

@@ -266,7 +266,10 @@ def test_param_group_changes_are_revalidated_with_a_location():
 
 
 def test_l2_after_decay_sees_the_decayed_parameter_in_stacked_routes():
-    text = "recipe r(lr=1.0):\n  route default{o}: l2(0.1) |> decay(0.5, lr_scaled=false) |> l2(0.1) |> newton_schulz(1) |> lr\n"
+    text = (
+        "recipe r(lr=1.0):\n"
+        "  route default{o}: l2(0.1) |> decay(0.5, lr_scaled=false) |> l2(0.1) |> newton_schulz(1) |> lr\n"
+    )
     results = []
     for o in ("", " [batch=false]"):
         torch.manual_seed(0)
