@@ -17,7 +17,8 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import annotated_types as at
 from pydantic.fields import FieldInfo
@@ -111,10 +112,12 @@ def _render_op(name: str, cls: type[registry.Op]) -> str:
         lines.append("| # | argument | type | default | constraint | dynamic | meaning |")
         lines.append("|---|---|---|---|---|---|---|")
         for i, (fname, f) in enumerate(fields.items(), 1):
+            public = _public_name(fname, f)
+            meaning = arg_docs.get(public, arg_docs.get(fname, ""))
             lines.append(
-                f"| {i} | `{fname}` | {_cell(_type_text(f.annotation))} | {_cell(_default_text(f))} "
+                f"| {i} | `{public}` | {_cell(_type_text(f.annotation))} | {_cell(_default_text(f))} "
                 f"| {_cell(_constraint_text(f))} | {'yes' if fname in dynamic else 'no'} "
-                f"| {_cell(arg_docs.get(fname, ''))} |"
+                f"| {_cell(meaning)} |"
             )
         lines.append("")
     else:
@@ -122,11 +125,11 @@ def _render_op(name: str, cls: type[registry.Op]) -> str:
 
     if "Math" in sections:
         lines += ["**Math**", "", "```text", sections["Math"], "```", ""]
-    state = _entries(sections.get("State", ""))
+    state = _items(sections.get("State", ""))
     lines.append("**State** (per parameter):" if state else "**State**: none.")
     if state:
         lines.append("")
-        lines += [f"- `{k}`: {v}" for k, v in state.items()]
+        lines += [f"- {_state_item(item)}" for item in state]
     lines.append("")
     if "Example" in sections:
         lines += ["**Example**", "", "```soap", sections["Example"], "```", ""]
@@ -194,6 +197,14 @@ def _items(body: str) -> list[str]:
     return items
 
 
+def _state_item(item: str) -> str:
+    """``buf: like the parameter`` -> "`buf`: like the parameter" (free text stays as it is)."""
+    key, sep, text = item.partition(": ")
+    if sep and key and len(key) <= 40 and "`" not in key:
+        return f"`{key}`: {text}"
+    return item
+
+
 def _entries(body: str) -> dict[str, str]:
     """``name: text`` items of an Args or State section."""
     out: dict[str, str] = {}
@@ -207,16 +218,25 @@ def _entries(body: str) -> dict[str, str]:
 # -- argument models ------------------------------------------------------------------------
 
 
+def _public_name(name: str, f: FieldInfo) -> str:
+    """The name recipes write: the field's alias if it has one (``from``), else its name."""
+    return f.alias or name
+
+
 def _signature(name: str, fields: dict[str, FieldInfo]) -> str:
     if not fields:
         return name
-    return f"{name}({', '.join(f'{k}={_default_text(f)}' for k, f in fields.items())})"
+    args = ", ".join(
+        _public_name(k, f) if f.is_required() else f"{_public_name(k, f)}={_default_text(f)}" for k, f in fields.items()
+    )
+    return f"{name}({args})"
 
 
 def _default_text(f: FieldInfo) -> str:
     if f.is_required():
         return "required"
-    return ir.const_text(f.get_default(call_default_factory=True))
+    value = f.get_default(call_default_factory=True)
+    return "none" if value is None else ir.const_text(value)
 
 
 def _type_text(t: Any) -> str:
@@ -231,9 +251,16 @@ def _type_text(t: Any) -> str:
     args = get_args(t)
     if args and hasattr(t, "__metadata__"):  # Annotated[X, ...]
         return _type_text(args[0])
+    if origin in (Union, UnionType):
+        return " | ".join(_type_text(a) for a in args)
+    if t is type(None):
+        return "none"
     if isinstance(t, type):
-        return {"float": "number", "int": "int", "bool": "bool", "str": "string"}.get(t.__name__, t.__name__)
+        return _TYPE_NAMES.get(t.__name__, t.__name__)
     return str(t).replace("typing.", "")
+
+
+_TYPE_NAMES = {"float": "number", "int": "int", "bool": "bool", "str": "string", "Pipeline": "pipeline"}
 
 
 def _constraint_text(f: FieldInfo) -> str:
@@ -258,7 +285,10 @@ def _cell(text: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m soapdsl.docgen", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m soapdsl.docgen",
+        description="Render the operator reference (docs/operators.md) from the registry.",
+    )
     p.add_argument("--write", action="store_true", help="rewrite docs/operators.md instead of printing")
     ns = p.parse_args(argv)
     text = render_operator_reference()
