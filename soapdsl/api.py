@@ -21,21 +21,30 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
     return _parse(text, file)
 
 
-def compile(recipe: str | Path, params: Any, **args: Any) -> Plan:
+def compile(recipe: str | Path, params: Any, *, torch_compile: bool = False, **args: Any) -> Plan:
     """Compile a recipe for ``params`` into a :class:`~soapdsl.compiler.Plan`.
 
     ``recipe`` is a shipped name (``"soap"``), a path to a ``.soap`` file, or inline text
     (``"momentum(0.9) |> sign |> lr"``). ``params`` is an ``nn.Module``, an iterable of
     ``(name, parameter)``, or an iterable of parameters. ``args`` set the recipe's header
-    parameters; for an inline pipeline they declare them.
+    parameters; for an inline pipeline they declare them. ``torch_compile`` marks every route
+    for ``torch.compile``.
     """
     ir_recipe = library.resolve(recipe, args)
-    return compile_plan(ir_recipe, params, args)
+    plan = compile_plan(ir_recipe, params, args)
+    if torch_compile:
+        for rp in plan.routes:
+            rp.options["compile"] = True
+    return plan
 
 
-def build(recipe: str | Path, params: Any, **args: Any) -> SoapOptimizer:
-    """Build the optimizer: ``soapdsl.build("adamw", model, lr=3e-4)``."""
-    return SoapOptimizer(compile(recipe, params, **args))
+def build(recipe: str | Path, params: Any, *, torch_compile: bool = False, **args: Any) -> SoapOptimizer:
+    """Build the optimizer: ``soapdsl.build("adamw", model, lr=3e-4)``.
+
+    ``torch_compile=True`` runs every route's pipeline through ``torch.compile`` (the route
+    option ``[compile=true]`` does it for one route); results match the eager path.
+    """
+    return SoapOptimizer(compile(recipe, params, torch_compile=torch_compile, **args))
 
 
 def apply(pipeline: str, tensor: torch.Tensor, **args: Any) -> torch.Tensor:

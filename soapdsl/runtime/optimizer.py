@@ -100,6 +100,11 @@ class SoapOptimizer(torch.optim.Optimizer):
         self._sealed = True
         self._layouts: dict[int, _Layout] = {}
         self._steps: dict[int, int] = {}  # host mirror of each parameter's step count
+        # routes with the `compile` option run their pipeline through torch.compile
+        self._runners: dict[int, Callable[..., Val]] = {
+            rp.index: torch.compile(run_ops, dynamic=True) if rp.options.get("compile") else run_ops
+            for rp in self._routes
+        }
         # hyperparameters that stages follow: re-validated whenever their values change
         self._watched: list[tuple[str, ...]] = [
             tuple(sorted({r for op in walk_ops(rp.ops) for v in op.dynamic.values() for r in v.refs()} | {"lr"}))
@@ -406,7 +411,7 @@ class SoapOptimizer(torch.optim.Optimizer):
         ops = list(walk_ops(rp.ops))
         proceed = [op.before(ctx) for op in ops]  # every op sees the step, even when one skips it
         if all(proceed):
-            run_ops(ctx, rp.ops, Val(grads, owned=False))
+            self._runners[rp.index](ctx, rp.ops, Val(grads, owned=False))
             for op in ops:
                 op.after(ctx)
             torch._foreach_add_(cohort.steps, 1.0)
