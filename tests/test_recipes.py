@@ -311,6 +311,11 @@ def test_card_pipeline_compiles_verbatim():
         ("soap_muon", lambda m, n: 2 * m * n + 2 * min(m, n) ** 2),  # one-sided factor + basis
         ("muon", lambda m, n: m * n),
         ("shampoo", lambda m, n: 2 * m * n + 2 * (m * m + n * n)),  # momentum, graft v, factors, roots
+        ("ademamix", lambda m, n: 3 * m * n),
+        ("soap_ademamix", lambda m, n: 3 * m * n + 2 * (m * m + n * n)),
+        ("psoap", lambda m, n: 2 * m * n + 2 * (m * m + n * n)),
+        ("soap_soap", lambda m, n: 3 * m * n + 2 * (m * m + n * n)),
+        ("card", lambda m, n: 2 * m * m),
     ],
 )
 def test_state_bytes_match_memory_formulas(recipe, formula):
