@@ -1,0 +1,291 @@
+"""`soapdsl race`: the bundled dataset, fair runs, outputs, recipe specs, the lr grid.
+
+Every race here is tiny (a one-layer, 32-wide model, a few steps), so the module runs in seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import subprocess
+import sys
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from soapdsl import library
+from soapdsl.cli import main
+from soapdsl.errors import SoapArgumentError, SoapError, SoapNameError
+from soapdsl.race import run_race
+from soapdsl.race.data import kjv_books, load_charlm
+from soapdsl.race.progress import Progress
+from soapdsl.race.spec import lr_params, parse_grid, parse_spec, parse_specs, scaled_lrs
+
+TINY = dict(steps=6, batch=4, context=32, d_model=32, n_layers=1, n_heads=2, eval_every=3, eval_batches=1, threads=1)
+TINY_CLI = [
+    "--steps", "6", "--batch", "4", "--context", "32", "--d-model", "32", "--layers", "1", "--heads", "2",
+    "--eval-every", "3", "--eval-batches", "1", "--threads", "1",
+]  # fmt: skip
+
+
+def tiny_race(recipes, **kw):
+    args = {**TINY, "out": None, "progress": False, **kw}
+    return run_race(recipes, **args)
+
+
+# -- the dataset ------------------------------------------------------------------------------
+
+
+def test_dataset_ships_inside_the_package():
+    data = resources.files("soapdsl") / "data" / "kjv.txt.xz"
+    assert data.is_file()
+    assert data.stat().st_size < 3 * 2**20  # compressed, a few MB at most
+    assert (resources.files("soapdsl") / "data" / "README.md").is_file()
+
+
+def test_dataset_splits_are_disjoint_and_not_empty():
+    books = kjv_books()
+    assert len(books) == 66
+    assert books[0].startswith("In the beginning God created the heaven and the earth.")
+    assert books[-1].rstrip().endswith("The grace of our Lord Jesus Christ be with you all. Amen.")
+    c = load_charlm()
+    assert c.train_chars > 3_000_000 and c.valid_chars > 300_000
+    assert len(c.train) == c.train_chars and len(c.valid) == c.valid_chars
+    assert c.train_chars + c.valid_chars == sum(len(b) for b in books) + 2 * 65 + 1
+    train, valid = c.decode(c.train), c.decode(c.valid)
+    # held out by book: Genesis..Acts train, Romans..Revelation validation
+    assert "Paul, a servant of Jesus Christ" in valid and "Paul, a servant of Jesus Christ" not in train
+    assert "In the beginning God created" in train and "In the beginning God created" not in valid
+    assert not any(ch.isdigit() for ch in c.vocab)  # verse numbers are gone
+    assert c.encode(c.decode(c.valid[:100])).tolist() == c.valid[:100].tolist()
+
+
+# -- fairness ---------------------------------------------------------------------------------
+
+
+def test_same_init_and_data_order_for_every_recipe():
+    r = tiny_race(["adamw", "adamw:lr=0.001", "soap_muon"])  # the second is the first, spelled out
+    a, b, c = (row.best for row in r.rows)
+    assert [row.label for row in r.rows] == ["adamw", "adamw:lr=0.001", "soap_muon"]
+    assert len(a.train_loss) == TINY["steps"]
+    assert a.train_loss == b.train_loss and a.val_loss == b.val_loss
+    assert a.train_loss[0] == c.train_loss[0]  # same weights, same first batch
+    assert a.val_loss[0] == c.val_loss[0]
+    assert a.val_steps == [0, 3, 6]
+    again = tiny_race(["adamw"])
+    assert again.rows[0].best.train_loss == a.train_loss
+    other = tiny_race(["adamw"], seed=1)
+    assert other.rows[0].best.train_loss != a.train_loss
+
+
+def test_steps_to_target_uses_the_first_recipes_final_smoothed_loss():
+    r = tiny_race(["adamw", "adamw:lr=0.001", "adamw:lr=1e-6"])
+    first = r.rows[0].best
+    assert r.target == first.final_train == first.train_smooth[-1]
+    assert r.rows[0].steps_to_target is not None and r.rows[0].steps_to_target <= TINY["steps"]
+    assert r.rows[1].steps_to_target == r.rows[0].steps_to_target
+    assert r.rows[2].steps_to_target is None  # lr 1e-6 never gets there
+    assert "-" in r.table().splitlines()[4].split()
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_cli_writes_png_json_and_prints_every_run(tmp_path, capsys):
+    out = tmp_path / "race"
+    rc = main(["race", "adamw", "muon", "soap:freq=2", "--quiet", "--out", str(out), *TINY_CLI])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    png, js = out / "losses.png", out / "race.json"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(png) in stdout and str(js) in stdout
+    lines = stdout.splitlines()
+    for label in ("adamw", "muon", "soap"):
+        assert any(line.split()[:1] == [label] for line in lines), label
+    assert "state MiB" in stdout and "steps to" in stdout
+    data = json.loads(js.read_text())
+    assert data["format"] == "soapdsl-race"
+    assert [r["label"] for r in data["rows"]] == ["adamw", "muon", "soap"]
+    assert data["config"]["steps"] == 6 and data["config"]["seed"] == 0
+    assert {"soapdsl", "torch", "python"} <= set(data["versions"])
+    for run in data["runs"]:
+        assert len(run["train_loss"]) == 6 and run["val_steps"] == [0, 3, 6]
+        assert run["state_bytes"] > 0
+    assert data["runs"][2]["args"] == {"freq": 2}
+
+
+def test_cli_progress_lines_when_stderr_is_not_a_tty(tmp_path, capsys):
+    assert main(["race", "adamw", "--out", str(tmp_path), *TINY_CLI]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert "adamw: 6 steps" in err and "adamw: done in" in err
+
+
+def test_progress_redraws_on_a_tty():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    s = Tty()
+    p = Progress("soap", 3, s)
+    for i in range(1, 4):
+        p.update(i, loss=2.0)
+    p.close("ok")
+    text = s.getvalue()
+    assert "\r" in text and "soap |" in text and "3/3" in text and text.endswith("\n")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("soapp", "unknown recipe 'soapp'; did you mean 'soap'"),
+        ("soap:fre=20", "has no parameter 'fre'"),
+        ("soap:freq20", "expected KEY=VALUE"),
+        ("soap:", "nothing after ':'"),
+        ("soap:freq=1,freq=2", "freq is set twice"),
+        ("soap:freq=(", "error"),
+    ],
+)
+def test_cli_bad_recipe_is_a_soap_error_not_a_traceback(tmp_path, capsys, spec, message):
+    rc = main(["race", "adamw", spec, "--out", str(tmp_path / "o"), *TINY_CLI])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert message in err
+    assert "Traceback" not in err
+    assert "adamw: 6 steps" not in err  # rejected before any training
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_bad_options(tmp_path, capsys):
+    assert main(["race", "adamw", "--lr-grid", "1,x", "--out", str(tmp_path), *TINY_CLI]) == 1
+    assert "--lr-grid" in capsys.readouterr().err
+    assert main(["race", "adamw", "--task", "imagenet", "--out", str(tmp_path), *TINY_CLI]) == 1
+    assert "unknown race task 'imagenet'" in capsys.readouterr().err
+    assert main(["race", "adamw", "adamw", "--out", str(tmp_path), *TINY_CLI]) == 1
+    assert "given twice" in capsys.readouterr().err
+
+
+# -- recipe specs -----------------------------------------------------------------------------
+
+
+def test_parse_spec_overrides():
+    s = parse_spec("soap:freq=20,lr=0.01")
+    assert (s.recipe, s.overrides) == ("soap", {"freq": 20, "lr": 0.01})
+    s = parse_spec("muon:adjust_lr=match_rms_adamw,nesterov=false,lr=3e-4, weight_decay = -1")
+    assert s.overrides == {"adjust_lr": "match_rms_adamw", "nesterov": False, "lr": 3e-4, "weight_decay": -1}
+    assert parse_spec("x:betas=(0.9, 0.95),lr=1").overrides == {"betas": (0.9, 0.95), "lr": 1}
+    assert parse_spec("adamw").overrides == {}
+    s = parse_spec("recipes/soap.soap::soap:freq=3")
+    assert (s.recipe, s.overrides) == ("recipes/soap.soap::soap", {"freq": 3})
+    # inline pipelines: overrides after the last ':' when they read as KEY=VALUE
+    s = parse_spec("momentum(0.9) |> sign |> lr:lr=0.01")
+    assert (s.recipe, s.overrides) == ("momentum(0.9) |> sign |> lr", {"lr": 0.01})
+    text = "recipe r(lr=1e-3): route default: sign |> lr"
+    assert parse_spec(text).recipe == text and parse_spec(text).overrides == {}
+
+
+@pytest.mark.parametrize("spec", ["soap:freq20", "soap:", "soap:=3", "soap:freq=", "soap:freq=1,freq=2", "soap:1=2"])
+def test_parse_spec_errors(spec):
+    with pytest.raises(SoapArgumentError):
+        parse_spec(spec)
+
+
+def test_labels_are_unique():
+    assert [s.label for s in parse_specs(["adamw", "soap:freq=20"])] == ["adamw", "soap"]
+    assert [s.label for s in parse_specs(["soap", "soap:freq=20", "soap:lr=0.01,freq=5"])] == [
+        "soap",
+        "soap:freq=20",
+        "soap:lr=0.01,freq=5",
+    ]
+    assert [s.label for s in parse_specs(["recipes/soap.soap", "momentum(0.9) |> sign |> lr"])] == ["soap", "inline"]
+    assert [s.label for s in parse_specs(["recipes/soap.soap", "soap"])] == ["soap", "soap#2"]
+    with pytest.raises(SoapArgumentError, match="given twice"):
+        parse_specs(["soap:freq=2", "soap: freq=2"])
+    with pytest.raises(SoapArgumentError):
+        parse_specs([])
+
+
+def test_inline_and_path_recipes_race():
+    r = tiny_race(["recipes/adamw.soap:lr=2e-3", "momentum(0.9) |> sign |> lr:lr=1e-3"])
+    assert [row.label for row in r.rows] == ["adamw", "inline"]
+    assert r.rows[0].best.lrs == {"lr": 2e-3}
+
+
+def test_unknown_recipe_parameter_names_the_choices():
+    with pytest.raises(SoapNameError, match="did you mean 'freq'"):
+        tiny_race(["soap:frq=2"])
+
+
+# -- the lr grid ------------------------------------------------------------------------------
+
+
+def test_lr_grid_scales_every_lr_parameter():
+    muon = library.shipped("muon")
+    assert lr_params(muon, {}) == {"lr": 0.02, "adam_lr": 3e-4}
+    scaled = scaled_lrs(muon, {"lr": 0.01, "momentum": 0.9}, 2.0)
+    assert scaled == {"lr": 0.02, "adam_lr": 6e-4, "momentum": 0.9}
+    assert scaled_lrs(muon, {"lr": 0.01}, 1.0) == {"lr": 0.01}
+    assert set(lr_params(library.shipped("soap_muon"), {})) == {"lr", "embed_lr", "head_lr", "adam_lr"}
+    assert parse_grid("0.5,1,2") == [0.5, 1.0, 2.0]
+    assert parse_grid(None) is None
+    for bad in ("", "1,,2", "0", "-1", "a", "1,1"):
+        with pytest.raises(SoapArgumentError):
+            parse_grid(bad)
+
+
+def test_lr_grid_keeps_the_best():
+    r = tiny_race(["adamw", "soap"], lr_grid=[1e-4, 1, 10])
+    assert len(r.runs) == 6
+    for row in r.rows:
+        mine = [run for run in r.runs if run.label == row.label]
+        assert [run.lr_multiplier for run in mine] == [1e-4, 1.0, 10.0]
+        assert row.grid == {run.lr_multiplier: run.final_val for run in mine}
+        assert row.best.final_val == min(run.final_val for run in mine)
+        assert row.best.lr_multiplier != 1e-4  # a 10000x smaller lr barely moves
+    adamw = r.row("adamw")
+    assert [run.lr for run in r.runs if run.label == "adamw"] == pytest.approx([1e-7, 1e-3, 1e-2])
+    table = r.table()
+    assert f"(x{adamw.best.lr_multiplier:g})" in table and "lr grid" in table
+
+
+def test_diverged_run_is_reported(tmp_path):
+    r = tiny_race(["adamw", "sign |> lr:lr=1e30"], out=tmp_path)
+    bad = r.rows[1].best
+    assert bad.diverged and math.isnan(bad.final_val)
+    assert "diverged@" in r.table()
+    data = json.loads((tmp_path / "race.json").read_text())  # valid JSON: no NaN
+    assert data["rows"][1]["diverged"] is True and data["rows"][1]["final_val"] is None
+
+
+def test_errors_are_soap_errors():
+    with pytest.raises(SoapError):
+        tiny_race(["adamw"], steps=0)
+    with pytest.raises(SoapError):
+        tiny_race(["adamw"], d_model=30, n_heads=4)
+
+
+def test_wheel_ships_the_dataset_and_the_race(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (whl,) = tmp_path.glob("soapdsl-*.whl")
+    names = set(zipfile.ZipFile(whl).namelist())
+    assert {"soapdsl/data/kjv.txt.xz", "soapdsl/data/README.md", "soapdsl/race/runner.py"} <= names
