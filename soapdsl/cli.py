@@ -135,6 +135,33 @@ def cmd_fmt(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_race(ns: argparse.Namespace) -> int:
+    from soapdsl.race import run_race
+
+    result = run_race(
+        ns.recipes,
+        task=ns.task,
+        steps=ns.steps,
+        batch=ns.batch,
+        lr_grid=ns.lr_grid,
+        seed=ns.seed,
+        out=ns.out,
+        context=ns.context,
+        d_model=ns.d_model,
+        n_layers=ns.layers,
+        n_heads=ns.heads,
+        eval_every=ns.eval_every,
+        eval_batches=ns.eval_batches,
+        threads=ns.threads,
+        progress=not ns.quiet,
+        plot=not ns.no_plot,
+    )
+    sys.stdout.write("\n" + result.table())
+    written = [str(p) for p in (result.png_path, result.json_path) if p is not None]
+    print(f"\nwrote {' and '.join(written)}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="soapdsl", description="Compose PyTorch optimizers from recipes.")
     p.add_argument("--version", action="version", version=f"soapdsl {__version__}")
@@ -157,6 +184,51 @@ def make_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fmt", help="print .soap files in canonical form")
     f.add_argument("files", nargs="+")
     f.set_defaults(func=cmd_fmt)
+
+    from soapdsl.race import runner as race
+
+    r = sub.add_parser(
+        "race",
+        help="train a small model with each recipe; print a table, write a loss plot and JSON",
+        description="Train a small character-level transformer on the bundled King James Bible with each"
+        " recipe, from the same initialisation and on the same batches, then print a table and write"
+        " OUT/losses.png and OUT/race.json.",
+    )
+    r.add_argument(
+        "recipes",
+        nargs="+",
+        metavar="RECIPE",
+        help="shipped name, .soap path or inline pipeline, with optional overrides NAME:KEY=VALUE[,KEY=VALUE...]"
+        " (e.g. soap:freq=20,lr=0.01)",
+    )
+    r.add_argument("--task", default="charlm", help="what to train (charlm: a char transformer on the KJV Bible)")
+    r.add_argument("--steps", type=int, default=race.DEFAULT_STEPS, help="training steps per run (default %(default)s)")
+    r.add_argument("--batch", type=int, default=race.DEFAULT_BATCH, help="sequences per step (default %(default)s)")
+    r.add_argument(
+        "--lr-grid",
+        metavar="M1,M2,...",
+        help="learning-rate multipliers (e.g. 0.5,1,2): each recipe runs once per multiplier, every"
+        " lr parameter (lr, *_lr) scaled, and keeps its best final validation loss",
+    )
+    r.add_argument("--seed", type=int, default=0, help="initialisation and data order (default %(default)s)")
+    r.add_argument("--out", default="race_out", metavar="DIR", help="where to write losses.png and race.json")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--no-plot", action="store_true", help=argparse.SUPPRESS)
+    # model and evaluation size (for tests and quick experiments)
+    r.add_argument("--context", type=int, default=race.DEFAULT_CONTEXT, help=argparse.SUPPRESS)
+    r.add_argument("--d-model", type=int, default=race.DEFAULT_D_MODEL, help=argparse.SUPPRESS)
+    r.add_argument("--layers", type=int, default=race.DEFAULT_LAYERS, help=argparse.SUPPRESS)
+    r.add_argument("--heads", type=int, default=race.DEFAULT_HEADS, help=argparse.SUPPRESS)
+    r.add_argument("--eval-every", type=int, default=0, help=argparse.SUPPRESS)
+    r.add_argument("--eval-batches", type=int, default=race.DEFAULT_EVAL_BATCHES, help=argparse.SUPPRESS)
+    r.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        metavar="N",
+        help="torch CPU threads (default: torch's default, at most 8); 1 is faster on a busy machine",
+    )
+    r.set_defaults(func=cmd_race)
     return p
 
 
