@@ -1,0 +1,1 @@
+"""soapdsl benchmarks: run `python -m benchmarks.bench_step` (see README.md)."""

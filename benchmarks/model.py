@@ -1,0 +1,258 @@
+"""A FLOP/byte model of each recipe's step on the benchmark's parameter set, the machine's
+achievable bandwidth and matmul throughput, and the closed-form state memory of each recipe.
+
+The model counts, per step (a refresh amortised over its period), in fp32 (4 bytes a word):
+
+* elementwise work as words read + written per element, in the *fused minimum* (each state
+  tensor, the gradient and the parameter touched once; an intermediate that must cross a
+  matmul is written once and read once) and, for comparison, *as run* (one pass per foreach
+  op soapdsl issues today, stacking copies included);
+* a matmul ``[m, k] @ [k, n]`` as ``2 m k n`` flops and ``4 (m k + k n + m n)`` bytes;
+* QR of a ``d x d`` matrix as ``8/3 d^3`` flops (Householder factorisation plus forming Q);
+  the first step's ``eigh`` is not part of the steady state and is left out;
+* Newton-Schulz per step: per quintic iteration on the wide orientation ``r x c`` (r <= c)
+  ``X X^T`` (2 r^2 c), ``b A + c A A`` (2 r^3), ``B X`` (2 r^2 c); per cubic one, 4 r^2 c.
+
+The lower bound of a step is ``max(flops / matmul peak, bytes / bandwidth)``, with both rates
+measured on this machine in the same run (:func:`measure_machine`). It is a bound, not a
+prediction: it assumes the flops and the bytes overlap perfectly and every matmul runs at the
+peak of a large square one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+Shapes = list[tuple[str, tuple[int, ...]]]
+W = 4  # bytes per fp32 word
+SOAP_FREQ_DEFAULT = 10  # the benchmark's SOAP settings (benchmarks/peers.py)
+SOAP_MAX_DIM_DEFAULT = 2048
+
+
+# -- the machine ------------------------------------------------------------------------------
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _stream(n: int, reps: int) -> dict[str, float]:
+    """GB/s of a copy, an out-of-place add and an in-place add (words read + written; an
+    out-of-place write also costs a read-for-ownership the count leaves out, which is why
+    in-place updates, what optimizers do, run faster)."""
+    a, b, c = torch.rand(n), torch.rand(n), torch.empty(n)
+    return {
+        "copy_GBs": 2 * n * W / _best(lambda: c.copy_(a), reps) / 1e9,
+        "add_GBs": 3 * n * W / _best(lambda: torch.add(a, b, out=c), reps) / 1e9,
+        "add__GBs": 3 * n * W / _best(lambda: a.add_(b), reps) / 1e9,
+    }
+
+
+def measure_machine(quick: bool = False) -> dict[str, float]:
+    """Achievable memory bandwidth (GB/s: the best of a large copy, add and in-place add) and
+    fp32 matmul GFLOP/s (a 1024^3 matmul; and a batched 256-wide one, the typical size here),
+    best of a few runs."""
+    n = (16 if quick else 64) * 2**20  # floats: 64 MiB or 256 MiB per tensor
+    reps = 3 if quick else 8
+    out = _stream(n, reps)
+    out["bandwidth_GBs"] = max(out.values())
+    x, y = torch.rand(1024, 1024), torch.rand(1024, 1024)
+    res = torch.empty(1024, 1024)
+    out["mm_GFLOPs"] = 2 * 1024**3 / _best(lambda: torch.mm(x, y, out=res), reps * 2) / 1e9
+    xb, yb = torch.rand(8, 256, 1024), torch.rand(8, 1024, 256)
+    out["bmm256_GFLOPs"] = 2 * 8 * 256 * 1024 * 256 / _best(lambda: torch.bmm(xb, yb), reps * 2) / 1e9
+    return out
+
+
+# -- closed-form state memory -----------------------------------------------------------------
+
+
+def adamw_state(shapes: Shapes) -> int:
+    """AdamW: two moments, 2 mn per matrix (2 n per vector)."""
+    return sum(2 * math.prod(s) for _, s in shapes) * W
+
+
+def muon_state(shapes: Shapes) -> int:
+    """Muon on hidden matrices: one momentum buffer, mn (embeddings/head/1-D would take AdamW)."""
+    return sum((1 if len(s) == 2 and n.startswith("blocks.") else 2) * math.prod(s) for n, s in shapes) * W
+
+
+def soap_state(shapes: Shapes, max_dim: int) -> int:
+    """SOAP: 2 mn + 2 (m^2 + n^2), each dim counted only when <= max_dim; vectors 2 n."""
+    total = 0
+    for _, s in shapes:
+        total += 2 * math.prod(s)
+        if len(s) >= 2:
+            total += sum(2 * d * d for d in s if d <= max_dim)
+    return total * W
+
+
+def soap_muon_state(shapes: Shapes) -> int:
+    """SOAP-Muon: hidden matrices 2 mn + 2 min(m, n)^2; embedding, head and vectors AdamW 2 mn."""
+    total = 0
+    for n, s in shapes:
+        total += 2 * math.prod(s)
+        if len(s) == 2 and n.startswith("blocks."):
+            total += 2 * min(s) ** 2
+    return total * W
+
+
+# -- the step model ---------------------------------------------------------------------------
+
+
+@dataclass
+class Cost:
+    flops: float = 0.0
+    bytes: float = 0.0
+    parts: dict[str, list[float]] = field(default_factory=dict)  # name -> [flops, bytes]
+
+    def add(self, name: str, flops: float, nbytes: float, times: float = 1.0) -> None:
+        self.flops += flops * times
+        self.bytes += nbytes * times
+        acc = self.parts.setdefault(name, [0.0, 0.0])
+        acc[0] += flops * times
+        acc[1] += nbytes * times
+
+    def bound(self, peak_flops: float, bandwidth: float) -> float:
+        return max(self.flops / peak_flops, self.bytes / bandwidth)
+
+
+def _mm(c: Cost, name: str, m: int, k: int, n: int, times: float = 1.0, batch: int = 1) -> None:
+    c.add(name, 2 * m * k * n * batch, W * (m * k + k * n + m * n) * batch, times)
+
+
+def _ew(c: Cost, name: str, numel: int, words: int, flops_per: float) -> None:
+    c.add(name, flops_per * numel, W * words * numel)
+
+
+def _ns(c: Cost, m: int, n: int, steps: int, cleanup: int) -> None:
+    r, k = min(m, n), max(m, n)
+    for _ in range(steps):
+        _mm(c, "newton-schulz", r, k, r)  # A = X X^T
+        _mm(c, "newton-schulz", r, r, r)  # A A
+        _mm(c, "newton-schulz", r, r, k)  # B X
+    for _ in range(cleanup):
+        _mm(c, "newton-schulz", r, k, r)
+        _mm(c, "newton-schulz", r, r, k)
+    _ew(c, "newton-schulz", m * n, 2, 3)  # normalise (norm read, scale)
+
+
+def _rotate(c: Cost, name: str, m: int, n: int, left: bool, right: bool, times: float = 1.0) -> None:
+    """One projection of an m x n matrix: Q_L^T X (left) and/or X Q_R (right)."""
+    if left:
+        _mm(c, name, m, m, n, times)
+    if right:
+        _mm(c, name, m, n, n, times)
+
+
+def _refresh(c: Cost, d: int, freq: int, full_estimate: bool) -> None:
+    """SOAP's refresh of one d x d factor, amortised over ``freq`` steps: eigenvalue estimates
+    in the old basis, one power step GG Q, QR. The minimum reuses GG Q for the estimates
+    (diag(Q^T GG Q) = colsum(Q * GG Q)); soapdsl forms Q^T GG Q in full (two more matmuls)."""
+    t = 1.0 / freq
+    _mm(c, "refresh", d, d, d, t)  # GG @ Q
+    if full_estimate:
+        _mm(c, "refresh", d, d, d, t)
+        _mm(c, "refresh", d, d, d, t)
+    else:
+        c.add("refresh", 2 * d * d, W * 2 * d * d, t)
+    c.add("refresh", 8.0 / 3.0 * d**3, W * 3 * d * d, t)  # QR
+
+
+def adamw_cost(shapes: Shapes, as_run: bool = False) -> Cost:
+    """AdamW on every tensor. Fused minimum: read p, g, m, v; write p, m, v (7 words).
+    As run by soapdsl: decay (2), lerp (3), mul (2), addcmul (3), sqrt (2), div (2), add (2),
+    div (3), param add (3): 22 words."""
+    c = Cost()
+    for _, s in shapes:
+        _ew(c, "elementwise", math.prod(s), 22 if as_run else 7, 14)
+    return c
+
+
+def muon_cost(shapes: Shapes, as_run: bool = False) -> Cost:
+    """Muon on hidden matrices: momentum + Nesterov (read g, buf; write buf, u: 4 words),
+    Newton-Schulz (5 quintic steps), update (read p, u; write p: 3 words).
+    As run: stack grads (2), lerp (3), Nesterov lerp (3), NS (its own traffic), param add (3)."""
+    c = Cost()
+    for _, s in shapes:
+        m, n = s
+        _ew(c, "elementwise", m * n, 11 if as_run else 7, 8)
+        _ns(c, m, n, 5, 0)
+    return c
+
+
+def _factored(s: tuple[int, ...], max_dim: int) -> tuple[bool, bool]:
+    return (s[0] <= max_dim, s[1] <= max_dim)
+
+
+def soap_cost(shapes: Shapes, freq: int, max_dim: int, as_run: bool = False) -> Cost:
+    """SOAP (section 2.4) with a momentum kept in the rotated basis, the cheapest form: per step
+    2 projections (rotate G, unrotate the update), GG update, Adam in the rotated basis
+    (read Gr, m, v; write m, v, U: 6 words) and the parameter update with decay (3 words);
+    per refresh, the momentum re-rotated along each refreshed dim and v permuted.
+    As run (soapdsl's v1 form): 3 projections per step (rotate G and the momentum, unrotate),
+    no re-rotation on refresh, full Q^T GG Q estimates, and its elementwise passes."""
+    c = Cost()
+    for _, s in shapes:
+        numel = math.prod(s)
+        if len(s) != 2:
+            _ew(c, "elementwise", numel, 22 if as_run else 7, 14)
+            continue
+        m, n = s
+        left, right = _factored(s, max_dim)
+        _rotate(c, "projections", m, n, left, right, 3 if as_run else 2)
+        if left:
+            _mm(c, "GG update", m, n, m)
+            _ew(c, "GG update", m * m, 3, 3)
+        if right:
+            _mm(c, "GG update", n, m, n)
+            _ew(c, "GG update", n * n, 3, 3)
+        # as run: stack (2), lerp (3), mul (2), addcmul (3), sqrt (2), add (2), div (3),
+        # param add (3), decay (2) = 22 words; minimum: 6 (rotated Adam) + 3 (update)
+        _ew(c, "elementwise", numel, 22 if as_run else 9, 16)
+        for d, on, is_left in ((m, left, True), (n, right, False)):
+            if not on:
+                continue
+            _refresh(c, d, freq, full_estimate=as_run)
+            c.add("refresh", 0, W * 2 * numel, 1.0 / freq)  # permute v
+            if not as_run:  # re-rotate the momentum along this dim: (Q_new^T Q_old) applied
+                _mm(c, "refresh", d, d, d, 1.0 / freq)
+                _rotate(c, "refresh", m, n, is_left, not is_left, 1.0 / freq)
+    return c
+
+
+def soap_muon_cost(shapes: Shapes, freq: int, as_run: bool = False) -> Cost:
+    """SOAP-Muon: hidden matrices get one-sided SOAP on the smaller side (2 projections in the
+    cheapest form, 3 as run), Adam-style normalisation in the rotated basis, Newton-Schulz
+    (10 quintic + 2 cubic steps), the sqrt fix (read, write, a norm: 3 words) and the update;
+    the embedding, head and vectors take AdamW (7 words)."""
+    c = Cost()
+    for name, s in shapes:
+        numel = math.prod(s)
+        if not (len(s) == 2 and name.startswith("blocks.")):
+            _ew(c, "elementwise", numel, 22 if as_run else 7, 14)
+            continue
+        m, n = s
+        right = not (m < n)  # the smaller side; a square matrix takes the right factor
+        d = n if right else m
+        _rotate(c, "projections", m, n, not right, right, 3 if as_run else 2)
+        _mm(c, "GG update", d, numel // d, d)
+        _ew(c, "GG update", d * d, 3, 3)
+        _ew(c, "elementwise", numel, 28 if as_run else 12, 24)
+        _ns(c, m, n, 10, 2)
+        _refresh(c, d, freq, full_estimate=as_run)
+        c.add("refresh", 0, W * 2 * numel, 1.0 / freq)
+        if not as_run:
+            _mm(c, "refresh", d, d, d, 1.0 / freq)
+            _rotate(c, "refresh", m, n, not right, right, 1.0 / freq)
+    return c

@@ -1,0 +1,97 @@
+"""The benchmark's GPT-like parameter set and a fixed pool of gradients.
+
+Shapes (d=256, 4 blocks, vocab 4096), PyTorch ``nn.Linear.weight`` layout ``[out, in]``::
+
+    embed.weight                [4096, 256]
+    blocks.{i}.attn.qkv.weight  [768, 256]
+    blocks.{i}.attn.proj.weight [256, 256]
+    blocks.{i}.mlp.fc.weight    [1024, 256]
+    blocks.{i}.mlp.proj.weight  [256, 1024]
+    blocks.{i}.norm1.weight     [256]
+    blocks.{i}.norm2.weight     [256]
+    norm.weight                 [256]
+    head.weight                 [4096, 256]
+
+Every optimizer gets its own copy of the same initial parameters; the gradients come from one
+shared pool (a few random tensors per parameter, made once) and are copied into each copy's
+``.grad`` before a step, outside the timed region, so every optimizer sees the same gradients
+and none of them can disturb the pool (some update ``.grad`` in place).
+"""
+
+from __future__ import annotations
+
+import torch
+
+D_MODEL = 256
+N_LAYERS = 4
+VOCAB = 4096
+
+
+def gpt_shapes(d: int = D_MODEL, layers: int = N_LAYERS, vocab: int = VOCAB) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the parameter set, in model order."""
+    out: list[tuple[str, tuple[int, ...]]] = [("embed.weight", (vocab, d))]
+    for i in range(layers):
+        out += [
+            (f"blocks.{i}.attn.qkv.weight", (3 * d, d)),
+            (f"blocks.{i}.attn.proj.weight", (d, d)),
+            (f"blocks.{i}.mlp.fc.weight", (4 * d, d)),
+            (f"blocks.{i}.mlp.proj.weight", (d, 4 * d)),
+            (f"blocks.{i}.norm1.weight", (d,)),
+            (f"blocks.{i}.norm2.weight", (d,)),
+        ]
+    out += [("norm.weight", (d,)), ("head.weight", (vocab, d))]
+    return out
+
+
+def is_hidden_matrix(name: str, shape: tuple[int, ...]) -> bool:
+    """2-D weights of the blocks (what Muon is meant for; torch.optim.Muon takes only 2-D)."""
+    return len(shape) == 2 and name.startswith("blocks.")
+
+
+def select(subset: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``"all"`` or ``"hidden"`` (hidden 2-D matrices only)."""
+    shapes = gpt_shapes()
+    if subset == "all":
+        return shapes
+    if subset == "hidden":
+        return [(n, s) for n, s in shapes if is_hidden_matrix(n, s)]
+    raise ValueError(f"unknown subset {subset!r}")
+
+
+class GradPool:
+    """``pool`` random gradients per parameter, made once from a fixed seed and shared by everyone."""
+
+    def __init__(self, subset: str = "all", pool: int = 4, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.shapes = select(subset)
+        self.init = {n: torch.randn(s, generator=gen) * 0.02 for n, s in self.shapes}
+        self.grads = [{n: torch.randn(s, generator=gen) for n, s in self.shapes} for _ in range(pool)]
+
+    def make_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """A fresh copy of the initial parameters, each with a ``.grad`` buffer."""
+        out = []
+        for n, _ in self.shapes:
+            p = torch.nn.Parameter(self.init[n].clone())
+            p.grad = torch.zeros_like(p)
+            out.append((n, p))
+        return out
+
+    def load(self, named: list[tuple[str, torch.nn.Parameter]], k: int) -> None:
+        """Copy gradient ``k`` (mod the pool size) into the parameters' ``.grad`` (untimed)."""
+        grads = self.grads[k % len(self.grads)]
+        for n, p in named:
+            if p.grad is None:  # an optimizer may drop .grad after its step
+                p.grad = grads[n].clone()
+            else:
+                p.grad.copy_(grads[n])
+
+    def attach(self, named: list[tuple[str, torch.nn.Parameter]], k: int) -> None:
+        """Point ``.grad`` at pool gradient ``k`` without copying (for profiles, where a copy
+        would show up among the step's ops; only for optimizers that leave ``.grad`` alone)."""
+        grads = self.grads[k % len(self.grads)]
+        for n, p in named:
+            p.grad = grads[n]
+
+    @property
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.init.values())

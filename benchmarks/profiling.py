@@ -1,0 +1,131 @@
+"""Where a step's time goes: torch.profiler over whole refresh periods of one optimizer.
+
+Reports per step: wall time, time inside aten ops (the sum of their self times), the rest
+(Python and dispatch overhead plus the profiler's own), the number of aten calls, and the top
+ops by self time, with matmuls, linear algebra, foreach kernels and copies named as such.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.params import GradPool
+
+CATEGORIES = [
+    ("matmul (mm/bmm/addmm/baddbmm)", ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul")),
+    (
+        "linalg (eigh/qr)",
+        ("aten::linalg_eigh", "aten::linalg_qr", "aten::_linalg_eigh", "aten::geqrf", "aten::orgqr", "aten::triu"),
+    ),
+    ("copies (stack/cat/copy/clone/to)", ("aten::stack", "aten::cat", "aten::copy_", "aten::clone", "aten::_to_copy")),
+    ("reorder (gather/index_select/argsort)", ("aten::gather", "aten::index_select", "aten::argsort", "aten::sort")),
+]
+# on a CPU a torch._foreach_* op is a loop over per-tensor kernels: its time shows up as the
+# per-tensor ops (aten::lerp_, aten::addcmul_, ...), which land in "elementwise and other"
+
+
+def category(name: str) -> str:
+    for cat, prefixes in CATEGORIES:
+        if name.startswith(prefixes):
+            return cat
+    return "elementwise and other"
+
+
+@dataclass
+class Profile:
+    label: str
+    steps: int
+    wall_ms: float  # per step, under the profiler
+    plain_ms: float  # per step, same steps without the profiler
+    aten_ms: float  # per step, sum of self times
+    calls: float  # aten calls per step
+    faults: float  # minor page faults per step (fresh memory: large temporaries freed back to the OS)
+    top: list[tuple[str, float, float]] = field(default_factory=list)  # name, ms/step, calls/step
+    categories: dict[str, float] = field(default_factory=dict)  # ms/step
+
+    @property
+    def overhead_ms(self) -> float:
+        return max(self.wall_ms - self.aten_ms, 0.0)
+
+
+def profile_optimizer(
+    label: str,
+    make: Callable[[list[tuple[str, torch.nn.Parameter]]], Any],
+    subset: str,
+    warmup: int,
+    steps: int,
+    tries: int = 3,
+) -> Profile:
+    """Profile ``steps`` steps after ``warmup``; when the profiled wall time is far above the
+    plain one (another process took the CPU), try again and keep the least disturbed try."""
+    best: Profile | None = None
+    for _ in range(tries):
+        p = _profile_once(label, make, subset, warmup, steps)
+        if best is None or p.wall_ms / p.plain_ms < best.wall_ms / best.plain_ms:
+            best = p
+        if best.wall_ms <= 1.25 * best.plain_ms:
+            break
+    assert best is not None
+    return best
+
+
+def _profile_once(
+    label: str, make: Callable[[list[tuple[str, torch.nn.Parameter]]], Any], subset: str, warmup: int, steps: int
+) -> Profile:
+    pool = GradPool(subset)
+    named = pool.make_params()
+    opt = make(named)
+    k = 0
+    for _ in range(warmup):
+        pool.load(named, k)
+        opt.step()
+        k += 1
+    plain = 0.0
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        pool.load(named, k)
+        t0 = time.perf_counter()
+        opt.step()
+        plain += time.perf_counter() - t0
+        k += 1
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
+    wall = 0.0
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            pool.attach(named, k)  # no copy under the profiler: only step()'s ops are seen
+            t0 = time.perf_counter()
+            opt.step()
+            wall += time.perf_counter() - t0
+            k += 1
+    rows = []
+    aten = 0.0
+    calls = 0
+    cats: dict[str, float] = {}
+    for ev in prof.key_averages():
+        if not ev.key.startswith("aten::"):
+            continue
+        self_ms = ev.self_cpu_time_total / 1000.0
+        rows.append((ev.key, self_ms, ev.count))
+        aten += self_ms
+        calls += ev.count
+        cat = category(ev.key)
+        cats[cat] = cats.get(cat, 0.0) + self_ms
+    rows.sort(key=lambda r: -r[1])
+    return Profile(
+        label=label,
+        steps=steps,
+        wall_ms=wall / steps * 1000.0,
+        plain_ms=plain / steps * 1000.0,
+        aten_ms=aten / steps,
+        calls=calls / steps,
+        faults=faults,
+        top=[(n, ms / steps, c / steps) for n, ms, c in rows[:8]],
+        categories={k: v / steps for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
+    )
