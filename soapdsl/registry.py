@@ -109,6 +109,9 @@ class Op:
     #: True when op(c * x) == c * op(x) only for c > 0 (a sign-dependent op): a positive pending
     #: scale passes through, a negative one is applied first.
     homogeneous: ClassVar[bool] = False
+    #: True when the op never reads the value's tensors (it only scales, or acts on the
+    #: parameter): a pending division (Val.denom) passes through it.
+    passes_quotient: ClassVar[bool] = False
     #: True when op(c * x) == op(x) for a scalar c > 0: a pending scale is dropped unapplied.
     scale_invariant: ClassVar[bool] = False
 

@@ -42,6 +42,7 @@ class BiasCorrect(Op):
     name = "bias_correct"
     Args = BiasCorrectArgs
     linear = True
+    passes_quotient = True
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
         if not self.args.enabled:  # type: ignore[attr-defined]

@@ -41,6 +41,7 @@ class Decay(Op):
     Args = DecayArgs
     kind = "param"
     linear = True
+    passes_quotient = True
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
         wd = self.hp("weight_decay", ctx.group)

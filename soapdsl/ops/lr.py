@@ -30,6 +30,12 @@ class Lr(Op):
     kind = "apply"
     linear = True
 
+    passes_quotient = True
+
     def apply(self, ctx: Ctx, x: Val) -> Val:
-        ctx.add_to_params(x.ts, -ctx.group["lr"] * ctx.scale)
+        alpha = -ctx.group["lr"] * ctx.scale
+        if x.denom is not None:  # x / denom from rms_normalize: one fused addcdiv, as torch does
+            ctx.addcdiv_to_params(x.ts, x.denom, alpha)
+        else:
+            ctx.add_to_params(x.ts, alpha)
         return x

@@ -85,10 +85,9 @@ class RmsNormalize(Op):
             ctx.g = list(torch._foreach_div(ctx.g, denom))
         if a.power != 1.0:
             return Val(self._powered(ctx, x.ts, denom, a.power, a.keep_norm), owned=True)
-        if x.owned:
-            torch._foreach_div_(x.ts, denom)
-            return x
-        return Val(list(torch._foreach_div(x.ts, denom)), owned=True)
+        # the division is left pending: `lr` fuses it into the parameter update (addcdiv), any
+        # other stage carries it out first
+        return Val(x.ts, owned=x.owned, denom=denom)
 
     @staticmethod
     def _powered(

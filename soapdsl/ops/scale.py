@@ -30,6 +30,7 @@ class Scale(Op):
     name = "scale"
     Args = ScaleArgs
     linear = True
+    passes_quotient = True
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
         ctx.scale *= self.hp("factor", ctx.group)

@@ -29,6 +29,9 @@ class Val:
 
     ts: list[torch.Tensor]
     owned: bool = False
+    #: a pending division: the value is ts / denom (rms_normalize hands it on so that `lr` can
+    #: apply it with one fused addcdiv, as torch.optim.Adam does)
+    denom: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -129,8 +132,29 @@ class Ctx:
         """Tensors of ``x`` that may be overwritten: ``x``'s own if owned, else copies."""
         return x.ts if x.owned else [t.clone() for t in x.ts]
 
+    def resolve(self, x: Val) -> Val:
+        """Carry out a pending division (see Val.denom)."""
+        if x.denom is None:
+            return x
+        if x.owned:
+            torch._foreach_div_(x.ts, x.denom)
+            return Val(x.ts, True)
+        return Val(list(torch._foreach_div(x.ts, x.denom)), True)
+
+    def addcdiv_to_params(self, num: Sequence[torch.Tensor], denom: Sequence[torch.Tensor], alpha: float) -> None:
+        """``p += alpha * num / denom`` for every parameter (one fused pass)."""
+        self._param_slabs = None
+        params = self.params
+        nums, dens = self.unbind(num), self.unbind(denom)
+        if all(p.dtype == n.dtype and p.device == n.device for p, n in zip(params, nums, strict=True)):
+            torch._foreach_addcdiv_(params, nums, dens, value=alpha)
+        else:
+            for p, n, d in zip(params, nums, dens, strict=True):
+                p.add_((n / d).to(p.dtype), alpha=alpha)
+
     def materialize(self, x: Val) -> Val:
-        """Apply the pending scale to the value."""
+        """Apply the pending division and scale to the value."""
+        x = self.resolve(x)
         if self.scale == 1.0:
             return x
         s, self.scale = self.scale, 1.0
@@ -140,7 +164,8 @@ class Ctx:
         return Val(list(torch._foreach_mul(x.ts, s)), True)
 
     def run(self, ops: Sequence[Op], x: Val) -> Val:
-        return self.runner(self, ops, x)
+        """Run nested ops (a scope's body, a branch); the result has no pending division."""
+        return self.resolve(self.runner(self, ops, x))
 
     # -- reductions -------------------------------------------------------------------------
 

@@ -35,6 +35,8 @@ def run_ops(ctx: Ctx, ops: Sequence[Op], x: Val) -> Val:
             x = ctx.materialize(x)
             for reader in op.probes_before:  # type: ignore[attr-defined]
                 reader.record(ctx, x)
+        if x.denom is not None and not op.passes_quotient:
+            x = ctx.resolve(x)
         if ctx.scale != 1.0 and not op.linear:
             if op.homogeneous and ctx.scale > 0:
                 pass
