@@ -81,8 +81,8 @@ def test_soap_first_step_changes_nothing():
     opt.step()
     assert torch.equal(p, before)
     assert float(opt.state[p]["step"]) == 0.0
-    assert opt.state[p]["1.rotate.ready"] is True
-    assert torch.count_nonzero(opt.state[p]["0.momentum.buf"]) == 0
+    assert opt.state[p]["0.rotate.ready"] is True
+    assert torch.count_nonzero(opt.state[p]["0.0.momentum.buf"]) == 0
 
 
 def test_soap_bases_stay_orthonormal():
@@ -93,7 +93,7 @@ def test_soap_bases_stay_orthonormal():
         p.grad = torch.randn(16, 8, generator=g)
         opt.step()
     for k, d in ((0, 16), (1, 8)):
-        q = opt.state[p][f"1.rotate.Q{k}"]
+        q = opt.state[p][f"0.rotate.Q{k}"]
         torch.testing.assert_close(q.T @ q, torch.eye(d), atol=1e-5, rtol=0)
 
 

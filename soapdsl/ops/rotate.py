@@ -290,17 +290,23 @@ class Rotate(Op):
         outer_g = ctx.g
         xr: list[torch.Tensor] = []
         gr: list[torch.Tensor] = []
+        shared_with_g = False
         for j, (b, t) in enumerate(zip(ctx.buckets, x.ts, strict=True)):
             qs = self._qs(ctx, j, b.shape)
+            if a.source == "grad":
+                gr.append(la.rotate(sources[j], qs))
+                if t is ctx.g[j] and qs:  # the value is the raw gradient: rotate it once
+                    xr.append(gr[j])
+                    shared_with_g = True
+                    continue
             inner = self._to_inner(t, b.shape)
             # a rotation makes a fresh tensor; an identity rotation must not hand the block a
             # view of state it could overwrite (the momentum buffer, say)
             xr.append(la.rotate(inner, qs) if qs else (inner if x.owned else inner.clone()))
-            if a.source == "grad":
-                gr.append(la.rotate(sources[j], qs))
         ctx.g = xr if a.source == "input" else gr
         # with source=input the value doubles as the block's gradient: the block may not overwrite it
-        y = ctx.run(self.body, Val(xr, owned=a.source != "input"))  # type: ignore[attr-defined]
+        owned = a.source != "input" and not shared_with_g
+        y = ctx.run(self.body, Val(xr, owned=owned))  # type: ignore[attr-defined]
         ctx.g = outer_g
         out = [
             self._from_inner(la.unrotate(t, self._qs(ctx, j, b.shape)), b.shape)
