@@ -191,6 +191,18 @@ def profiles(quick: bool) -> list[profiling.Profile]:
     ]
 
 
+def count_flops() -> dict[str, float]:
+    """Matmul flops per step that soapdsl's recipes execute, over one refresh period."""
+    soap_args = {"freq": FREQ, "max_dim": MAX_DIM}
+    todo = [
+        ("adamw", _soapdsl("adamw"), "all", 3),
+        ("muon", _soapdsl("muon"), "hidden", 3),
+        ("soap", _soapdsl("soap", **soap_args), "all", 1 + FREQ),
+        ("soap_muon", _soapdsl("soap_muon", **soap_args), "all", 1 + FREQ),
+    ]
+    return {name: profiling.count_matmul_flops(make, subset, warm, FREQ) for name, make, subset, warm in todo}
+
+
 def _load() -> str:
     try:
         return Path("/proc/loadavg").read_text().split(" ")[:3].__str__()
@@ -294,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_profile:
         log("profiles ...")
         profs = profiles(args.quick)
+    counted: dict[str, float] = {}
+    if not args.quick:
+        log("counting matmul flops ...")
+        counted = count_flops()
     up_end = uptime()
     elapsed = time.perf_counter() - start
     text = report.render(
@@ -309,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         results=results,
         bf16=bf16,
         profiles=profs,
+        counted=counted,
         shapes=select("all"),
         hidden=select("hidden"),
         previous=Path(args.out).read_text() if args.out and Path(args.out).exists() else None,

@@ -1,12 +1,12 @@
 """A FLOP/byte model of each recipe's step on the benchmark's parameter set, the machine's
 achievable bandwidth and matmul throughput, and the closed-form state memory of each recipe.
 
-The model counts, per step (a refresh amortised over its period), in fp32 (4 bytes a word):
+The model counts the *cheapest form* of each recipe's step (a refresh amortised over its
+period), in fp32 (4 bytes a word):
 
-* elementwise work as words read + written per element, in the *fused minimum* (each state
-  tensor, the gradient and the parameter touched once; an intermediate that must cross a
-  matmul is written once and read once) and, for comparison, *as run* (one pass per foreach
-  op soapdsl issues today, stacking copies included);
+* elementwise work as words read + written per element, fused: each state tensor, the
+  gradient and the parameter touched once; an intermediate that must cross a matmul is written
+  once and read once;
 * a matmul ``[m, k] @ [k, n]`` as ``2 m k n`` flops and ``4 (m k + k n + m n)`` bytes;
 * QR of a ``d x d`` matrix as ``8/3 d^3`` flops (Householder factorisation plus forming Q);
   the first step's ``eigh`` is not part of the steady state and is left out;
@@ -16,7 +16,9 @@ The model counts, per step (a refresh amortised over its period), in fp32 (4 byt
 The lower bound of a step is ``max(flops / matmul peak, bytes / bandwidth)``, with both rates
 measured on this machine in the same run (:func:`measure_machine`). It is a bound, not a
 prediction: it assumes the flops and the bytes overlap perfectly and every matmul runs at the
-peak of a large square one.
+peak of a large square one. What soapdsl actually executes is counted separately
+(:func:`benchmarks.profiling.count_matmul_flops`), so the report shows how far its form is from
+the cheapest one without this module having to track soapdsl's implementation.
 """
 
 from __future__ import annotations
@@ -155,38 +157,30 @@ def _rotate(c: Cost, name: str, m: int, n: int, left: bool, right: bool, times: 
         _mm(c, name, m, n, n, times)
 
 
-def _refresh(c: Cost, d: int, freq: int, full_estimate: bool) -> None:
-    """SOAP's refresh of one d x d factor, amortised over ``freq`` steps: eigenvalue estimates
-    in the old basis, one power step GG Q, QR. The minimum reuses GG Q for the estimates
-    (diag(Q^T GG Q) = colsum(Q * GG Q)); soapdsl forms Q^T GG Q in full (two more matmuls)."""
+def _refresh(c: Cost, d: int, freq: int) -> None:
+    """SOAP's refresh of one d x d factor, amortised over ``freq`` steps: the power step GG Q,
+    the eigenvalue estimates from it (diag(Q^T GG Q) = colsum(Q * GG Q)), and QR."""
     t = 1.0 / freq
     _mm(c, "refresh", d, d, d, t)  # GG @ Q
-    if full_estimate:
-        _mm(c, "refresh", d, d, d, t)
-        _mm(c, "refresh", d, d, d, t)
-    else:
-        c.add("refresh", 2 * d * d, W * 2 * d * d, t)
+    c.add("refresh", 2 * d * d, W * 2 * d * d, t)  # estimates
     c.add("refresh", 8.0 / 3.0 * d**3, W * 3 * d * d, t)  # QR
 
 
-def adamw_cost(shapes: Shapes, as_run: bool = False) -> Cost:
-    """AdamW on every tensor. Fused minimum: read p, g, m, v; write p, m, v (7 words).
-    As run by soapdsl: decay (2), lerp (3), mul (2), addcmul (3), sqrt (2), div (2), add (2),
-    div (3), param add (3): 22 words."""
+def adamw_cost(shapes: Shapes) -> Cost:
+    """AdamW on every tensor, fused: read p, g, m, v; write p, m, v (7 words)."""
     c = Cost()
     for _, s in shapes:
-        _ew(c, "elementwise", math.prod(s), 22 if as_run else 7, 14)
+        _ew(c, "elementwise", math.prod(s), 7, 14)
     return c
 
 
-def muon_cost(shapes: Shapes, as_run: bool = False) -> Cost:
+def muon_cost(shapes: Shapes) -> Cost:
     """Muon on hidden matrices: momentum + Nesterov (read g, buf; write buf, u: 4 words),
-    Newton-Schulz (5 quintic steps), update (read p, u; write p: 3 words).
-    As run: stack grads (2), lerp (3), Nesterov lerp (3), NS (its own traffic), param add (3)."""
+    Newton-Schulz (5 quintic steps), update (read p, u; write p: 3 words)."""
     c = Cost()
     for _, s in shapes:
         m, n = s
-        _ew(c, "elementwise", m * n, 11 if as_run else 7, 8)
+        _ew(c, "elementwise", m * n, 7, 8)
         _ns(c, m, n, 5, 0)
     return c
 
@@ -195,64 +189,59 @@ def _factored(s: tuple[int, ...], max_dim: int) -> tuple[bool, bool]:
     return (s[0] <= max_dim, s[1] <= max_dim)
 
 
-def soap_cost(shapes: Shapes, freq: int, max_dim: int, as_run: bool = False) -> Cost:
-    """SOAP (section 2.4) with a momentum kept in the rotated basis, the cheapest form: per step
-    2 projections (rotate G, unrotate the update), GG update, Adam in the rotated basis
-    (read Gr, m, v; write m, v, U: 6 words) and the parameter update with decay (3 words);
-    per refresh, the momentum re-rotated along each refreshed dim and v permuted.
-    As run (soapdsl's v1 form): 3 projections per step (rotate G and the momentum, unrotate),
-    no re-rotation on refresh, full Q^T GG Q estimates, and its elementwise passes."""
+def soap_cost(shapes: Shapes, freq: int, max_dim: int) -> Cost:
+    """SOAP (section 2.4) with the momentum kept in the rotated basis: per step 2 projections
+    (rotate G, unrotate the update), the GG update, Adam in the rotated basis (read Gr, m, v;
+    write m, v, U: 6 words) and the parameter update with decay (3 words); per refresh and
+    factored dim, the momentum re-rotated once (R = Q_new^T Q_old, then one mode product) and
+    v permuted. Vectors: AdamW (7 words)."""
     c = Cost()
     for _, s in shapes:
         numel = math.prod(s)
         if len(s) != 2:
-            _ew(c, "elementwise", numel, 22 if as_run else 7, 14)
+            _ew(c, "elementwise", numel, 7, 14)
             continue
         m, n = s
         left, right = _factored(s, max_dim)
-        _rotate(c, "projections", m, n, left, right, 3 if as_run else 2)
+        _rotate(c, "projections", m, n, left, right, 2)
         if left:
             _mm(c, "GG update", m, n, m)
             _ew(c, "GG update", m * m, 3, 3)
         if right:
             _mm(c, "GG update", n, m, n)
             _ew(c, "GG update", n * n, 3, 3)
-        # as run: stack (2), lerp (3), mul (2), addcmul (3), sqrt (2), add (2), div (3),
-        # param add (3), decay (2) = 22 words; minimum: 6 (rotated Adam) + 3 (update)
-        _ew(c, "elementwise", numel, 22 if as_run else 9, 16)
+        _ew(c, "elementwise", numel, 9, 16)
         for d, on, is_left in ((m, left, True), (n, right, False)):
             if not on:
                 continue
-            _refresh(c, d, freq, full_estimate=as_run)
+            _refresh(c, d, freq)
             c.add("refresh", 0, W * 2 * numel, 1.0 / freq)  # permute v
-            if not as_run:  # re-rotate the momentum along this dim: (Q_new^T Q_old) applied
-                _mm(c, "refresh", d, d, d, 1.0 / freq)
-                _rotate(c, "refresh", m, n, is_left, not is_left, 1.0 / freq)
+            _mm(c, "refresh", d, d, d, 1.0 / freq)  # R = Q_new^T Q_old
+            _rotate(c, "refresh", m, n, is_left, not is_left, 1.0 / freq)  # re-rotate the momentum
     return c
 
 
-def soap_muon_cost(shapes: Shapes, freq: int, as_run: bool = False) -> Cost:
-    """SOAP-Muon: hidden matrices get one-sided SOAP on the smaller side (2 projections in the
-    cheapest form, 3 as run), Adam-style normalisation in the rotated basis, Newton-Schulz
-    (10 quintic + 2 cubic steps), the sqrt fix (read, write, a norm: 3 words) and the update;
-    the embedding, head and vectors take AdamW (7 words)."""
+def soap_muon_cost(shapes: Shapes, freq: int) -> Cost:
+    """SOAP-Muon: hidden matrices get one-sided SOAP on the smaller side (2 projections, the
+    momentum kept rotated), Adam-style normalisation in the rotated basis (read Gr, m, v; write
+    m, v, X: 6 words), Newton-Schulz (10 quintic + 2 cubic steps), the sqrt fix (read, write, a
+    norm: 3 words) and the update (3 words); the embedding, head and vectors take AdamW (7 words)."""
     c = Cost()
     for name, s in shapes:
         numel = math.prod(s)
         if not (len(s) == 2 and name.startswith("blocks.")):
-            _ew(c, "elementwise", numel, 22 if as_run else 7, 14)
+            _ew(c, "elementwise", numel, 7, 14)
             continue
         m, n = s
         right = not (m < n)  # the smaller side; a square matrix takes the right factor
         d = n if right else m
-        _rotate(c, "projections", m, n, not right, right, 3 if as_run else 2)
+        _rotate(c, "projections", m, n, not right, right, 2)
         _mm(c, "GG update", d, numel // d, d)
         _ew(c, "GG update", d * d, 3, 3)
-        _ew(c, "elementwise", numel, 28 if as_run else 12, 24)
+        _ew(c, "elementwise", numel, 12, 24)
         _ns(c, m, n, 10, 2)
-        _refresh(c, d, freq, full_estimate=as_run)
+        _refresh(c, d, freq)
         c.add("refresh", 0, W * 2 * numel, 1.0 / freq)
-        if not as_run:
-            _mm(c, "refresh", d, d, d, 1.0 / freq)
-            _rotate(c, "refresh", m, n, not right, right, 1.0 / freq)
+        _mm(c, "refresh", d, d, d, 1.0 / freq)
+        _rotate(c, "refresh", m, n, not right, right, 1.0 / freq)
     return c

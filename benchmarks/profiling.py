@@ -129,3 +129,24 @@ def _profile_once(
         top=[(n, ms / steps, c / steps) for n, ms, c in rows[:8]],
         categories={k: v / steps for k, v in sorted(cats.items(), key=lambda kv: -kv[1])},
     )
+
+
+def count_matmul_flops(
+    make: Callable[[list[tuple[str, torch.nn.Parameter]]], Any], subset: str, warmup: int, steps: int
+) -> float:
+    """Matmul flops per step that an optimizer actually executes (mm, bmm, addmm, baddbmm, ...,
+    as torch.utils.flop_counter counts them; QR and eigh are not counted), over ``steps`` steps
+    after ``warmup`` (a whole refresh period, so a refresh counts at its rate)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pool = GradPool(subset)
+    named = pool.make_params()
+    opt = make(named)
+    for k in range(warmup):
+        pool.load(named, k)
+        opt.step()
+    with FlopCounterMode(display=False) as counter:
+        for k in range(warmup, warmup + steps):
+            pool.attach(named, k)
+            opt.step()
+    return counter.get_total_flops() / steps
