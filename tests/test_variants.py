@@ -98,10 +98,10 @@ def test_shared_basis_is_the_eigenbasis_of_the_summed_statistics():
         + grads["blocks.1.fc.weight"] @ grads["blocks.1.fc.weight"].T
     )
     expected = torch.linalg.eigh(summed).eigenvectors.flip(-1)
-    q = opt.state[ps["blocks.0.fc.weight"]]["1.rotate.Q0"]
+    q = opt.state[ps["blocks.0.fc.weight"]]["0.rotate.Q0"]
     torch.testing.assert_close((q * expected).sum(0).abs(), torch.ones(6, dtype=torch.float64))
-    assert "1.rotate.Q0" not in opt.state[ps["blocks.1.fc.weight"]]
-    assert "1.rotate.Q0" in opt.state[ps["blocks.2.fc.weight"]]
+    assert "0.rotate.Q0" not in opt.state[ps["blocks.1.fc.weight"]]
+    assert "0.rotate.Q0" in opt.state[ps["blocks.2.fc.weight"]]
 
 
 def test_soap_muon_shared_allocates_one_factor_and_basis_per_group():
