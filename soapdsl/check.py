@@ -31,7 +31,7 @@ from soapdsl.syntax import ast as A
 SELECTOR_NAMES = ("default", "scalar", "vector", "matrix", "tensor")
 SELECTOR_QUANTITIES = ("ndim", "numel", "max_dim", "min_dim", "aspect")
 #: reserved route settings that configure the runtime rather than a param_group key
-ROUTE_OPTIONS = ("batch", "compile")
+ROUTE_OPTIONS = ("batch", "compile", "fused")
 
 
 @dataclass

@@ -28,6 +28,8 @@ from soapdsl.errors import (
     SoapShapeError,
     did_you_mean,
 )
+from soapdsl.runtime.fused import FusedAdam
+from soapdsl.runtime.fused import match as fused_match
 from soapdsl.syntax import ast as A
 from soapdsl.syntax.printer import format_selector
 
@@ -66,6 +68,11 @@ class RoutePlan:
     def batched(self) -> bool:
         """Parameters of equal shape are stacked into one batch (off with ``[batch=false]``)."""
         return self.needs_batch_dim and self.options.get("batch") is not False
+
+    @property
+    def fused(self) -> FusedAdam | None:
+        """The fused Adam(W) form of the route, when its pipeline is exactly Adam's."""
+        return fused_match(self.ops, self.options)
 
     @property
     def selector(self) -> str:

@@ -101,6 +101,11 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "options": {k: _jsonable(v) for k, v in rp.options.items()},
                 "param_group": {k: _jsonable(v) for k, v in rp.hyper.items()},
                 "batched": rp.batched,
+                "fused": None
+                if rp.fused is None
+                else "adam"
+                if getattr(rp.fused.decay, "name", "") == "l2"
+                else "adamw",
                 "pipeline": [_stage_json(path, s) for path, s in rp.route.pipeline.walk()],
                 "params": [p.name for p in rp.params],
                 "buckets": buckets if rp.batched else {},
@@ -175,7 +180,13 @@ def plan_to_text(plan: Plan) -> str:
         settings = ""
         if rp.route.settings:
             settings = " [" + ", ".join(f"{k}={v.text()}" for k, v in rp.route.settings) + "]"
-        batched = "batched by shape" if rp.batched else "per parameter (foreach)"
+        if rp.batched:
+            batched = "batched by shape"
+        elif rp.fused is not None:
+            kernel = {"adamw": "AdamW", "adam": "Adam"}[rp.fused.kernel]
+            batched = f"per parameter, torch's fused {kernel} kernel on CPU"
+        else:
+            batched = "per parameter (foreach)"
         out.append(f"route {rp.index}: {rp.selector}{settings}  ({len(rp.params)} params, {batched})")
         group = ", ".join(f"{k}={ir.const_text(v)}" for k, v in rp.hyper.items())
         out.append(f"  param_group: {group}")

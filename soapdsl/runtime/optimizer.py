@@ -22,6 +22,7 @@ import torch
 from soapdsl.compiler import FORMAT_VERSION, Plan, RoutePlan, state_dtype, walk_ops, walk_shaped
 from soapdsl.errors import SoapArgumentError, SoapError, SoapStateError
 from soapdsl.registry import Op
+from soapdsl.runtime import fused
 from soapdsl.runtime.context import Bucket, Ctx, Val
 
 __all__ = ["SoapOptimizer"]
@@ -74,6 +75,12 @@ class _Cohort:
     buckets: list[Bucket]
     states: dict[str, dict[str, list[torch.Tensor]]]
     steps: list[torch.Tensor]  # the per-parameter "step" tensors
+    # fused Adam's m, v and step tensors, aligned with `params` (built on first use)
+    fused: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for b in self.buckets for p in b.params]
 
 
 @dataclass
@@ -107,6 +114,8 @@ class SoapOptimizer(torch.optim.Optimizer):
             rp.index: torch.compile(run_ops, dynamic=True) if rp.options.get("compile") else run_ops
             for rp in self._routes
         }
+        # Adam-shaped routes run through torch's fused kernel where it applies (runtime/fused.py)
+        self._fused: dict[int, fused.FusedAdam | None] = {rp.index: rp.fused for rp in self._routes}
         # hyperparameters that stages follow: re-validated whenever their values change
         self._watched: list[tuple[str, ...]] = [
             tuple(sorted({r for op in walk_ops(rp.ops) for v in op.dynamic.values() for r in v.refs()} | {"lr"}))
@@ -395,6 +404,9 @@ class SoapOptimizer(torch.optim.Optimizer):
     # -- execution ----------------------------------------------------------------------------
 
     def _run(self, rp: RoutePlan, group: dict[str, Any], cohort: _Cohort) -> None:
+        lowered = self._fused[rp.index]
+        if lowered is not None and self._run_fused(lowered, group, cohort):
+            return
         grads: list[torch.Tensor] = []
         for b in cohort.buckets:
             dtype = state_dtype(b.params[0].dtype)
@@ -427,3 +439,29 @@ class SoapOptimizer(torch.optim.Optimizer):
                 for p in params:
                     self.state[p][key] = value
             self._layouts.pop(rp.index, None)
+
+    def _run_fused(self, f: fused.FusedAdam, group: dict[str, Any], cohort: _Cohort) -> bool:
+        """One step of an Adam-shaped route through torch's fused kernel; False: not possible."""
+        hyper = f.hyper(group)
+        if hyper is None:
+            return False
+        params = cohort.params
+        keys = f.state_keys
+        if cohort.fused is None:
+            states = [self.state[p] for p in params]
+            if not fused.usable(params, states, keys):
+                return False
+            cohort.fused = (
+                [st[keys[0]] for st in states],
+                [st[keys[1]] for st in states],
+                [st["step"] for st in states],
+            )
+        elif any(p.grad is None or p.grad.dtype != p.dtype or p.grad.is_sparse for p in params):
+            return False
+        m, v, steps = cohort.fused
+        torch._foreach_add_(steps, 1.0)
+        fused.step(f, params, (m, v), steps, hyper)
+        cohort.t += 1
+        for p in params:
+            self._steps[id(p)] = cohort.t
+        return True

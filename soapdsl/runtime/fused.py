@@ -1,0 +1,134 @@
+"""Lowering of Adam-shaped routes onto torch's fused Adam/AdamW kernels.
+
+A route whose whole pipeline is, stage for stage, what the prelude's ``adam``/``adamw`` macros
+and the ``adam`` recipe expand to::
+
+    [decay(wd) | l2(wd)] |> momentum(b1) |> rms_normalize(b2, eps) |> bias_correct(b1) |> lr
+
+computes exactly what ``torch._fused_adamw_`` (with ``decay``) or ``torch._fused_adam_`` (with
+``l2``) computes: the decay by ``lr * wd`` or the L2 term added to the gradient, the EMAs,
+``eps`` added to the bias-corrected root, the step ``lr / (1 - b1^t)``. So on the CPU the
+compiler hands such a route to that kernel: one pass over each parameter instead of one per
+foreach stage (about 4x faster than the stage-by-stage path on this CPU, and bit-identical to
+``torch.optim.AdamW(fused=True)`` / ``torch.optim.Adam(fused=True)``).
+
+The match is structural and checked again at every step against the param_group's values:
+the bias correction must use the momentum's beta and no second-moment factor, the state dtype
+must equal the parameter's, every tensor must be a dense CPU tensor. Anything else (a
+scheduler setting ``beta1`` apart from ``bias_correct``'s, bf16 parameters with fp32 state, a
+GPU) runs the stage-by-stage path, which gives the same numbers up to rounding. A route opts
+out with ``[fused=false]``; a ``[compile=true]`` route is compiled instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from soapdsl.registry import Op
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class FusedAdam:
+    """The stages of a route that lowers to ``torch._fused_adamw_`` / ``torch._fused_adam_``."""
+
+    decay: Op | None  # decay (decoupled: AdamW) or l2 (coupled: Adam), or None
+    momentum: Op
+    rms: Op
+    bias: Op
+
+    @property
+    def kernel(self) -> str:
+        """ "adamw" (decoupled decay or none) or "adam" (L2 added to the gradient)."""
+        return "adam" if self.decay is not None and self.decay.name == "l2" else "adamw"
+
+    @property
+    def state_keys(self) -> tuple[str, str]:
+        """Keys of the first and second moment in each parameter's state."""
+        return self.momentum.state_key("buf"), self.rms.state_key("v")
+
+    def hyper(self, group: dict[str, Any]) -> dict[str, float] | None:
+        """The kernel's arguments for this step, or None when the values leave Adam's shape."""
+        beta1 = self.momentum.hp("beta", group)
+        if self.bias.hp("beta1", group) != beta1 or self.bias.hp("beta2", group) != 0:
+            return None
+        return {
+            "lr": float(group["lr"]),
+            "beta1": float(beta1),
+            "beta2": float(self.rms.hp("beta", group)),
+            "weight_decay": float(self.decay.hp("weight_decay", group)) if self.decay is not None else 0.0,
+            "eps": float(self.rms.hp("eps", group)),
+        }
+
+
+def match(ops: list[Op], options: dict[str, Any]) -> FusedAdam | None:
+    """The fused form of a route's top-level stages, if they are exactly Adam's."""
+    if options.get("fused") is False or options.get("compile"):
+        return None
+    stages = list(ops)
+    decay = stages.pop(0) if stages and stages[0].name in ("decay", "l2") else None
+    if [op.name for op in stages] != ["momentum", "rms_normalize", "bias_correct", "lr"]:
+        return None
+    momentum, rms, bias, _ = stages
+    a = momentum.args
+    if decay is not None and decay.name == "decay" and not decay.args.lr_scaled:  # type: ignore[attr-defined]
+        return None
+    if a.kind != "ema" or a.nesterov:  # type: ignore[attr-defined]
+        return None
+    r = rms.args
+    if (
+        r.eps_at != "corrected"  # type: ignore[attr-defined]
+        or not r.correct  # type: ignore[attr-defined]
+        or r.power != 1.0  # type: ignore[attr-defined]
+        or r.whiten_grad  # type: ignore[attr-defined]
+    ):
+        return None
+    if not bias.args.enabled:  # type: ignore[attr-defined]
+        return None
+    return FusedAdam(decay, momentum, rms, bias)
+
+
+def usable(params: list[torch.Tensor], states: list[dict[str, Any]], keys: tuple[str, str]) -> bool:
+    """Whether the kernel can take these parameters: dense CPU tensors, state in their dtype."""
+    for p, st in zip(params, states, strict=True):
+        g = p.grad
+        if g is None or p.device.type != "cpu" or p.dtype not in _DTYPES or g.dtype != p.dtype or g.is_sparse:
+            return False
+        if any(st[k].dtype != p.dtype or st[k].device != p.device for k in keys):
+            return False
+    return True
+
+
+def step(
+    f: FusedAdam,
+    params: list[torch.Tensor],
+    moments: tuple[list[torch.Tensor], list[torch.Tensor]],
+    steps: list[torch.Tensor],
+    hyper: dict[str, float],
+) -> None:
+    """One Adam(W) step of every parameter (the step counters already advanced), per dtype."""
+    kernel = torch._fused_adamw_ if f.kernel == "adamw" else torch._fused_adam_
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, p in enumerate(params):
+        by_dtype.setdefault(p.dtype, []).append(i)
+    for idx in by_dtype.values():
+        grads: list[torch.Tensor] = [params[i].grad for i in idx]  # type: ignore[misc]
+        kernel(
+            [params[i] for i in idx],
+            grads,
+            [moments[0][i] for i in idx],
+            [moments[1][i] for i in idx],
+            [],
+            [steps[i] for i in idx],
+            lr=hyper["lr"],
+            beta1=hyper["beta1"],
+            beta2=hyper["beta2"],
+            weight_decay=hyper["weight_decay"],
+            eps=hyper["eps"],
+            amsgrad=False,
+            maximize=False,
+        )

@@ -1,0 +1,188 @@
+"""Adam-shaped routes lower to torch's fused AdamW kernel (soapdsl/runtime/fused.py).
+
+The fused path must give what the stage-by-stage path gives (up to the kernel's rounding), be
+bit-identical to ``torch.optim.AdamW(fused=True)``, and step aside whenever a recipe or a
+param_group leaves Adam's exact shape.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import soapdsl
+
+SHAPES = [(6, 5), (5,), (3, 2, 2), ()]
+
+
+def _params(dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in SHAPES]
+
+
+def _grads(steps: int, dtype: torch.dtype = torch.float32) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [[torch.randn(s, generator=g, dtype=dtype) for s in SHAPES] for _ in range(steps)]
+
+
+def _run(opt: torch.optim.Optimizer, params: list[torch.nn.Parameter], grads, schedule=None) -> None:
+    for k, gs in enumerate(grads):
+        for p, g in zip(params, gs, strict=True):
+            p.grad = g.clone()
+        if schedule is not None:
+            schedule(opt, k)
+        opt.step()
+
+
+def _route(opt) -> soapdsl.compiler.RoutePlan:  # type: ignore[name-defined]
+    (rp,) = opt._routes
+    return rp
+
+
+def test_adamw_lowers_to_the_fused_kernel() -> None:
+    opt = soapdsl.build("adamw", _params())
+    assert _route(opt).fused is not None
+    text = soapdsl.compile("adamw", _params()).to_text()
+    assert "torch's fused AdamW kernel" in text
+
+
+def test_bit_identical_to_torch_fused_adamw() -> None:
+    ours, theirs = _params(), _params()
+    grads = _grads(25)
+    kw = {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 0.1}
+
+    def lr_decay(opt, k):
+        for group in opt.param_groups:
+            group["lr"] = 3e-3 * 0.9**k
+
+    opt = soapdsl.build("adamw", ours, lr=kw["lr"], beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1)
+    _run(opt, ours, grads, lr_decay)
+    _run(torch.optim.AdamW(theirs, fused=True, **kw), theirs, grads, lr_decay)
+    for p, q in zip(ours, theirs, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_adam_with_l2_bit_identical_to_torch_fused_adam() -> None:
+    ours, theirs = _params(), _params()
+    grads = _grads(25)
+    opt = soapdsl.build("adam", ours, lr=2e-3, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1)
+    assert "fused Adam kernel" in soapdsl.compile("adam", _params()).to_text()
+    _run(opt, ours, grads)
+    _run(torch.optim.Adam(theirs, fused=True, lr=2e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1), theirs, grads)
+    for p, q in zip(ours, theirs, strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "pipeline", ["adamw", "adam |> lr", "decay(0.05) |> adam(0.85, 0.98, 1e-7) |> lr", "l2(0.05) |> adam |> lr"]
+)
+def test_fused_equals_stage_by_stage(pipeline: str, dtype: torch.dtype) -> None:
+    fused, staged = _params(dtype), _params(dtype)
+    grads = _grads(30, dtype)
+    a = soapdsl.build(f"recipe r(lr=1e-2):\n  route default: {pipeline}", fused)
+    b = soapdsl.build(f"recipe r(lr=1e-2):\n  route default [fused=false]: {pipeline}", staged)
+    assert _route(a).fused is not None and _route(b).fused is None
+    _run(a, fused, grads)
+    _run(b, staged, grads)
+    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 1e-13, "atol": 1e-15}
+    for p, q in zip(fused, staged, strict=True):
+        torch.testing.assert_close(p, q, **tol)
+        assert float(a.state[p]["step"]) == float(b.state[q]["step"]) == 30
+        for key in a.state[p]:
+            torch.testing.assert_close(a.state[p][key], b.state[q][key], **tol)
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        "momentum(0.9, nesterov=true) |> rms_normalize(0.999, 1e-8) |> bias_correct(0.9) |> lr",
+        "momentum(0.9) |> rms_normalize(0.999, 1e-8, eps_at=raw) |> bias_correct(0.9) |> lr",
+        "momentum(0.9) |> rms_normalize(0.999, 1e-8, correct=false) |> bias_correct(0.9) |> lr",
+        "momentum(0.9) |> rms_normalize(0.999, 1e-8, power=0.5) |> bias_correct(0.9) |> lr",
+        "momentum(0.9, kind=sgd) |> rms_normalize(0.999, 1e-8) |> bias_correct(0.9) |> lr",
+        "momentum(0.9) |> rms_normalize(0.999, 1e-8) |> bias_correct(0.9, enabled=false) |> lr",
+        "decay(0.1, lr_scaled=false) |> adam |> lr",
+        "adam |> lr |> decay(0.1)",
+        "decay(0.1) |> l2(0.1) |> adam |> lr",
+        "adam |> sign |> lr",
+    ],
+)
+def test_other_shapes_do_not_lower(pipeline: str) -> None:
+    assert _route(soapdsl.build(pipeline, _params())).fused is None
+
+
+def test_compiled_route_is_not_lowered() -> None:
+    opt = soapdsl.build("recipe r(lr=1e-3):\n  route default [compile=true]: adamw", _params())
+    assert _route(opt).fused is None
+
+
+def test_values_that_leave_adam_fall_back_each_step() -> None:
+    """bias_correct's beta1 differs from the momentum's: the route matches structurally, but
+    every step takes the stage-by-stage path, and its numbers (checked against a hand loop)."""
+    pipeline = "momentum(0.9) |> rms_normalize(0.99, 1e-8) |> bias_correct(0.5) |> lr"
+    params = _params(torch.float64)
+    grads = _grads(5, torch.float64)
+    opt = soapdsl.build(pipeline, params, lr=0.1)
+    assert _route(opt).fused is not None
+    start = [p.detach().clone() for p in params]
+    _run(opt, params, grads)
+    for i, p0 in enumerate(start):
+        m = torch.zeros_like(p0)
+        v = torch.zeros_like(p0)
+        p = p0.clone()
+        for t, gs in enumerate(grads, start=1):
+            g = gs[i]
+            m = 0.9 * m + 0.1 * g
+            v = 0.99 * v + 0.01 * g * g
+            denom = v.sqrt() / (1 - 0.99**t) ** 0.5 + 1e-8
+            p = p - 0.1 / (1 - 0.5**t) * m / denom
+        torch.testing.assert_close(params[i].detach(), p, rtol=1e-12, atol=1e-14)
+
+
+def test_mixed_precision_parameters_take_the_stage_path() -> None:
+    """bf16 parameters keep fp32 state, which the fused kernel cannot take: same numbers as
+    the explicit stage-by-stage route."""
+    a, b = _params(torch.bfloat16), _params(torch.bfloat16)
+    grads = _grads(6, torch.bfloat16)
+    fused = soapdsl.build("adamw", a)
+    staged = soapdsl.build("recipe r(lr=1e-3):\n  route default [fused=false]: adamw", b)
+    _run(fused, a, grads)
+    _run(staged, b, grads)
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    a, b = _params(), _params()
+    grads = _grads(20)
+    opt_a = soapdsl.build("adamw", a)
+    _run(opt_a, a, grads[:10])
+    opt_b = soapdsl.build("adamw", b)
+    with torch.no_grad():
+        for p, q in zip(a, b, strict=True):
+            q.copy_(p)
+    opt_b.load_state_dict(opt_a.state_dict())
+    _run(opt_a, a, grads[10:])
+    _run(opt_b, b, grads[10:])
+    for p, q in zip(a, b, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_parameters_that_skip_steps_keep_their_own_count() -> None:
+    """A parameter without a gradient at a step forms its own cohort: its bias correction
+    follows its own step count on the fused path too."""
+    params = _params(torch.float64)
+    twins = _params(torch.float64)
+    grads = _grads(8, torch.float64)
+    a = soapdsl.build("adamw", params)
+    b = soapdsl.build("recipe r(lr=1e-3):\n  route default [fused=false]: adamw", twins)
+    for k, gs in enumerate(grads):
+        for ps in (params, twins):
+            for i, (p, g) in enumerate(zip(ps, gs, strict=True)):
+                p.grad = None if (i == 0 and k % 3 == 1) else g.clone()
+        a.step()
+        b.step()
+    for p, q in zip(params, twins, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+    assert float(a.state[params[0]]["step"]) == 5 and float(a.state[params[1]]["step"]) == 8
