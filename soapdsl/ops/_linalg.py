@@ -39,14 +39,23 @@ def newton_schulz(
         norm = top_singular_value(x, power_iters).to(x.dtype)
     else:
         norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
-    x = x / (norm + eps) if eps_mode == "add" else x / norm.clamp(min=eps)
+    # the iteration runs in two contiguous [B, r, c] buffers and two [B, r, r] ones, written
+    # with out= (the first one in the wide orientation, so no step reads a transposed view)
+    bufs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(2)]
+    gram = torch.empty((*x.shape[:-1], x.size(-2)), dtype=x.dtype, device=x.device)
+    update = torch.empty_like(gram)
+    torch.div(x, norm + eps if eps_mode == "add" else norm.clamp(min=eps), out=bufs[0])
+    x, spare = bufs
     a, b, c = coeffs
     for _ in range(steps):
-        gram = x @ x.mT
-        update = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.baddbmm(x, update, x, beta=a)
+        torch.bmm(x, x.mT, out=gram)
+        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=update)
+        torch.baddbmm(x, update, x, beta=a, out=spare)
+        x, spare = spare, x
     for _ in range(cleanup):
-        x = torch.baddbmm(x, x @ x.mT, x, beta=1.5, alpha=-0.5)
+        torch.bmm(x, x.mT, out=gram)
+        torch.baddbmm(x, gram, x, beta=1.5, alpha=-0.5, out=spare)
+        x, spare = spare, x
     if tall:
         x = x.mT
     return x.to(g.dtype)
