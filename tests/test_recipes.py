@@ -200,7 +200,7 @@ def _muon_vs_torch(ours_factory, steps=20):
             b[n].grad = grad.clone()
         ours.step()
         ref.step()
-    return max(float((a[n] - b[n]).abs().max() / b[n].abs().max()) for n in shapes)
+    return max(float((a[n] - b[n]).detach().abs().max() / b[n].detach().abs().max()) for n in shapes)
 
 
 def test_muon_bf16_within_the_noise_between_independent_implementations():
