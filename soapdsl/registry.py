@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
     from soapdsl.ir import Value
@@ -62,6 +63,15 @@ class OpArgs(BaseModel):
     model_config = ConfigDict(
         extra="forbid", frozen=True, strict=False, populate_by_name=True, arbitrary_types_allowed=True
     )
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_bool(cls, value: Any, info: ValidationInfo) -> Any:
+        """A boolean argument takes true or false only (pydantic alone would take 1, 0, "yes")."""
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and field.annotation in (bool, "bool") and not isinstance(value, bool):
+            raise PydanticCustomError("bool_type", "expected true or false")
+        return value
 
 
 def public_fields(model: type[BaseModel]) -> dict[str, Any]:

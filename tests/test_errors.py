@@ -53,6 +53,20 @@ SOURCES = [
         r"unknown operator 'newton_shulz'; did you mean 'newton_schulz'\?",
         "1:18",
     ),
+    (
+        "bool-given-int",
+        "momentum(0.9, nesterov=1)",
+        SoapArgumentError,
+        r"invalid nesterov=1 for 'momentum': expected true or false",
+        "1:24",
+    ),
+    (
+        "bool-given-int-via-parameter",
+        "recipe r(lr=0.1, n=0):\n  route default: momentum(0.9, nesterov=n)\n",
+        SoapArgumentError,
+        r"invalid nesterov=0 for 'momentum': expected true or false",
+        "2:41",
+    ),
     ("unknown-op-far", "sign |> frobnicate", SoapNameError, r"unknown operator 'frobnicate'$", "1:9"),
     ("unknown-recipe-name", "frobnicate", SoapNameError, r"unknown recipe 'frobnicate' \(shipped: ", None),
     (
