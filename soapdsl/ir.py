@@ -12,7 +12,7 @@ import json
 import operator
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Union
 
 from soapdsl.errors import Loc, SoapArgumentError
@@ -313,5 +313,17 @@ class Recipe:
 
     def fingerprint(self) -> str:
         """Identity of the recipe's structure (routes and pipelines, not hyperparameter values)."""
-        body = repr((self.name, tuple(n for n, _ in self.params), self.routes))
+        body = repr((self.name, tuple(n for n, _ in self.params), _spelling_free(self.routes)))
         return hashlib.sha256(body.encode()).hexdigest()[:16]
+
+
+def _spelling_free(x: Any) -> Any:
+    """``x`` with every string constant written as a bare symbol, so that ``kind=sgd`` and
+    ``kind="sgd"`` (the same value) give the same fingerprint."""
+    if isinstance(x, Const) and isinstance(x.value, str):
+        return Sym(x.value, x.loc)
+    if isinstance(x, tuple):
+        return tuple(_spelling_free(v) for v in x)
+    if is_dataclass(x) and not isinstance(x, type):
+        return replace(x, **{f.name: _spelling_free(getattr(x, f.name)) for f in fields(x) if f.init and f.repr})
+    return x

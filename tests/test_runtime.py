@@ -60,6 +60,20 @@ def test_state_dict_records_format_and_recipe():
     assert float(sd["state"][0]["step"]) == 1.0
 
 
+def test_fingerprint_ignores_how_a_string_is_spelled():
+    """kind=sgd and kind="sgd" are one value: one fingerprint, so state dicts carry over;
+    a different value is a different recipe."""
+    model = make_net()
+    bare = soapdsl.compile("recipe r(lr=0.1) = momentum(0.9, kind=sgd) |> lr", model)
+    quoted = soapdsl.compile('recipe r(lr=0.1) = momentum(0.9, kind="sgd") |> lr', model)
+    other = soapdsl.compile("recipe r(lr=0.1) = momentum(0.9, kind=ema) |> lr", model)
+    assert bare.fingerprint == quoted.fingerprint != other.fingerprint
+    a = soapdsl.build("recipe r(lr=0.1) = momentum(0.9, kind=sgd) |> lr", model)
+    train_step(model, a, DATA[0])
+    b = soapdsl.build('recipe r(lr=0.1) = momentum(0.9, kind="sgd") |> lr', model)
+    b.load_state_dict(a.state_dict())
+
+
 def test_state_dict_from_another_recipe_is_rejected():
     model = make_net()
     a = soapdsl.build("adam", model)
