@@ -145,11 +145,11 @@ def _compare(a: Named, b: Named, init: dict[str, torch.Tensor]) -> str:
     ok = all(torch.allclose(p, q, rtol=1e-5, atol=1e-7) for (_, p), (_, q) in zip(a, b, strict=True))
     worst, name, rel, count = 0.0, "", 0.0, 0
     for (n, p), (_, q) in zip(a, b, strict=True):
-        d = (p - q).abs()
+        d = (p - q).detach().abs()
         count += int((d > 1e-6).sum())
         m = float(d.max())
         if m > worst:
-            moved = float((p - init[n]).abs().max())
+            moved = float((p - init[n]).detach().abs().max())
             worst, name, rel = m, n, m / moved if moved > 0 else float("inf")
     if ok:
         return f"match (max |diff| {worst:.1e})"
@@ -157,6 +157,24 @@ def _compare(a: Named, b: Named, init: dict[str, torch.Tensor]) -> str:
         f"MISMATCH at rtol 1e-5/atol 1e-7: max |diff| {worst:.1e} in {name} ({rel:.1e} of that tensor's"
         f" largest movement), {count} elements off by more than 1e-6"
     )
+
+
+def _sensitivity(entry: Entry, pool: GradPool, steps: int) -> str:
+    """How far the eager optimizer drifts from itself when each gradient is perturbed by
+    relative noise of one fp32 rounding (2^-24): the scale a compiled kernel's different
+    rounding is to be judged against."""
+    clean, noisy = pool.make_params(), pool.make_params()
+    a, b = entry.make(clean), entry.make(noisy)
+    g = torch.Generator().manual_seed(0)
+    for k in range(steps):
+        pool.load(clean, k)
+        pool.load(noisy, k)
+        for _, p in noisy:
+            assert p.grad is not None
+            p.grad.mul_(1 + 2.0**-24 * torch.randn(p.grad.shape, generator=g))
+        a.step()
+        b.step()
+    return _compare(clean, noisy, pool.init)
 
 
 def run_group(group: Group, log: Callable[[str], None] = print) -> list[Result]:
@@ -190,7 +208,11 @@ def run_group(group: Group, log: Callable[[str], None] = print) -> list[Result]:
         for lv in live:
             ref = by_label.get(lv.entry.matches or "")
             if ref is not None and lv.result.error is None and ref.result.error is None:
-                lv.result.match = f"after {group.warmup} steps: {_compare(lv.named, ref.named, pool.init)}"
+                verdict = _compare(lv.named, ref.named, pool.init)
+                lv.result.match = f"after {group.warmup} steps: {verdict}"
+                if verdict.startswith("MISMATCH"):
+                    own = _sensitivity(ref.entry, pool, group.warmup)
+                    lv.result.match += f"; eager against itself with 2^-24 gradient noise: {own}"
         for r in range(group.rounds):
             ok = [lv for lv in live if lv.result.error is None]
             order = ok[r % len(ok) :] + ok[: r % len(ok)] if ok else []
