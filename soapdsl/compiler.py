@@ -169,8 +169,17 @@ def bind_args(recipe: ir.Recipe, args: Mapping[str, Any]) -> dict[str, Any]:
     return values
 
 
-def _build_ops(pipeline: ir.Pipeline, env: Mapping[str, Any], prefix: str = "", depth: int = 0) -> list[registry.Op]:
+def _build_ops(
+    pipeline: ir.Pipeline,
+    env: Mapping[str, Any],
+    prefix: str = "",
+    depth: int = 0,
+    outer: Mapping[str, registry.Op] | None = None,
+) -> list[registry.Op]:
+    """Runtime ops of a pipeline; ``outer``: labelled stages of the enclosing pipelines that
+    run before this one (a stage inside a scope may read them)."""
     ops: list[registry.Op] = []
+    outer = dict(outer or {})
     for i, stage in enumerate(pipeline.stages):
         cls = registry.get(stage.op)
         assert cls is not None, stage.op
@@ -182,8 +191,11 @@ def _build_ops(pipeline: ir.Pipeline, env: Mapping[str, Any], prefix: str = "", 
         op.loc = stage.loc  # type: ignore[attr-defined]
         op.label = stage.label  # type: ignore[attr-defined]
         op.depth = depth  # type: ignore[attr-defined]
+        op.probes_before = []  # type: ignore[attr-defined]  # readers of this stage's input
+        op.probes_after = []  # type: ignore[attr-defined]  # readers of its output (filled by _link_probes)
         if stage.body is not None:
-            op.body = _build_ops(stage.body, env, f"{prefix}{i}.", depth + 1)  # type: ignore[attr-defined]
+            visible = {**outer, **{o.label: o for o in ops if getattr(o, "label", None)}}  # type: ignore[attr-defined]
+            op.body = _build_ops(stage.body, env, f"{prefix}{i}.", depth + 1, visible)  # type: ignore[attr-defined]
         why = op.check_placement()
         if why is not None:
             raise SoapRecipeError(f"'{op.name}': {why}", stage.loc)
@@ -193,20 +205,19 @@ def _build_ops(pipeline: ir.Pipeline, env: Mapping[str, Any], prefix: str = "", 
             if isinstance(v, ir.PipeVal)
         }
         ops.append(op)
-    _link_probes(ops)
+    _link_probes(ops, outer)
     return ops
 
 
-def _link_probes(ops: list[registry.Op]) -> None:
+def _link_probes(ops: list[registry.Op], outer: Mapping[str, registry.Op] | None = None) -> None:
     """Tell ops that read an earlier point of their pipeline (graft) where to look.
 
     An op with a ``source()`` of ("input", None) reads the input of the stage before it;
-    ("output", label) the output of the stage labelled ``label`` in the same pipeline.
-    The executor records that value's norms (and a branch's output) at that point.
+    ("output", label) the output of the stage labelled ``label``: an earlier stage of the same
+    pipeline, or else (``outer``) of an enclosing pipeline, before the scope this one is the
+    body of. The executor records that value's norms (and a branch's output) at that point.
     """
-    for op in ops:
-        op.probes_before = []  # type: ignore[attr-defined]
-        op.probes_after = []  # type: ignore[attr-defined]
+    outer = outer or {}
     labels = {getattr(op, "label", None): j for j, op in enumerate(ops) if getattr(op, "label", None)}
     for i, op in enumerate(ops):
         source = op.source() if hasattr(op, "source") else None
@@ -222,13 +233,17 @@ def _link_probes(ops: list[registry.Op]) -> None:
             ops[i - 1].probes_before.append(op)  # type: ignore[attr-defined]
         else:
             j = labels.get(label)
-            if j is None or j >= i:
+            if j is not None and j < i:
+                ops[j].probes_after.append(op)  # type: ignore[attr-defined]
+            elif label in outer and j is None:
+                outer[str(label)].probes_after.append(op)  # type: ignore[attr-defined]
+            else:
+                known = [str(k) for k, v in labels.items() if v < i] + [k for k in outer if k not in labels]
                 raise SoapRecipeError(
                     f"'{op.name}' reads the stage labelled '{label}', which is not an earlier stage of"
-                    " this pipeline" + did_you_mean(str(label), [str(k) for k, v in labels.items() if v < i]),
+                    " this pipeline or of one around it" + did_you_mean(str(label), known),
                     getattr(op, "loc", None),
                 )
-            ops[j].probes_after.append(op)  # type: ignore[attr-defined]
 
 
 # -- selectors --------------------------------------------------------------------------------

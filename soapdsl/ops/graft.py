@@ -36,8 +36,9 @@ class Graft(Op):
 
     Args:
         mode: "norm" or "rms".
-        from: a label of an earlier stage, or a pipeline block; default the input of the
-            preceding stage.
+        from: a label of an earlier stage (of this pipeline or, inside a scope, of the
+            pipelines around it, before the scope), or a pipeline block; default the input of
+            the preceding stage.
         eps: guards the division (DistributedShampoo: 1e-16).
 
     Example:
@@ -79,6 +80,7 @@ class Graft(Op):
         norms = ctx.norms(x.ts)
         coefs: list[Any] = []
         for b, r, n in zip(ctx.buckets, ref_norms, norms, strict=True):
+            r = r.reshape(n.shape)  # a label outside a scope was measured in the outer layout
             target = r / math.sqrt(max(1, math.prod(b.shape))) if a.mode == "rms" else r
             coefs.append(target / (n + a.eps).clamp(min=torch.finfo(n.dtype).tiny))
         out = ctx.writable(x)

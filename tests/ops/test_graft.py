@@ -185,8 +185,12 @@ def test_zero_update_stays_zero() -> None:
         ("sign |> graft(norm, from=m) |> momentum(0.9) as m", r"stage labelled 'm', which is not an earlier stage"),
         ("sign as m2 |> graft(norm, from=m)", r"did you mean 'm2'"),
         (
-            "momentum(0.9) as m |> rotate(left) { sign |> graft(norm, from=m) }",
-            r"not an earlier stage of this pipeline",
+            "rotate(left) { sign |> graft(norm, from=m) } |> momentum(0.9) as m",
+            r"not an earlier stage of this pipeline or of one around it",
+        ),
+        (
+            "momentum(0.9) as mom |> rotate(left) { sign |> graft(norm, from=mon) }",
+            r"stage labelled 'mon'.*did you mean 'mom'",
         ),
     ],
 )
@@ -200,5 +204,26 @@ def test_label_on_the_preceding_stage_equals_default_reference_of_next() -> None
     x, px = _build("momentum(0.9) as r |> sign |> graft(norm, from=r)")
     y, py = _build("momentum(0.9) |> scale(1.0) |> sign |> graft(norm)")
     for gs in _grads(9, 3):
+        for u, w in zip(_step(x, px, gs), _step(y, py, gs)):
+            torch.testing.assert_close(u, w, **TOL)
+
+
+@pytest.mark.parametrize("mode", ["norm", "rms"])
+@pytest.mark.parametrize("merge", [False, True])
+def test_label_outside_a_scope(mode: str, merge: bool) -> None:
+    """A stage inside a scope may read a label of the pipeline around it: the rotation is
+    orthogonal, so grafting inside and leaving the basis equals leaving and then grafting."""
+    rot = f"rotate(left, merge_dims={'true' if merge else 'false'})"
+    x, px = _build(f"momentum(0.9) as m |> {rot} {{ sign |> graft({mode}, from=m) }}")
+    y, py = _build(f"momentum(0.9) as m |> {rot} {{ sign }} |> graft({mode}, from=m)")
+    for gs in _grads(11, 4):
+        for u, w in zip(_step(x, px, gs), _step(y, py, gs)):
+            torch.testing.assert_close(u, w, **TOL)
+
+
+def test_inner_label_shadows_outer() -> None:
+    x, px = _build("sign as m |> rotate(left) { momentum(0.9) as m |> sign |> graft(norm, from=m) }")
+    y, py = _build("sign |> rotate(left) { momentum(0.9) as m |> sign |> graft(norm, from=m) }")
+    for gs in _grads(12, 3):
         for u, w in zip(_step(x, px, gs), _step(y, py, gs)):
             torch.testing.assert_close(u, w, **TOL)
