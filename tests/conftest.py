@@ -54,7 +54,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: tuple[
 def max_rel_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
     """Largest over parameters of max|a - b| / max|b|."""
     return max(
-        float((p - q).abs().max() / q.abs().max().clamp(min=1e-30))
+        float((p - q).detach().abs().max() / q.detach().abs().max().clamp(min=1e-30))
         for p, q in zip(a.parameters(), b.parameters(), strict=True)
     )
 
