@@ -53,6 +53,15 @@ def _graft(x: torch.Tensor, ref: torch.Tensor, mode: str = "norm", eps: float = 
     return x * target / (x.norm() + eps)
 
 
+def _assert_same_updates(first: str, second: str, seed: int, steps: int) -> None:
+    """The two pipelines give the same update at every step (float64)."""
+    a, pa = _build(first)
+    b, pb = _build(second)
+    for gs in _grads(seed, steps):
+        for u, w in zip(_step(a, pa, gs), _step(b, pb, gs)):
+            torch.testing.assert_close(u, w, **TOL)
+
+
 @pytest.mark.parametrize("mode", ["norm", "rms"])
 @pytest.mark.parametrize("batch", [True, False], ids=["stacked", "per_param"])
 def test_default_reference_is_input_of_preceding_stage(mode: str, batch: bool) -> None:
@@ -131,11 +140,9 @@ def test_branch_pending_scale_is_applied_and_does_not_leak() -> None:
 def test_grafting_a_branch_onto_itself_is_identity() -> None:
     """The branch repeats the stage before graft: the update is that stage's output."""
     stage = "rms_normalize(0.95, 1e-8)"
-    a, pa = _build(f"momentum(0.9) |> {stage} |> graft(norm, from={{ {stage} }})")
-    b, pb = _build(f"momentum(0.9) |> {stage}")
-    for gs in _grads(5, 4):
-        for x, y in zip(_step(a, pa, gs), _step(b, pb, gs)):
-            torch.testing.assert_close(x, y, **TOL)
+    _assert_same_updates(
+        f"momentum(0.9) |> {stage} |> graft(norm, from={{ {stage} }})", f"momentum(0.9) |> {stage}", 5, 4
+    )
 
 
 def test_factor_between_reference_and_graft() -> None:
@@ -201,11 +208,9 @@ def test_missing_reference_is_a_recipe_error(pipeline: str, pattern: str) -> Non
 
 def test_label_on_the_preceding_stage_equals_default_reference_of_next() -> None:
     """`a as r |> b |> graft(from=r)` and `a |> b |> c |> graft` read the same point when c = identity."""
-    x, px = _build("momentum(0.9) as r |> sign |> graft(norm, from=r)")
-    y, py = _build("momentum(0.9) |> scale(1.0) |> sign |> graft(norm)")
-    for gs in _grads(9, 3):
-        for u, w in zip(_step(x, px, gs), _step(y, py, gs)):
-            torch.testing.assert_close(u, w, **TOL)
+    _assert_same_updates(
+        "momentum(0.9) as r |> sign |> graft(norm, from=r)", "momentum(0.9) |> scale(1.0) |> sign |> graft(norm)", 9, 3
+    )
 
 
 @pytest.mark.parametrize("mode", ["norm", "rms"])
@@ -214,16 +219,18 @@ def test_label_outside_a_scope(mode: str, merge: bool) -> None:
     """A stage inside a scope may read a label of the pipeline around it: the rotation is
     orthogonal, so grafting inside and leaving the basis equals leaving and then grafting."""
     rot = f"rotate(left, merge_dims={'true' if merge else 'false'})"
-    x, px = _build(f"momentum(0.9) as m |> {rot} {{ sign |> graft({mode}, from=m) }}")
-    y, py = _build(f"momentum(0.9) as m |> {rot} {{ sign }} |> graft({mode}, from=m)")
-    for gs in _grads(11, 4):
-        for u, w in zip(_step(x, px, gs), _step(y, py, gs)):
-            torch.testing.assert_close(u, w, **TOL)
+    _assert_same_updates(
+        f"momentum(0.9) as m |> {rot} {{ sign |> graft({mode}, from=m) }}",
+        f"momentum(0.9) as m |> {rot} {{ sign }} |> graft({mode}, from=m)",
+        11,
+        4,
+    )
 
 
 def test_inner_label_shadows_outer() -> None:
-    x, px = _build("sign as m |> rotate(left) { momentum(0.9) as m |> sign |> graft(norm, from=m) }")
-    y, py = _build("sign |> rotate(left) { momentum(0.9) as m |> sign |> graft(norm, from=m) }")
-    for gs in _grads(12, 3):
-        for u, w in zip(_step(x, px, gs), _step(y, py, gs)):
-            torch.testing.assert_close(u, w, **TOL)
+    _assert_same_updates(
+        "sign as m |> rotate(left) { momentum(0.9) as m |> sign |> graft(norm, from=m) }",
+        "sign |> rotate(left) { momentum(0.9) as m |> sign |> graft(norm, from=m) }",
+        12,
+        3,
+    )
