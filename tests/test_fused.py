@@ -186,3 +186,24 @@ def test_parameters_that_skip_steps_keep_their_own_count() -> None:
     for p, q in zip(params, twins, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
     assert float(a.state[params[0]]["step"]) == 5 and float(a.state[params[1]]["step"]) == 8
+
+
+def test_channels_last_weights_match_the_stage_path() -> None:
+    """A channels_last conv weight has other strides than its (contiguous) state tensors: the
+    kernel must still pair the right elements."""
+
+    def weight() -> torch.nn.Parameter:
+        g = torch.Generator().manual_seed(0)
+        return torch.nn.Parameter(torch.randn(8, 4, 3, 3, generator=g).to(memory_format=torch.channels_last))
+
+    a, b = weight(), weight()
+    fused = soapdsl.build("adamw", [a], lr=0.1)
+    staged = soapdsl.build("recipe r(lr=0.1):\n  route default [fused=false]: adamw", [b])
+    assert _route(fused).fused is not None
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grad = torch.randn(8, 4, 3, 3, generator=g).to(memory_format=torch.channels_last)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        fused.step()
+        staged.step()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
