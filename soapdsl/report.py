@@ -101,11 +101,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "options": {k: _jsonable(v) for k, v in rp.options.items()},
                 "param_group": {k: _jsonable(v) for k, v in rp.hyper.items()},
                 "batched": rp.batched,
-                "fused": None
-                if rp.fused is None
-                else "adam"
-                if getattr(rp.fused.decay, "name", "") == "l2"
-                else "adamw",
+                "fused": None if rp.fused is None else rp.fused.kernel,
                 "pipeline": [_stage_json(path, s) for path, s in rp.route.pipeline.walk()],
                 "params": [p.name for p in rp.params],
                 "buckets": buckets if rp.batched else {},
