@@ -92,13 +92,14 @@ def match(ops: list[Op], options: dict[str, Any]) -> FusedAdam | None:
     return FusedAdam(decay, momentum, rms, bias)
 
 
-def usable(params: list[torch.Tensor], states: list[dict[str, Any]], keys: tuple[str, str]) -> bool:
-    """Whether the kernel can take these parameters: dense CPU tensors, state in their dtype."""
-    for p, st in zip(params, states, strict=True):
+def usable(params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
+    """Whether the kernel can take this step: dense CPU tensors, gradients and state in the
+    parameters' dtype (checked every step: a gradient's dtype may change under autocast)."""
+    for p, mp, vp in zip(params, m, v, strict=True):
         g = p.grad
         if g is None or p.device.type != "cpu" or p.dtype not in _DTYPES or g.dtype != p.dtype or g.is_sparse:
             return False
-        if any(st[k].dtype != p.dtype or st[k].device != p.device for k in keys):
+        if mp.dtype != p.dtype or vp.dtype != p.dtype or mp.device != p.device or vp.device != p.device:
             return False
     return True
 

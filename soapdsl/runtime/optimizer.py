@@ -75,8 +75,8 @@ class _Cohort:
     buckets: list[Bucket]
     states: dict[str, dict[str, list[torch.Tensor]]]
     steps: list[torch.Tensor]  # the per-parameter "step" tensors
-    # fused Adam's m, v and step tensors, aligned with `params` (built on first use)
-    fused: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
+    # fused Adam's parameters with their m, v and step tensors, aligned (built on first use)
+    fused: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -434,7 +434,7 @@ class SoapOptimizer(torch.optim.Optimizer):
                 for p in b.params:
                     self._steps[id(p)] = t
         if ctx.host_changed:
-            params = [p for b in cohort.buckets for p in b.params]
+            params = cohort.params
             for key, value in ctx._host_writes.items():
                 for p in params:
                     self.state[p][key] = value
@@ -445,20 +445,19 @@ class SoapOptimizer(torch.optim.Optimizer):
         hyper = f.hyper(group)
         if hyper is None:
             return False
-        params = cohort.params
-        keys = f.state_keys
         if cohort.fused is None:
+            params = cohort.params
             states = [self.state[p] for p in params]
-            if not fused.usable(params, states, keys):
-                return False
+            m_key, v_key = f.state_keys
             cohort.fused = (
-                [st[keys[0]] for st in states],
-                [st[keys[1]] for st in states],
+                params,
+                [st[m_key] for st in states],
+                [st[v_key] for st in states],
                 [st["step"] for st in states],
             )
-        elif any(p.grad is None or p.grad.dtype != p.dtype or p.grad.is_sparse for p in params):
+        params, m, v, steps = cohort.fused
+        if not fused.usable(params, m, v):
             return False
-        m, v, steps = cohort.fused
         torch._foreach_add_(steps, 1.0)
         fused.step(f, params, (m, v), steps, hyper)
         cohort.t += 1
