@@ -179,7 +179,7 @@ def _build_ops(
     """Runtime ops of a pipeline; ``outer``: labelled stages of the enclosing pipelines that
     run before this one (a stage inside a scope may read them)."""
     ops: list[registry.Op] = []
-    outer = dict(outer or {})
+    outer = outer or {}
     for i, stage in enumerate(pipeline.stages):
         cls = registry.get(stage.op)
         assert cls is not None, stage.op

@@ -41,11 +41,11 @@ def newton_schulz(
         norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
     # the iteration runs in two contiguous [B, r, c] buffers and two [B, r, r] ones, written
     # with out= (the first one in the wide orientation, so no step reads a transposed view)
-    bufs = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for _ in range(2)]
-    gram = torch.empty((*x.shape[:-1], x.size(-2)), dtype=x.dtype, device=x.device)
+    denom = norm + eps if eps_mode == "add" else norm.clamp(min=eps)
+    x = torch.div(x, denom, out=x.new_empty(x.shape))  # new_empty is contiguous, unlike x.mT
+    spare = torch.empty_like(x)
+    gram = x.new_empty((*x.shape[:-1], x.size(-2)))
     update = torch.empty_like(gram)
-    torch.div(x, norm + eps if eps_mode == "add" else norm.clamp(min=eps), out=bufs[0])
-    x, spare = bufs
     a, b, c = coeffs
     for _ in range(steps):
         torch.bmm(x, x.mT, out=gram)
