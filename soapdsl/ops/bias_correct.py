@@ -49,5 +49,8 @@ class BiasCorrect(Op):
             return x
         b1 = self.hp("beta1", ctx.group)
         b2 = self.hp("beta2", ctx.group)
-        ctx.scale *= math.sqrt(1.0 - b2**ctx.t) / (1.0 - b1**ctx.t)
+        # beta2 = 0 (Adam's form) leaves no second-moment factor: written as 1, not sqrt(1 - 0^t),
+        # which torch.compile's GPU code generation (torch 2.11) folds into an integer it cannot cast
+        root = math.sqrt(1.0 - b2**ctx.t) if b2 != 0 else 1.0
+        ctx.scale *= root / (1.0 - b1**ctx.t)
         return x
