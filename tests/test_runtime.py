@@ -49,6 +49,29 @@ def test_state_dict_resume_is_bit_identical(recipe, args):
         assert torch.equal(p, q)
 
 
+def test_step_counters_are_views_of_one_tensor_per_cohort():
+    """Each parameter's "step" is a 0-d float32 CPU tensor (torch.optim's convention), the
+    counters of a cohort share one tensor (one add per step), and a parameter that skips a step
+    gets its own count back out of it."""
+    model = make_net()
+    opt = soapdsl.build("adamw", model)
+    for batch in DATA[:3]:
+        train_step(model, opt, batch)
+    params = list(model.parameters())
+    steps = [opt.state[p]["step"] for p in params]
+    assert all(s.shape == () and s.dtype == torch.float32 and s.device.type == "cpu" for s in steps)
+    assert all(float(s) == 3 for s in steps)
+    assert len({s.untyped_storage().data_ptr() for s in steps}) == 1
+    params[0].grad = None  # the first parameter sits out one step: it forms its own cohort
+    for p in params[1:]:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert float(opt.state[params[0]]["step"]) == 3
+    assert all(float(opt.state[p]["step"]) == 4 for p in params[1:])
+    sd = copy.deepcopy(opt.state_dict())
+    assert [float(v["step"]) for v in sd["state"].values()] == [3.0] + [4.0] * (len(params) - 1)
+
+
 def test_state_dict_records_format_and_recipe():
     model = make_net()
     opt = soapdsl.build("adamw", model)

@@ -74,9 +74,9 @@ class _Cohort:
     host: dict[str, Any]  # host-side state values shared by the cohort
     buckets: list[Bucket]
     states: dict[str, dict[str, list[torch.Tensor]]]
-    steps: list[torch.Tensor]  # the per-parameter "step" tensors
+    steps: torch.Tensor  # 1-D, on the CPU: the "step" state of every parameter is a 0-d view of it
     # fused Adam's parameters with their m, v and step tensors, aligned (built on first use)
-    fused: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None
+    fused: fused.Tensors | None = None
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -242,7 +242,7 @@ class SoapOptimizer(torch.optim.Optimizer):
         name = self._names.get(id(p), "?")
         for key, value in saved.items():
             if key == "step":
-                out[key] = value.detach().clone() if torch.is_tensor(value) else torch.tensor(float(value))
+                out[key] = value.detach().to("cpu", copy=True) if torch.is_tensor(value) else torch.tensor(float(value))
                 continue
             if key in expected and torch.is_tensor(value):
                 shape, dtype = expected[key]
@@ -357,7 +357,24 @@ class SoapOptimizer(torch.optim.Optimizer):
                     per_op.setdefault(name, [None] * len(buckets))[j] = slab
         for op in walk_ops(rp.ops):
             states.setdefault(op.path, {})
-        return _Cohort(t, host, buckets, states, [self.state[p]["step"] for p in params])
+        return _Cohort(t, host, buckets, states, self._step_slab(params))
+
+    def _step_slab(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """The parameters' step counters in one CPU tensor, each ``state["step"]`` re-pointed to a
+        0-d view of it: a step then counts them all with one ``add_`` instead of one per parameter
+        (the host's share of a small model's step time on a GPU)."""
+        steps = [self.state[p]["step"] for p in params]
+        base = steps[0]._base
+        if (
+            base is not None
+            and base.shape == (len(steps),)
+            and all(s._base is base and s.data_ptr() == base[i].data_ptr() for i, s in enumerate(steps))
+        ):
+            return base
+        slab = torch.stack([s.detach().reshape(()) for s in steps])
+        for i, p in enumerate(params):
+            self.state[p]["step"] = slab[i]
+        return slab
 
     def _shared_slab(self, rp: RoutePlan, op: Op, bucket: Bucket, key: str) -> torch.Tensor:
         """A slab with one entry per share group of the bucket; records member -> slot."""
@@ -428,7 +445,7 @@ class SoapOptimizer(torch.optim.Optimizer):
             self._runners[rp.index](ctx, rp.ops, Val(grads, owned=False))
             for op in ops:
                 op.after(ctx)
-            torch._foreach_add_(cohort.steps, 1.0)
+            cohort.steps.add_(1.0)
             cohort.t = t
             for b in cohort.buckets:
                 for p in b.params:
@@ -447,20 +464,13 @@ class SoapOptimizer(torch.optim.Optimizer):
             return False
         if cohort.fused is None:
             params = cohort.params
-            states = [self.state[p] for p in params]
-            m_key, v_key = f.state_keys
-            cohort.fused = (
-                params,
-                [st[m_key] for st in states],
-                [st[v_key] for st in states],
-                [st["step"] for st in states],
-            )
-        params, m, v, steps = cohort.fused
-        if not fused.usable(params, m, v):
+            cohort.fused = fused.Tensors.of(params, [self.state[p] for p in params], cohort.steps, f)
+        ts = cohort.fused
+        if not fused.usable(ts.params, ts.m, ts.v):
             return False
-        torch._foreach_add_(steps, 1.0)
-        fused.step(f, params, (m, v), steps, hyper)
+        ts.advance(cohort.t + 1)
+        fused.step(f, ts.params, (ts.m, ts.v), ts.kernel_steps, hyper)
         cohort.t += 1
-        for p in params:
+        for p in ts.params:
             self._steps[id(p)] = cohort.t
         return True
