@@ -180,7 +180,7 @@ def plan_to_text(plan: Plan) -> str:
             batched = "batched by shape"
         elif rp.fused is not None:
             kernel = {"adamw": "AdamW", "adam": "Adam"}[rp.fused.kernel]
-            batched = f"per parameter, torch's fused {kernel} kernel on CPU"
+            batched = f"per parameter, torch's fused {kernel} kernel (CPU or CUDA)"
         else:
             batched = "per parameter (foreach)"
         out.append(f"route {rp.index}: {rp.selector}{settings}  ({len(rp.params)} params, {batched})")
