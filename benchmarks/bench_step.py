@@ -1,6 +1,6 @@
 """Step time and state memory of soapdsl's recipes next to torch, heavyball and pytorch_optimizer.
 
-    python -m benchmarks.bench_step [--quick] [--rounds R] [--out benchmarks/RESULTS.md]
+    python -m benchmarks.bench_step [--quick] [--rounds R] [--device cpu|cuda] [--out benchmarks/RESULTS.md]
 
 Four groups, each run interleaved in rounds (see :mod:`benchmarks.runner`) on the GPT-like
 parameter set of :mod:`benchmarks.params`:
@@ -18,6 +18,12 @@ Then the FLOP/byte model (:mod:`benchmarks.model`) with this machine's bandwidth
 rate, profiles of soapdsl's steps (:mod:`benchmarks.profiling`), and the report
 (:mod:`benchmarks.report`). ``--quick`` is a smoke run (one round, short warm-up, nothing
 compiled: its numbers are not results).
+
+``--device cuda`` runs the same groups on a GPU (each timed step synchronised), with group b
+adding the as-shipped bf16 Newton-Schulz pair, soapdsl ``muon`` with ``ns_dtype=bf16`` against
+torch.optim.Muon unpatched (on a GPU bf16 is the fast path, so it is timed interleaved with the
+rest instead of separately), and the profiles reading the GPU's kernel times. The targets are
+set for the CPU; on a GPU their ratios are reported for information.
 """
 
 from __future__ import annotations
@@ -54,12 +60,14 @@ def _soapdsl(recipe: str, compiled: bool = False, **args: Any):
     return make
 
 
-def groups(quick: bool, rounds: int | None) -> list[Group]:
+def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: bool = True) -> list[Group]:
     has_hb = peers.available("heavyball")
     has_po = peers.available("pytorch_optimizer")
-    compiled = not quick
+    compiled = not quick and compile_ours
     soap_args = {"freq": FREQ, "max_dim": MAX_DIM}
-    hb_note = "compiled (heavyball's default)" if not quick else "eager (--quick skips compiling)"
+    hb_note = "eager (--quick skips compiling)"
+    if not quick and peers.available("heavyball"):
+        hb_note = f"compiled, mode {peers.heavyball_mode()}"
 
     def r(full: int) -> int:
         return rounds if rounds is not None else (1 if quick else full)
@@ -79,6 +87,12 @@ def groups(quick: bool, rounds: int | None) -> list[Group]:
         b.insert(1, Entry("soapdsl muon compiled", _soapdsl("muon", True), model.muon_state, "soapdsl muon"))
     if has_hb:
         b.append(Entry("heavyball Muon fp32", peers.make_heavyball_muon_fp32, note=f"NS patched to fp32; {hb_note}"))
+    gpu = device != "cpu"
+    if gpu:  # bf16 Newton-Schulz as shipped: fast on a GPU, so timed with the rest
+        b.append(Entry("soapdsl muon bf16", _soapdsl("muon", ns_dtype="bf16"), model.muon_state, note="ns_dtype=bf16"))
+        b.append(Entry("torch Muon bf16 (as shipped)", peers.make_torch_muon))
+        if has_hb:
+            b.append(Entry("heavyball Muon bf16 (as shipped)", peers.make_heavyball_muon, note=hb_note))
     soap_formula = partial(model.soap_state, max_dim=MAX_DIM)
     c = [
         Entry("soapdsl soap", _soapdsl("soap", **soap_args), formula=soap_formula),
@@ -105,7 +119,7 @@ def groups(quick: bool, rounds: int | None) -> list[Group]:
             ),
         )
     soap_warm = 2 if quick else 1 + FREQ  # the skipped first step, then one period with a refresh
-    return [
+    out = [
         Group(
             "a",
             "AdamW, all parameters",
@@ -133,6 +147,8 @@ def groups(quick: bool, rounds: int | None) -> list[Group]:
                 ("soapdsl muon", "torch Muon fp32"),
                 ("soapdsl muon", "heavyball Muon fp32"),
                 ("soapdsl muon compiled", "torch Muon fp32"),
+                ("soapdsl muon bf16", "torch Muon bf16 (as shipped)"),
+                ("soapdsl muon bf16", "heavyball Muon bf16 (as shipped)"),
             ],
         ),
         Group(
@@ -162,6 +178,9 @@ def groups(quick: bool, rounds: int | None) -> list[Group]:
             [("soapdsl soap_muon", "soapdsl soap"), ("soapdsl soap_muon compiled", "soapdsl soap")],
         ),
     ]
+    for g in out:
+        g.device = device
+    return out
 
 
 def bf16_peers(log) -> list[Result]:
@@ -174,7 +193,7 @@ def bf16_peers(log) -> list[Result]:
     return run_group(g, log)
 
 
-def profiles(quick: bool) -> list[profiling.Profile]:
+def profiles(quick: bool, device: str = "cpu") -> list[profiling.Profile]:
     soap_args = {"freq": FREQ, "max_dim": MAX_DIM}
     steps = 3 if quick else FREQ  # one whole refresh period
     todo = [
@@ -186,7 +205,7 @@ def profiles(quick: bool) -> list[profiling.Profile]:
         ("soapdsl soap_muon", _soapdsl("soap_muon", **soap_args), "all", 1 + FREQ),
     ]
     return [
-        profiling.profile_optimizer(label, make, subset, 2 if quick else warm, steps)
+        profiling.profile_optimizer(label, make, subset, 2 if quick else warm, steps, device=device)
         for label, make, subset, warm in todo
     ]
 
@@ -210,8 +229,9 @@ def _load() -> str:
         return "n/a"
 
 
-def machine_info() -> dict[str, str]:
+def machine_info(device: str = "cpu") -> dict[str, str]:
     info = {
+        "device": device,
         "nproc": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
@@ -224,6 +244,11 @@ def machine_info() -> dict[str, str]:
                 break
     except OSError:
         pass
+    if device == "cuda":
+        prop = torch.cuda.get_device_properties(0)
+        info["gpu"] = f"{prop.name}, {prop.multi_processor_count} SMs, {prop.total_memory / 2**30:.0f} GiB"
+        info["cuda"] = str(torch.version.cuda)
+        info["fp32 matmul precision"] = torch.get_float32_matmul_precision()
     for mod in ("heavyball", "pytorch_optimizer"):
         try:
             from importlib.metadata import version
@@ -265,7 +290,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bf16", action="store_true", help="skip the as-shipped bf16 Muon measurement")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiles")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where parameters and state live")
+    ap.add_argument("--no-compile", action="store_true", help="skip soapdsl's torch.compile entries")
+    ap.add_argument(
+        "--heavyball-mode",
+        default=None,
+        help="heavyball's torch.compile mode (default: its own, max-autotune-no-cudagraphs; autotuning every"
+        " shape takes many minutes on a GPU, where 'default' is practical)",
+    )
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device here")
     shown = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python -m benchmarks.bench_step", *map(shlex.quote, shown)])
 
@@ -280,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{started}  {up_start}")
     if args.quick and peers.available("heavyball"):
         peers.heavyball_eager()
-    info = machine_info()
+    elif args.heavyball_mode is not None and peers.available("heavyball"):
+        peers.heavyball_set_mode(args.heavyball_mode)
+    info = machine_info(args.device)
     hb_mode = "n/a"
     if peers.available("heavyball"):
         import heavyball.utils
@@ -289,23 +326,23 @@ def main(argv: list[str] | None = None) -> int:
     info["heavyball compile_mode"] = hb_mode
 
     log("measuring the machine ...")
-    machine = model.measure_machine(args.quick)
+    machine = model.measure_machine(args.quick, args.device)
     log(f"  {machine}")
     results: dict[str, list[Result]] = {}
-    all_groups = [g for g in groups(args.quick, args.rounds) if g.key in args.groups]
+    all_groups = [g for g in groups(args.quick, args.rounds, args.device, not args.no_compile) if g.key in args.groups]
     for g in all_groups:
         log(f"group {g.key}: {g.title}")
         t0 = time.perf_counter()
         results[g.key] = run_group(g, log)
         log(f"  group {g.key} took {time.perf_counter() - t0:.0f} s")
     bf16: list[Result] = []
-    if not args.quick and not args.no_bf16 and "b" in args.groups:
+    if not args.quick and not args.no_bf16 and "b" in args.groups and args.device == "cpu":
         log("bf16 Newton-Schulz peers as shipped ...")
         bf16 = bf16_peers(log)
     profs: list[profiling.Profile] = []
     if not args.no_profile:
         log("profiles ...")
-        profs = profiles(args.quick)
+        profs = profiles(args.quick, args.device)
     counted: dict[str, float] = {}
     if not args.quick:
         log("counting matmul flops ...")

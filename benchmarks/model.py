@@ -38,41 +38,51 @@ SOAP_MAX_DIM_DEFAULT = 2048
 # -- the machine ------------------------------------------------------------------------------
 
 
-def _best(fn, reps: int) -> float:
+def _best(fn, reps: int, device: torch.device | None = None) -> float:
+    def sync() -> None:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()
     best = math.inf
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 
 
-def _stream(n: int, reps: int) -> dict[str, float]:
+def _stream(n: int, reps: int, device: torch.device) -> dict[str, float]:
     """GB/s of a copy, an out-of-place add and an in-place add (words read + written; an
     out-of-place write also costs a read-for-ownership the count leaves out, which is why
     in-place updates, what optimizers do, run faster)."""
-    a, b, c = torch.rand(n), torch.rand(n), torch.empty(n)
+    a, b, c = (torch.rand(n, device=device) for _ in range(3))
     return {
-        "copy_GBs": 2 * n * W / _best(lambda: c.copy_(a), reps) / 1e9,
-        "add_GBs": 3 * n * W / _best(lambda: torch.add(a, b, out=c), reps) / 1e9,
-        "add__GBs": 3 * n * W / _best(lambda: a.add_(b), reps) / 1e9,
+        "copy_GBs": 2 * n * W / _best(lambda: c.copy_(a), reps, device) / 1e9,
+        "add_GBs": 3 * n * W / _best(lambda: torch.add(a, b, out=c), reps, device) / 1e9,
+        "add__GBs": 3 * n * W / _best(lambda: a.add_(b), reps, device) / 1e9,
     }
 
 
-def measure_machine(quick: bool = False) -> dict[str, float]:
+def measure_machine(quick: bool = False, device: str = "cpu") -> dict[str, float]:
     """Achievable memory bandwidth (GB/s: the best of a large copy, add and in-place add) and
-    fp32 matmul GFLOP/s (a 1024^3 matmul; and a batched 256-wide one, the typical size here),
-    best of a few runs."""
-    n = (16 if quick else 64) * 2**20  # floats: 64 MiB or 256 MiB per tensor
+    fp32 matmul GFLOP/s (a 1024^3 matmul on a CPU, 4096^3 on a GPU, at torch's default fp32
+    precision; and a batched 256-wide one, the typical size here), best of a few runs."""
+    dev = torch.device(device)
+    gpu = dev.type == "cuda"
+    n = (16 if quick else 64) * 2**20 * (4 if gpu else 1)  # floats: 64 MiB or 256 MiB per tensor (x4 on a GPU)
     reps = 3 if quick else 8
-    out = _stream(n, reps)
+    out = _stream(n, reps, dev)
     out["bandwidth_GBs"] = max(out.values())
-    x, y = torch.rand(1024, 1024), torch.rand(1024, 1024)
-    res = torch.empty(1024, 1024)
-    out["mm_GFLOPs"] = 2 * 1024**3 / _best(lambda: torch.mm(x, y, out=res), reps * 2) / 1e9
-    xb, yb = torch.rand(8, 256, 1024), torch.rand(8, 1024, 256)
-    out["bmm256_GFLOPs"] = 2 * 8 * 256 * 1024 * 256 / _best(lambda: torch.bmm(xb, yb), reps * 2) / 1e9
+    k = 4096 if gpu else 1024
+    x, y = torch.rand(k, k, device=dev), torch.rand(k, k, device=dev)
+    res = torch.empty(k, k, device=dev)
+    out["mm_size"] = k
+    out["mm_GFLOPs"] = 2 * k**3 / _best(lambda: torch.mm(x, y, out=res), reps * 2, dev) / 1e9
+    xb, yb = torch.rand(8, 256, 1024, device=dev), torch.rand(8, 1024, 256, device=dev)
+    out["bmm256_GFLOPs"] = 2 * 8 * 256 * 1024 * 256 / _best(lambda: torch.bmm(xb, yb), reps * 2, dev) / 1e9
     return out
 
 

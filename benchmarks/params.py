@@ -59,13 +59,15 @@ def select(subset: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 class GradPool:
-    """``pool`` random gradients per parameter, made once from a fixed seed and shared by everyone."""
+    """``pool`` random gradients per parameter, made once from a fixed seed and shared by everyone,
+    on ``device``."""
 
-    def __init__(self, subset: str = "all", pool: int = 4, seed: int = 0) -> None:
-        gen = torch.Generator().manual_seed(seed)
+    def __init__(self, subset: str = "all", pool: int = 4, seed: int = 0, device: str = "cpu") -> None:
+        gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same values on every device
         self.shapes = select(subset)
-        self.init = {n: torch.randn(s, generator=gen) * 0.02 for n, s in self.shapes}
-        self.grads = [{n: torch.randn(s, generator=gen) for n, s in self.shapes} for _ in range(pool)]
+        self.device = torch.device(device)
+        self.init = {n: (torch.randn(s, generator=gen) * 0.02).to(self.device) for n, s in self.shapes}
+        self.grads = [{n: torch.randn(s, generator=gen).to(self.device) for n, s in self.shapes} for _ in range(pool)]
 
     def make_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         """A fresh copy of the initial parameters, each with a ``.grad`` buffer."""

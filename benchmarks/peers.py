@@ -131,6 +131,19 @@ def heavyball_eager() -> None:
     heavyball.utils.compile_mode = None
 
 
+def heavyball_set_mode(mode: str) -> None:
+    """Compile heavyball's kernels with torch.compile mode ``mode``."""
+    import heavyball.utils
+
+    heavyball.utils.compile_mode = mode
+
+
+def heavyball_mode() -> str:
+    import heavyball.utils
+
+    return str(heavyball.utils.compile_mode)
+
+
 def heavyball_compiled() -> bool:
     import heavyball.utils
 

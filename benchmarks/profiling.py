@@ -3,6 +3,10 @@
 Reports per step: wall time, time inside aten ops (the sum of their self times), the rest
 (Python and dispatch overhead plus the profiler's own), the number of aten calls, and the top
 ops by self time, with matmuls, linear algebra, foreach kernels and copies named as such.
+
+On a GPU the time of an aten op is the device time of the kernels it launched (its self CUDA
+time), so "inside aten ops" is the time the GPU is busy and the rest is the host's launch and
+Python work that the GPU waits on.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.params import GradPool
+from benchmarks.runner import synchronize
 
 CATEGORIES = [
     ("matmul (mm/bmm/addmm/baddbmm)", ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul")),
@@ -42,6 +47,7 @@ def category(name: str) -> str:
 class Profile:
     label: str
     steps: int
+    device: str  # "cpu" or "cuda"
     wall_ms: float  # per step, under the profiler
     plain_ms: float  # per step, same steps without the profiler
     aten_ms: float  # per step, sum of self times
@@ -62,12 +68,13 @@ def profile_optimizer(
     warmup: int,
     steps: int,
     tries: int = 3,
+    device: str = "cpu",
 ) -> Profile:
     """Profile ``steps`` steps after ``warmup``; when the profiled wall time is far above the
     plain one (another process took the CPU), try again and keep the least disturbed try."""
     best: Profile | None = None
     for _ in range(tries):
-        p = _profile_once(label, make, subset, warmup, steps)
+        p = _profile_once(label, make, subset, warmup, steps, device)
         if best is None or p.wall_ms / p.plain_ms < best.wall_ms / best.plain_ms:
             best = p
         if best.wall_ms <= 1.25 * best.plain_ms:
@@ -77,9 +84,16 @@ def profile_optimizer(
 
 
 def _profile_once(
-    label: str, make: Callable[[list[tuple[str, torch.nn.Parameter]]], Any], subset: str, warmup: int, steps: int
+    label: str,
+    make: Callable[[list[tuple[str, torch.nn.Parameter]]], Any],
+    subset: str,
+    warmup: int,
+    steps: int,
+    device: str,
 ) -> Profile:
-    pool = GradPool(subset)
+    pool = GradPool(subset, device=device)
+    dev = pool.device
+    gpu = dev.type == "cuda"
     named = pool.make_params()
     opt = make(named)
     k = 0
@@ -91,17 +105,22 @@ def _profile_once(
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         pool.load(named, k)
+        synchronize(dev)
         t0 = time.perf_counter()
         opt.step()
+        synchronize(dev)
         plain += time.perf_counter() - t0
         k += 1
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
     wall = 0.0
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             pool.attach(named, k)  # no copy under the profiler: only step()'s ops are seen
+            synchronize(dev)
             t0 = time.perf_counter()
             opt.step()
+            synchronize(dev)
             wall += time.perf_counter() - t0
             k += 1
     rows = []
@@ -111,7 +130,7 @@ def _profile_once(
     for ev in prof.key_averages():
         if not ev.key.startswith("aten::"):
             continue
-        self_ms = ev.self_cpu_time_total / 1000.0
+        self_ms = (ev.self_device_time_total if gpu else ev.self_cpu_time_total) / 1000.0
         rows.append((ev.key, self_ms, ev.count))
         aten += self_ms
         calls += ev.count
@@ -121,6 +140,7 @@ def _profile_once(
     return Profile(
         label=label,
         steps=steps,
+        device=dev.type,
         wall_ms=wall / steps * 1000.0,
         plain_ms=plain / steps * 1000.0,
         aten_ms=aten / steps,

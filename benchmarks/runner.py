@@ -8,6 +8,9 @@ count for refresh-free optimizers), in an order rotated by r, so slow drift of t
 (other jobs, thermal state) hits every optimizer alike. Before each step the same pool gradient
 is copied into ``.grad`` outside the timed region; only ``opt.step()`` is timed.
 
+On a GPU (``Group.device``), the device is synchronised before and after each timed step, so a
+step's time is the host's launch work and the device's kernels, whichever is longer.
+
 Per optimizer: the median step time, and the amortised time = total time of the timed rounds /
 their steps (whole refresh periods, so a periodic refresh is counted at its true rate; for a
 refresh-free optimizer this is the mean).
@@ -54,6 +57,7 @@ class Group:
     rounds: int
     #: (soapdsl label, peer label) pairs whose ratio is reported
     ratios: list[tuple[str, str]] = field(default_factory=list)
+    device: str = "cpu"
 
 
 @dataclass
@@ -116,6 +120,12 @@ def tensor_state_bytes(state: Any) -> int:
     return total
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class _Live:
     def __init__(self, entry: Entry, pool: GradPool) -> None:
         self.entry = entry
@@ -130,9 +140,11 @@ class _Live:
     def step(self, count_faults: bool = False) -> float:
         self.pool.load(self.named, self.k)
         self.k += 1
+        synchronize(self.pool.device)
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         self.opt.step()
+        synchronize(self.pool.device)
         dt = time.perf_counter() - t0
         if count_faults:
             self.result.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
@@ -171,14 +183,14 @@ def _sensitivity(entry: Entry, pool: GradPool, steps: int) -> str:
         pool.load(noisy, k)
         for _, p in noisy:
             assert p.grad is not None
-            p.grad.mul_(1 + 2.0**-24 * torch.randn(p.grad.shape, generator=g))
+            p.grad.mul_(1 + 2.0**-24 * torch.randn(p.grad.shape, generator=g).to(p.grad.device))
         a.step()
         b.step()
     return _compare(clean, noisy, pool.init)
 
 
 def run_group(group: Group, log: Callable[[str], None] = print) -> list[Result]:
-    pool = GradPool(group.subset)
+    pool = GradPool(group.subset, device=group.device)
     live: list[_Live] = []
     failed: list[Result] = []
     for e in group.entries:
