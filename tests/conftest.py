@@ -59,17 +59,18 @@ def max_rel_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
     )
 
 
-def race(recipe, kw, ref_cls, ref_kw, shapes, steps=60, dtype=torch.float64, seed=1, names=None):
+def race(recipe, kw, ref_cls, ref_kw, shapes, steps=60, dtype=torch.float64, seed=1, names=None, device="cpu"):
     """Run a recipe and a reference optimizer on identical gradients for ``steps`` steps.
 
     ``shapes`` maps parameter names to shapes; ``ref_kw`` may be a callable taking the reference's
-    parameters by name (for references that need them, such as share groups). Returns the worst
+    parameters by name (for references that need them, such as share groups). Values are drawn
+    on the CPU and moved to ``device``, so every device sees the same ones. Returns the worst
     relative error max|ours - ref| / max|ref| over the parameters.
     """
 
     def params():
         torch.manual_seed(0)
-        return {n: torch.nn.Parameter(torch.randn(s, dtype=dtype)) for n, s in shapes.items()}
+        return {n: torch.nn.Parameter(torch.randn(s, dtype=dtype).to(device)) for n, s in shapes.items()}
 
     ours, theirs = params(), params()
     opt = soapdsl.build(recipe, list(ours.items()), **kw)
@@ -77,7 +78,7 @@ def race(recipe, kw, ref_cls, ref_kw, shapes, steps=60, dtype=torch.float64, see
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         for n, shape in shapes.items():
-            grad = torch.randn(shape, generator=g, dtype=dtype)
+            grad = torch.randn(shape, generator=g, dtype=dtype).to(device)
             ours[n].grad = grad.clone()
             theirs[n].grad = grad.clone()
         opt.step()

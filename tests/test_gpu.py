@@ -1,0 +1,298 @@
+"""The shipped recipes on a CUDA device (``pytest -m gpu``; skipped without one).
+
+* fidelity: the same independent references as on the CPU (torch.optim.AdamW and Adam, the loop
+  references of tests/references.py, torch.optim.Muon), run on the GPU, at the CPU's tolerances;
+* the fused Adam path: bit-identical to ``torch.optim.AdamW(fused=True)`` on the same device, its
+  device-side step counts kept in step with the host's through fallbacks and a state-dict load;
+* no host-device synchronisation inside ``step()`` (``torch.cuda.set_sync_debug_mode``), outside
+  the steps that decompose a matrix with ``eigh`` (which checks for convergence on the host);
+* state dicts move between devices.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import soapdsl
+from tests import references as R
+from tests import references_variants as RV
+from tests.conftest import batches, make_net, race, train_step
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+CUDA = "cuda"
+MATS = {"square": (6, 6), "tall": (10, 4), "wide": (4, 10)}
+ALL = {**MATS, "vector": (7,), "over_max_dim": (12, 5), "conv": (3, 2, 3, 3)}
+
+
+def _cuda_batches(n: int, dtype: torch.dtype = torch.float32) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.to(CUDA), y.to(CUDA)) for x, y in batches(n, dtype=dtype)]
+
+
+# -- fidelity against the independent references, on the GPU ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("recipe", "torch_cls"), [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)], ids=["adamw", "adam"]
+)
+@pytest.mark.parametrize("foreach", [True, False], ids=["foreach", "loop"])
+def test_adam_matches_torch_on_cuda(recipe: str, torch_cls: type, foreach: bool) -> None:
+    """The stage-by-stage path (``[fused=false]``) against torch's non-fused implementations."""
+    kw = dict(lr=3e-3, betas=(0.85, 0.98), eps=1e-7, weight_decay=0.05)
+    ours_model, ref_model = make_net().to(CUDA), make_net().to(CUDA)
+    pipeline = (
+        "decay(0.05) |> adam(0.85, 0.98, 1e-7) |> lr"
+        if recipe == "adamw"
+        else "l2(0.05) |> adam(0.85, 0.98, 1e-7) |> lr"
+    )
+    text = f"recipe r(lr=3e-3):\n  route default [fused=false]: {pipeline}\n"
+    ours = soapdsl.build(text, ours_model)
+    assert all(rp.fused is None for rp in ours._routes)
+    ref = torch_cls(ref_model.parameters(), foreach=foreach, **kw)
+    for batch in _cuda_batches(60):
+        train_step(ours_model, ours, batch)
+        train_step(ref_model, ref, batch)
+    for p, q in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_soap_equals_the_loop_reference_on_cuda() -> None:
+    err = race(
+        "soap", {"freq": 5, "max_dim": 8}, R.SoapV2Ref, {"precondition_frequency": 5, "max_precond_dim": 8}, ALL,
+        device=CUDA,
+    )  # fmt: skip
+    assert err < 1e-9
+
+
+def test_soap_muon_equals_the_loop_reference_on_cuda() -> None:
+    err = race("soap_muon", {"freq": 5}, R.SoapMuonRef, {"precondition_frequency": 5}, MATS, device=CUDA)
+    assert err < 1e-9
+
+
+def test_shampoo_equals_the_loop_reference_on_cuda() -> None:
+    """At the defaults, as the CPU test: the first inverse roots come at step 10, when every
+    factor here has full rank (earlier, a vector's rank-deficient factor meets eps=1e-12 and
+    rounding in its null space is amplified by eps^(-1/4) on any device)."""
+    err = race("shampoo", {}, R.ShampooRef, {}, ALL, device=CUDA)
+    assert err < 1e-9
+
+
+def test_ademamix_equals_the_loop_reference_on_cuda() -> None:
+    err = race("ademamix", {}, RV.AdEMAMixRef, {}, ALL, device=CUDA)
+    assert err < 1e-9
+
+
+def test_muon_fp64_equals_the_loop_reference_on_cuda() -> None:
+    err = race(
+        "muon",
+        {"lr": 0.02, "weight_decay": 0.1},
+        R.MuonRef,
+        {"lr": 0.02, "weight_decay": 0.1, "ns_dtype": torch.float64},
+        MATS,
+        device=CUDA,
+    )
+    assert err < 1e-9
+
+
+def _muon_vs_torch(ours_factory, steps: int = 20) -> float:
+    shapes = {"square": (32, 32), "tall": (48, 16), "wide": (16, 48)}
+    torch.manual_seed(0)
+    base = {n: torch.randn(s).to(CUDA) for n, s in shapes.items()}
+    a = {n: torch.nn.Parameter(t.clone()) for n, t in base.items()}
+    b = {n: torch.nn.Parameter(t.clone()) for n, t in base.items()}
+    ours = ours_factory(list(a.items()))
+    ref = torch.optim.Muon(list(b.values()), lr=0.02, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for n, s in shapes.items():
+            grad = torch.randn(s, generator=g).to(CUDA)
+            a[n].grad = grad.clone()
+            b[n].grad = grad.clone()
+        ours.step()
+        ref.step()
+    return max(float((a[n] - b[n]).detach().abs().max() / b[n].detach().abs().max()) for n in shapes)
+
+
+def test_muon_bf16_matches_torch_muon_on_cuda() -> None:
+    """As on the CPU (tests/test_recipes.py): bf16 Newton-Schulz differs from torch's by bf16
+    rounding only, no more than an independent bf16 loop implementation does."""
+    noise = _muon_vs_torch(lambda ps: R.MuonRef([p for _, p in ps], lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16))
+    ours = _muon_vs_torch(lambda ps: soapdsl.build("muon", ps, lr=0.02, weight_decay=0.1, ns_dtype="bf16"))
+    assert noise < 2e-3
+    assert ours < 2e-3
+
+
+# -- the fused Adam path on CUDA -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(
+    ("recipe", "torch_cls"), [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)], ids=["adamw", "adam"]
+)
+def test_fused_bit_identical_to_torch_fused_on_cuda(recipe: str, torch_cls: type, dtype: torch.dtype) -> None:
+    """(bf16 and fp16 parameters keep fp32 state, which the kernel cannot take: the stage path.)"""
+    ours_model, ref_model = make_net(dtype=dtype).to(CUDA), make_net(dtype=dtype).to(CUDA)
+    ours = soapdsl.build(recipe, ours_model, lr=3e-3, beta1=0.85, beta2=0.98, eps=1e-7, weight_decay=0.05)
+    assert all(rp.fused is not None for rp in ours._routes)
+    ref = torch_cls(ref_model.parameters(), lr=3e-3, betas=(0.85, 0.98), eps=1e-7, weight_decay=0.05, fused=True)
+    for batch in _cuda_batches(30, dtype=dtype):
+        train_step(ours_model, ours, batch)
+        train_step(ref_model, ref, batch)
+    for p, q in zip(ours_model.parameters(), ref_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_fused_device_step_counts_follow_fallbacks_and_loads() -> None:
+    """Steps that leave Adam's shape (a scheduler moving beta1 away from bias_correct's) take the
+    stage path and count on the host only; the fused kernel's device-side counts must catch up,
+    also after a state-dict load. Checked against the stage path throughout."""
+    pipeline = "momentum(beta1) |> rms_normalize(0.99, 1e-8) |> bias_correct(0.9) |> lr"
+    text = f"recipe r(lr=1e-2, beta1=0.9):\n  route default: {pipeline}\n"
+    staged_text = f"recipe r(lr=1e-2, beta1=0.9):\n  route default [fused=false]: {pipeline}\n"
+    fused_model, staged_model = make_net(dtype=torch.float64).to(CUDA), make_net(dtype=torch.float64).to(CUDA)
+    fused, staged = soapdsl.build(text, fused_model), soapdsl.build(staged_text, staged_model)
+    assert fused._routes[0].fused is not None
+    data = _cuda_batches(24, dtype=torch.float64)
+
+    def run(opt, model, part):
+        for k, batch in part:
+            opt.param_groups[0]["beta1"] = 0.5 if 5 <= k < 9 else 0.9  # steps 5-8 leave Adam's shape
+            train_step(model, opt, batch)
+
+    run(fused, fused_model, list(enumerate(data))[:12])
+    run(staged, staged_model, list(enumerate(data))[:12])
+    reloaded = soapdsl.build(text, fused_model)
+    reloaded.load_state_dict(fused.state_dict())
+    run(reloaded, fused_model, list(enumerate(data))[12:])
+    run(staged, staged_model, list(enumerate(data))[12:])
+    for p, q in zip(fused_model.parameters(), staged_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert float(reloaded.state[next(fused_model.parameters())]["step"]) == 24
+
+
+# -- no host-device synchronisation ----------------------------------------------------------------
+
+# (recipe arguments, the last step with a first decomposition): freq past the test's steps, so
+# the first bases' eigh (step 1; soap_soap's inner basis starts on step 2) is the only one
+RECIPES: dict[str, tuple[dict[str, int], int]] = {
+    "adamw": ({}, 0),
+    "adam": ({}, 0),
+    "muon": ({}, 0),
+    "soap": ({"freq": 1000}, 1),
+    "shampoo": ({"freq": 1000}, 1),
+    "soap_muon": ({"freq": 1000}, 1),
+    "soap_muon_shared": ({"freq": 1000}, 1),
+    "psoap": ({"freq": 1000}, 1),
+    "ademamix": ({}, 0),
+    "soap_ademamix": ({"freq": 1000}, 1),
+    "soap_soap": ({"freq": 1000}, 2),
+    "card": ({}, 1),
+}
+
+
+def _steps_without_sync(model: torch.nn.Module, opt: torch.optim.Optimizer, data, free: int) -> None:
+    """Train on ``data``; every step after the first ``free`` runs with synchronisation an error."""
+    for k, (x, y) in enumerate(data):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        torch.cuda.synchronize()
+        previous = torch.cuda.get_sync_debug_mode()
+        if k >= free:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_no_host_sync_after_the_first_decomposition(recipe: str) -> None:
+    kw, free = RECIPES[recipe]
+    model = make_net().to(CUDA)
+    _steps_without_sync(model, soapdsl.build(recipe, model, **kw), _cuda_batches(7), max(free, 1))
+
+
+@pytest.mark.parametrize("recipe", ["soap", "soap_muon", "psoap"])
+def test_basis_refresh_by_power_step_and_qr_does_not_sync(recipe: str) -> None:
+    """SOAP's periodic refresh is one matmul, a sort, a gather and a QR: no host round trip
+    (only ``eigh``, for the first bases and in Shampoo's inverse roots, checks convergence)."""
+    model = make_net().to(CUDA)
+    _steps_without_sync(model, soapdsl.build(recipe, model, freq=2), _cuda_batches(7), 1)
+
+
+# -- state dicts across devices --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "soap", "soap_muon"])
+def test_state_dict_moves_between_devices(recipe: str) -> None:
+    """Trained on the GPU, saved, loaded into an optimizer of the same model on the CPU: both
+    go on alike. They differ by the devices' rounding, which SOAP's rank-deficient first factors
+    of SmallNet's 32 x 144 matrix amplify to about 1e-12 in float64 (measured on an H100); a
+    state that failed to carry over (a basis, a moment, a step count) moves them by about lr."""
+    gpu_model = make_net(dtype=torch.float64).to(CUDA)
+    kw = {} if recipe == "adamw" else {"freq": 3}
+    gpu_opt = soapdsl.build(recipe, gpu_model, **kw)
+    data = batches(14, dtype=torch.float64)
+    for x, y in data[:8]:
+        train_step(gpu_model, gpu_opt, (x.to(CUDA), y.to(CUDA)))
+    cpu_model = make_net(dtype=torch.float64)
+    cpu_model.load_state_dict({k: v.cpu() for k, v in gpu_model.state_dict().items()})
+    cpu_opt = soapdsl.build(recipe, cpu_model, **kw)
+    cpu_opt.load_state_dict(gpu_opt.state_dict())
+    for p in cpu_model.parameters():
+        for v in cpu_opt.state[p].values():
+            if torch.is_tensor(v) and v.dim() > 0:
+                assert v.device.type == "cpu"
+    for x, y in data[8:]:
+        train_step(gpu_model, gpu_opt, (x.to(CUDA), y.to(CUDA)))
+        train_step(cpu_model, cpu_opt, (x, y))
+    for p, q in zip(gpu_model.parameters(), cpu_model.parameters(), strict=True):
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-9, atol=1e-10)
+
+
+# -- torch.compile on CUDA -------------------------------------------------------------------------
+
+# Not strict: seen on an H100 with the benchmark's parameter set, not yet run with these shapes.
+_INDUCTOR_ASSERT = (
+    "torch 2.11's inductor asserts in FusedSchedulerNode.reorder_loops_by_dep_pair on Newton-Schulz's"
+    " fused graph; torch 2.13 returns False there instead of asserting"
+)
+
+
+def _torch_before(major: int, minor: int) -> bool:
+    return tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (major, minor)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "adamw",
+        "soap",
+        pytest.param("muon", marks=pytest.mark.xfail(_torch_before(2, 13), reason=_INDUCTOR_ASSERT, strict=False)),
+        pytest.param("soap_muon", marks=pytest.mark.xfail(_torch_before(2, 13), reason=_INDUCTOR_ASSERT, strict=False)),
+    ],
+)
+def test_compiled_route_matches_eager_on_cuda(recipe: str) -> None:
+    """Well-conditioned square matrices and vectors (see tests/test_compile_step.py): the
+    compiled route computes what the eager one does, to fp32 rounding."""
+    torch.manual_seed(0)
+    shapes = {"a": (16, 16), "b": (16, 16), "c": (32, 32), "v": (16,)}
+    eager_p = {n: torch.nn.Parameter(torch.randn(s).to(CUDA)) for n, s in shapes.items()}
+    compiled_p = {n: torch.nn.Parameter(t.detach().clone()) for n, t in eager_p.items()}
+    kw = {"freq": 3} if "soap" in recipe else {}
+    eager = soapdsl.build(recipe, list(eager_p.items()), **kw)
+    compiled = soapdsl.build(recipe, list(compiled_p.items()), torch_compile=True, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        for n, s in shapes.items():
+            grad = torch.randn(s, generator=g).to(CUDA)
+            eager_p[n].grad = grad.clone()
+            compiled_p[n].grad = grad.clone()
+        eager.step()
+        compiled.step()
+    for n in shapes:
+        torch.testing.assert_close(compiled_p[n], eager_p[n], rtol=1e-5, atol=1e-6)
