@@ -17,7 +17,7 @@ import torch
 import soapdsl
 from tests import references as R
 from tests import references_variants as RV
-from tests.conftest import batches, make_net, race, train_step
+from tests.conftest import batches, make_net, muon_vs_torch, race, train_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -97,30 +97,13 @@ def test_muon_fp64_equals_the_loop_reference_on_cuda() -> None:
     assert err < 1e-9
 
 
-def _muon_vs_torch(ours_factory, steps: int = 20) -> float:
-    shapes = {"square": (32, 32), "tall": (48, 16), "wide": (16, 48)}
-    torch.manual_seed(0)
-    base = {n: torch.randn(s).to(CUDA) for n, s in shapes.items()}
-    a = {n: torch.nn.Parameter(t.clone()) for n, t in base.items()}
-    b = {n: torch.nn.Parameter(t.clone()) for n, t in base.items()}
-    ours = ours_factory(list(a.items()))
-    ref = torch.optim.Muon(list(b.values()), lr=0.02, weight_decay=0.1)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for n, s in shapes.items():
-            grad = torch.randn(s, generator=g).to(CUDA)
-            a[n].grad = grad.clone()
-            b[n].grad = grad.clone()
-        ours.step()
-        ref.step()
-    return max(float((a[n] - b[n]).detach().abs().max() / b[n].detach().abs().max()) for n in shapes)
-
-
 def test_muon_bf16_matches_torch_muon_on_cuda() -> None:
     """As on the CPU (tests/test_recipes.py): bf16 Newton-Schulz differs from torch's by bf16
     rounding only, no more than an independent bf16 loop implementation does."""
-    noise = _muon_vs_torch(lambda ps: R.MuonRef([p for _, p in ps], lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16))
-    ours = _muon_vs_torch(lambda ps: soapdsl.build("muon", ps, lr=0.02, weight_decay=0.1, ns_dtype="bf16"))
+    noise = muon_vs_torch(
+        lambda ps: R.MuonRef([p for _, p in ps], lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16), device=CUDA
+    )
+    ours = muon_vs_torch(lambda ps: soapdsl.build("muon", ps, lr=0.02, weight_decay=0.1, ns_dtype="bf16"), device=CUDA)
     assert noise < 2e-3
     assert ours < 2e-3
 

@@ -10,7 +10,7 @@ import torch
 
 import soapdsl
 from tests import references as R
-from tests.conftest import race
+from tests.conftest import muon_vs_torch, race
 
 MATS = {"square": (6, 6), "tall": (10, 4), "wide": (4, 10)}
 ALL = {**MATS, "vector": (7,), "over_max_dim": (12, 5), "conv": (3, 2, 3, 3)}
@@ -184,31 +184,12 @@ def test_muon_float64_is_exact():
     assert err < 1e-12
 
 
-def _muon_vs_torch(ours_factory, steps=20):
-    shapes = {"square": (32, 32), "tall": (48, 16), "wide": (16, 48)}
-    torch.manual_seed(0)
-    base = {n: torch.randn(s) for n, s in shapes.items()}
-    a = {n: torch.nn.Parameter(t.clone()) for n, t in base.items()}
-    b = {n: torch.nn.Parameter(t.clone()) for n, t in base.items()}
-    ours = ours_factory(list(a.items()))
-    ref = torch.optim.Muon(list(b.values()), lr=0.02, weight_decay=0.1)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for n, s in shapes.items():
-            grad = torch.randn(s, generator=g)
-            a[n].grad = grad.clone()
-            b[n].grad = grad.clone()
-        ours.step()
-        ref.step()
-    return max(float((a[n] - b[n]).detach().abs().max() / b[n].detach().abs().max()) for n in shapes)
-
-
 def test_muon_bf16_within_the_noise_between_independent_implementations():
     """torch.optim.Muon iterates in bf16 with fused addmm; any independent bf16 implementation
     differs from it by rounding. The loop reference (one rounding per op) shows that noise; ours
     (batched, bf16) must stay within the same bound."""
-    noise = _muon_vs_torch(lambda ps: R.MuonRef([p for _, p in ps], lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16))
-    ours = _muon_vs_torch(lambda ps: soapdsl.build("muon", ps, lr=0.02, weight_decay=0.1, ns_dtype="bf16"))
+    noise = muon_vs_torch(lambda ps: R.MuonRef([p for _, p in ps], lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16))
+    ours = muon_vs_torch(lambda ps: soapdsl.build("muon", ps, lr=0.02, weight_decay=0.1, ns_dtype="bf16"))
     assert noise < 2e-3  # observed ~1e-3: the size of bf16 rounding differences
     assert ours < 2e-3
 
