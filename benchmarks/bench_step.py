@@ -53,7 +53,7 @@ from benchmarks.runner import Entry, Group, Result, run_group  # noqa: E402
 FREQ, MAX_DIM = peers.SOAP_FREQ, peers.SOAP_MAX_DIM
 
 
-def _soapdsl(recipe: str, compiled: bool = False, **args: Any):
+def _soapdsl(recipe: str, *, compiled: bool = False, **args: Any):
     def make(named):
         return soapdsl.build(recipe, named, torch_compile=compiled, **args)
 
@@ -64,7 +64,7 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
     has_hb = peers.available("heavyball")
     has_po = peers.available("pytorch_optimizer")
     compiled = not quick and compile_ours
-    soap_args = {"freq": FREQ, "max_dim": MAX_DIM}
+    soap_args: dict[str, Any] = {"freq": FREQ, "max_dim": MAX_DIM}
     hb_note = "eager (--quick skips compiling)"
     if not quick and peers.available("heavyball"):
         hb_note = f"compiled, mode {peers.heavyball_mode()}"
@@ -78,13 +78,15 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
         Entry("torch AdamW fused", partial(peers.make_torch_adamw, fused=True)),
     ]
     if compiled:
-        a.insert(1, Entry("soapdsl adamw compiled", _soapdsl("adamw", True), model.adamw_state, "soapdsl adamw"))
+        a.insert(
+            1, Entry("soapdsl adamw compiled", _soapdsl("adamw", compiled=True), model.adamw_state, "soapdsl adamw")
+        )
     b = [
         Entry("soapdsl muon", _soapdsl("muon"), formula=model.muon_state, note="ns_dtype auto = fp32"),
         Entry("torch Muon fp32", peers.make_torch_muon_fp32, note="_zeropower_via_newtonschulz patched to fp32"),
     ]
     if compiled:
-        b.insert(1, Entry("soapdsl muon compiled", _soapdsl("muon", True), model.muon_state, "soapdsl muon"))
+        b.insert(1, Entry("soapdsl muon compiled", _soapdsl("muon", compiled=True), model.muon_state, "soapdsl muon"))
     if has_hb:
         b.append(Entry("heavyball Muon fp32", peers.make_heavyball_muon_fp32, note=f"NS patched to fp32; {hb_note}"))
     gpu = device != "cpu"
@@ -99,7 +101,10 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
         Entry("SoapV2Ref loop", peers.make_soap_v2_ref, note="tests.references.SoapV2Ref: 4 projections/step"),
     ]
     if compiled:
-        c.insert(1, Entry("soapdsl soap compiled", _soapdsl("soap", True, **soap_args), soap_formula, "soapdsl soap"))
+        c.insert(
+            1,
+            Entry("soapdsl soap compiled", _soapdsl("soap", compiled=True, **soap_args), soap_formula, "soapdsl soap"),
+        )
     if has_hb:
         c.append(Entry("heavyball SOAP", peers.make_heavyball_soap, note=hb_note))
     if has_po:
@@ -113,7 +118,7 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
             1,
             Entry(
                 "soapdsl soap_muon compiled",
-                _soapdsl("soap_muon", True, **soap_args),
+                _soapdsl("soap_muon", compiled=True, **soap_args),
                 model.soap_muon_state,
                 "soapdsl soap_muon",
             ),
@@ -194,7 +199,7 @@ def bf16_peers(log) -> list[Result]:
 
 
 def profiles(quick: bool, device: str = "cpu") -> list[profiling.Profile]:
-    soap_args = {"freq": FREQ, "max_dim": MAX_DIM}
+    soap_args: dict[str, Any] = {"freq": FREQ, "max_dim": MAX_DIM}
     steps = 3 if quick else FREQ  # one whole refresh period
     todo = [
         ("soapdsl adamw", _soapdsl("adamw"), "all", 3),
@@ -212,7 +217,7 @@ def profiles(quick: bool, device: str = "cpu") -> list[profiling.Profile]:
 
 def count_flops() -> dict[str, float]:
     """Matmul flops per step that soapdsl's recipes execute, over one refresh period."""
-    soap_args = {"freq": FREQ, "max_dim": MAX_DIM}
+    soap_args: dict[str, Any] = {"freq": FREQ, "max_dim": MAX_DIM}
     todo = [
         ("adamw", _soapdsl("adamw"), "all", 3),
         ("muon", _soapdsl("muon"), "hidden", 3),
