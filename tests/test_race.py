@@ -8,11 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import subprocess
-import sys
-import zipfile
 from importlib import resources
-from pathlib import Path
 
 import pytest
 
@@ -265,27 +261,3 @@ def test_errors_are_soap_errors():
         tiny_race(["adamw"], steps=0)
     with pytest.raises(SoapError):
         tiny_race(["adamw"], d_model=30, n_heads=4)
-
-
-def test_wheel_ships_the_dataset_and_the_race(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(root),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr
-    (whl,) = tmp_path.glob("soapdsl-*.whl")
-    names = set(zipfile.ZipFile(whl).namelist())
-    assert {"soapdsl/data/kjv.txt.xz", "soapdsl/data/README.md", "soapdsl/race/runner.py"} <= names

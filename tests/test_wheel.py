@@ -47,6 +47,11 @@ def test_wheel_contains_grammar_and_recipes(wheel):
     assert "soapdsl/py.typed" in names
 
 
+def test_wheel_ships_the_dataset_and_the_race(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"soapdsl/data/kjv.txt.xz", "soapdsl/data/README.md", "soapdsl/race/runner.py"} <= names
+
+
 def test_wheel_installs_and_compiles_in_a_fresh_venv(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
