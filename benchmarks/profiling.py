@@ -12,7 +12,6 @@ Python work that the GPU waits on.
 from __future__ import annotations
 
 import resource
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.params import GradPool
-from benchmarks.runner import synchronize
+from benchmarks.runner import timed_step
 
 CATEGORIES = [
     ("matmul (mm/bmm/addmm/baddbmm)", ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::matmul")),
@@ -105,11 +104,7 @@ def _profile_once(
     faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(steps):
         pool.load(named, k)
-        synchronize(dev)
-        t0 = time.perf_counter()
-        opt.step()
-        synchronize(dev)
-        plain += time.perf_counter() - t0
+        plain += timed_step(opt, dev)
         k += 1
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / steps
     wall = 0.0
@@ -117,11 +112,7 @@ def _profile_once(
     with profile(activities=activities) as prof:
         for _ in range(steps):
             pool.attach(named, k)  # no copy under the profiler: only step()'s ops are seen
-            synchronize(dev)
-            t0 = time.perf_counter()
-            opt.step()
-            synchronize(dev)
-            wall += time.perf_counter() - t0
+            wall += timed_step(opt, dev)
             k += 1
     rows = []
     aten = 0.0

@@ -126,6 +126,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_step(opt: Any, device: torch.device) -> float:
+    """Seconds of one ``opt.step()``, with the device's queued work drained before and after."""
+    synchronize(device)
+    t0 = time.perf_counter()
+    opt.step()
+    synchronize(device)
+    return time.perf_counter() - t0
+
+
 class _Live:
     def __init__(self, entry: Entry, pool: GradPool) -> None:
         self.entry = entry
@@ -140,12 +149,8 @@ class _Live:
     def step(self, count_faults: bool = False) -> float:
         self.pool.load(self.named, self.k)
         self.k += 1
-        synchronize(self.pool.device)
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t0 = time.perf_counter()
-        self.opt.step()
-        synchronize(self.pool.device)
-        dt = time.perf_counter() - t0
+        dt = timed_step(self.opt, self.pool.device)
         if count_faults:
             self.result.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
         return dt
