@@ -107,6 +107,25 @@ def muon_vs_torch(ours_factory, steps: int = 20, device: str = "cpu") -> float:
     return max(float((a[n] - b[n]).detach().abs().max() / b[n].detach().abs().max()) for n in shapes)
 
 
+def eager_and_compiled(recipe, shapes, steps, device="cpu", **kw):
+    """The same random parameters and gradients through ``recipe`` built eagerly and with
+    ``torch_compile=True``: the two parameter dicts after ``steps`` steps."""
+    torch.manual_seed(0)
+    eager_p = {n: torch.nn.Parameter(torch.randn(s).to(device)) for n, s in shapes.items()}
+    compiled_p = {n: torch.nn.Parameter(t.detach().clone()) for n, t in eager_p.items()}
+    eager = soapdsl.build(recipe, list(eager_p.items()), **kw)
+    compiled = soapdsl.build(recipe, list(compiled_p.items()), torch_compile=True, **kw)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for n, s in shapes.items():
+            grad = torch.randn(s, generator=g).to(device)
+            eager_p[n].grad = grad.clone()
+            compiled_p[n].grad = grad.clone()
+        eager.step()
+        compiled.step()
+    return eager_p, compiled_p
+
+
 @pytest.fixture
 def net() -> SmallNet:
     return make_net()

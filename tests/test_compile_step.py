@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import soapdsl
-from tests.conftest import batches, make_net, max_rel_err, train_step
+from tests.conftest import batches, eager_and_compiled, make_net, max_rel_err, train_step
 
 
 @pytest.mark.slow
@@ -28,20 +28,8 @@ def test_compiled_soap_matches_eager_on_well_conditioned_factors():
     """SOAP's first factors of a rectangular matrix are rank-deficient, so any rounding change
     (a fused compiled kernel) picks another null-space basis and the runs drift apart by design;
     square matrices and vectors have well-defined bases, and there the two paths agree."""
-    torch.manual_seed(0)
     shapes = {"a": (8, 8), "b": (8, 8), "c": (16, 16), "v": (8,)}
-    eager_p = {n: torch.nn.Parameter(torch.randn(s)) for n, s in shapes.items()}
-    compiled_p = {n: torch.nn.Parameter(t.detach().clone()) for n, t in eager_p.items()}
-    eager = soapdsl.build("soap", list(eager_p.items()), freq=3)
-    compiled = soapdsl.build("soap", list(compiled_p.items()), freq=3, torch_compile=True)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(12):
-        for n, s in shapes.items():
-            grad = torch.randn(s, generator=g)
-            eager_p[n].grad = grad.clone()
-            compiled_p[n].grad = grad.clone()
-        eager.step()
-        compiled.step()
+    eager_p, compiled_p = eager_and_compiled("soap", shapes, 12, freq=3)
     for n in shapes:
         torch.testing.assert_close(compiled_p[n], eager_p[n], rtol=1e-5, atol=1e-6)
 

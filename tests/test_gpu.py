@@ -17,7 +17,7 @@ import torch
 import soapdsl
 from tests import references as R
 from tests import references_variants as RV
-from tests.conftest import batches, make_net, muon_vs_torch, race, train_step
+from tests.conftest import batches, eager_and_compiled, make_net, muon_vs_torch, race, train_step
 
 pytestmark = [
     pytest.mark.gpu,
@@ -262,20 +262,8 @@ def _torch_before(major: int, minor: int) -> bool:
 def test_compiled_route_matches_eager_on_cuda(recipe: str) -> None:
     """Well-conditioned square matrices and vectors (see tests/test_compile_step.py): the
     compiled route computes what the eager one does, to fp32 rounding."""
-    torch.manual_seed(0)
     shapes = {"a": (16, 16), "b": (16, 16), "c": (32, 32), "v": (16,)}
-    eager_p = {n: torch.nn.Parameter(torch.randn(s).to(CUDA)) for n, s in shapes.items()}
-    compiled_p = {n: torch.nn.Parameter(t.detach().clone()) for n, t in eager_p.items()}
     kw = {"freq": 3} if "soap" in recipe else {}
-    eager = soapdsl.build(recipe, list(eager_p.items()), **kw)
-    compiled = soapdsl.build(recipe, list(compiled_p.items()), torch_compile=True, **kw)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        for n, s in shapes.items():
-            grad = torch.randn(s, generator=g).to(CUDA)
-            eager_p[n].grad = grad.clone()
-            compiled_p[n].grad = grad.clone()
-        eager.step()
-        compiled.step()
+    eager_p, compiled_p = eager_and_compiled(recipe, shapes, 8, device=CUDA, **kw)
     for n in shapes:
         torch.testing.assert_close(compiled_p[n], eager_p[n], rtol=1e-5, atol=1e-6)
