@@ -357,24 +357,10 @@ class SoapOptimizer(torch.optim.Optimizer):
                     per_op.setdefault(name, [None] * len(buckets))[j] = slab
         for op in walk_ops(rp.ops):
             states.setdefault(op.path, {})
-        return _Cohort(t, host, buckets, states, self._step_slab(params))
-
-    def _step_slab(self, params: list[torch.Tensor]) -> torch.Tensor:
-        """The parameters' step counters in one CPU tensor, each ``state["step"]`` re-pointed to a
-        0-d view of it: a step then counts them all with one ``add_`` instead of one per parameter
-        (the host's share of a small model's step time on a GPU)."""
-        steps = [self.state[p]["step"] for p in params]
-        base = steps[0]._base
-        if (
-            base is not None
-            and base.shape == (len(steps),)
-            and all(s._base is base and s.data_ptr() == base[i].data_ptr() for i, s in enumerate(steps))
-        ):
-            return base
-        slab = torch.stack([s.detach().reshape(()) for s in steps])
-        for i, p in enumerate(params):
-            self.state[p]["step"] = slab[i]
-        return slab
+        # the step counters as one slab too: a step counts them all with one add_ instead of one
+        # per parameter (the host's share of a small model's step time on a GPU)
+        steps = self._slab(Bucket(params, (), True), "step")
+        return _Cohort(t, host, buckets, states, steps)
 
     def _shared_slab(self, rp: RoutePlan, op: Op, bucket: Bucket, key: str) -> torch.Tensor:
         """A slab with one entry per share group of the bucket; records member -> slot."""
