@@ -170,14 +170,20 @@ def validate_args(
         if err["type"] == "missing":
             raise SoapArgumentError(f"'{cls.name}' needs argument '{fname}'", loc) from None
         choices = _literal_choices(cls, fname)
-        if isinstance(raw, ir.Sym | ir.Const) and isinstance(concrete.get(fname), str) and choices:
+        # a validator's own error (value_error) names a valid word in a bad combination
+        if (
+            err["type"] != "value_error"
+            and isinstance(raw, ir.Sym | ir.Const)
+            and isinstance(concrete.get(fname), str)
+            and choices
+        ):
             raise SoapArgumentError(
                 f"invalid {fname}={concrete[fname]} for '{cls.name}': expected one of "
                 + ", ".join(map(str, choices))
                 + did_you_mean(concrete[fname], [str(c) for c in choices]),
                 where,
             ) from None
-        if isinstance(raw, ir.Sym):
+        if isinstance(raw, ir.Sym) and err["type"] != "value_error":
             candidates = list(names or env)
             raise SoapNameError(
                 f"unknown name '{raw.name}' for argument '{fname}' of '{cls.name}'"

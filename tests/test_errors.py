@@ -129,6 +129,13 @@ SOURCES = [
     ),
     ("short-tuple", "newton_schulz(coeffs=(1, 2))", SoapArgumentError, r"item 2 is missing", "1:22"),
     (
+        "bad-combination",
+        "newton_schulz(5, dtype=bf16, form=gram)",
+        SoapArgumentError,
+        r"invalid form=gram for 'newton_schulz': the Gram form needs dtype fp32, fp64 or auto",
+        "1:35",
+    ),
+    (
         "range-via-param",
         "recipe r(lr=0.1, b=2.0) = momentum(b)",
         SoapArgumentError,

@@ -85,10 +85,11 @@ def test_ademamix_equals_the_loop_reference_on_cuda() -> None:
     assert err < 1e-9
 
 
-def test_muon_fp64_equals_the_loop_reference_on_cuda() -> None:
+@pytest.mark.parametrize("form", ["standard", "gram"])
+def test_muon_fp64_equals_the_loop_reference_on_cuda(form: str) -> None:
     err = race(
         "muon",
-        {"lr": 0.02, "weight_decay": 0.1},
+        {"lr": 0.02, "weight_decay": 0.1, "ns_form": form},
         R.MuonRef,
         {"lr": 0.02, "weight_decay": 0.1, "ns_dtype": torch.float64},
         MATS,

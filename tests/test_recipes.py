@@ -184,6 +184,19 @@ def test_muon_float64_is_exact():
     assert err < 1e-12
 
 
+def test_muon_gram_form_equals_the_loop_reference():
+    """ns_form=gram rearranges the iteration (tall and wide MATS take it, the square one does not):
+    exact in float64, and at the standard form's fp32 level against the fp32 loop."""
+    assert race("muon", {"ns_form": "gram"}, R.MuonRef, {"ns_dtype": torch.float64}, MATS) < 1e-12
+    kw = {"weight_decay": 0.1}
+    assert race("muon", {"ns_form": "gram", **kw}, R.MuonRef, kw, MATS, dtype=torch.float32) < 1e-5
+
+
+def test_soap_muon_gram_form_equals_reference():
+    ref_kw = {"precondition_frequency": 5}
+    assert race("soap_muon", {"freq": 5, "ns_form": "gram"}, R.SoapMuonRef, ref_kw, MATS) < 1e-9
+
+
 def test_muon_bf16_within_the_noise_between_independent_implementations():
     """torch.optim.Muon iterates in bf16 with fused addmm; any independent bf16 implementation
     differs from it by rounding. The loop reference (one rounding per op) shows that noise; ours

@@ -41,7 +41,8 @@ EXTRA_STAGES = {
     "decay": ["decay(0.1, lr_scaled=false)"],
     "l2": ["l2(0.1)"],
     "momentum": ["momentum(0.9, nesterov=true)", "momentum(0.8, kind=sgd)"],
-    "newton_schulz": ["newton_schulz(2, cleanup=1, eps_mode=clamp)"],
+    # form=gram: the 3 x 5 bucket takes the Gram form, the 4 x 6 one keeps the standard form
+    "newton_schulz": ["newton_schulz(2, cleanup=1, eps_mode=clamp)", "newton_schulz(6, cleanup=1, form=gram)"],
     "rms_normalize": ["rms_normalize(0.99, 1e-3, eps_at=raw)", "rms_normalize(0.9, correct=false)"],
     "scale": ["scale(-0.5)"],
     "adafactor": ["adafactor(0.9, 1e-3, correct=false)"],

@@ -18,11 +18,17 @@ FP32 = {"rtol": 1e-4, "atol": 2e-5}
 
 
 def _ns_reference(
-    g: torch.Tensor, steps: int, cleanup: int = 0, eps: float = 1e-7, eps_mode: str = "add", coeffs=COEFFS
+    g: torch.Tensor,
+    steps: int,
+    cleanup: int = 0,
+    eps: float = 1e-7,
+    eps_mode: str = "add",
+    coeffs=COEFFS,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """One matrix at a time, in fp32: flatten to [rows, rest], orient wide, normalize, iterate."""
+    """One matrix at a time, in fp32 (or ``dtype``): flatten to [rows, rest], orient wide, normalize, iterate."""
     a, b, c = coeffs
-    x = g.float().reshape(g.shape[0], -1)
+    x = g.to(dtype).reshape(g.shape[0], -1)
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
@@ -197,3 +203,98 @@ def test_spectral_norm_converges_in_fewer_steps_than_frobenius() -> None:
     spectral = torch.linalg.svdvals(soapdsl.apply("newton_schulz(1, norm=spectral)", g))
     assert spectral.min() > fro.min()
     assert spectral.max() < 1.25  # the largest singular value started at (about) 1
+
+
+# -- form=gram --------------------------------------------------------------------------------
+
+# wide enough (long side > 1.5x the short one) for the Gram form to pay, in every orientation
+GRAM_SHAPES = {
+    "wide": [(6, 20)] * 3,
+    "tall": [(20, 6)] * 2,
+    "conv": [(6, 5, 2, 2)] * 2,  # -> [6, 20]
+    "mixed": [(6, 20), (20, 6), (8, 8)],  # the square one keeps the standard form
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GRAM_SHAPES))
+@pytest.mark.parametrize(("steps", "cleanup"), [(5, 0), (10, 2)])
+def test_gram_form_equals_the_loop_in_float64(kind: str, steps: int, cleanup: int) -> None:
+    """The Gram form is the standard iteration rearranged: in float64 it equals the loop to rounding."""
+    recipe = f"newton_schulz({steps}, cleanup={cleanup}, form=gram, restart=3) |> lr"
+    for gs, updates in _run(recipe, GRAM_SHAPES[kind], 11, dtype=torch.float64, steps=2):
+        for g, u in zip(gs, updates):
+            assert u.dtype == torch.float64
+            want = _ns_reference(g, steps, cleanup, dtype=torch.float64)
+            torch.testing.assert_close(u, want, rtol=1e-10, atol=1e-12)
+
+
+def _matmul_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def test_gram_form_does_fewer_matmul_flops_where_it_applies() -> None:
+    """Counted by torch's flop counter. Standard: 5 x (X X^T, A A, B X) = 5 (4 r^2 c + 2 r^3).
+    Gram with restart 3 runs [3, 2] iterations: each run builds R (2 r^2 c) and applies Q (2 r^2 c);
+    inside, R R every iteration, P Q from the second, P R P (4 r^3) before the last: 8 r^2 c + 28 r^3."""
+    from soapdsl.ops._linalg import newton_schulz
+
+    r, c, batch = 8, 40, 3
+    g = torch.randn(batch, r, c)
+    standard = _matmul_flops(lambda: newton_schulz(g, 5, COEFFS))
+    gram = _matmul_flops(lambda: newton_schulz(g, 5, COEFFS, form="gram", restart=3))
+    assert standard == batch * 5 * (4 * r * r * c + 2 * r**3)
+    assert gram == batch * (8 * r * r * c + 28 * r**3)
+    assert gram < 0.62 * standard
+    # transposed the same; square: the Gram form would cost more, so the standard one runs
+    assert _matmul_flops(lambda: newton_schulz(g.mT, 5, COEFFS, form="gram")) == gram
+    sq = torch.randn(batch, r, r)
+    assert _matmul_flops(lambda: newton_schulz(sq, 5, COEFFS, form="gram")) == batch * 5 * 6 * r**3
+
+
+def _ill_conditioned(r: int, c: int, seed: int) -> torch.Tensor:
+    """[4, r, c] with singular values spread log-evenly over [1e-6, 1] (what momentum looks like
+    late in training, and where the Gram matrix's squared spread hurts)."""
+    gen = torch.Generator().manual_seed(seed)
+    u, _, vh = torch.linalg.svd(torch.randn(4, r, c, generator=gen, dtype=torch.float64), full_matrices=False)
+    return (u * torch.logspace(0, -6, r, dtype=torch.float64)) @ vh
+
+
+@pytest.mark.parametrize(("steps", "cleanup"), [(5, 0), (10, 2)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gram_form_fp32_error_stays_at_the_standard_forms_level(steps: int, cleanup: int, seed: int) -> None:
+    """Against a float64 run: with restarts every 3 iterations the fp32 Gram form's error is the
+    standard form's (0.6-1.6x measured). Without restarts it is 40x and more after 5 iterations
+    and NaN after 12: that is what ``restart`` is for."""
+    from soapdsl.ops._linalg import newton_schulz
+
+    g = _ill_conditioned(32, 128, seed)
+    exact = newton_schulz(g, steps, COEFFS, cleanup)
+
+    def err(**kw) -> float:
+        out = newton_schulz(g.float(), steps, COEFFS, cleanup, **kw).double()
+        return float((out - exact).abs().max() / exact.abs().max())
+
+    standard = err()
+    assert standard < 1e-2
+    assert err(form="gram", restart=3) < 2 * standard
+    unrestarted = err(form="gram", restart=99)
+    assert not unrestarted < 10 * standard  # NaN compares False
+
+
+def test_gram_form_iterates_bf16_in_fp32() -> None:
+    """A bf16 update with dtype=auto iterates in bf16 in the standard form; the Gram form promotes
+    it to fp32, so it is the fp32 loop's result up to the final bf16 rounding (2^-8 relative)."""
+    from soapdsl.ops._linalg import newton_schulz
+
+    gen = torch.Generator().manual_seed(12)
+    g = torch.randn(3, 6, 20, generator=gen).to(torch.bfloat16)
+    want = torch.stack([_ns_reference(m, 5) for m in g])
+    gram = newton_schulz(g, 5, COEFFS, form="gram")
+    assert gram.dtype == torch.bfloat16
+    torch.testing.assert_close(gram.float(), want, rtol=2**-8, atol=1e-5)
+    standard = newton_schulz(g, 5, COEFFS)  # bf16 all the way: 8x further off, measured
+    assert float((standard.float() - want).abs().max()) > 5 * float((gram.float() - want).abs().max())
