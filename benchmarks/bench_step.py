@@ -7,12 +7,14 @@ parameter set of :mod:`benchmarks.params`:
 
 a. all parameters: soapdsl ``adamw`` (eager and ``torch_compile=True``) vs torch.optim.AdamW
    with ``foreach=True`` and ``fused=True``;
-b. hidden 2-D matrices: soapdsl ``muon`` (fp32 Newton-Schulz, its default; eager and compiled)
-   vs torch.optim.Muon and heavyball's Muon, both patched to fp32 Newton-Schulz;
+b. hidden 2-D matrices: soapdsl ``muon`` (fp32 Newton-Schulz, its default; eager and compiled,
+   and eager with the opt-in ``ns_form=gram``) vs torch.optim.Muon and heavyball's Muon, both
+   patched to fp32 Newton-Schulz;
 c. all parameters, SOAP at frequency 10 and max_dim 2048: soapdsl ``soap`` (eager and
    compiled) vs the loop reference ``tests.references.SoapV2Ref``, heavyball's SOAP (compiled,
    its default) and pytorch_optimizer's SOAP;
-d. all parameters: soapdsl ``soap_muon`` vs soapdsl ``soap`` (both frequency 10, max_dim 2048).
+d. all parameters: soapdsl ``soap_muon`` (and with the opt-in ``ns_form=gram``) vs soapdsl
+   ``soap`` (all frequency 10, max_dim 2048).
 
 Then the FLOP/byte model (:mod:`benchmarks.model`) with this machine's bandwidth and matmul
 rate, profiles of soapdsl's steps (:mod:`benchmarks.profiling`), and the report
@@ -84,6 +86,12 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
     b = [
         Entry("soapdsl muon", _soapdsl("muon"), formula=model.muon_state, note="ns_dtype auto = fp32"),
         Entry("torch Muon fp32", peers.make_torch_muon_fp32, note="_zeropower_via_newtonschulz patched to fp32"),
+        Entry(
+            "soapdsl muon gram",
+            _soapdsl("muon", ns_form="gram"),
+            formula=model.muon_state,
+            note="ns_form=gram: opt-in Gram Newton-Schulz, not torch's rounding",
+        ),
     ]
     if compiled:
         b.insert(1, Entry("soapdsl muon compiled", _soapdsl("muon", compiled=True), model.muon_state, "soapdsl muon"))
@@ -112,6 +120,12 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
     d = [
         Entry("soapdsl soap_muon", _soapdsl("soap_muon", **soap_args), formula=model.soap_muon_state),
         Entry("soapdsl soap", _soapdsl("soap", **soap_args), formula=soap_formula),
+        Entry(
+            "soapdsl soap_muon gram",
+            _soapdsl("soap_muon", ns_form="gram", **soap_args),
+            formula=model.soap_muon_state,
+            note="ns_form=gram: opt-in Gram Newton-Schulz, not the reference's rounding",
+        ),
     ]
     if compiled:
         d.insert(
@@ -152,6 +166,8 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
                 ("soapdsl muon", "torch Muon fp32"),
                 ("soapdsl muon", "heavyball Muon fp32"),
                 ("soapdsl muon compiled", "torch Muon fp32"),
+                ("soapdsl muon gram", "torch Muon fp32"),
+                ("soapdsl muon gram", "soapdsl muon"),
                 ("soapdsl muon bf16", "torch Muon bf16 (as shipped)"),
                 ("soapdsl muon bf16", "heavyball Muon bf16 (as shipped)"),
             ],
@@ -180,7 +196,11 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
             FREQ,
             soap_warm,
             r(6),
-            [("soapdsl soap_muon", "soapdsl soap"), ("soapdsl soap_muon compiled", "soapdsl soap")],
+            [
+                ("soapdsl soap_muon", "soapdsl soap"),
+                ("soapdsl soap_muon compiled", "soapdsl soap"),
+                ("soapdsl soap_muon gram", "soapdsl soap"),
+            ],
         ),
     ]
     for g in out:
@@ -221,8 +241,10 @@ def count_flops() -> dict[str, float]:
     todo = [
         ("adamw", _soapdsl("adamw"), "all", 3),
         ("muon", _soapdsl("muon"), "hidden", 3),
+        ("muon gram", _soapdsl("muon", ns_form="gram"), "hidden", 3),
         ("soap", _soapdsl("soap", **soap_args), "all", 1 + FREQ),
         ("soap_muon", _soapdsl("soap_muon", **soap_args), "all", 1 + FREQ),
+        ("soap_muon gram", _soapdsl("soap_muon", ns_form="gram", **soap_args), "all", 1 + FREQ),
     ]
     return {name: profiling.count_matmul_flops(make, subset, warm, FREQ) for name, make, subset, warm in todo}
 

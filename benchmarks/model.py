@@ -159,6 +159,31 @@ def _ns(c: Cost, m: int, n: int, steps: int, cleanup: int) -> None:
     _ew(c, "newton-schulz", m * n, 2, 3)  # normalise (norm read, scale)
 
 
+def _ns_gram(c: Cost, m: int, n: int, steps: int, cleanup: int, restart: int) -> None:
+    """The Gram form (newton_schulz form=gram) where it counts fewer flops, else the standard one.
+    Runs of ``restart`` iterations, each between R = X X^T and X <- Q X; inside a run R R per
+    quintic iteration, Q <- P Q from the run's second iteration, R <- P R P before its last."""
+    r, k = min(m, n), max(m, n)
+    gram, standard = Cost(), Cost()
+    _ns(standard, m, n, steps, cleanup)
+    iters = steps + cleanup
+    for start in range(0, iters, restart):
+        length = min(restart, iters - start)
+        _mm(gram, "newton-schulz", r, k, r)  # R = X X^T
+        for i in range(length):
+            if start + i < steps:
+                _mm(gram, "newton-schulz", r, r, r)  # R R (a cubic cleanup step has none)
+            if i:
+                _mm(gram, "newton-schulz", r, r, r)  # P Q
+            if i < length - 1:
+                _mm(gram, "newton-schulz", r, r, r, 2)  # P R P
+        _mm(gram, "newton-schulz", r, r, k)  # Q X
+    _ew(gram, "newton-schulz", m * n, 2, 3)
+    cheaper = gram if gram.flops < standard.flops else standard
+    for name, (flops, nbytes) in cheaper.parts.items():
+        c.add(name, flops, nbytes)
+
+
 def _rotate(c: Cost, name: str, m: int, n: int, left: bool, right: bool, times: float = 1.0) -> None:
     """One projection of an m x n matrix: Q_L^T X (left) and/or X Q_R (right)."""
     if left:
@@ -184,14 +209,18 @@ def adamw_cost(shapes: Shapes) -> Cost:
     return c
 
 
-def muon_cost(shapes: Shapes) -> Cost:
+def muon_cost(shapes: Shapes, form: str = "standard", restart: int = 3) -> Cost:
     """Muon on hidden matrices: momentum + Nesterov (read g, buf; write buf, u: 4 words),
-    Newton-Schulz (5 quintic steps), update (read p, u; write p: 3 words)."""
+    Newton-Schulz (5 quintic steps; ``form="gram"``: the Gram form), update (read p, u; write p:
+    3 words)."""
     c = Cost()
     for _, s in shapes:
         m, n = s
         _ew(c, "elementwise", m * n, 7, 8)
-        _ns(c, m, n, 5, 0)
+        if form == "gram":
+            _ns_gram(c, m, n, 5, 0, restart)
+        else:
+            _ns(c, m, n, 5, 0)
     return c
 
 
@@ -231,11 +260,12 @@ def soap_cost(shapes: Shapes, freq: int, max_dim: int) -> Cost:
     return c
 
 
-def soap_muon_cost(shapes: Shapes, freq: int) -> Cost:
+def soap_muon_cost(shapes: Shapes, freq: int, form: str = "standard", restart: int = 3) -> Cost:
     """SOAP-Muon: hidden matrices get one-sided SOAP on the smaller side (2 projections, the
     momentum kept rotated), Adam-style normalisation in the rotated basis (read Gr, m, v; write
     m, v, X: 6 words), Newton-Schulz (10 quintic + 2 cubic steps), the sqrt fix (read, write, a
-    norm: 3 words) and the update (3 words); the embedding, head and vectors take AdamW (7 words)."""
+    norm: 3 words) and the update (3 words); the embedding, head and vectors take AdamW (7 words).
+    ``form="gram"``: the Gram form of Newton-Schulz."""
     c = Cost()
     for name, s in shapes:
         numel = math.prod(s)
@@ -249,7 +279,10 @@ def soap_muon_cost(shapes: Shapes, freq: int) -> Cost:
         _mm(c, "GG update", d, numel // d, d)
         _ew(c, "GG update", d * d, 3, 3)
         _ew(c, "elementwise", numel, 12, 24)
-        _ns(c, m, n, 10, 2)
+        if form == "gram":
+            _ns_gram(c, m, n, 10, 2, restart)
+        else:
+            _ns(c, m, n, 10, 2)
         _refresh(c, d, freq)
         c.add("refresh", 0, W * 2 * numel, 1.0 / freq)
         _mm(c, "refresh", d, d, d, 1.0 / freq)

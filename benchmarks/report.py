@@ -34,9 +34,25 @@ TARGETS = [
         "median",
         0.9,
     ),
+    (
+        "muon ns_form=gram (opt-in Gram form, not torch's rounding) vs torch Muon fp32 (not a target)",
+        "soapdsl muon gram",
+        "b",
+        "torch Muon fp32",
+        "median",
+        None,
+    ),
     ("soap amortised <= 0.7x the loop reference SoapV2Ref", "soapdsl soap", "c", "SoapV2Ref loop", "amortised", 0.7),
     ("soap amortised <= 1.0x heavyball's compiled SOAP", "soapdsl soap", "c", "heavyball SOAP", "amortised", 1.0),
     ("soap_muon amortised <= 0.8x soap", "soapdsl soap_muon", "d", "soapdsl soap", "amortised", 0.8),
+    (
+        "soap_muon ns_form=gram (opt-in Gram form) amortised vs soap (not a target)",
+        "soapdsl soap_muon gram",
+        "d",
+        "soapdsl soap",
+        "amortised",
+        None,
+    ),
     (
         "muon (bf16 NS) step time vs torch Muon as shipped (GPU runs only, not a target)",
         "soapdsl muon bf16",
@@ -149,10 +165,12 @@ def model_section(
          ["soapdsl adamw", "soapdsl adamw compiled", "torch AdamW foreach", "torch AdamW fused"]),
         ("muon", "hidden", model.muon_cost(hidden), "b",
          ["soapdsl muon", "soapdsl muon compiled", "torch Muon fp32", "heavyball Muon fp32"]),
+        ("muon gram", "hidden", model.muon_cost(hidden, form="gram"), "b", ["soapdsl muon gram"]),
         ("soap", "all", model.soap_cost(shapes, f, d), "c",
          ["soapdsl soap", "soapdsl soap compiled", "SoapV2Ref loop", "heavyball SOAP", "pytorch_optimizer SOAP"]),
         ("soap_muon", "all", model.soap_muon_cost(shapes, f), "d",
          ["soapdsl soap_muon", "soapdsl soap_muon compiled"]),
+        ("soap_muon gram", "all", model.soap_muon_cost(shapes, f, form="gram"), "d", ["soapdsl soap_muon gram"]),
     ]  # fmt: skip
     out = [
         f"Machine, measured in this run: memory bandwidth {machine['bandwidth_GBs']:.1f} GB/s (copy"
