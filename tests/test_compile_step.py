@@ -34,6 +34,15 @@ def test_compiled_soap_matches_eager_on_well_conditioned_factors():
         torch.testing.assert_close(compiled_p[n], eager_p[n], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_gram_newton_schulz_matches_eager():
+    """muon with ns_form=gram on shapes where the Gram form runs (wide, tall) and where it does not."""
+    shapes = {"wide": (8, 32), "tall": (32, 8), "square": (8, 8)}
+    eager_p, compiled_p = eager_and_compiled("muon", shapes, 6, ns_form="gram")
+    for n in shapes:
+        torch.testing.assert_close(compiled_p[n], eager_p[n], rtol=1e-5, atol=1e-6)
+
+
 def test_compile_route_option_is_accepted():
     text = "recipe r(lr=0.1):\n  route default [compile=true]: sign |> lr\n"
     plan = soapdsl.compile(text, [("w", torch.empty(3, device="meta"))])
