@@ -72,7 +72,7 @@ def apply(pipeline: str, tensor: torch.Tensor, **args: Any) -> torch.Tensor:
     batched = rp.needs_batch_dim
     slab = x.unsqueeze(0) if batched else x
     bucket = Bucket([tensor], tuple(tensor.shape), batched)
-    states = {op.path: {} for op in walk_ops(ops)}
+    states: dict[str, dict[str, list[torch.Tensor]]] = {op.path: {} for op in walk_ops(ops)}
     ctx = Ctx(rp.hyper, 1, [bucket], [slab], states, run_ops)
     with torch.no_grad():
         out = ctx.materialize(run_ops(ctx, ops, Val([slab], owned=False))).ts[0]

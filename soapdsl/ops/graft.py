@@ -52,8 +52,8 @@ class Graft(Op):
     name = "graft"
     Args = GraftArgs
 
-    @property  # type: ignore[override]
-    def scale_invariant(self) -> bool:  # exactly, only without eps
+    @property
+    def scale_invariant(self) -> bool:  # type: ignore[override]  # exactly, only without eps
         return self.args.eps == 0  # type: ignore[attr-defined]
 
     def source(self) -> tuple[str, str | None]:

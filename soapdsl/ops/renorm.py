@@ -41,12 +41,12 @@ class Renorm(Op):
     name = "renorm"
     Args = RenormArgs
 
-    @property  # type: ignore[override]
-    def linear(self) -> bool:  # disabled: the identity
+    @property
+    def linear(self) -> bool:  # type: ignore[override]  # disabled: the identity
         return not self.args.enabled  # type: ignore[attr-defined]
 
-    @property  # type: ignore[override]
-    def scale_invariant(self) -> bool:  # exactly, only without eps
+    @property
+    def scale_invariant(self) -> bool:  # type: ignore[override]  # exactly, only without eps
         return self.args.enabled and self.args.eps == 0  # type: ignore[attr-defined]
 
     def apply(self, ctx: Ctx, x: Val) -> Val:

@@ -74,7 +74,7 @@ class RmsNormalize(Op):
         torch._foreach_mul_(v, beta)
         torch._foreach_addcmul_(v, ctx.g, ctx.g, value=1.0 - beta)
         root_c = math.sqrt(1.0 - beta**ctx.t) if a.correct else 1.0
-        denom = torch._foreach_sqrt(v)
+        denom = list(torch._foreach_sqrt(v))
         if a.eps_at == "corrected":
             if root_c != 1.0:
                 torch._foreach_div_(denom, root_c)

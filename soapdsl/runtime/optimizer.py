@@ -354,7 +354,8 @@ class SoapOptimizer(torch.optim.Optimizer):
                 for name, spec in op.state(shape).items():  # names may depend on the shape
                     key = op.state_key(name)
                     slab = self._shared_slab(rp, op, b, key) if spec.shared else self._slab(b, key)
-                    per_op.setdefault(name, [None] * len(buckets))[j] = slab
+                    # a bucket whose shape lacks this state keeps None; its op never reads it
+                    per_op.setdefault(name, [None] * len(buckets))[j] = slab  # type: ignore[list-item]
         for op in walk_ops(rp.ops):
             states.setdefault(op.path, {})
         # the step counters as one slab too: a step counts them all with one add_ instead of one
