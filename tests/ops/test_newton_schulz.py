@@ -212,6 +212,7 @@ GRAM_SHAPES = {
     "wide": [(6, 20)] * 3,
     "tall": [(20, 6)] * 2,
     "conv": [(6, 5, 2, 2)] * 2,  # -> [6, 20]
+    "tall_conv": [(20, 3, 2, 1)] * 2,  # -> [20, 6], transposed
     "mixed": [(6, 20), (20, 6), (8, 8)],  # the square one keeps the standard form
 }
 
