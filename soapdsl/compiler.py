@@ -43,6 +43,7 @@ class ParamEntry:
     dtype: torch.dtype
     route: int
     state_bytes: int
+    notes: list[str] = field(default_factory=list)  # Op.notes along the route, for `compile`
 
     @property
     def bytes(self) -> int:
@@ -420,6 +421,7 @@ def compile_plan(
                 f" '{recipe.name}'; add a final `route default: ...`",
                 recipe.loc,
             )
+        notes: list[str] = []
         for op, seen in walk_shaped(rp.ops, shape):
             why = op.check_shape(seen)
             if why is not None:
@@ -428,7 +430,8 @@ def compile_plan(
                     getattr(op, "loc", None),
                     notes=[f"it was routed by 'route {rp.selector}' (route {rp.index})"],
                 )
-        rp.params.append(ParamEntry(name, shape, t.dtype, rp.index, 0))
+            notes += op.notes(seen)
+        rp.params.append(ParamEntry(name, shape, t.dtype, rp.index, 0, notes))
         rp.tensors.append(t)
     for rp in routes:
         leaders: dict[tuple[str, str], str] = {}

@@ -146,6 +146,11 @@ class Op:
         """Per-parameter state this op allocates for a parameter of ``shape``."""
         return {}
 
+    def notes(self, shape: tuple[int, ...]) -> list[str]:
+        """What this op does for a parameter of ``shape`` that its arguments alone do not say
+        (which form of an iteration runs); ``soapdsl compile`` lists them per parameter."""
+        return []
+
     def host_state(self, shape: tuple[int, ...]) -> dict[str, Any]:
         """Per-parameter host-side values (Python scalars) and their initial values.
 

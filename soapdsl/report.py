@@ -131,6 +131,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "bytes": p.bytes,
                 "state_bytes": p.state_bytes,
                 "state_dtype": str(state_dtype(p.dtype)).removeprefix("torch."),
+                "notes": p.notes,
             }
             for p in plan.params
         ],
@@ -207,13 +208,15 @@ def plan_to_text(plan: Plan) -> str:
         out.append("routing:")
         nw = max(12, *(len(p.name) for p in params))
         sw = max(8, *(len(str(list(p.shape))) for p in params))
-        out.append(f"  {'parameter':<{nw}}  {'shape':<{sw}}  route  {'state':>12}  state/param bytes")
+        noted = any(p.notes for p in params)
+        out.append(
+            f"  {'parameter':<{nw}}  {'shape':<{sw}}  route  {'state':>12}  state/param bytes"
+            + ("  notes" if noted else "")
+        )
         for p in params:
             ratio = p.state_bytes / p.bytes if p.bytes else 0.0
-            out.append(
-                f"  {p.name:<{nw}}  {list(p.shape)!s:<{sw}}  {p.route:>5}  "
-                f"{human_bytes(p.state_bytes):>12}  {ratio:.2f}"
-            )
+            row = f"  {p.name:<{nw}}  {list(p.shape)!s:<{sw}}  {p.route:>5}  {human_bytes(p.state_bytes):>12}  "
+            out.append(row + (f"{ratio:<17.2f}  {'; '.join(p.notes)}" if p.notes else f"{ratio:.2f}"))
         pb, sb = plan.param_bytes(), plan.state_bytes()
         out.append("")
         out.append(

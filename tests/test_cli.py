@@ -65,6 +65,24 @@ def test_compile_set_and_inline(capsys):
     assert "batched by shape" in out and "# implicit" in out
 
 
+def test_compile_notes_which_newton_schulz_form_runs(capsys):
+    """form=gram is decided per shape: compile shows the choice for each parameter (text and JSON)."""
+    argv = ["compile", "muon", "--set", "ns_form=gram", "--shapes", "wide=64x256,square=64x64,tall=256x64"]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and "[" in line}
+    assert rows["wide"].endswith("newton_schulz: Gram form on 64 x 256")
+    assert rows["tall"].endswith("newton_schulz: Gram form on 64 x 256")
+    assert rows["square"].endswith("newton_schulz: standard form (the Gram form counts more flops on 64 x 64)")
+    code, out, _ = run(capsys, *argv, "--format", "json")
+    notes = {p["name"]: p["notes"] for p in json.loads(out)["params"]}
+    assert notes["wide"] == ["newton_schulz: Gram form on 64 x 256"]
+    assert notes["square"] == ["newton_schulz: standard form (the Gram form counts more flops on 64 x 64)"]
+    # the default form has nothing to say, and the table keeps its columns
+    code, out, _ = run(capsys, "compile", "muon", "--shapes", "wide=64x256")
+    assert "notes" not in out
+
+
 @pytest.mark.parametrize(
     ("argv", "pattern"),
     [

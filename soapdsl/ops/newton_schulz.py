@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from soapdsl.ops._linalg import as_matrices, newton_schulz
+from soapdsl.ops._linalg import as_matrices, gram_pays, newton_schulz
 from soapdsl.registry import Float, Int, Op, OpArgs, register
 from soapdsl.runtime.context import Ctx, Val
 
@@ -90,6 +91,15 @@ class NewtonSchulz(Op):
     Args = NewtonSchulzArgs
     kind = "matrix"
     scale_invariant = False
+
+    def notes(self, shape: tuple[int, ...]) -> list[str]:
+        a: NewtonSchulzArgs = self.args  # type: ignore[assignment]
+        if a.form != "gram" or len(shape) < 2:
+            return []
+        r, c = sorted((shape[0], math.prod(shape[1:])))
+        if gram_pays(r, c, a.steps, a.cleanup, a.restart):
+            return [f"newton_schulz: Gram form on {r} x {c}"]
+        return [f"newton_schulz: standard form (the Gram form counts more flops on {r} x {c})"]
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
         a: NewtonSchulzArgs = self.args  # type: ignore[assignment]
