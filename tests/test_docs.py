@@ -4,18 +4,24 @@
 * Every ```soap block in docs/*.md and README.md parses; a block whose first line is not
   ``# parse-only`` must also pass the checker (recipes and macros through
   ``library.check_module``, a bare pipeline through ``library.resolve``).
+* Every ``$ soapdsl check`` and ``$ soapdsl compile`` transcript prints what the docs show. It
+  runs in an empty folder holding the files the transcript shows with ``$ cat NAME`` and those
+  that an earlier ```soap block of the same page names in its first line (``# NAME.soap: ...``).
+  A line ``...`` in the expected output stands for lines left out.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 
 import soapdsl
 from soapdsl import library
+from soapdsl.cli import main as cli_main
 from soapdsl.docgen import render_operator_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,3 +98,95 @@ def test_soap_block(where: str, text: str) -> None:
             f" operators that do not exist yet):\n{e}",
             pytrace=False,
         )
+
+
+# -- transcripts -------------------------------------------------------------------------------
+
+_FENCE = re.compile(r"^```(soap|text)[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+_NAMED = re.compile(r"^# ([\w.-]+\.soap):")
+_RUNS = ("check", "compile")  # `race` trains for minutes; the Python (>>>) lines need a model
+
+
+def _transcripts() -> list[tuple[str, dict[str, str], list[tuple[str, list[str]]]]]:
+    """(id, files, [(command, lines after it)]) of every text block with a soapdsl command."""
+    out = []
+    for path in _doc_files():
+        text = path.read_text(encoding="utf-8")
+        named: dict[str, str] = {}
+        for m in _FENCE.finditer(text):
+            body = m.group(2)
+            if m.group(1) == "soap":
+                hit = _NAMED.match(body)
+                if hit:
+                    named[hit.group(1)] = body
+                continue
+            steps: list[tuple[str, list[str]]] = []
+            for line in body.rstrip("\n").split("\n"):
+                if line.startswith(("$ ", ">>> ")):
+                    steps.append((line, []))
+                elif steps:
+                    steps[-1][1].append(line)
+            if any(cmd.split()[1:3] in (["soapdsl", r] for r in _RUNS) for cmd, _ in steps):
+                line_no = text.count("\n", 0, m.start(2)) + 1
+                out.append((f"{path.relative_to(ROOT)}:{line_no}", dict(named), steps))
+    return out
+
+
+TRANSCRIPTS = _transcripts()
+
+
+def _shows(expected: list[str], got: list[str]) -> bool:
+    """``got`` equals ``expected``, where a line ``...`` in ``expected`` matches any lines."""
+    chunks: list[list[str]] = [[]]
+    for line in expected:
+        if line == "...":
+            chunks.append([])
+        else:
+            chunks[-1].append(line)
+    if len(chunks) == 1:
+        return got == expected
+    at = 0
+    for i, chunk in enumerate(chunks):
+        if i == 0:
+            if got[: len(chunk)] != chunk:
+                return False
+            at = len(chunk)
+            continue
+        if i == len(chunks) - 1 and chunk:
+            return len(got) - len(chunk) >= at and got[len(got) - len(chunk) :] == chunk
+        while at + len(chunk) <= len(got) and got[at : at + len(chunk)] != chunk:
+            at += 1
+        if at + len(chunk) > len(got):
+            return False
+        at += len(chunk)
+    return True
+
+
+def test_docs_have_transcripts() -> None:
+    assert sum(1 for _, _, steps in TRANSCRIPTS for cmd, _ in steps if cmd.startswith("$ soapdsl check")) >= 30
+    assert any(i.startswith("docs/how-it-works.md") for i, _, _ in TRANSCRIPTS)
+
+
+@pytest.mark.parametrize(("where", "files", "steps"), TRANSCRIPTS, ids=[i for i, _, _ in TRANSCRIPTS])
+def test_transcript(where, files, steps, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    ran = 0
+    for cmd, shown in steps:
+        if cmd.startswith("$ cat "):
+            (tmp_path / cmd[len("$ cat ") :].strip()).write_text("\n".join(shown) + "\n")
+            continue
+        argv = shlex.split(cmd[2:])
+        if argv[0] != "soapdsl" or len(argv) < 2 or argv[1] not in _RUNS:
+            continue
+        cli_main(argv[1:])
+        out, err = capsys.readouterr()
+        got = (out + err).rstrip("\n").split("\n")
+        while shown and not shown[-1]:
+            shown = shown[:-1]
+        if not _shows(shown, got):
+            diff = "\n".join(difflib.unified_diff(shown, got, "the docs", "soapdsl", lineterm=""))
+            pytest.fail(f"{where}: `{cmd[2:]}` prints something else:\n{diff}", pytrace=False)
+        ran += 1
+    assert ran, f"{where}: no check or compile command ran"
