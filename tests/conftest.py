@@ -59,7 +59,33 @@ def max_rel_err(a: torch.nn.Module, b: torch.nn.Module) -> float:
     )
 
 
-def race(recipe, kw, ref_cls, ref_kw, shapes, steps=60, dtype=torch.float64, seed=1, names=None, device="cpu"):
+def twin_params(shapes, dtype=torch.float32, device="cpu"):
+    """Two dicts of parameters by name holding the same random values (drawn after
+    ``torch.manual_seed(0)`` on the CPU, then moved to ``device``)."""
+    torch.manual_seed(0)
+    base = {n: torch.randn(s, dtype=dtype).to(device) for n, s in shapes.items()}
+    return tuple({n: torch.nn.Parameter(t.clone()) for n, t in base.items()} for _ in range(2))
+
+
+def lockstep(opts, params, shapes, steps, seed=1, dtype=torch.float32, device="cpu") -> None:
+    """Step every optimizer of ``opts`` ``steps`` times on the same gradients: one draw per
+    parameter and step (on the CPU, from ``seed``), copied into each dict of ``params``."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for n, shape in shapes.items():
+            grad = torch.randn(shape, generator=g, dtype=dtype).to(device)
+            for ps in params:
+                ps[n].grad = grad.clone()
+        for opt in opts:
+            opt.step()
+
+
+def worst_rel_err(ours, theirs) -> float:
+    """Largest over the parameters (dicts by name) of max|ours - theirs| / max|theirs|."""
+    return max(float((ours[n] - theirs[n]).detach().abs().max() / theirs[n].detach().abs().max()) for n in theirs)
+
+
+def race(recipe, kw, ref_cls, ref_kw, shapes, steps=60, dtype=torch.float64, seed=1, device="cpu"):
     """Run a recipe and a reference optimizer on identical gradients for ``steps`` steps.
 
     ``shapes`` maps parameter names to shapes; ``ref_kw`` may be a callable taking the reference's
@@ -67,62 +93,31 @@ def race(recipe, kw, ref_cls, ref_kw, shapes, steps=60, dtype=torch.float64, see
     on the CPU and moved to ``device``, so every device sees the same ones. Returns the worst
     relative error max|ours - ref| / max|ref| over the parameters.
     """
-
-    def params():
-        torch.manual_seed(0)
-        return {n: torch.nn.Parameter(torch.randn(s, dtype=dtype).to(device)) for n, s in shapes.items()}
-
-    ours, theirs = params(), params()
+    ours, theirs = twin_params(shapes, dtype, device)
     opt = soapdsl.build(recipe, list(ours.items()), **kw)
     ref = ref_cls(list(theirs.values()), **(ref_kw(theirs) if callable(ref_kw) else ref_kw))
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        for n, shape in shapes.items():
-            grad = torch.randn(shape, generator=g, dtype=dtype).to(device)
-            ours[n].grad = grad.clone()
-            theirs[n].grad = grad.clone()
-        opt.step()
-        ref.step()
-    return max(float((ours[n] - theirs[n]).detach().abs().max() / theirs[n].detach().abs().max()) for n in shapes)
+    lockstep([opt, ref], [ours, theirs], shapes, steps, seed, dtype, device)
+    return worst_rel_err(ours, theirs)
 
 
 def muon_vs_torch(ours_factory, steps: int = 20, device: str = "cpu") -> float:
     """Run ``ours_factory(named params)`` and torch.optim.Muon (lr 0.02, weight decay 0.1) on the
     same square, tall and wide matrices and gradients; the worst relative error after ``steps``."""
     shapes = {"square": (32, 32), "tall": (48, 16), "wide": (16, 48)}
-    torch.manual_seed(0)
-    base = {n: torch.randn(s).to(device) for n, s in shapes.items()}
-    a = {n: torch.nn.Parameter(t.clone()) for n, t in base.items()}
-    b = {n: torch.nn.Parameter(t.clone()) for n, t in base.items()}
+    a, b = twin_params(shapes, device=device)
     ours = ours_factory(list(a.items()))
     ref = torch.optim.Muon(list(b.values()), lr=0.02, weight_decay=0.1)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for n, s in shapes.items():
-            grad = torch.randn(s, generator=g).to(device)
-            a[n].grad = grad.clone()
-            b[n].grad = grad.clone()
-        ours.step()
-        ref.step()
-    return max(float((a[n] - b[n]).detach().abs().max() / b[n].detach().abs().max()) for n in shapes)
+    lockstep([ours, ref], [a, b], shapes, steps, device=device)
+    return worst_rel_err(a, b)
 
 
 def eager_and_compiled(recipe, shapes, steps, device="cpu", **kw):
     """The same random parameters and gradients through ``recipe`` built eagerly and with
     ``torch_compile=True``: the two parameter dicts after ``steps`` steps."""
-    torch.manual_seed(0)
-    eager_p = {n: torch.nn.Parameter(torch.randn(s).to(device)) for n, s in shapes.items()}
-    compiled_p = {n: torch.nn.Parameter(t.detach().clone()) for n, t in eager_p.items()}
+    eager_p, compiled_p = twin_params(shapes, device=device)
     eager = soapdsl.build(recipe, list(eager_p.items()), **kw)
     compiled = soapdsl.build(recipe, list(compiled_p.items()), torch_compile=True, **kw)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        for n, s in shapes.items():
-            grad = torch.randn(s, generator=g).to(device)
-            eager_p[n].grad = grad.clone()
-            compiled_p[n].grad = grad.clone()
-        eager.step()
-        compiled.step()
+    lockstep([eager, compiled], [eager_p, compiled_p], shapes, steps, device=device)
     return eager_p, compiled_p
 
 
