@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,16 +25,12 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.runner import timed  # noqa: E402
 from soapdsl.ops._linalg import gram_pays, newton_schulz, newton_schulz_flops  # noqa: E402
 
 COEFFS = (3.4445, -4.7750, 2.0315)
 STEPS = 5
 FORMS = ("standard", "gram")
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def _run(g: torch.Tensor, form: str) -> torch.Tensor:
@@ -53,11 +49,7 @@ def measure(r: int, c: int, batch: int, reps: int, device: str) -> dict[str, flo
     times: dict[str, list[float]] = {form: [] for form in FORMS}
     for i in range(reps):
         for form in FORMS if i % 2 == 0 else FORMS[::-1]:
-            _sync(device)
-            t = time.perf_counter()
-            _run(g, form)
-            _sync(device)
-            times[form].append(time.perf_counter() - t)
+            times[form].append(timed(partial(_run, g, form), g.device))
     for form in FORMS:
         out[f"ms_{form}"] = statistics.median(times[form]) * 1e3
     short, long_ = sorted((r, c))

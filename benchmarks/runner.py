@@ -126,13 +126,18 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(opt: Any, device: torch.device) -> float:
-    """Seconds of one ``opt.step()``, with the device's queued work drained before and after."""
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds of one ``fn()``, with the device's queued work drained before and after."""
     synchronize(device)
     t0 = time.perf_counter()
-    opt.step()
+    fn()
     synchronize(device)
     return time.perf_counter() - t0
+
+
+def timed_step(opt: Any, device: torch.device) -> float:
+    """Seconds of one ``opt.step()`` (see :func:`timed`)."""
+    return timed(opt.step, device)
 
 
 class _Live:
