@@ -75,9 +75,8 @@ def newton_schulz(
 
 
 def _gram_phases(iters: int, restart: int) -> list[int]:
-    """Lengths of the runs of iterations between restarts."""
-    size = restart if restart > 0 else max(iters, 1)
-    return [min(size, iters - s) for s in range(0, iters, size)]
+    """Lengths of the runs of iterations between restarts (``restart >= 1``)."""
+    return [min(restart, iters - s) for s in range(0, iters, restart)]
 
 
 def newton_schulz_flops(r: int, c: int, steps: int, cleanup: int, form: str = "standard", restart: int = 3) -> int:
