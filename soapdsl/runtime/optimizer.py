@@ -433,10 +433,7 @@ class SoapOptimizer(torch.optim.Optimizer):
             for op in ops:
                 op.after(ctx)
             cohort.steps.add_(1.0)
-            cohort.t = t
-            for b in cohort.buckets:
-                for p in b.params:
-                    self._steps[id(p)] = t
+            self._stepped(cohort, t)
         if ctx.host_changed:
             params = cohort.params
             for key, value in ctx._host_writes.items():
@@ -457,7 +454,12 @@ class SoapOptimizer(torch.optim.Optimizer):
             return False
         ts.advance(cohort.t + 1)
         fused.step(f, ts.params, (ts.m, ts.v), ts.kernel_steps, hyper)
-        cohort.t += 1
-        for p in ts.params:
-            self._steps[id(p)] = cohort.t
+        self._stepped(cohort, cohort.t + 1)
         return True
+
+    def _stepped(self, cohort: _Cohort, t: int) -> None:
+        """Record that every parameter of ``cohort`` has taken step ``t`` (its counters already count it)."""
+        cohort.t = t
+        for b in cohort.buckets:
+            for p in b.params:
+                self._steps[id(p)] = t
