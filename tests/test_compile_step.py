@@ -43,6 +43,20 @@ def test_compiled_gram_newton_schulz_matches_eager():
         torch.testing.assert_close(compiled_p[n], eager_p[n], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_halved_newton_schulz_matches_eager(monkeypatch):
+    """Eager muon takes the standard form by halves (threshold lowered so that these shapes take
+    it; the odd one keeps the plain form); compiled, the plain form runs (the halved one compiles
+    slower). The two routes agree to fp32 rounding."""
+    from soapdsl.ops import _linalg
+
+    monkeypatch.setattr(_linalg, "HALVES_MIN_ROWS", 2)
+    shapes = {"wide": (8, 32), "tall": (32, 8), "square": (8, 8), "odd": (7, 12)}
+    eager_p, compiled_p = eager_and_compiled("muon", shapes, 6)
+    for n in shapes:
+        torch.testing.assert_close(compiled_p[n], eager_p[n], rtol=1e-5, atol=1e-6)
+
+
 def test_compile_route_option_is_accepted():
     text = "recipe r(lr=0.1):\n  route default [compile=true]: sign |> lr\n"
     plan = soapdsl.compile(text, [("w", torch.empty(3, device="meta"))])

@@ -133,6 +133,13 @@ def test_soap_muon_over_max_dim_branch():
     assert err < 1e-9
 
 
+def test_soap_muon_at_full_width_equals_reference():
+    """Newton-Schulz by halves (from 256 rows on a CPU) inside SOAP-Muon, in float64."""
+    mats = {"wide": (256, 320), "tall": (384, 256)}
+    err = race("soap_muon", {"freq": 3}, R.SoapMuonRef, {"precondition_frequency": 3}, mats, steps=7)
+    assert err < 1e-9
+
+
 def test_soap_muon_fp32():
     err = race("soap_muon", {"freq": 5}, R.SoapMuonRef, {"precondition_frequency": 5}, MATS, dtype=torch.float32)
     assert err < 1e-5
@@ -177,6 +184,14 @@ def test_muon_equals_fp32_loop_reference(adjust):
     kw = {"weight_decay": 0.1, **({"adjust_lr": adjust} if adjust else {})}
     err = race("muon", kw, R.MuonRef, {"weight_decay": 0.1, "adjust_lr_fn": adjust}, MATS, dtype=torch.float32)
     assert err < 1e-5
+
+
+def test_muon_at_full_width_equals_fp32_loop_reference():
+    """From 256 rows a CPU computes Newton-Schulz's symmetric products by halves: still the fp32
+    loop's iteration. Two same-shape wide matrices share a batch; the tall one is transposed."""
+    mats = {"wide": (256, 320), "wide2": (256, 320), "tall": (384, 256)}
+    kw = {"weight_decay": 0.1}
+    assert race("muon", kw, R.MuonRef, kw, mats, steps=8, dtype=torch.float32) < 1e-5
 
 
 def test_muon_float64_is_exact():

@@ -36,6 +36,10 @@ def newton_schulz(
     ``form="gram"`` runs the same polynomial on the r x r Gram matrix where that counts fewer
     flops (see :func:`gram_pays`), restarting from the rectangular matrix every ``restart``
     iterations; equal to the standard form in exact arithmetic.
+
+    The standard form computes the symmetric products ``X X^T`` and ``A^2`` by halves where
+    :func:`halves_pay` (fp32/fp64 on a CPU, r even and at least ``HALVES_MIN_ROWS``): 3/4 of
+    their flops, the same iteration up to rounding.
     """
     work = _DTYPES[dtype] or g.dtype
     if form == "gram" and work not in (torch.float32, torch.float64):
@@ -48,30 +52,112 @@ def newton_schulz(
         norm = top_singular_value(x, power_iters).to(x.dtype)
     else:
         norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
-    # the iteration runs in two contiguous [B, r, c] buffers and two [B, r, r] ones, written
-    # with out= (the first one in the wide orientation, so no step reads a transposed view)
     denom = norm + eps if eps_mode == "add" else norm.clamp(min=eps)
-    x = torch.div(x, denom, out=x.new_empty(x.shape))  # new_empty is contiguous, unlike x.mT
     a, b, c = coeffs
+    polys = [(a, b, c)] * steps + [(1.5, -0.5, 0.0)] * cleanup
     if form == "gram" and gram_pays(x.size(-2), x.size(-1), steps, cleanup, restart):
-        polys = [(a, b, c)] * steps + [(1.5, -0.5, 0.0)] * cleanup
-        x = _gram_newton_schulz(x, polys, restart)
-        return (x.mT if tall else x).to(g.dtype)
-    spare = torch.empty_like(x)
-    gram = x.new_empty((*x.shape[:-1], x.size(-2)))
-    update = torch.empty_like(gram)
-    for _ in range(steps):
-        torch.bmm(x, x.mT, out=gram)
-        torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=update)
-        torch.baddbmm(x, update, x, beta=a, out=spare)
-        x, spare = spare, x
-    for _ in range(cleanup):
-        torch.bmm(x, x.mT, out=gram)
-        torch.baddbmm(x, gram, x, beta=1.5, alpha=-0.5, out=spare)
-        x, spare = spare, x
+        x = _gram_newton_schulz(_normalised(x, denom), polys, restart)
+    elif halves_pay(x):
+        x = _halved_newton_schulz(x, denom, polys)
+    else:
+        x = _standard_newton_schulz(_normalised(x, denom), polys)
     if tall:
         x = x.mT
     return x.to(g.dtype)
+
+
+def _normalised(x: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """``x / denom`` in a new contiguous buffer (new_empty is contiguous, unlike ``x.mT``), so
+    no step of the iteration reads a transposed view."""
+    return torch.div(x, denom, out=x.new_empty(x.shape))
+
+
+def _standard_newton_schulz(x: torch.Tensor, polys: Sequence[tuple[float, float, float]]) -> torch.Tensor:
+    """``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` per ``(a, b, c)`` in ``polys``, on a
+    normalised wide contiguous batch ``x`` ([B, r, c]), in two [B, r, c] buffers and two
+    [B, r, r] ones written with out=."""
+    spare = torch.empty_like(x)
+    gram = x.new_empty((*x.shape[:-1], x.size(-2)))
+    update = torch.empty_like(gram)
+    for a, b, c in polys:
+        torch.bmm(x, x.mT, out=gram)
+        if c:
+            torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=update)
+            torch.baddbmm(x, update, x, beta=a, out=spare)
+        else:
+            torch.baddbmm(x, gram, x, beta=a, alpha=b, out=spare)
+        x, spare = spare, x
+    return x
+
+
+HALVES_MIN_ROWS = 256
+"""The shortest side from which :func:`halves_pay` splits the iteration. Measured on a 2-core
+CPU (fp32, 5 steps): from r = 256 the halved form takes 0.86-0.94x the time of the plain one on
+batches of 4, and 0.98-1.03x on a single matrix; at r = 128 it is 1.03-1.5x slower."""
+
+
+def halves_pay(x: torch.Tensor) -> bool:
+    """Whether :func:`newton_schulz` runs the halved form on the wide batch ``x`` ([B, r, c]).
+
+    CPU only: not measured on a GPU, where the benchmark's Muon step is bound by kernel launches
+    (measured on an H100) and this form launches four times as many. fp32 and fp64 only: in
+    bf16 each half-product sum would add a rounding the plain form does not have. Eager only:
+    compiled by torch.compile the halved form ran 1.12-1.21x slower than the compiled plain
+    one on the benchmark's Muon step (the plain one compiles to the eager speed)."""
+    r = x.size(-2)
+    return (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and x.dtype in (torch.float32, torch.float64)
+        and r % 2 == 0
+        and r >= HALVES_MIN_ROWS
+    )
+
+
+def _halved_newton_schulz(
+    x: torch.Tensor, denom: torch.Tensor, polys: Sequence[tuple[float, float, float]]
+) -> torch.Tensor:
+    """The standard iteration on the row halves of ``x / denom`` ([B, r, c], wide, r even).
+
+    ``A = X X^T`` and ``A^2`` are symmetric, so only their upper blocks are computed:
+    ``A11 = X1 X1^T``, ``A12 = X1 X2^T``, ``A22 = X2 X2^T`` (3/4 of the flops of ``X X^T``) and
+    ``(A^2)11 = A11 A11 + A12 A12^T``, ``(A^2)12 = A11 A12 + A12 A22``,
+    ``(A^2)22 = A12^T A12 + A22 A22`` (3/4 of ``A A``); then with ``M = b A + c A^2``,
+    ``X1 <- a X1 + M11 X1 + M12 X2`` and ``X2 <- a X2 + M12^T X1 + M22 X2`` (the full flops).
+    The halves live stacked in one [2, B, r/2, c] buffer so that every product reads and writes
+    whole contiguous batches (bmm falls back to a per-matrix loop when its output is a strided
+    view such as ``x[:, :h]``).
+    """
+    n, r, cols = x.shape
+    h = r // 2
+    xs = x.new_empty((2, n, h, cols))
+    torch.div(x.unflatten(1, (2, h)).transpose(0, 1), denom, out=xs)
+    ys = torch.empty_like(xs)
+    a11, a12, a22, m11, m12, m22 = (x.new_empty((n, h, h)) for _ in range(6))
+    for a, b, c in polys:
+        x1, x2 = xs.unbind(0)
+        y1, y2 = ys.unbind(0)
+        torch.bmm(x1, x1.mT, out=a11)
+        torch.bmm(x1, x2.mT, out=a12)
+        torch.bmm(x2, x2.mT, out=a22)
+        if c:
+            # the second product of each block accumulates with out= its own input, not with
+            # baddbmm_, which torch.utils.flop_counter does not count
+            torch.baddbmm(a11, a11, a11, beta=b, alpha=c, out=m11)
+            torch.baddbmm(m11, a12, a12.mT, alpha=c, out=m11)
+            torch.baddbmm(a12, a11, a12, beta=b, alpha=c, out=m12)
+            torch.baddbmm(m12, a12, a22, alpha=c, out=m12)
+            torch.baddbmm(a22, a22, a22, beta=b, alpha=c, out=m22)
+            torch.baddbmm(m22, a12.mT, a12, alpha=c, out=m22)
+            p11, p12, p22, scale = m11, m12, m22, 1.0
+        else:  # a cubic step: M = b A
+            p11, p12, p22, scale = a11, a12, a22, b
+        torch.baddbmm(x1, p11, x1, beta=a, alpha=scale, out=y1)
+        torch.baddbmm(y1, p12, x2, alpha=scale, out=y1)
+        torch.baddbmm(x2, p22, x2, beta=a, alpha=scale, out=y2)
+        torch.baddbmm(y2, p12.mT, x1, alpha=scale, out=y2)
+        xs, ys = ys, xs
+    return xs.transpose(0, 1).reshape(n, r, cols)
 
 
 def _gram_phases(iters: int, restart: int) -> list[int]:

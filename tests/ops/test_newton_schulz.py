@@ -299,3 +299,89 @@ def test_gram_form_iterates_bf16_in_fp32() -> None:
     torch.testing.assert_close(gram.float(), want, rtol=2**-8, atol=1e-5)
     standard = newton_schulz(g, 5, COEFFS)  # bf16 all the way: 8x further off, measured
     assert float((standard.float() - want).abs().max()) > 5 * float((gram.float() - want).abs().max())
+
+
+# -- the halved standard form (CPU, fp32/fp64, r even and >= HALVES_MIN_ROWS) -------------------
+
+
+@pytest.fixture
+def halves_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lower the threshold so that the small test shapes take the halved form where r is even."""
+    from soapdsl.ops import _linalg
+
+    monkeypatch.setattr(_linalg, "HALVES_MIN_ROWS", 2)
+
+
+@pytest.mark.parametrize("kind", sorted(SHAPES))
+@pytest.mark.parametrize(("steps", "cleanup"), [(5, 0), (10, 2)])
+def test_halved_form_equals_the_loop_in_float64(kind: str, steps: int, cleanup: int, halves_everywhere) -> None:
+    """Computing X X^T and A^2 by their upper blocks is the same iteration: in float64 it equals
+    the loop to rounding (the odd 5 x 5 in "mixed" keeps the plain form)."""
+    recipe = f"newton_schulz({steps}, cleanup={cleanup}) |> lr"
+    for gs, updates in _run(recipe, SHAPES[kind], 13, dtype=torch.float64, steps=2):
+        for g, u in zip(gs, updates):
+            want = _ns_reference(g, steps, cleanup, dtype=torch.float64)
+            torch.testing.assert_close(u, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", sorted(SHAPES))
+def test_halved_form_matches_the_fp32_loop(kind: str, halves_everywhere) -> None:
+    for gs, updates in _run("newton_schulz(5) |> lr", SHAPES[kind], 14, steps=2):
+        for g, u in zip(gs, updates):
+            torch.testing.assert_close(u, _ns_reference(g, 5), **FP32)
+
+
+def _halved_flops(r: int, c: int, steps: int, cleanup: int) -> int:
+    """Per matrix: a quintic step computes 3 of the 4 blocks of X X^T (3/4 of 2 r^2 c) and of
+    A A (3/4 of 2 r^3), and all of M X (2 r^2 c); a cubic one has no A A."""
+    sym = 3 * r * r * c // 2  # 3/4 of X X^T
+    return steps * (sym + 3 * r**3 // 2 + 2 * r * r * c) + cleanup * (sym + 2 * r * r * c)
+
+
+def test_halved_form_counts_three_quarters_of_the_symmetric_products(halves_everywhere) -> None:
+    from soapdsl.ops._linalg import newton_schulz, newton_schulz_flops
+
+    r, c, batch = 8, 40, 3
+    g = torch.randn(batch, r, c)
+    assert _matmul_flops(lambda: newton_schulz(g, 5, COEFFS, 2)) == batch * _halved_flops(r, c, 5, 2)
+    assert _matmul_flops(lambda: newton_schulz(g.mT, 5, COEFFS, 2)) == batch * _halved_flops(r, c, 5, 2)
+    # the plain count: odd r, bf16 (each half sum would round once more), or fp32 on the meta device
+    plain = newton_schulz_flops
+    odd = torch.randn(batch, 7, c)
+    assert _matmul_flops(lambda: newton_schulz(odd, 5, COEFFS, 2)) == batch * plain(7, c, 5, 2)
+    assert _matmul_flops(lambda: newton_schulz(g.bfloat16(), 5, COEFFS, 2)) == batch * plain(r, c, 5, 2)
+    meta = g.to("meta")
+    assert _matmul_flops(lambda: newton_schulz(meta, 5, COEFFS, 2)) == batch * plain(r, c, 5, 2)
+
+
+def test_halved_form_runs_from_the_default_threshold() -> None:
+    from soapdsl.ops._linalg import HALVES_MIN_ROWS, newton_schulz, newton_schulz_flops
+
+    r, c = HALVES_MIN_ROWS, HALVES_MIN_ROWS + 64
+    for rows, want in ((r, _halved_flops(r, c, 5, 0)), (r - 2, newton_schulz_flops(r - 2, c, 5, 0))):
+        g = torch.randn(1, c, rows)  # tall: the threshold is on the short side
+        assert _matmul_flops(lambda g=g: newton_schulz(g, 5, COEFFS)) == want
+
+
+@pytest.mark.parametrize(("steps", "cleanup"), [(5, 0), (10, 2)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_halved_form_fp32_error_stays_at_the_plain_forms_level(
+    steps: int, cleanup: int, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a float64 run on ill-conditioned matrices of the benchmark's width, the halved fp32
+    iteration is as close as the plain one (0.87-1.24x its error measured over 4 seeds; the
+    halves' sums round in another order)."""
+    from soapdsl.ops import _linalg
+
+    g = _ill_conditioned(256, 512, seed)
+    exact = _linalg.newton_schulz(g, steps, COEFFS, cleanup)
+
+    def err() -> float:
+        out = _linalg.newton_schulz(g.float(), steps, COEFFS, cleanup).double()
+        return float((out - exact).abs().max() / exact.abs().max())
+
+    halved = err()
+    monkeypatch.setattr(_linalg, "HALVES_MIN_ROWS", 10**9)
+    plain = err()
+    assert plain < 1e-2
+    assert halved < 1.5 * plain
