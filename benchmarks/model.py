@@ -11,7 +11,8 @@ period), in fp32 (4 bytes a word):
 * QR of a ``d x d`` matrix as ``8/3 d^3`` flops (Householder factorisation plus forming Q);
   the first step's ``eigh`` is not part of the steady state and is left out;
 * Newton-Schulz per step: per quintic iteration on the wide orientation ``r x c`` (r <= c)
-  ``X X^T`` (2 r^2 c), ``b A + c A A`` (2 r^3), ``B X`` (2 r^2 c); per cubic one, 4 r^2 c.
+  ``X X^T`` (r (r+1) c: a symmetric product needs only one triangle), ``b A + c A A``
+  (r^2 (r+1), symmetric too), ``B X`` (2 r^2 c); per cubic one, ``X X^T`` and ``A X``.
 
 The lower bound of a step is ``max(flops / matmul peak, bytes / bandwidth)``, with both rates
 measured on this machine in the same run (:func:`measure_machine`). It is a bound, not a
@@ -147,14 +148,20 @@ def _ew(c: Cost, name: str, numel: int, words: int, flops_per: float) -> None:
     c.add(name, flops_per * numel, W * words * numel)
 
 
+def _sym(c: Cost, name: str, r: int, k: int) -> None:
+    """A symmetric product ``Y Y^T`` of an [r, k] matrix: one triangle of dot products (a
+    symmetric kernel's count; soapdsl's halved form computes 3/4 of the full product on a CPU)."""
+    c.add(name, r * (r + 1) * k, W * (r * k + r * r))
+
+
 def _ns(c: Cost, m: int, n: int, steps: int, cleanup: int) -> None:
     r, k = min(m, n), max(m, n)
     for _ in range(steps):
-        _mm(c, "newton-schulz", r, k, r)  # A = X X^T
-        _mm(c, "newton-schulz", r, r, r)  # A A
+        _sym(c, "newton-schulz", r, k)  # A = X X^T
+        _sym(c, "newton-schulz", r, r)  # A A (= A A^T)
         _mm(c, "newton-schulz", r, r, k)  # B X
     for _ in range(cleanup):
-        _mm(c, "newton-schulz", r, k, r)
+        _sym(c, "newton-schulz", r, k)
         _mm(c, "newton-schulz", r, r, k)
     _ew(c, "newton-schulz", m * n, 2, 3)  # normalise (norm read, scale)
 
@@ -169,10 +176,10 @@ def _ns_gram(c: Cost, m: int, n: int, steps: int, cleanup: int, restart: int) ->
     iters = steps + cleanup
     for start in range(0, iters, restart):
         length = min(restart, iters - start)
-        _mm(gram, "newton-schulz", r, k, r)  # R = X X^T
+        _sym(gram, "newton-schulz", r, k)  # R = X X^T
         for i in range(length):
             if start + i < steps:
-                _mm(gram, "newton-schulz", r, r, r)  # R R (a cubic cleanup step has none)
+                _sym(gram, "newton-schulz", r, r)  # R R (a cubic cleanup step has none)
             if i:
                 _mm(gram, "newton-schulz", r, r, r)  # P Q
             if i < length - 1:
