@@ -1,14 +1,15 @@
-"""Newton-Schulz alone: the standard form against the Gram form (``newton_schulz(form=gram)``).
+"""Newton-Schulz alone: the plain standard form, the standard form by halves, and the Gram form.
 
     python -m benchmarks.bench_newton_schulz [--device cpu|cuda] [--sizes 256x1024,1024x4096]
                                              [--batch 4] [--reps 10] [--tf32]
 
 Times soapdsl's batched kernel (Muon's 5 quintic steps, fp32) on ``batch`` matrices of each
-size with ``form=standard`` and ``form=gram``, interleaved rep by rep so drift hits both alike,
-and reports which form ``form=gram`` runs at that size (the Gram form only where it counts
-fewer flops), the median times, their ratio, the flop ratio, and each one's error against a
-float64 run of the standard form. It shows where the Gram form pays: the flop ratio is the bound, and small
-matrices on a GPU are bound by kernel launches instead.
+size in three ways, interleaved rep by rep so drift hits all alike: ``form=standard`` with its
+symmetric products whole ("plain"), ``form=standard`` as it runs by default (by halves where
+``halves_pay``: on a CPU from 256 rows), and ``form=gram`` (the Gram form where it counts fewer
+flops). It reports which form runs, the median times and flop counts relative to the plain
+form, and each one's error against a float64 run. The flop ratio is the bound; small matrices
+on a GPU are bound by kernel launches instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -26,38 +29,65 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.runner import timed  # noqa: E402
-from soapdsl.ops._linalg import gram_pays, newton_schulz, newton_schulz_flops  # noqa: E402
+from soapdsl.ops import _linalg  # noqa: E402
 
 COEFFS = (3.4445, -4.7750, 2.0315)
 STEPS = 5
-FORMS = ("standard", "gram")
+VARIANTS = ("plain", "standard", "gram")
 
 
-def _run(g: torch.Tensor, form: str) -> torch.Tensor:
-    return newton_schulz(g, STEPS, COEFFS, 0, 1e-7, "clamp", form=form)
+@contextmanager
+def _no_halves() -> Iterator[None]:
+    saved = _linalg.HALVES_MIN_ROWS
+    _linalg.HALVES_MIN_ROWS = sys.maxsize
+    try:
+        yield
+    finally:
+        _linalg.HALVES_MIN_ROWS = saved
 
 
-def measure(r: int, c: int, batch: int, reps: int, device: str) -> dict[str, float]:
+def _run(g: torch.Tensor, variant: str) -> torch.Tensor:
+    if variant == "plain":
+        with _no_halves():
+            return _linalg.newton_schulz(g, STEPS, COEFFS, 0, 1e-7, "clamp")
+    return _linalg.newton_schulz(g, STEPS, COEFFS, 0, 1e-7, "clamp", form=variant)
+
+
+def _runs(g: torch.Tensor) -> dict[str, str]:
+    """What each variant runs on ``g`` (wide or tall [B, r, c])."""
+    short, long_ = sorted(g.shape[-2:])
+    wide = g if g.size(-2) <= g.size(-1) else g.mT
+    standard = "halves" if _linalg.halves_pay(wide) else "plain"
+    gram = "Gram" if _linalg.gram_pays(short, long_, STEPS, 0, 3) else standard
+    return {"plain": "plain", "standard": standard, "gram": gram}
+
+
+def _flops(short: int, long_: int, runs: str) -> int:
+    form = {"plain": "standard", "halves": "halved", "Gram": "gram"}[runs]
+    return _linalg.newton_schulz_flops(short, long_, STEPS, 0, form)
+
+
+def measure(r: int, c: int, batch: int, reps: int, device: str) -> dict[str, float | str]:
     gen = torch.Generator().manual_seed(0)
     g = torch.randn(batch, r, c, generator=gen).to(device)
-    exact = _run(g.double(), "standard")
-    out: dict[str, float] = {}
-    for form in FORMS:
-        got = _run(g, form).double()
-        out[f"err_{form}"] = float((got - exact).abs().max() / exact.abs().max())
-        _run(g, form)  # warm-up
-    times: dict[str, list[float]] = {form: [] for form in FORMS}
+    with _no_halves():
+        exact = _run(g.double(), "plain")
+    out: dict[str, float | str] = {}
+    for v in VARIANTS:
+        got = _run(g, v).double()
+        out[f"err_{v}"] = float((got - exact).abs().max() / exact.abs().max())
+        _run(g, v)  # warm-up
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for i in range(reps):
-        for form in FORMS if i % 2 == 0 else FORMS[::-1]:
-            times[form].append(timed(partial(_run, g, form), g.device))
-    for form in FORMS:
-        out[f"ms_{form}"] = statistics.median(times[form]) * 1e3
+        order = VARIANTS[i % len(VARIANTS) :] + VARIANTS[: i % len(VARIANTS)]
+        for v in order:
+            times[v].append(timed(partial(_run, g, v), g.device))
     short, long_ = sorted((r, c))
-    out["gram_runs"] = float(gram_pays(short, long_, STEPS, 0, 3))
-    gram = newton_schulz_flops(short, long_, STEPS, 0, "gram") if out["gram_runs"] else None
-    out["flop_ratio"] = (gram or newton_schulz_flops(short, long_, STEPS, 0)) / newton_schulz_flops(
-        short, long_, STEPS, 0
-    )
+    runs = _runs(g)
+    for v in VARIANTS:
+        out[f"ms_{v}"] = statistics.median(times[v]) * 1e3
+        out[f"runs_{v}"] = runs[v]
+        out[f"flops_{v}"] = _flops(short, long_, runs[v]) / _flops(short, long_, "plain")
     return out
 
 
@@ -78,18 +108,22 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{STEPS} quintic steps, batch {args.batch}, median of {args.reps} interleaved reps")
     print()
     print(
-        "| size | form=gram runs | standard ms | form=gram ms | time ratio | flop ratio | error standard"
-        " | error form=gram |"
+        "| size | default runs | form=gram runs | plain ms | default ms (flops) | form=gram ms (flops)"
+        " | error plain | error default | error form=gram |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         r, c = (int(x) for x in size.lower().split("x"))
         m = measure(r, c, args.batch, args.reps, args.device)
+        plain = float(m["ms_plain"])
+        cells = {
+            v: f"{float(m[f'ms_{v}']):.2f} = {float(m[f'ms_{v}']) / plain:.2f}x ({float(m[f'flops_{v}']):.2f}x)"
+            for v in ("standard", "gram")
+        }
         print(
-            f"| {args.batch} x {r} x {c} | {'the Gram form' if m['gram_runs'] else 'the standard form'} |"
-            f" {m['ms_standard']:.2f} | {m['ms_gram']:.2f} |"
-            f" {m['ms_gram'] / m['ms_standard']:.2f}x | {m['flop_ratio']:.2f}x |"
-            f" {m['err_standard']:.1e} | {m['err_gram']:.1e} |"
+            f"| {args.batch} x {r} x {c} | {m['runs_standard']} | {m['runs_gram']} | {plain:.2f} |"
+            f" {cells['standard']} | {cells['gram']} |"
+            f" {m['err_plain']:.1e} | {m['err_standard']:.1e} | {m['err_gram']:.1e} |"
         )
     return 0
 

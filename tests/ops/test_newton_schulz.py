@@ -345,6 +345,7 @@ def test_halved_form_counts_three_quarters_of_the_symmetric_products(halves_ever
     g = torch.randn(batch, r, c)
     assert _matmul_flops(lambda: newton_schulz(g, 5, COEFFS, 2)) == batch * _halved_flops(r, c, 5, 2)
     assert _matmul_flops(lambda: newton_schulz(g.mT, 5, COEFFS, 2)) == batch * _halved_flops(r, c, 5, 2)
+    assert newton_schulz_flops(r, c, 5, 2, "halved") == _halved_flops(r, c, 5, 2)
     # the plain count: odd r, bf16 (each half sum would round once more), or fp32 on the meta device
     plain = newton_schulz_flops
     odd = torch.randn(batch, 7, c)
