@@ -130,10 +130,9 @@ def _halved_newton_schulz(
     """
     n, r, cols = x.shape
     h = r // 2
-    xs = x.new_empty((2, n, h, cols))
+    xs, ys = x.new_empty((2, 2, n, h, cols)).unbind(0)  # one allocation for both
     torch.div(x.unflatten(1, (2, h)).transpose(0, 1), denom, out=xs)
-    ys = torch.empty_like(xs)
-    a11, a12, a22, m11, m12, m22 = (x.new_empty((n, h, h)) for _ in range(6))
+    a11, a12, a22, m11, m12, m22 = x.new_empty((6, n, h, h)).unbind(0)
     for a, b, c in polys:
         x1, x2 = xs.unbind(0)
         y1, y2 = ys.unbind(0)
@@ -157,7 +156,10 @@ def _halved_newton_schulz(
         torch.baddbmm(x2, p22, x2, beta=a, alpha=scale, out=y2)
         torch.baddbmm(y2, p12.mT, x1, alpha=scale, out=y2)
         xs, ys = ys, xs
-    return xs.transpose(0, 1).reshape(n, r, cols)
+    # back to [B, r, c], into the spare half of the buffer (no allocation)
+    out = ys.view(n, r, cols)
+    out.unflatten(1, (2, h)).copy_(xs.transpose(0, 1))
+    return out
 
 
 def _gram_phases(iters: int, restart: int) -> list[int]:
