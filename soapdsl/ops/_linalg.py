@@ -28,10 +28,12 @@ def newton_schulz(
     """Approximate the orthogonal polar factor U V^T of each matrix in ``g`` ([B, m, n]).
 
     Quintic steps ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, then ``cleanup`` cubic
-    steps ``X <- 1.5 X - 0.5 (X X^T) X``, on the wide orientation (transposed when m > n),
-    after dividing each matrix by its Frobenius norm, or with ``norm_kind="spectral"`` by its
-    top singular value from ``power_iters`` power-iteration steps (``+ eps`` or
-    ``clamp(min=eps)``). Returns ``g``'s dtype.
+    steps ``X <- 1.5 X - 0.5 (X X^T) X``, on the wide orientation (when m > n, on the
+    transpose: the standard form computes it as ``A = X^T X``, ``X <- a X + X (b A + c A^2)``
+    without moving X, the Gram form on a transposed copy), after dividing each matrix by its
+    Frobenius norm, or with ``norm_kind="spectral"`` by its top singular value from
+    ``power_iters`` power-iteration steps (``+ eps`` or ``clamp(min=eps)``). Returns ``g``'s
+    dtype.
 
     ``form="gram"`` runs the same polynomial on the r x r Gram matrix where that counts fewer
     flops (see :func:`gram_pays`), restarting from the rectangular matrix every ``restart``
@@ -46,46 +48,72 @@ def newton_schulz(
         work = torch.float32  # the Gram form in bf16 can turn to NaN
     x = g.to(work)
     tall = g.size(-2) > g.size(-1)
-    if tall:
-        x = x.mT
+    wide = x.mT if tall else x
     if norm_kind == "spectral":
-        norm = top_singular_value(x, power_iters).to(x.dtype)
+        norm = top_singular_value(wide, power_iters).to(x.dtype)
     else:
         norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
     denom = norm + eps if eps_mode == "add" else norm.clamp(min=eps)
     a, b, c = coeffs
     polys = [(a, b, c)] * steps + [(1.5, -0.5, 0.0)] * cleanup
-    if form == "gram" and gram_pays(x.size(-2), x.size(-1), steps, cleanup, restart):
-        x = _gram_newton_schulz(_normalised(x, denom), polys, restart)
-    elif halves_pay(x):
-        x = _halved_newton_schulz(x, denom, polys)
-    else:
-        x = _standard_newton_schulz(_normalised(x, denom), polys)
-    if tall:
-        x = x.mT
-    return x.to(g.dtype)
+    if form == "gram" and gram_pays(wide.size(-2), wide.size(-1), steps, cleanup, restart):
+        out = _gram_newton_schulz(_normalised(wide, denom), polys, restart)
+        return (out.mT if tall else out).to(g.dtype)
+    if halves_pay(wide):
+        return _halved_newton_schulz(x, denom, polys, tall).to(g.dtype)
+    return _standard_newton_schulz(_normalised(x, denom), polys, tall).to(g.dtype)
 
 
 def _normalised(x: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
-    """``x / denom`` in a new contiguous buffer (new_empty is contiguous, unlike ``x.mT``), so
-    no step of the iteration reads a transposed view."""
+    """``x / denom`` in a new contiguous buffer (new_empty is contiguous, unlike ``x.mT``)."""
     return torch.div(x, denom, out=x.new_empty(x.shape))
 
 
-def _standard_newton_schulz(x: torch.Tensor, polys: Sequence[tuple[float, float, float]]) -> torch.Tensor:
+# The standard form iterates a tall batch in its own orientation: ``X^T`` of the wide iteration,
+# A = X^T X and X <- a X + X M^T, so neither the input nor the result is ever read or written
+# transposed (a strided pass costs 5-8x a contiguous one on a CPU, and the update's later
+# elementwise stages and the parameter update would all pay it).
+
+
+def _gram_of(u: torch.Tensor, v: torch.Tensor, tall: bool, out: torch.Tensor) -> None:
+    """``U V^T`` of wide blocks, ``U^T V`` of tall ones."""
+    if tall:
+        torch.bmm(u.mT, v, out=out)
+    else:
+        torch.bmm(u, v.mT, out=out)
+
+
+def _apply(
+    base: torch.Tensor,
+    m: torch.Tensor,
+    u: torch.Tensor,
+    tall: bool,
+    out: torch.Tensor,
+    beta: float = 1.0,
+    alpha: float = 1.0,
+) -> None:
+    """``out = beta base + alpha M U`` (wide), or its transpose ``beta base + alpha U M^T`` (tall)."""
+    if tall:
+        torch.baddbmm(base, u, m.mT, beta=beta, alpha=alpha, out=out)
+    else:
+        torch.baddbmm(base, m, u, beta=beta, alpha=alpha, out=out)
+
+
+def _standard_newton_schulz(x: torch.Tensor, polys: Sequence[tuple[float, float, float]], tall: bool) -> torch.Tensor:
     """``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` per ``(a, b, c)`` in ``polys``, on a
-    normalised wide contiguous batch ``x`` ([B, r, c]), in two [B, r, c] buffers and two
-    [B, r, r] ones written with out=."""
+    normalised contiguous batch ``x`` (wide [B, r, c], or tall [B, c, r] iterated as its
+    transpose), in two buffers of x's shape and two [B, r, r] ones written with out=."""
+    r = x.size(-1) if tall else x.size(-2)
     spare = torch.empty_like(x)
-    gram = x.new_empty((*x.shape[:-1], x.size(-2)))
+    gram = x.new_empty((x.size(0), r, r))
     update = torch.empty_like(gram)
     for a, b, c in polys:
-        torch.bmm(x, x.mT, out=gram)
+        _gram_of(x, x, tall, gram)
         if c:
             torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=update)
-            torch.baddbmm(x, update, x, beta=a, out=spare)
+            _apply(x, update, x, tall, spare, beta=a)
         else:
-            torch.baddbmm(x, gram, x, beta=a, alpha=b, out=spare)
+            _apply(x, gram, x, tall, spare, beta=a, alpha=b)
         x, spare = spare, x
     return x
 
@@ -115,30 +143,33 @@ def halves_pay(x: torch.Tensor) -> bool:
 
 
 def _halved_newton_schulz(
-    x: torch.Tensor, denom: torch.Tensor, polys: Sequence[tuple[float, float, float]]
+    x: torch.Tensor, denom: torch.Tensor, polys: Sequence[tuple[float, float, float]], tall: bool
 ) -> torch.Tensor:
-    """The standard iteration on the row halves of ``x / denom`` ([B, r, c], wide, r even).
+    """The standard iteration on the halves of ``x / denom`` along its short side: the rows of
+    a wide [B, r, c] batch, the columns of a tall [B, c, r] one (r even).
 
     ``A = X X^T`` and ``A^2`` are symmetric, so only their upper blocks are computed:
     ``A11 = X1 X1^T``, ``A12 = X1 X2^T``, ``A22 = X2 X2^T`` (3/4 of the flops of ``X X^T``) and
     ``(A^2)11 = A11 A11 + A12 A12^T``, ``(A^2)12 = A11 A12 + A12 A22``,
     ``(A^2)22 = A12^T A12 + A22 A22`` (3/4 of ``A A``); then with ``M = b A + c A^2``,
-    ``X1 <- a X1 + M11 X1 + M12 X2`` and ``X2 <- a X2 + M12^T X1 + M22 X2`` (the full flops).
-    The halves live stacked in one [2, B, r/2, c] buffer so that every product reads and writes
-    whole contiguous batches (bmm falls back to a per-matrix loop when its output is a strided
-    view such as ``x[:, :h]``).
+    ``X1 <- a X1 + M11 X1 + M12 X2`` and ``X2 <- a X2 + M12^T X1 + M22 X2`` (the full flops;
+    a tall batch computes the transposes). The halves live stacked in one [2, B, ...] buffer
+    so that every product reads and writes whole contiguous batches (bmm falls back to a
+    per-matrix loop when its output is a strided view such as ``x[:, :h]``).
     """
-    n, r, cols = x.shape
-    h = r // 2
-    xs, ys = x.new_empty((2, 2, n, h, cols)).unbind(0)  # one allocation for both
-    torch.div(x.unflatten(1, (2, h)).transpose(0, 1), denom, out=xs)
+    n, rows, cols = x.shape
+    h = (cols if tall else rows) // 2
+    split = x.unflatten(-1, (2, h)).movedim(-2, 0) if tall else x.unflatten(1, (2, h)).transpose(0, 1)
+    buf = x.new_empty((2, *split.shape))
+    xs, ys = buf.unbind(0)
+    torch.div(split, denom, out=xs)
     a11, a12, a22, m11, m12, m22 = x.new_empty((6, n, h, h)).unbind(0)
     for a, b, c in polys:
         x1, x2 = xs.unbind(0)
         y1, y2 = ys.unbind(0)
-        torch.bmm(x1, x1.mT, out=a11)
-        torch.bmm(x1, x2.mT, out=a12)
-        torch.bmm(x2, x2.mT, out=a22)
+        _gram_of(x1, x1, tall, a11)
+        _gram_of(x1, x2, tall, a12)
+        _gram_of(x2, x2, tall, a22)
         if c:
             # the second product of each block accumulates with out= its own input, not with
             # baddbmm_, which torch.utils.flop_counter does not count
@@ -151,14 +182,17 @@ def _halved_newton_schulz(
             p11, p12, p22, scale = m11, m12, m22, 1.0
         else:  # a cubic step: M = b A
             p11, p12, p22, scale = a11, a12, a22, b
-        torch.baddbmm(x1, p11, x1, beta=a, alpha=scale, out=y1)
-        torch.baddbmm(y1, p12, x2, alpha=scale, out=y1)
-        torch.baddbmm(x2, p22, x2, beta=a, alpha=scale, out=y2)
-        torch.baddbmm(y2, p12.mT, x1, alpha=scale, out=y2)
+        _apply(x1, p11, x1, tall, y1, beta=a, alpha=scale)
+        _apply(y1, p12, x2, tall, y1, alpha=scale)
+        _apply(x2, p22, x2, tall, y2, beta=a, alpha=scale)
+        _apply(y2, p12.mT, x1, tall, y2, alpha=scale)
         xs, ys = ys, xs
-    # back to [B, r, c], into the spare half of the buffer (no allocation)
-    out = ys.view(n, r, cols)
-    out.unflatten(1, (2, h)).copy_(xs.transpose(0, 1))
+    # back to x's layout, into the spare half of the buffer (no allocation)
+    out = ys.view(n, rows, cols)
+    if tall:
+        out.unflatten(-1, (2, h)).copy_(xs.movedim(0, -2))
+    else:
+        out.unflatten(1, (2, h)).copy_(xs.transpose(0, 1))
     return out
 
 
