@@ -29,8 +29,7 @@ def newton_schulz(
 
     Quintic steps ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, then ``cleanup`` cubic
     steps ``X <- 1.5 X - 0.5 (X X^T) X``, on the wide orientation (when m > n, on the
-    transpose: the standard form computes it as ``A = X^T X``, ``X <- a X + X (b A + c A^2)``
-    without moving X, the Gram form on a transposed copy), after dividing each matrix by its
+    transpose: ``A = X^T X``, ``X <- a X + X (b A + c A^2)``, without moving X), after dividing each matrix by its
     Frobenius norm, or with ``norm_kind="spectral"`` by its top singular value from
     ``power_iters`` power-iteration steps (``+ eps`` or ``clamp(min=eps)``). Returns ``g``'s
     dtype.
@@ -57,8 +56,7 @@ def newton_schulz(
     a, b, c = coeffs
     polys = [(a, b, c)] * steps + [(1.5, -0.5, 0.0)] * cleanup
     if form == "gram" and gram_pays(wide.size(-2), wide.size(-1), steps, cleanup, restart):
-        out = _gram_newton_schulz(_normalised(wide, denom), polys, restart)
-        return (out.mT if tall else out).to(g.dtype)
+        return _gram_newton_schulz(_normalised(x, denom), polys, restart, tall).to(g.dtype)
     if halves_pay(wide):
         return _halved_newton_schulz(x, denom, polys, tall).to(g.dtype)
     return _standard_newton_schulz(_normalised(x, denom), polys, tall).to(g.dtype)
@@ -69,7 +67,7 @@ def _normalised(x: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
     return torch.div(x, denom, out=x.new_empty(x.shape))
 
 
-# The standard form iterates a tall batch in its own orientation: ``X^T`` of the wide iteration,
+# Both forms iterate a tall batch in its own orientation: ``X^T`` of the wide iteration,
 # A = X^T X and X <- a X + X M^T, so neither the input nor the result is ever read or written
 # transposed (a strided pass costs 5-8x a contiguous one on a CPU, and the update's later
 # elementwise stages and the parameter update would all pay it).
@@ -229,8 +227,11 @@ def gram_pays(r: int, c: int, steps: int, cleanup: int, restart: int) -> bool:
     return newton_schulz_flops(r, c, steps, cleanup, "gram", restart) < newton_schulz_flops(r, c, steps, cleanup)
 
 
-def _gram_newton_schulz(x: torch.Tensor, polys: Sequence[tuple[float, float, float]], restart: int) -> torch.Tensor:
-    """Newton-Schulz on the Gram matrix of a normalised wide batch ``x`` ([B, r, c], contiguous).
+def _gram_newton_schulz(
+    x: torch.Tensor, polys: Sequence[tuple[float, float, float]], restart: int, tall: bool
+) -> torch.Tensor:
+    """Newton-Schulz on the Gram matrix of a normalised contiguous batch ``x`` (wide [B, r, c],
+    or tall [B, c, r] iterated as its transpose: ``R = X^T X``, ``X <- X Q^T``).
 
     Every iteration of the standard form multiplies X by a polynomial of its Gram matrix,
     ``X <- P X`` with ``P = a I + b R + c R^2`` and ``R = X X^T``. So within a run of iterations
@@ -241,11 +242,12 @@ def _gram_newton_schulz(x: torch.Tensor, polys: Sequence[tuple[float, float, flo
     rebuilding X and R every ``restart`` iterations keeps it at the standard form's level.
     """
     spare = torch.empty_like(x)
-    r = x.new_empty((*x.shape[:-1], x.size(-2)))
+    side = x.size(-1) if tall else x.size(-2)
+    r = x.new_empty((x.size(0), side, side))
     p, q, t = torch.empty_like(r), torch.empty_like(r), torch.empty_like(r)
     k = 0
     for length in _gram_phases(len(polys), restart):
-        torch.bmm(x, x.mT, out=r)
+        _gram_of(x, x, tall, r)
         for i in range(length):
             a, b, c = polys[k + i]
             if c:
@@ -263,7 +265,10 @@ def _gram_newton_schulz(x: torch.Tensor, polys: Sequence[tuple[float, float, flo
             if i < length - 1:
                 torch.bmm(step, r, out=t)
                 torch.bmm(t, step, out=r)
-        torch.bmm(q, x, out=spare)
+        if tall:  # X <- Q X, or its transpose
+            torch.bmm(x, q.mT, out=spare)
+        else:
+            torch.bmm(q, x, out=spare)
         x, spare = spare, x
         k += length
     return x

@@ -388,15 +388,18 @@ def test_halved_form_fp32_error_stays_at_the_plain_forms_level(
     assert halved < 1.5 * plain
 
 
-@pytest.mark.parametrize("min_rows", [2, 10**9], ids=["halved", "plain"])
-def test_tall_batches_are_iterated_in_place_and_come_back_contiguous(min_rows: int, monkeypatch) -> None:
-    """A tall batch iterates as the transpose (A = X^T X, X <- a X + X M) instead of on a
-    transposed copy, so the result needs no strided pass in the stages after it."""
+@pytest.mark.parametrize(
+    ("min_rows", "form"), [(2, "standard"), (10**9, "standard"), (10**9, "gram")], ids=["halved", "plain", "gram"]
+)
+def test_tall_batches_are_iterated_in_place_and_come_back_contiguous(min_rows: int, form: str, monkeypatch) -> None:
+    """A tall batch iterates as the transpose (A = X^T X, X <- a X + X M; the Gram form
+    X <- X Q^T) instead of on a transposed copy, so the result needs no strided pass in the
+    stages after it."""
     from soapdsl.ops import _linalg
 
     monkeypatch.setattr(_linalg, "HALVES_MIN_ROWS", min_rows)
     g = torch.randn(3, 20, 6, dtype=torch.float64)
-    out = _linalg.newton_schulz(g, 5, COEFFS, 2)
+    out = _linalg.newton_schulz(g, 5, COEFFS, 2, form=form)
     assert out.is_contiguous()
-    want = _linalg.newton_schulz(g.mT.contiguous(), 5, COEFFS, 2).mT
+    want = _linalg.newton_schulz(g.mT.contiguous(), 5, COEFFS, 2, form=form).mT
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-13)
