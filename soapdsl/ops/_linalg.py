@@ -24,6 +24,7 @@ def newton_schulz(
     power_iters: int = 10,
     form: str = "standard",
     restart: int = 3,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Approximate the orthogonal polar factor U V^T of each matrix in ``g`` ([B, m, n]).
 
@@ -33,6 +34,10 @@ def newton_schulz(
     Frobenius norm, or with ``norm_kind="spectral"`` by its top singular value from
     ``power_iters`` power-iteration steps (``+ eps`` or ``clamp(min=eps)``). Returns ``g``'s
     dtype.
+
+    ``scratch``: a tensor the caller no longer needs (``g`` itself, when it is a temporary); if
+    it is contiguous and has ``g``'s shape and the working dtype, the iteration uses its memory
+    for one of its two buffers instead of allocating, and the result may live there.
 
     ``form="gram"`` runs the same polynomial on the r x r Gram matrix where that counts fewer
     flops (see :func:`gram_pays`), restarting from the rectangular matrix every ``restart``
@@ -55,11 +60,14 @@ def newton_schulz(
     denom = norm + eps if eps_mode == "add" else norm.clamp(min=eps)
     a, b, c = coeffs
     polys = [(a, b, c)] * steps + [(1.5, -0.5, 0.0)] * cleanup
+    spare = None
+    if scratch is not None and scratch.shape == x.shape and scratch.dtype == x.dtype and scratch.is_contiguous():
+        spare = scratch
     if form == "gram" and gram_pays(wide.size(-2), wide.size(-1), steps, cleanup, restart):
-        return _gram_newton_schulz(_normalised(x, denom), polys, restart, tall).to(g.dtype)
+        return _gram_newton_schulz(_normalised(x, denom), polys, restart, tall, spare).to(g.dtype)
     if halves_pay(wide):
-        return _halved_newton_schulz(x, denom, polys, tall).to(g.dtype)
-    return _standard_newton_schulz(_normalised(x, denom), polys, tall).to(g.dtype)
+        return _halved_newton_schulz(x, denom, polys, tall, spare).to(g.dtype)
+    return _standard_newton_schulz(_normalised(x, denom), polys, tall, spare).to(g.dtype)
 
 
 def _normalised(x: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
@@ -97,12 +105,14 @@ def _apply(
         torch.baddbmm(base, m, u, beta=beta, alpha=alpha, out=out)
 
 
-def _standard_newton_schulz(x: torch.Tensor, polys: Sequence[tuple[float, float, float]], tall: bool) -> torch.Tensor:
+def _standard_newton_schulz(
+    x: torch.Tensor, polys: Sequence[tuple[float, float, float]], tall: bool, spare: torch.Tensor | None = None
+) -> torch.Tensor:
     """``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` per ``(a, b, c)`` in ``polys``, on a
     normalised contiguous batch ``x`` (wide [B, r, c], or tall [B, c, r] iterated as its
     transpose), in two buffers of x's shape and two [B, r, r] ones written with out=."""
     r = x.size(-1) if tall else x.size(-2)
-    spare = torch.empty_like(x)
+    spare = torch.empty_like(x) if spare is None else spare
     gram = x.new_empty((x.size(0), r, r))
     update = torch.empty_like(gram)
     for a, b, c in polys:
@@ -142,7 +152,11 @@ def halves_pay(x: torch.Tensor) -> bool:
 
 
 def _halved_newton_schulz(
-    x: torch.Tensor, denom: torch.Tensor, polys: Sequence[tuple[float, float, float]], tall: bool
+    x: torch.Tensor,
+    denom: torch.Tensor,
+    polys: Sequence[tuple[float, float, float]],
+    tall: bool,
+    spare: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The standard iteration on the halves of ``x / denom`` along its short side: the rows of
     a wide [B, r, c] batch, the columns of a tall [B, c, r] one (r even).
@@ -159,9 +173,9 @@ def _halved_newton_schulz(
     n, rows, cols = x.shape
     h = (cols if tall else rows) // 2
     split = x.unflatten(-1, (2, h)).movedim(-2, 0) if tall else x.unflatten(1, (2, h)).transpose(0, 1)
-    buf = x.new_empty((2, *split.shape))
-    xs, ys = buf.unbind(0)
-    torch.div(split, denom, out=xs)
+    xs = x.new_empty(split.shape)
+    torch.div(split, denom, out=xs)  # x is read here for the last time, so spare may be x
+    ys = torch.empty_like(xs) if spare is None else spare.view(split.shape)
     a11, a12, a22, m11, m12, m22 = x.new_empty((6, n, h, h)).unbind(0)
     for a, b, c in polys:
         x1, x2 = xs.unbind(0)
@@ -186,7 +200,7 @@ def _halved_newton_schulz(
         _apply(x2, p22, x2, tall, y2, beta=a, alpha=scale)
         _apply(y2, p12.mT, x1, tall, y2, alpha=scale)
         xs, ys = ys, xs
-    # back to x's layout, into the spare half of the buffer (no allocation)
+    # back to x's layout, into the spare buffer (no allocation)
     out = ys.view(n, rows, cols)
     if tall:
         out.unflatten(-1, (2, h)).copy_(xs.movedim(0, -2))
@@ -228,7 +242,11 @@ def gram_pays(r: int, c: int, steps: int, cleanup: int, restart: int) -> bool:
 
 
 def _gram_newton_schulz(
-    x: torch.Tensor, polys: Sequence[tuple[float, float, float]], restart: int, tall: bool
+    x: torch.Tensor,
+    polys: Sequence[tuple[float, float, float]],
+    restart: int,
+    tall: bool,
+    spare: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Newton-Schulz on the Gram matrix of a normalised contiguous batch ``x`` (wide [B, r, c],
     or tall [B, c, r] iterated as its transpose: ``R = X^T X``, ``X <- X Q^T``).
@@ -241,7 +259,7 @@ def _gram_newton_schulz(
     ill-conditioned inputs was 5-90x the standard form's, and NaN after 12 iterations);
     rebuilding X and R every ``restart`` iterations keeps it at the standard form's level.
     """
-    spare = torch.empty_like(x)
+    spare = torch.empty_like(x) if spare is None else spare
     side = x.size(-1) if tall else x.size(-2)
     r = x.new_empty((x.size(0), side, side))
     p, q, t = torch.empty_like(r), torch.empty_like(r), torch.empty_like(r)

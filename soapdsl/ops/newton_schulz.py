@@ -111,8 +111,9 @@ class NewtonSchulz(Op):
         a: NewtonSchulzArgs = self.args  # type: ignore[assignment]
         out = []
         for t in x.ts:
+            mats = as_matrices(t)
             m = newton_schulz(
-                as_matrices(t),
+                mats,
                 a.steps,
                 a.coeffs,
                 a.cleanup,
@@ -123,6 +124,7 @@ class NewtonSchulz(Op):
                 a.power_iters,
                 a.form,
                 a.restart,
+                scratch=mats if x.owned else None,  # a temporary of ours: reuse its memory
             )
             out.append(m.view(t.shape))
         return Val(out, owned=True)

@@ -403,3 +403,34 @@ def test_tall_batches_are_iterated_in_place_and_come_back_contiguous(min_rows: i
     assert out.is_contiguous()
     want = _linalg.newton_schulz(g.mT.contiguous(), 5, COEFFS, 2, form=form).mT
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    ("min_rows", "form", "shape"),
+    [
+        (2, "standard", (3, 6, 20)),
+        (2, "standard", (3, 20, 6)),
+        (10**9, "standard", (3, 20, 6)),
+        (10**9, "gram", (3, 6, 20)),
+        (10**9, "gram", (3, 20, 6)),
+    ],
+)
+def test_scratch_memory_changes_nothing(min_rows: int, form: str, shape: tuple[int, ...], monkeypatch) -> None:
+    """The op hands its own temporary input in as scratch: the iteration may use that memory
+    (even when it is the input itself) and must give the same result; a scratch of another
+    shape, dtype or layout is ignored."""
+    from soapdsl.ops import _linalg
+
+    monkeypatch.setattr(_linalg, "HALVES_MIN_ROWS", min_rows)
+    g = torch.randn(shape, dtype=torch.float64)
+    want = _linalg.newton_schulz(g, 5, COEFFS, 2, form=form)
+    own = g.clone()  # the input is its own scratch
+    torch.testing.assert_close(_linalg.newton_schulz(own, 5, COEFFS, 2, form=form, scratch=own), want, rtol=0, atol=0)
+    got = _linalg.newton_schulz(g, 5, COEFFS, 2, form=form, scratch=torch.empty_like(g))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    wrong_dtype = torch.full(shape, 7.0)
+    wrong_layout = torch.full((shape[0], shape[2], shape[1]), 7.0, dtype=torch.float64).mT
+    for scratch in (wrong_dtype, wrong_layout):
+        got = _linalg.newton_schulz(g, 5, COEFFS, 2, form=form, scratch=scratch)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert bool((scratch == 7.0).all())
