@@ -1,0 +1,25 @@
+"""benchmarks/ab_step.py runs end to end: two worker processes, one on a git revision's soapdsl
+(slow: each worker imports torch; needs the git repository)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(), reason="needs the git repository")
+def test_ab_step_times_both_sides() -> None:
+    cmd = [sys.executable, "-m", "benchmarks.ab_step", "HEAD", "--recipe", "adamw", "--rounds", "2", "--steps", "1"]
+    out = subprocess.run(cmd + ["--warmup", "1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "this checkout: soapdsl from " + str(REPO / "soapdsl" / "__init__.py") in out.stdout
+    assert "HEAD: soapdsl from " in out.stdout and "soapdsl-ab-" in out.stdout  # the extracted tree
+    assert "| this checkout |" in out.stdout and "| HEAD |" in out.stdout
+    assert "this checkout / HEAD: median of the per-round ratios" in out.stdout
