@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,31 +34,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _worker(args: argparse.Namespace) -> int:
-    import torch
-
     import soapdsl
     from benchmarks.params import GradPool
-    from benchmarks.runner import timed_step
+    from benchmarks.runner import Entry, Live
 
-    pool = GradPool(args.subset, device=args.device)
-    named = pool.make_params()
-    opt = soapdsl.build(args.recipe, named, **dict(kv.split("=", 1) for kv in args.set))
-    k = 0
-
-    def step() -> float:
-        nonlocal k
-        pool.load(named, k)
-        k += 1
-        return timed_step(opt, torch.device(args.device))
-
+    kw = dict(kv.split("=", 1) for kv in args.set)
+    live = Live(
+        Entry(args.recipe, lambda named: soapdsl.build(args.recipe, named, **kw)),
+        GradPool(args.subset, device=args.device),
+    )
     for _ in range(args.warmup):
-        step()
+        live.step()
     print(json.dumps({"ready": soapdsl.__file__}), flush=True)
     for line in sys.stdin:
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        times = [step() for _ in range(int(line))]
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-        print(json.dumps({"times": times, "faults": faults}), flush=True)
+        f0 = live.result.faults
+        times = [live.step(count_faults=True) for _ in range(int(line))]
+        print(json.dumps({"times": times, "faults": live.result.faults - f0}), flush=True)
     return 0
 
 

@@ -140,7 +140,10 @@ def timed_step(opt: Any, device: torch.device) -> float:
     return timed(opt.step, device)
 
 
-class _Live:
+class Live:
+    """One entry's optimizer on a fresh copy of the pool's parameters, stepping through the pool's
+    gradients; ``step`` times one ``opt.step()`` and can count its minor page faults."""
+
     def __init__(self, entry: Entry, pool: GradPool) -> None:
         self.entry = entry
         self.pool = pool
@@ -201,16 +204,16 @@ def _sensitivity(entry: Entry, pool: GradPool, steps: int) -> str:
 
 def run_group(group: Group, log: Callable[[str], None] = print) -> list[Result]:
     pool = GradPool(group.subset, device=group.device)
-    live: list[_Live] = []
+    live: list[Live] = []
     failed: list[Result] = []
     for e in group.entries:
         try:
-            live.append(_Live(e, pool))
+            live.append(Live(e, pool))
         except Exception as exc:  # a peer that cannot be built here: report it, go on
             failed.append(Result(e.label, e.note, error=f"build: {type(exc).__name__}: {exc}"))
             log(f"  [{group.key}] {e.label}: cannot build: {exc}")
 
-    def guarded(lv: _Live, n: int, into: list[float]) -> None:
+    def guarded(lv: Live, n: int, into: list[float]) -> None:
         try:
             for _ in range(n):
                 into.append(lv.step(count_faults=into is lv.result.times))
