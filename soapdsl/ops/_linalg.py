@@ -30,10 +30,10 @@ def newton_schulz(
 
     Quintic steps ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, then ``cleanup`` cubic
     steps ``X <- 1.5 X - 0.5 (X X^T) X``, on the wide orientation (when m > n, on the
-    transpose: ``A = X^T X``, ``X <- a X + X (b A + c A^2)``, without moving X), after dividing each matrix by its
-    Frobenius norm, or with ``norm_kind="spectral"`` by its top singular value from
-    ``power_iters`` power-iteration steps (``+ eps`` or ``clamp(min=eps)``). Returns ``g``'s
-    dtype.
+    transpose: ``A = X^T X``, ``X <- a X + X (b A + c A^2)``, without moving X), after dividing
+    each matrix by its Frobenius norm, or with ``norm_kind="spectral"`` by its top singular
+    value from ``power_iters`` power-iteration steps (``+ eps`` or ``clamp(min=eps)``).
+    Returns ``g``'s dtype.
 
     ``scratch``: a tensor the caller no longer needs (``g`` itself, when it is a temporary); if
     it is contiguous and has ``g``'s shape and the working dtype, the iteration uses its memory
@@ -166,9 +166,10 @@ def _halved_newton_schulz(
     ``(A^2)11 = A11 A11 + A12 A12^T``, ``(A^2)12 = A11 A12 + A12 A22``,
     ``(A^2)22 = A12^T A12 + A22 A22`` (3/4 of ``A A``); then with ``M = b A + c A^2``,
     ``X1 <- a X1 + M11 X1 + M12 X2`` and ``X2 <- a X2 + M12^T X1 + M22 X2`` (the full flops;
-    a tall batch computes the transposes). The halves live stacked in one [2, B, ...] buffer
-    so that every product reads and writes whole contiguous batches (bmm falls back to a
-    per-matrix loop when its output is a strided view such as ``x[:, :h]``).
+    a tall batch computes the transposes). The halves live stacked in [2, B, ...] buffers
+    (``spare``, when given, is the second) so that every product reads and writes whole
+    contiguous batches (bmm falls back to a per-matrix loop when its output is a strided view
+    such as ``x[:, :h]``).
     """
     n, rows, cols = x.shape
     h = (cols if tall else rows) // 2
