@@ -39,10 +39,14 @@ def _worker(args: argparse.Namespace) -> int:
     from benchmarks.runner import Entry, Live
 
     kw = dict(kv.split("=", 1) for kv in args.set)
-    live = Live(
-        Entry(args.recipe, lambda named: soapdsl.build(args.recipe, named, **kw)),
-        GradPool(args.subset, device=args.device),
-    )
+    try:
+        live = Live(
+            Entry(args.recipe, lambda named: soapdsl.build(args.recipe, named, **kw)),
+            GradPool(args.subset, device=args.device),
+        )
+    except soapdsl.SoapError as e:  # a bad recipe or --set: the message, not a traceback
+        print(e, file=sys.stderr)
+        return 2
     for _ in range(args.warmup):
         live.step()
     print(json.dumps({"ready": soapdsl.__file__}), flush=True)
@@ -95,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     if not args.rev:
         ap.error("give the git revision to compare against")
+    for kv in args.set:
+        if "=" not in kv or not kv.split("=", 1)[0]:
+            ap.error(f"--set {kv!r}: expected KEY=VALUE")
     new = args.new or "this checkout"
     if new == args.rev:
         ap.error("the two sides are the same revision")

@@ -23,3 +23,11 @@ def test_ab_step_times_both_sides() -> None:
     assert "HEAD: soapdsl from " in out.stdout and "soapdsl-ab-" in out.stdout  # the extracted tree
     assert "| this checkout |" in out.stdout and "| HEAD |" in out.stdout
     assert "this checkout / HEAD: median of the per-round ratios" in out.stdout
+
+
+def test_ab_step_rejects_a_set_without_a_value() -> None:
+    cmd = [sys.executable, "-m", "benchmarks.ab_step", "HEAD", "--set", "ns_form"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "--set 'ns_form': expected KEY=VALUE" in out.stderr
+    assert "Traceback" not in out.stderr
