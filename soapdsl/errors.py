@@ -147,3 +147,20 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return "; did you mean 'x'?" for the closest candidate, or ""."""
     match = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.65)
     return f"; did you mean '{match[0]}'?" if match else ""
+
+
+# Tracebacks print ``soapdsl.SoapNameError``, the name users import and catch, not the module
+# that happens to define it (pickling still finds the class there).
+for _cls in (
+    SoapError,
+    SoapSyntaxError,
+    SoapNameError,
+    SoapArgumentError,
+    SoapRouteError,
+    SoapShapeError,
+    SoapConfigError,
+    SoapStateError,
+    SoapRecipeError,
+):
+    _cls.__module__ = "soapdsl"
+del _cls
