@@ -61,7 +61,9 @@ class _Scope:
     env: Mapping[str, Any]  # concrete values, used to validate arguments
     macros: MacroTable
     stack: tuple[str, ...] = ()  # macro expansion chain (for recursion and provenance)
-    in_scope_body: bool = False
+    #: inside a scope's body: "" outside any, "block" in a ``scope(...) { ... }``, "bare" in a
+    #: scope that runs to the end of its pipeline
+    in_scope_body: str = ""
 
 
 # -- values ---------------------------------------------------------------------------------
@@ -82,7 +84,9 @@ def _value(e: A.Expr, scope: _Scope) -> ir.Value:
     if isinstance(e, A.BinOp):
         return ir.Bin(e.op, _value(e.left, scope), _value(e.right, scope), e.loc)
     if isinstance(e, A.Block):
-        return ir.PipeVal(_pipeline(e.pipeline, _Scope(scope.names, scope.env, scope.macros, scope.stack, True)), e.loc)
+        return ir.PipeVal(
+            _pipeline(e.pipeline, _Scope(scope.names, scope.env, scope.macros, scope.stack, "block")), e.loc
+        )
     raise TypeError(e)  # pragma: no cover
 
 
@@ -233,23 +237,31 @@ def _pipeline(p: A.Pipeline, scope: _Scope) -> ir.Pipeline:
             body = None
             if cls.kind == "scope":
                 if s.block is not None:
-                    body = _pipeline(s.block, _Scope(scope.names, scope.env, scope.macros, scope.stack, True))
+                    body = _pipeline(s.block, _Scope(scope.names, scope.env, scope.macros, scope.stack, "block"))
                 else:  # bare form: the scope runs to the end of the pipeline
                     rest = stages[i + 1 :]
                     if not rest:
                         raise SoapRecipeError(f"scope '{s.name}' has nothing inside it", s.loc)
                     body = _pipeline(
                         A.Pipeline(tuple(rest), rest[0].loc),
-                        _Scope(scope.names, scope.env, scope.macros, scope.stack, True),
+                        _Scope(scope.names, scope.env, scope.macros, scope.stack, "bare"),
                     )
                     i = len(stages)
             elif s.block is not None:
                 raise SoapRecipeError(f"'{s.name}' is not a scope and takes no block", s.loc)
             if cls.kind == "apply" and scope.in_scope_body:
+                if scope.in_scope_body == "bare":
+                    hint = (
+                        "a bare scope runs to the end of its pipeline: close it with a block,"
+                        f" `scope(...) {{ ... }} |> {s.name}`, or leave '{s.name}' out and it is appended"
+                    )
+                else:
+                    hint = (
+                        f"write it after the block, `scope(...) {{ ... }} |> {s.name}`,"
+                        " or leave it out and it is appended"
+                    )
                 raise SoapRecipeError(
-                    f"'{s.name}' applies the update and must stand in the route's top-level pipeline"
-                    " (a bare scope runs to the end of its pipeline: close it with a block,"
-                    f" `scope(...) {{ ... }} |> {s.name}`, or leave '{s.name}' out and it is appended)",
+                    f"'{s.name}' applies the update and must stand in the route's top-level pipeline ({hint})",
                     s.loc,
                 )
             out.append(ir.Stage(cls.__dict__.get("name", s.name), args, body, s.label, False, scope.stack, s.loc))

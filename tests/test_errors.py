@@ -153,6 +153,21 @@ SOURCES = [
     ("lr-twice", "momentum(0.9) |> lr |> lr", SoapRecipeError, r"the update is applied twice", "1:24"),
     ("block-on-non-scope", "momentum(0.9) { sign }", SoapRecipeError, r"'momentum' is not a scope", "1:1"),
     (
+        "lr-in-block",
+        "rotate(both) { momentum(0.9) |> lr }",
+        SoapRecipeError,
+        r"'lr' applies the update .* \(write it after the block",
+        "1:33",
+    ),
+    (
+        "lr-in-bare-scope",
+        "rotate(left, freq=40) |> momentum(0.9) |> lr",
+        SoapRecipeError,
+        r"'lr' applies the update .* \(a bare scope runs to the end of its pipeline",
+        "1:43",
+    ),
+    ("empty-bare-scope", "momentum(0.9) |> rotate(left)", SoapRecipeError, r"'rotate' has nothing inside", "1:18"),
+    (
         "no-lr-param",
         "recipe r(beta=0.9) = momentum(beta)",
         SoapRecipeError,
