@@ -60,9 +60,11 @@ Columns of the argument tables:
 
 **Pending scale** says how the operator treats a host-side factor left by an earlier stage
 (`bias_correct`, `scale`, the raw-eps correction of `rms_normalize`): *passes it on* (the
-operator commutes with a positive scalar, so the factor travels on to `lr` and costs no memory
-pass), *drops it* (the operator's output does not depend on a positive scalar), or *applies
-it first* (one multiplication over the value before the operator runs).
+operator is linear, so the factor travels on to `lr` and costs no memory pass), *passes a
+positive one on* (the operator is positively homogeneous, `op(c x) = c op(x)` for `c > 0`
+only, like a sign mask), *drops a positive one* (the operator's output does not depend on a
+positive scalar), or *applies it first* (one multiplication over the value before the
+operator runs). A factor that is not passed on or dropped is applied first.
 
 See [language.md](language.md) for the syntax and [errors.md](errors.md) for the messages a
 bad argument produces.
@@ -107,7 +109,7 @@ def _render_op(name: str, cls: type[registry.Op]) -> str:
     lines.append(f"- **defined in**: `{_module_path(cls)}`")
     lines.append("")
 
-    arg_docs = _entries(sections.get("Args", ""))
+    arg_docs = _entries(sections.get("Args", ""), f"{name} Args")
     if fields:
         lines.append("| # | argument | type | default | constraint | dynamic | meaning |")
         lines.append("|---|---|---|---|---|---|---|")
@@ -125,7 +127,7 @@ def _render_op(name: str, cls: type[registry.Op]) -> str:
 
     if "Math" in sections:
         lines += ["**Math**", "", "```text", sections["Math"], "```", ""]
-    state = _items(sections.get("State", ""))
+    state = _items(sections.get("State", ""), f"{name} State")
     lines.append("**State** (per parameter):" if state else "**State**: none.")
     if state:
         lines.append("")
@@ -144,10 +146,13 @@ def _module_path(cls: type) -> str:
 
 
 def _scale_text(cls: type[registry.Op]) -> str:
+    # the order of runtime.optimizer.run_ops
     if cls.linear:
         return "passes it on"
+    if cls.homogeneous:
+        return "passes a positive one on, applies a negative one first"
     if cls.scale_invariant:
-        return "drops it"
+        return "drops a positive one, applies a negative one first"
     return "applies it first"
 
 
@@ -184,16 +189,25 @@ def _dedent(lines: list[str]) -> str:
     return "\n".join(x[cut:].rstrip() for x in lines)
 
 
-def _items(body: str) -> list[str]:
-    """Lines at the base indent start an item; deeper lines continue it."""
+_ITEM_RE = re.compile(r"^[\w{}, ]+( \(host\))?:( |$)")
+
+
+def _items(body: str, where: str = "") -> list[str]:
+    """Lines at the base indent start an item (``name: text``); deeper lines continue it.
+
+    A base-indent line that does not start ``name:`` is a continuation written without its
+    indent, which would render as an item of its own: refused, naming ``where``.
+    """
     items: list[str] = []
     for line in body.splitlines():
         if not line.strip():
             continue
         if line[0].isspace() and items:
             items[-1] += " " + line.strip()
-        else:
+        elif _ITEM_RE.match(line):
             items.append(line.strip())
+        else:
+            raise ValueError(f"{where}: {line!r} continues an item: indent it under the item's first line")
     return items
 
 
@@ -205,10 +219,10 @@ def _state_item(item: str) -> str:
     return item
 
 
-def _entries(body: str) -> dict[str, str]:
+def _entries(body: str, where: str = "") -> dict[str, str]:
     """``name: text`` items of an Args or State section."""
     out: dict[str, str] = {}
-    for item in _items(body):
+    for item in _items(body, where):
         key, sep, text = item.partition(":")
         if sep and key.strip().isidentifier():
             out[key.strip()] = text.strip()

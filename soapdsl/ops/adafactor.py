@@ -33,8 +33,9 @@ class Adafactor(Op):
         correct: bias-correct V.
 
     State:
-        row, col: the factored moments (a full v for parameters with fewer than two dims); inside
-        `rotate` they are permuted with the basis on a refresh, like a full second moment.
+        row, col: the factored moments (a full v for parameters with fewer than two dims);
+            inside `rotate` they are permuted with the basis on a refresh, like a full second
+            moment.
 
     Example:
         momentum(0.9) |> adafactor(0.999) |> bias_correct(0.9) |> lr

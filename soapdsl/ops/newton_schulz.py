@@ -54,9 +54,9 @@ class NewtonSchulz(Op):
         form=gram: the same polynomials on the r x r Gram matrix (r = the short side):
             R = X X^T,  Q = I;  per iteration  P = a I + b R + c R R,  Q <- P Q,  R <- P R P;
             every `restart` iterations and at the end:  X <- Q X,  R = X X^T,  Q = I
-        Equal to the standard form in exact arithmetic (1e-11 apart in fp64). Used per shape only
-        where it counts fewer matmul flops: for 5 steps, where the long side is over 1.5x the
-        short one; never on square matrices.
+        Equal to the standard form in exact arithmetic (about 1e-15 apart in fp64). Used per
+        shape only where it counts fewer matmul flops: for 5 steps, where the long side is over
+        1.5x the short one; never on square matrices.
 
         On a CPU (fp32/fp64, eager, r even and >= 256) the standard form computes the symmetric
         X X^T and A A from the row halves X1, X2 of X: their blocks 11, 12 and 22 only (3/4 of
@@ -75,7 +75,7 @@ class NewtonSchulz(Op):
         power_iters: power-iteration steps for norm=spectral.
         dtype: the iteration's dtype: "auto" (the update's own: fp32, or fp64 for float64
             parameters), "fp32", "bf16" (what the references use on GPU; on CPU bf16 matmul is
-            about 100x slower than fp32) or "fp64".
+            about 60x slower than fp32) or "fp64".
         form: "standard" (what Muon and SOAP-Muon run) or "gram" (Gram Newton-Schulz: fewer
             flops on rectangular matrices, rounding of its own; it iterates in at least fp32,
             because in bf16 the Gram matrix can turn to NaN).

@@ -131,8 +131,9 @@ class Rotate(Op):
             every index in one group (all the experts of a layer).
 
     State:
-        GG{k}, Q{k}: a d_k x d_k factor and basis per factored dim k (one per share group, held
-        by its first parameter); ready (host): the basis exists.
+        GG{k}, Q{k}: a d_k x d_k factor and basis per factored dim k (one per share group,
+            held by its first parameter).
+        ready (host): the basis exists.
 
     Example:
         momentum(0.95) |> rotate(both, freq=10) { rms_normalize(0.95, 1e-8, eps_at=raw) } |> lr
