@@ -52,6 +52,32 @@ def test_psoap_with_p_one_is_exactly_soap():
         assert torch.equal(a[n], b[n]), n
 
 
+@pytest.mark.parametrize("p", [0.5, 1.3])
+def test_psoap_survives_all_zero_gradients(p):
+    """A layer whose gradients are all zero for a while (unused so far, zero_grad without
+    set_to_none) gets a zero direction: psoap's graft back to SOAP's norm must not make it
+    0 / 0. Only the weight decay moves it, as in soap; real gradients later train it."""
+    w = {n: torch.nn.Parameter(torch.ones(s, dtype=torch.float64)) for n, s in ALL.items()}
+    ref = {n: torch.nn.Parameter(torch.ones(s, dtype=torch.float64)) for n, s in ALL.items()}
+    opt = soapdsl.build("psoap", list(w.items()), freq=2, max_dim=8, p=p)
+    soap = soapdsl.build("soap", list(ref.items()), freq=2, max_dim=8)
+    for _ in range(4):
+        for ps in (w, ref):
+            for n, s in ALL.items():
+                ps[n].grad = torch.zeros(s, dtype=torch.float64)
+        opt.step()
+        soap.step()
+    for n in ALL:
+        assert torch.equal(w[n], ref[n]), n
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        for n, s in ALL.items():
+            w[n].grad = torch.randn(s, generator=g, dtype=torch.float64)
+        opt.step()
+    for n in ALL:
+        assert torch.isfinite(w[n]).all() and not torch.equal(w[n], ref[n]), n
+
+
 def test_soap_soap_equals_reference():
     """Square, well-conditioned matrices: a rectangular G1^T G1 is rank-deficient, so its
     null-space eigenvectors (and the second basis) are not unique in any implementation."""

@@ -45,7 +45,8 @@ class RmsNormalize(Op):
         power: the power of the denominator d (pSOAP's p, in units of the root: d^p =
             (sqrt(v) + eps)^p, about v^(p/2); pAdam's q is p/2). 1 is Adam.
         keep_norm: with power != 1, rescale each parameter's output to the norm of x / d
-            (pSOAP grafts SOAP's norm back).
+            (pSOAP grafts SOAP's norm back). A zero x stays zero, where the reference
+            divides 0 by 0.
         whiten_grad: pass the whitened gradient g / d on as the gradient of the later stages
             (iterative whitening: a second basis fed with the first's output, SOAP-SOAP).
 
@@ -97,5 +98,8 @@ class RmsNormalize(Op):
         if keep:
             target = ctx.norms(list(torch._foreach_div(xs, denom)))
             have = ctx.norms(out)
-            torch._foreach_mul_(out, [t / h for t, h in zip(target, have, strict=True)])
+            # a zero x (a layer whose gradients are all zero so far) gives 0 / 0 in the
+            # reference, which turns the parameter NaN for good; here it stays zero
+            tiny = [h.clamp_min(torch.finfo(h.dtype).tiny) for h in have]
+            torch._foreach_mul_(out, [t / h for t, h in zip(target, tiny, strict=True)])
         return out
