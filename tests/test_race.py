@@ -245,6 +245,12 @@ def test_lr_grid_keeps_the_best():
     assert [run.lr for run in r.runs if run.label == "adamw"] == pytest.approx([1e-7, 1e-3, 1e-2])
     table = r.table()
     assert f"(x{adamw.best.lr_multiplier:g})" in table and "lr grid" in table
+    lines = table.splitlines()
+    grid = lines[next(i for i, line in enumerate(lines) if line.startswith("lr grid")) + 1 :]
+    assert [line.split(":")[0].strip() for line in grid] == ["adamw", "soap"]
+    for m in ("x0.0001 ", "x1 ", "x10 "):  # one column per multiplier, aligned across recipes
+        assert len({line.index(m) for line in grid}) == 1
+    assert [line.count("*") for line in grid] == [1, 1]
 
 
 def test_diverged_run_is_reported(tmp_path):

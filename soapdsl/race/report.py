@@ -66,12 +66,15 @@ def format_table(result: RaceResult) -> str:
             + ", ".join(f"x{m:g}" for m in grid)
             + "; the best final val loss wins:"
         )
-        for row in result.rows:
-            cells = []
-            for m, v in row.grid.items():
-                mark = "*" if m == row.best.lr_multiplier else ""
-                cells.append(f"x{m:g} {_f(v)}{mark}")
-            out.append(f"  {row.label}: " + "  ".join(cells))
+        cells = [
+            [f"x{m:g} {_f(v)}" + ("*" if m == row.best.lr_multiplier else " ") for m, v in row.grid.items()]
+            for row in result.rows
+        ]
+        label_w = max(len(row.label) for row in result.rows) + 1
+        cell_w = [max(len(c[i]) for c in cells if i < len(c)) for i in range(max(map(len, cells)))]
+        for row, cs in zip(result.rows, cells):
+            text = "  ".join(c.ljust(w) for c, w in zip(cs, cell_w))
+            out.append(f"  {(row.label + ':').ljust(label_w)} {text}".rstrip())
     return "\n".join(out) + "\n"
 
 
