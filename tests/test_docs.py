@@ -8,16 +8,26 @@
   runs in an empty folder holding the files the transcript shows with ``$ cat NAME`` and those
   that an earlier ```soap block of the same page names in its first line (``# NAME.soap: ...``).
   A line ``...`` in the expected output stands for lines left out.
+* Every ``>>>`` transcript (a ```python or ```text block) prints what the docs show: its lines
+  run in order in a fresh namespace holding ``soapdsl``, ``torch``, ``nn`` and ``model``, an
+  ``nn.Linear(4, 3)``; an expression prints its repr, an exception ``module.Class: message``.
+  ``$ cat NAME`` lines write their files first, as above.
+* Every link from one page to another, or to a heading of the same page, resolves.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import io
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 import soapdsl
 from soapdsl import library
@@ -190,3 +200,110 @@ def test_transcript(where, files, steps, tmp_path, monkeypatch, capsys) -> None:
             pytest.fail(f"{where}: `{cmd[2:]}` prints something else:\n{diff}", pytrace=False)
         ran += 1
     assert ran, f"{where}: no check or compile command ran"
+
+
+# -- Python transcripts ------------------------------------------------------------------------
+
+_PY_FENCE = re.compile(r"^```(python|text)[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+
+
+def _python_transcripts() -> list[tuple[str, list[tuple[str, list[str]]]]]:
+    """(id, [(line, lines after it)]) of every block with ``>>>`` lines; ``$ cat`` lines kept."""
+    out = []
+    for path in _doc_files():
+        text = path.read_text(encoding="utf-8")
+        for m in _PY_FENCE.finditer(text):
+            steps: list[tuple[str, list[str]]] = []
+            for line in m.group(2).rstrip("\n").split("\n"):
+                if line.startswith(("$ ", ">>> ")):
+                    steps.append((line, []))
+                elif steps:
+                    steps[-1][1].append(line)
+            if any(cmd.startswith(">>> ") for cmd, _ in steps):
+                line_no = text.count("\n", 0, m.start(2)) + 1
+                out.append((f"{path.relative_to(ROOT)}:{line_no}", steps))
+    return out
+
+
+PY_TRANSCRIPTS = _python_transcripts()
+
+
+def _run_line(source: str, namespace: dict) -> list[str]:
+    """What the interactive interpreter prints for one line, exceptions as ``module.Class: msg``."""
+    buf = io.StringIO()
+    try:
+        code = compile(source, "<docs>", "single")
+        with contextlib.redirect_stdout(buf):
+            old_hook, sys.displayhook = sys.displayhook, sys.__displayhook__
+            try:
+                exec(code, namespace)
+            finally:
+                sys.displayhook = old_hook
+    except Exception as e:  # the transcript shows what any exception prints
+        cls = type(e)
+        buf.write(f"{cls.__module__}.{cls.__qualname__}: {e}\n")
+    return buf.getvalue().rstrip("\n").split("\n") if buf.getvalue() else []
+
+
+def test_docs_have_python_transcripts() -> None:
+    assert sum(1 for i, _ in PY_TRANSCRIPTS if i.startswith("docs/errors.md")) >= 15
+
+
+@pytest.mark.parametrize(("where", "steps"), PY_TRANSCRIPTS, ids=[i for i, _ in PY_TRANSCRIPTS])
+def test_python_transcript(where, steps, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    namespace: dict = {"soapdsl": soapdsl, "torch": torch, "nn": nn, "model": nn.Linear(4, 3)}
+    for cmd, shown in steps:
+        if cmd.startswith("$ cat "):
+            (tmp_path / cmd[len("$ cat ") :].strip()).write_text("\n".join(shown) + "\n")
+            continue
+        if not cmd.startswith(">>> "):
+            continue
+        got = _run_line(cmd[len(">>> ") :], namespace)
+        while shown and not shown[-1]:
+            shown = shown[:-1]
+        if not _shows(shown, got):
+            diff = "\n".join(difflib.unified_diff(shown, got, "the docs", "python", lineterm=""))
+            pytest.fail(f"{where}: `{cmd[4:]}` prints something else:\n{diff}", pytrace=False)
+
+
+# -- links ---------------------------------------------------------------------------------------
+
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.MULTILINE | re.DOTALL)
+    seen: dict[str, int] = {}
+    out = set()
+    for m in re.finditer(r"^#{1,6} (.+)$", text, re.MULTILINE):
+        base = _anchor(m.group(1))
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def test_links_resolve() -> None:
+    broken = []
+    for path in _doc_files():
+        text = path.read_text(encoding="utf-8")
+        for m in _LINK.finditer(text):
+            target = m.group(1)
+            if re.match(r"[a-z]+:", target):
+                continue
+            file, _, frag = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            where = f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}"
+            if not dest.exists():
+                broken.append(f"{where}: {target}: no such file")
+            elif frag and dest.suffix == ".md" and frag not in _anchors(dest):
+                broken.append(f"{where}: {target}: no heading with that anchor")
+    assert not broken, "\n".join(broken)
