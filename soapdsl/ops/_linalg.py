@@ -6,8 +6,11 @@ Every function takes tensors with a leading batch dimension: ``[B, m, n]``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+
+from soapdsl.errors import SoapArgumentError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64, "auto": None}
 
@@ -361,6 +364,8 @@ def eigh_desc(m: torch.Tensor, jitter: float = 0.0) -> tuple[torch.Tensor, torch
     """Eigenvalues and eigenvectors (as columns) of symmetric [B, d, d], in descending order.
 
     Runs in at least fp32; if the decomposition fails it is retried in float64 and cast back.
+    A second failure raises ``torch.linalg.LinAlgError``, which the ops turn into a SoapError
+    naming the parameters (see :func:`decomposition_error`).
     """
     work = m if m.dtype in (torch.float32, torch.float64) else m.float()
     if jitter:
@@ -370,6 +375,43 @@ def eigh_desc(m: torch.Tensor, jitter: float = 0.0) -> tuple[torch.Tensor, torch
     except RuntimeError:  # torch.linalg.LinAlgError: ill-conditioned input; retry in float64
         vals, vecs = torch.linalg.eigh(work.double())
     return vals.flip(-1).to(m.dtype), vecs.flip(-1).to(m.dtype)
+
+
+def nonfinite(m: torch.Tensor) -> list[int]:
+    """Indices of the matrices of a batch [B, d, d] that hold a NaN or an infinity.
+
+    Reads the values on the host (a device synchronisation): for error paths only.
+    """
+    return torch.nonzero(~torch.isfinite(m).flatten(1).all(dim=1)).flatten().tolist()
+
+
+def decomposition_error(op: str, what: str, names: Sequence[str], finite: bool, loc: Any) -> SoapArgumentError:
+    """The error for a failed ``eigh`` of the preconditioner factor of parameters ``names``.
+
+    ``what`` is what the decomposition was for ("the eigenbasis"); ``finite`` says whether the
+    factor held only finite values (then the solver itself failed).
+    """
+    one = len(names) == 1
+    params = ("parameter " if one else "parameters ") + ", ".join(f"'{n}'" for n in names)
+    factor = "its preconditioner factor" if one else "their preconditioner factors"
+    if finite:
+        return SoapArgumentError(
+            f"'{op}' cannot compute {what} of {params}: torch.linalg.eigh did not converge on {factor},"
+            " even in float64",
+            loc,
+        )
+    return SoapArgumentError(
+        f"'{op}' cannot compute {what} of {params}: {factor} {'holds' if one else 'hold'} non-finite"
+        " values (NaN or inf) because the gradients were not finite (or so large that their squares"
+        " overflow)",
+        loc,
+        notes=[
+            "skip the steps whose gradients are not finite (torch.amp.GradScaler does this) and clip"
+            " gradients (torch.nn.utils.clip_grad_norm_)",
+            "the preconditioner factors are optimizer state: load the state from a checkpoint (or"
+            " build a new optimizer) before stepping again",
+        ],
+    )
 
 
 def refresh_basis(gg: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

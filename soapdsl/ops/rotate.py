@@ -8,6 +8,7 @@ from typing import Any, Literal, Union
 import torch
 from pydantic import Field, field_validator
 
+from soapdsl.errors import SoapArgumentError
 from soapdsl.ops import _linalg as la
 from soapdsl.registry import Float, Hyper, Int, Op, OpArgs, StateSpec, register
 from soapdsl.runtime.context import Ctx, Val
@@ -248,9 +249,26 @@ class Rotate(Op):
         jitter = self._args().jitter
         for j, b in enumerate(ctx.buckets):
             for k in self.factored(b.shape):
-                _, vecs = la.eigh_desc(st[f"GG{k}"][j], jitter)
+                gg = st[f"GG{k}"][j]
+                try:
+                    _, vecs = la.eigh_desc(gg, jitter)
+                except torch.linalg.LinAlgError:
+                    raise self._eigh_error(ctx, j, gg) from None
                 st[f"Q{k}"][j].copy_(vecs)
         ctx.set_host(self, "ready", True)
+
+    def _eigh_error(self, ctx: Ctx, j: int, gg: torch.Tensor) -> SoapArgumentError:
+        """The error for factors of bucket ``j`` that ``eigh`` failed on, naming their parameters.
+
+        Only here, after a failure, are the factors read on the host: the normal path never
+        synchronises (a NaN gradient fails ``eigh`` on a CPU; see docs/recipes.md for a GPU).
+        """
+        b = ctx.buckets[j]
+        bad = la.nonfinite(gg)
+        gidx = b.groups.get(self.path)
+        slots = list(range(b.size)) if gidx is None else gidx.tolist()
+        names = [n for n, slot in zip(b.names, slots, strict=True) if not bad or slot in bad]
+        return la.decomposition_error(self.name, "the eigenbasis", names, not bad, getattr(self, "loc", None))
 
     def _grad_sources(self, ctx: Ctx) -> list[torch.Tensor]:
         return [self._to_inner(g, b.shape) for g, b in zip(ctx.g, ctx.buckets, strict=True)]

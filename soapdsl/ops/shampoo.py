@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 from pydantic import Field
 
 from soapdsl.ops import _linalg as la
@@ -99,7 +100,15 @@ class Shampoo(Op):
                 else:
                     f.lerp_(stats, 1.0 - beta)
                 if refresh:
-                    st[f"P{k}"][j].copy_(la.inverse_root(f, self.exponent(b.shape), eps))
+                    try:
+                        root = la.inverse_root(f, self.exponent(b.shape), eps)
+                    except torch.linalg.LinAlgError:
+                        # only now, after a failure, are the factors read on the host
+                        bad = la.nonfinite(f)
+                        names = [n for i, n in enumerate(b.names) if not bad or i in bad]
+                        loc = getattr(self, "loc", None)
+                        raise la.decomposition_error(self.name, "the inverse root", names, not bad, loc) from None
+                    st[f"P{k}"][j].copy_(root)
         if refresh:
             ctx.set_host(self, "ready", True)
         if not ctx.get_host(self, "ready"):
