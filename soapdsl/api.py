@@ -30,6 +30,9 @@ def compile(recipe: str | Path, params: Any, *, torch_compile: bool = False, **a
     parameters; for an inline pipeline they declare them. ``torch_compile`` marks every route
     for ``torch.compile``.
     """
+    if not isinstance(torch_compile, bool):
+        # a truthy string such as "no" must not switch compilation on
+        raise SoapArgumentError(f"torch_compile must be True or False, got {torch_compile!r}")
     ir_recipe = library.resolve(recipe, args)
     plan = compile_plan(ir_recipe, params, args)
     if torch_compile:

@@ -20,7 +20,7 @@ from soapdsl import __version__, library, registry
 from soapdsl.check import constant
 from soapdsl.compiler import compile_plan
 from soapdsl.errors import SoapArgumentError, SoapError
-from soapdsl.syntax.parser import parse, parse_file
+from soapdsl.syntax.parser import parse
 from soapdsl.syntax.printer import format_module
 
 #: parameter shapes `soapdsl compile` uses when none are given: a small GPT-like model
@@ -51,17 +51,23 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 
 def parse_shapes(text: str) -> list[tuple[str, torch.Tensor]]:
-    """``name=MxN,name2=K`` -> meta tensors (no memory is allocated)."""
+    """``name=MxN,name2=K,s=`` -> meta tensors (no memory is allocated); ``s=`` is 0-d."""
     out = []
+    seen: set[str] = set()
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, dims = item.partition("=")
+        name = name.strip()
         try:
             shape = [int(d) for d in dims.lower().split("x")] if dims.strip() else []
         except ValueError:
             shape = None
         if not sep or not name or shape is None or any(d < 0 for d in shape):
             raise SoapArgumentError(f"--shapes expects NAME=MxN[,NAME=K...], got {item!r}")
-        out.append((name.strip(), torch.empty(shape, device="meta")))
+        if name in seen:
+            # a model cannot hold two parameters of one name; the second would shadow the first
+            raise SoapArgumentError(f"--shapes names parameter '{name}' twice")
+        seen.add(name)
+        out.append((name, torch.empty(shape, device="meta")))
     if not out:
         raise SoapArgumentError("--shapes names no parameter")
     return out
@@ -70,7 +76,7 @@ def parse_shapes(text: str) -> list[tuple[str, torch.Tensor]]:
 def cmd_compile(ns: argparse.Namespace) -> int:
     args = parse_set(ns.set or [])
     recipe = library.resolve(ns.recipe, args)
-    shapes = parse_shapes(ns.shapes or EXAMPLE_SHAPES)
+    shapes = parse_shapes(EXAMPLE_SHAPES if ns.shapes is None else ns.shapes)
     plan = compile_plan(recipe, shapes, args)
     if ns.format == "json":
         out = plan.to_dict()
@@ -88,7 +94,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
     bad = 0
     for path in ns.files:
         try:
-            module = parse_file(path)
+            module = library.parse_path(path)
             recipes, _ = library.check_module(module)
             if module.pipeline is not None:
                 if recipes:
@@ -129,7 +135,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
 
 def cmd_fmt(ns: argparse.Namespace) -> int:
     for path in ns.files:
-        module = parse_file(path)
+        module = library.parse_path(path)
         library.check_module(module)
         sys.stdout.write(format_module(module))
     return 0
@@ -170,7 +176,11 @@ def make_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="show what a recipe becomes: pipelines, routing, state")
     c.add_argument("recipe", help="shipped name, path to a .soap file, or inline pipeline text")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="set a recipe parameter (repeatable)")
-    c.add_argument("--shapes", metavar="NAME=MxN,...", help="parameter shapes (default: a small GPT-like model)")
+    c.add_argument(
+        "--shapes",
+        metavar="NAME=MxN,...",
+        help="parameter shapes; NAME= is a 0-d (scalar) parameter (default: a small GPT-like model)",
+    )
     c.add_argument("--format", choices=("text", "json"), default="text")
     c.set_defaults(func=cmd_compile)
 
@@ -226,14 +236,39 @@ def make_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         metavar="N",
-        help="torch CPU threads (default: torch's default, at most 8); 1 is faster on a busy machine",
+        help="torch CPU threads; 0 (the default) takes torch's default, at most 8, or 1 when the machine is busy",
     )
     r.set_defaults(func=cmd_race)
     return p
 
 
+#: options whose value may start with '-' (argparse reads "-1,0" as an unknown option and says
+#: "expected one argument"; joined as "--lr-grid=-1,0" the value reaches the real check)
+_NEGATIVE_OK = ("--lr-grid",)
+
+
+def _join_negative_values(argv: Sequence[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] == "--":
+            return out + list(argv[i:])
+        if (
+            argv[i] in _NEGATIVE_OK
+            and i + 1 < len(argv)
+            and argv[i + 1][:1] == "-"
+            and argv[i + 1][1:2] in "0123456789."
+        ):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = make_parser().parse_args(argv)
+    ns = make_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
         return int(ns.func(ns))
     except SoapError as e:

@@ -16,6 +16,7 @@ column of the offending key or value.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -59,31 +60,106 @@ class OptimizerConfig(BaseModel):
     routes: list[RouteOverride] = []
 
 
-def _marks(node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], yaml.Mark]) -> None:
+#: a duplicate key: the path of the key, where its second occurrence is, the line of its first
+Duplicate = tuple[tuple[Any, ...], yaml.Mark, int]
+
+#: what each schema field must be, for type errors (pydantic's own wording names Python types)
+_FIELD_TYPES = {
+    "recipe": "must be a string: a shipped recipe name, a path to a .soap file, or recipe text",
+    "args": "must be a mapping of recipe parameters to values, such as {lr: 0.01}",
+    "routes": "must be a list of route overrides, each a mapping with 'recipe' and 'match' or 'where'",
+    "route": "must be a mapping with 'recipe' and 'match' or 'where'",
+    "match": 'must be a name pattern such as "embed*", or a list of them',
+    "where": 'must be a string holding a selector, such as "matrix and max_dim < 4096"',
+    "arg": "must be a number, a boolean, a name, or a list of them",
+    "key": "must be a name (a string)",
+}
+
+
+def _marks(
+    node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], yaml.Mark], dups: list[Duplicate]
+) -> None:
     out[path] = node.start_mark
     if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, Any], int] = {}
         for k, v in node.value:
             key = k.value
+            # PyYAML keeps the last of two equal keys; a config that sets lr twice is a mistake
+            if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                if (k.tag, key) in first:
+                    dups.append(((*path, key), k.start_mark, first[(k.tag, key)]))
+                else:
+                    first[(k.tag, key)] = k.start_mark.line + 1
             out[(*path, key, "__key__")] = k.start_mark
-            _marks(v, (*path, key), out)
+            _marks(v, (*path, key), out, dups)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
-            _marks(v, (*path, i), out)
+            _marks(v, (*path, i), out, dups)
+
+
+def _dotted(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _read(path: Path) -> str:
+    if path.is_dir():
+        raise SoapConfigError(f"{str(path)!r} is a directory, not a config file")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise SoapConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+    try:
+        # utf-8-sig: a byte-order mark, which some Windows editors write, is not part of the YAML
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise SoapConfigError(f"cannot read config file {str(path)!r}: not UTF-8") from None
+
+
+def _is_path(cfg: Any) -> bool:
+    """Whether ``cfg`` names a file (or a directory) rather than holding YAML text."""
+    if isinstance(cfg, Path):
+        return True
+    if not isinstance(cfg, str) or "\n" in cfg:
+        return False
+    return cfg.endswith((".yaml", ".yml")) or os.path.isfile(cfg) or os.path.isdir(cfg)
+
+
+def _schema_error(e: ValidationError) -> tuple[str, tuple[Any, ...]]:
+    """Plain words for the first schema error, and the path of what it is about."""
+    err = e.errors()[0]
+    where = tuple(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key (allowed: {', '.join(_allowed(where))})", where
+    if err["type"] == "missing":
+        return "is required", where
+    # the schema's fields: recipe, args, routes; a route's: match, where, recipe, args
+    route = len(where) >= 2 and where[0] == "routes" and isinstance(where[1], int)
+    base = where[:2] if route else ()
+    if route and len(where) == 2:
+        return _FIELD_TYPES["route"], where
+    field = where[len(base)]
+    if field == "args" and len(where) > len(base) + 1:
+        where = where[: len(base) + 2]
+        return _FIELD_TYPES["key" if err["loc"][-1] == "[key]" else "arg"], where
+    where = where[: len(base) + 1]
+    if err["type"] == "value_error":
+        message = str(err.get("ctx", {}).get("error", err["msg"]))
+        return message.removeprefix(f"{field} "), where
+    return _FIELD_TYPES.get(str(field), "has the wrong type"), where
 
 
 def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mark], tuple[Any, ...]]:
     """Parse a config (dict, YAML text or path) into the validated schema."""
     file = "<config>"
     marks: dict[tuple[Any, ...], yaml.Mark] = {}
-    if isinstance(cfg, Path) or (isinstance(cfg, str) and "\n" not in cfg and cfg.endswith((".yaml", ".yml"))):
+    dups: list[Duplicate] = []
+    source = None
+    if _is_path(cfg):
         path = Path(cfg)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise SoapConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+        cfg = source = _read(path)
         file = str(path)
-        cfg = text
     if isinstance(cfg, str):
+        source = cfg
         SOURCES[file] = cfg
         try:
             node = yaml.compose(cfg, Loader=yaml.SafeLoader)
@@ -94,13 +170,27 @@ def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mar
             loc = Loc(file, mark.line + 1, mark.column + 1, mark.line + 1, mark.column + 2) if mark else None
             raise SoapConfigError(f"invalid YAML: {problem}", loc) from None
         if node is not None:
-            _marks(node, (), marks)
-    else:
+            _marks(node, (), marks, dups)
+    elif isinstance(cfg, Mapping):
         data = cfg
+    else:
+        raise SoapConfigError(f"a config is a dict, YAML text or a path to a YAML file, got {type(cfg).__name__}")
     prefix: tuple[Any, ...] = ()
     if isinstance(data, Mapping) and "optimizer" in data and "recipe" not in data:
         data = data["optimizer"]
         prefix = ("optimizer",)
+    for key_path, mark, first in dups:
+        n = min(len(key_path), len(prefix))
+        if key_path[:n] == prefix[:n]:  # in the optimizer's part of a training config, or above it
+            loc = Loc(file, mark.line + 1, mark.column + 1, mark.line + 1, mark.column + 2, source)
+            raise SoapConfigError(f"{_dotted(key_path)}: given twice (first on line {first})", loc)
+    if data is None:
+        if prefix:
+            raise SoapConfigError(
+                f"{_dotted(prefix)}: is empty; it needs at least a 'recipe' key", _loc(file, marks, prefix)
+            )
+        what = f"config file {file!r}" if file != "<config>" else "the config text"
+        raise SoapConfigError(f"{what} is empty (or only comments); it needs at least a 'recipe' key")
     if not isinstance(data, Mapping):
         raise SoapConfigError(
             f"an optimizer config is a mapping with a 'recipe' key, got {type(data).__name__}",
@@ -109,18 +199,8 @@ def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mar
     try:
         parsed = OptimizerConfig.model_validate(dict(data))
     except ValidationError as e:
-        err = e.errors()[0]
-        where = tuple(err["loc"])
-        dotted = ".".join(str(p) for p in (*prefix, *where)) or "config"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key (allowed: {', '.join(_allowed(where))})"
-        elif err["type"] == "missing":
-            msg = "is required"
-        elif "args" in where:
-            dotted = ".".join(str(p) for p in (*prefix, *where[: where.index("args") + 2]))
-            msg = "must be a number, a boolean, a name, or a list of them"
-            where = where[: where.index("args") + 2]
+        msg, where = _schema_error(e)
+        dotted = _dotted((*prefix, *where)) or "config"
         loc = _loc(file, marks, (*prefix, *where)) or _loc(file, marks, (*prefix, *where[:-1]))
         raise SoapConfigError(f"{dotted}: {msg}", loc) from None
     return parsed, file, marks, prefix
@@ -171,18 +251,41 @@ def _selector(
 def _in_yaml(
     e: SoapError, file: str, marks: Mapping[tuple[Any, ...], yaml.Mark], path: tuple[Any, ...], text: str
 ) -> SoapError:
-    """Move an error inside a `where:` selector to its place in the YAML file."""
+    """Move an error inside a `where:` selector to its place in the YAML file.
+
+    The selector was parsed inside a synthetic recipe (``_WHERE_PREFIX``); its line ``k`` is
+    the ``where`` text's line ``k - 2``. A one-line value and a literal block (``|``) map
+    column for column where the source holds the text as parsed; any other value (folded, with
+    escapes, or a plain or quoted scalar spread over lines) points at the start of the value.
+    """
     mark = marks.get(path)
-    if e.loc is None or mark is None or "\n" in text:
+    if e.loc is None or mark is None:
         return e
-    offset = e.loc.col - (len("  route ") + 1)
-    if e.loc.line != 2 or not 0 <= offset <= len(text):
-        offset = 0
     source = SOURCES.get(file) or ""
-    quoted = 0 <= mark.index < len(source) and source[mark.index] in "'\""
-    col = mark.column + 1 + offset + (1 if quoted else 0)
+    lines = text.split("\n")
+    k = e.loc.line - 2
+    offset = e.loc.col - 1 - (len(_WHERE_PREFIX.split("\n")[1]) if k == 0 else 0)
     width = max(1, e.loc.end_col - e.loc.col) if e.loc.end_line == e.loc.line else 1
-    e.loc = Loc(file, mark.line + 1, col, mark.line + 1, col + width, SOURCES.get(file))
+    line, col = mark.line + 1, mark.column + 1
+    if not (0 <= k < len(lines) and 0 <= offset <= len(lines[k])):
+        width = 1
+    elif len(lines) == 1:
+        quoted = 1 if source[mark.index : mark.index + 1] in ("'", '"') else 0
+        if source[mark.index + quoted : mark.index + quoted + len(text)] == text:
+            col += offset + quoted
+        else:  # escapes, or a plain scalar folded from several lines
+            width = 1
+    elif source[mark.index : mark.index + 1] == "|":
+        # a literal block keeps its lines as written, after the block's indentation
+        src = source.splitlines()
+        written = src[mark.line + 1 + k] if mark.line + 1 + k < len(src) else ""
+        if lines[k] and written.endswith(lines[k]):
+            line, col = mark.line + 2 + k, len(written) - len(lines[k]) + offset + 1
+        else:
+            width = 1
+    else:
+        width = 1
+    e.loc = Loc(file, line, col, line, col + width, SOURCES.get(file))
     e.args = (e.format(),)
     return e
 
@@ -212,7 +315,10 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
         overrides = []
         for i, o in enumerate(parsed.routes):
             sub_args = _args(o.args)
-            sub = library.resolve(o.recipe, sub_args)
+            try:
+                sub = library.resolve(o.recipe, sub_args)
+            except SoapError as e:
+                raise e.at(_loc(file, marks, (*prefix, "routes", i, "recipe"))) from None
             _check_args(sub, sub_args, file, marks, (*prefix, "routes", i, "args"))
             selector = _selector(o, i, file, marks, (*prefix, "routes", i))
             values = {**sub.defaults(), **sub_args}

@@ -12,6 +12,7 @@ Errors that come from source text carry a :class:`~soapdsl.syntax.ast.Loc` and p
 from __future__ import annotations
 
 import difflib
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -105,8 +106,21 @@ def _caret(loc: Loc, source: str) -> list[str]:
     if loc.end_line == loc.line and loc.end_col > loc.col:
         width = loc.end_col - loc.col
     width = max(1, min(width, len(line) - loc.col + 1))
+    # pad and underline by display width, so that the caret stays under its text after CJK
+    # characters (two columns each) or combining accents (none)
+    before = _display_width(line[: loc.col - 1])
+    under = max(1, _display_width(line[loc.col - 1 : loc.col - 1 + width]))
     gutter = f"{loc.line:>5} | "
-    return [gutter + line, " " * (len(gutter) - 2) + "| " + " " * (loc.col - 1) + "^" * width]
+    return [gutter + line, " " * (len(gutter) - 2) + "| " + " " * before + "^" * under]
+
+
+def _display_width(text: str) -> int:
+    """Terminal columns ``text`` takes: wide East Asian characters 2, combining marks 0."""
+    if text.isascii():
+        return len(text)
+    return sum(
+        0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text
+    )
 
 
 class SoapSyntaxError(SoapError):

@@ -16,7 +16,7 @@ from typing import Any
 
 from soapdsl import ir, registry
 from soapdsl.check import MacroTable, check_macro, check_recipe
-from soapdsl.errors import SoapError, SoapNameError, did_you_mean
+from soapdsl.errors import SoapError, SoapNameError, SoapSyntaxError, did_you_mean
 from soapdsl.resources import recipe_files
 from soapdsl.syntax import ast as A
 from soapdsl.syntax.parser import parse, parse_file
@@ -82,9 +82,26 @@ def _pick(
     module: A.Module,
     recipes: list[ir.Recipe],
     macros: MacroTable,
-    hint: str | None,
+    name: str | None,
     params: Mapping[str, Any],
+    default: str | None = None,
 ) -> ir.Recipe:
+    """The recipe a source stands for.
+
+    ``name`` is the one the user asked for (``file.soap::NAME``): it must be defined, even
+    when the file holds a single recipe. Without it a single recipe (or a bare pipeline) is
+    taken, and of several the one called ``default`` (a file's stem), if any.
+    """
+    names = [r.name for r in recipes]
+    if name:
+        if name in names:
+            return recipes[names.index(name)]
+        if not names:
+            what = "a bare pipeline" if module.pipeline is not None else "no recipe"
+            raise SoapNameError(f"no recipe '{name}' in {module.file} (it holds {what}, not named recipes)")
+        raise SoapNameError(
+            f"no recipe '{name}' in {module.file}" + did_you_mean(name, names) + f" (recipes: {', '.join(names)})"
+        )
     if module.pipeline is not None and not recipes:
         return inline_recipe(module.pipeline, macros, params, module.file)
     if module.pipeline is not None:
@@ -96,11 +113,37 @@ def _pick(
         raise SoapNameError(f"{module.file} defines no recipe and no pipeline")
     if len(recipes) == 1:
         return recipes[0]
-    names = [r.name for r in recipes]
-    if hint in names:
-        return recipes[names.index(hint)]
+    if default in names:
+        return recipes[names.index(default)]
     raise SoapNameError(
         f"{module.file} defines several recipes ({', '.join(names)}); name one as '{module.file}::NAME'"
+    )
+
+
+def parse_path(path: str | Path) -> A.Module:
+    """Parse a ``.soap`` file named by the user.
+
+    Like :func:`~soapdsl.syntax.parser.parse_file`, but a directory is refused by name (not
+    as an unreadable file) and a UTF-8 byte-order mark, which some Windows editors write, is
+    skipped rather than reported as an unexpected character.
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise SoapNameError(f"{str(p)!r} is a directory, not a recipe file")
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise SoapNameError(f"cannot read recipe file {str(p)!r}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise SoapSyntaxError(f"recipe file {str(p)!r} is not UTF-8 text") from None
+    return parse(text, str(p))
+
+
+def _unknown_recipe(name: str) -> SoapNameError:
+    return SoapNameError(
+        f"unknown recipe '{name}'" + did_you_mean(name, library().recipes) + f" (shipped: {', '.join(shipped_names())})"
     )
 
 
@@ -111,7 +154,7 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None) -> ir.Rec
     """
     params = dict(params or {})
     if isinstance(spec, Path):
-        spec = str(spec)
+        return _from_file(str(spec), params)
     if not isinstance(spec, str):
         raise SoapError(f"a recipe is a name, a path or recipe text, got {type(spec).__name__}")
     text = spec.strip()
@@ -119,16 +162,35 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None) -> ir.Rec
         if text in library().recipes:
             return shipped(text)
         if registry.get(text) is None and text not in library().macros.macros:
+            raise _unknown_recipe(text)
+    if "\n" in text:
+        return _from_text(spec, params)
+    path_part, sep, name = text.partition("::")
+    if path_part.endswith(".soap") or os.path.isfile(path_part):
+        return _from_file(text, params)
+    if os.path.isdir(path_part) and not _IDENT.match(path_part):
+        raise SoapNameError(f"{path_part!r} is a directory, not a recipe file")
+    if sep and _IDENT.match(path_part):
+        # 'adamw::adamw': a shipped recipe comes from a file of its own, holding just it
+        if path_part not in library().recipes:
+            raise _unknown_recipe(path_part)
+        if name.strip() not in ("", path_part):
             raise SoapNameError(
-                f"unknown recipe '{text}'"
-                + did_you_mean(text, library().recipes)
-                + f" (shipped: {', '.join(shipped_names())})"
+                f"no recipe '{name.strip()}' in shipped '{path_part}' (its file holds only '{path_part}')"
             )
-    path_part, _, hint = text.partition("::")
-    if "\n" not in text and (path_part.endswith(".soap") or os.path.isfile(path_part)):
-        module = parse_file(path_part)
-        recipes, macros = check_module(module)
-        return _pick(module, recipes, macros, hint or Path(path_part).stem, params)
+        return shipped(path_part)
+    return _from_text(spec, params)
+
+
+def _from_file(text: str, params: Mapping[str, Any]) -> ir.Recipe:
+    """``path.soap`` or ``path.soap::NAME``."""
+    path_part, _, name = text.partition("::")
+    module = parse_path(path_part)
+    recipes, macros = check_module(module)
+    return _pick(module, recipes, macros, name.strip() or None, params, default=Path(path_part).stem)
+
+
+def _from_text(spec: str, params: Mapping[str, Any]) -> ir.Recipe:
     module = parse(spec, "<inline>")
     recipes, macros = check_module(module)
     return _pick(module, recipes, macros, None, params)

@@ -102,6 +102,43 @@ def test_compile_errors(capsys, argv, pattern):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("shapes", "message"),
+    [
+        ("w=4x3,w=5x5", "--shapes names parameter 'w' twice"),
+        ("", "--shapes names no parameter"),
+        (" , ", "--shapes names no parameter"),
+    ],
+)
+def test_compile_shapes_refused(capsys, shapes, message):
+    code, out, err = run(capsys, "compile", "adamw", "--shapes", shapes)
+    assert (code, out) == (1, "")
+    assert err == f"error: {message}\n"
+
+
+def test_compile_shapes_empty_dims_is_a_scalar(capsys):
+    code, out, err = run(capsys, "compile", "adamw", "--shapes", "w=4x3,t=", "--format", "json")
+    assert code == 0, err
+    assert {p["name"]: p["shape"] for p in json.loads(out)["params"]} == {"w": [4, 3], "t": []}
+
+
+def test_compile_and_check_name_a_directory_or_a_missing_recipe(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "one.soap").write_text("recipe r(lr=1e-3):\n  route default: sign\n")
+    code, out, err = run(capsys, "compile", "one.soap::nope", "--shapes", "w=4x3")
+    assert (code, out, err) == (1, "", "error: no recipe 'nope' in one.soap (recipes: r)\n")
+    for cmd in ("compile", "check", "fmt"):
+        code, out, err = run(capsys, cmd, str(tmp_path))
+        assert (code, out, err) == (1, "", f"error: '{tmp_path}' is a directory, not a recipe file\n")
+
+
+def test_check_and_fmt_skip_a_byte_order_mark(tmp_path, capsys):
+    path = tmp_path / "bom.soap"
+    path.write_bytes("\ufeffrecipe r(lr=1e-3) = momentum(0.9) |> sign |> lr\n".encode())
+    assert run(capsys, "check", str(path)) == (0, f"{path}: ok (recipe r)\n", "")
+    assert run(capsys, "fmt", str(path)) == (0, "recipe r(lr=0.001) = momentum(0.9) |> sign |> lr\n", "")
+
+
 def test_check_reports_syntax_error_with_caret(tmp_path):
     bad = tmp_path / "bad.soap"
     bad.write_text("recipe r(lr=1):\n  route default:\n    momentum(0.9) |> |> lr\n")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import soapdsl
+from soapdsl import SoapConfigError, SoapError, SoapNameError, SoapRouteError
 from tests.conftest import batches, make_net, max_rel_err, train_step
 
 
@@ -72,3 +74,131 @@ def test_override_where_selector_and_state_dict_identity():
     b = soapdsl.from_config(make_net(), {"recipe": "adamw"})
     assert a.param_groups[0]["route"] == "vector"
     assert a.plan.fingerprint != b.plan.fingerprint
+
+
+# -- bad configs: one plain error, located -------------------------------------------------------
+
+
+def config_error(cfg, cls=SoapConfigError) -> SoapError:
+    with pytest.raises(SoapError) as info:
+        soapdsl.from_config(torch.nn.Linear(3, 3), cfg)
+    assert type(info.value) is cls, f"{type(info.value).__name__}: {info.value}"
+    return info.value
+
+
+def test_a_config_file_that_is_not_utf8(tmp_path):
+    path = tmp_path / "bin.yaml"
+    path.write_bytes(b"\xff\xfeoptimizer: adamw\n")
+    assert config_error(path).message == f"cannot read config file {str(path)!r}: not UTF-8"
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes("\ufeffrecipe: adamw\nargs: {lr: 0.01}\n".encode())
+    assert soapdsl.from_config(make_net(), path).param_groups[0]["lr"] == 0.01
+
+
+def test_a_directory_is_not_yaml_text(tmp_path):
+    (tmp_path / "configs.yaml").mkdir()
+    for cfg in (str(tmp_path), tmp_path, str(tmp_path / "configs.yaml")):
+        assert config_error(cfg).message.endswith("' is a directory, not a config file")
+
+
+def test_a_config_path_without_a_yaml_suffix_is_read(tmp_path):
+    path = tmp_path / "optimizer.cfg"
+    path.write_text("recipe: adamw\nargs: {lr: 0.02}\n")
+    assert soapdsl.from_config(make_net(), str(path)).param_groups[0]["lr"] == 0.02
+
+
+def test_a_duplicate_key_is_an_error_at_the_second():
+    err = config_error("optimizer:\n  recipe: adamw\n  args:\n    lr: 0.1\n    lr: 0.2\n")
+    assert err.message == "optimizer.args.lr: given twice (first on line 4)"
+    assert (err.loc.line, err.loc.col) == (5, 5)
+    err = config_error("optimizer: {recipe: adamw}\noptimizer: {recipe: adam}\n")
+    assert err.message == "optimizer: given twice (first on line 1)" and err.loc.line == 2
+
+
+def test_duplicates_elsewhere_in_a_training_config_and_merge_keys_are_not_ours():
+    text = "model: {width: 1, width: 2}\noptimizer: {recipe: adamw}\n"
+    assert soapdsl.from_config(make_net(), text).plan.recipe.name == "adamw"
+    text = "base: &b {lr: 0.1, beta1: 0.8}\noptimizer:\n  recipe: adamw\n  args:\n    <<: *b\n    lr: 0.2\n"
+    group = soapdsl.from_config(make_net(), text).param_groups[0]
+    assert (group["lr"], group["beta1"]) == (0.2, 0.8)
+
+
+def test_an_empty_config(tmp_path):
+    path = tmp_path / "empty.yaml"
+    for text in ("", "# nothing here\n"):
+        path.write_text(text)
+        err = config_error(path)
+        assert err.message == f"config file {str(path)!r} is empty (or only comments); it needs at least a 'recipe' key"
+    assert "the config text is empty" in config_error("# nothing\n").message
+    err = config_error("optimizer:\n")
+    assert err.message == "optimizer: is empty; it needs at least a 'recipe' key" and err.loc.line == 1
+    err = config_error(None)
+    assert err.message == "a config is a dict, YAML text or a path to a YAML file, got NoneType"
+
+
+@pytest.mark.parametrize(
+    ("text", "message", "where"),
+    [
+        (
+            "recipe: adamw\nargs: [1, 2]\n",
+            "args: must be a mapping of recipe parameters to values, such as {lr: 0.01}",
+            (2, 1),
+        ),
+        (
+            "recipe: adamw\nargs: 5\n",
+            "args: must be a mapping of recipe parameters to values, such as {lr: 0.01}",
+            (2, 1),
+        ),
+        (
+            "recipe: 123\n",
+            "recipe: must be a string: a shipped recipe name, a path to a .soap file, or recipe text",
+            (1, 1),
+        ),
+        (
+            "recipe: adamw\nroutes:\n  - match: 5\n    recipe: adam\n",
+            'routes.0.match: must be a name pattern such as "embed*", or a list of them',
+            (3, 5),
+        ),
+        (
+            "recipe: adamw\nroutes:\n  - match: []\n    recipe: adam\n",
+            "routes.0.match: needs at least one pattern",
+            (3, 5),
+        ),
+        (
+            "recipe: adamw\nroutes: {match: x, recipe: adam}\n",
+            "routes: must be a list of route overrides, each a mapping with 'recipe' and 'match' or 'where'",
+            (2, 1),
+        ),
+        ("recipe: adamw\nroutes: [5]\n", "routes.0: must be a mapping with 'recipe' and 'match' or 'where'", (2, 10)),
+    ],
+)
+def test_schema_errors_in_plain_words(text, message, where):
+    err = config_error(text)
+    assert err.message == message
+    assert (err.loc.line, err.loc.col) == where
+    assert "Input should" not in str(err) and "Value error" not in str(err)
+
+
+def test_a_dict_config_with_args_not_a_mapping():
+    err = config_error({"recipe": "adamw", "args": 5})
+    assert err.message == "args: must be a mapping of recipe parameters to values, such as {lr: 0.01}"
+
+
+def test_an_unknown_recipe_in_a_route_points_at_the_route():
+    err = config_error("recipe: adamw\nroutes:\n  - match: '*bias'\n    recipe: adamm\n", SoapNameError)
+    assert err.message.startswith("unknown recipe 'adamm'")
+    assert (err.loc.line, err.loc.col) == (4, 5)
+
+
+def test_a_multiline_where_points_into_the_yaml():
+    text = "recipe: adamw\nroutes:\n  - where: |\n      matrix and\n      ndims > 1\n    recipe: adam\n"
+    err = config_error(text, SoapRouteError)
+    assert err.message.startswith("unknown shape quantity 'ndims'")
+    assert (err.loc.file, err.loc.line, err.loc.col, err.loc.end_col) == ("<config>", 5, 7, 16)
+    assert not err.notes
+    # a folded value cannot be mapped column by column: the error points at the value
+    err = config_error(text.replace("|", ">"), SoapRouteError)
+    assert (err.loc.file, err.loc.line, err.loc.col) == ("<config>", 3, 12)

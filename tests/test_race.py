@@ -164,6 +164,45 @@ def test_cli_bad_options(tmp_path, capsys):
     assert "given twice" in capsys.readouterr().err
 
 
+def no_training(*args, **kwargs):
+    raise AssertionError("the race trained before rejecting its options")
+
+
+def test_cli_out_that_cannot_be_a_directory_fails_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("soapdsl.race.runner._train", no_training)
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["race", "adamw", "--out", str(afile), *TINY_CLI]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: race output directory {str(afile)!r} is an existing file, not a directory\n"
+    below = afile / "sub"
+    assert main(["race", "adamw", "--out", str(below), *TINY_CLI]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot create race output directory {str(below)!r}: ")
+    assert "Traceback" not in err
+
+
+def test_out_is_created_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr("soapdsl.race.runner._train", no_training)
+    with pytest.raises(AssertionError):
+        tiny_race(["adamw"], out=tmp_path / "new" / "dir")
+    assert (tmp_path / "new" / "dir").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--threads", "-3"], "race threads must be a positive integer or 0 (torch's default, at most 8), got -3"),
+        (["--eval-every", "-1"], "race eval_every must be a positive integer or 0 (every steps // 10), got -1"),
+        (["--lr-grid", "-1,0"], "--lr-grid multipliers must be positive, got '-1'"),
+        (["--lr-grid", "-.5"], "--lr-grid multipliers must be positive, got '-.5'"),
+    ],
+)
+def test_cli_negative_options_reach_their_check(tmp_path, capsys, option, message):
+    assert main(["race", "adamw", "--out", str(tmp_path), *TINY_CLI, *option]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
 # -- recipe specs -----------------------------------------------------------------------------
 
 

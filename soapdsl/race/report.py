@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from soapdsl.errors import SoapArgumentError
 
 if TYPE_CHECKING:
     from soapdsl.race.runner import RaceResult
@@ -144,14 +147,33 @@ def plot_losses(result: RaceResult, path: Path) -> None:
     fig.savefig(path)
 
 
+def prepare_out(out: Path) -> None:
+    """Create the output directory ``out``, or say why it cannot be one.
+
+    The race calls this before training, so that a bad ``--out`` fails in a second, not after
+    minutes of training with a traceback.
+    """
+    if out.exists() and not out.is_dir():
+        raise SoapArgumentError(f"race output directory {str(out)!r} is an existing file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SoapArgumentError(f"cannot create race output directory {str(out)!r}: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SoapArgumentError(f"race output directory {str(out)!r} is not writable")
+
+
 def write_outputs(result: RaceResult, out: Path, plot: bool = True) -> None:
     """Write ``race.json`` and (with ``plot``) ``losses.png`` into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out)
     result.out_dir = out
     result.json_path = out / JSON_NAME
-    with open(result.json_path, "w", encoding="utf-8") as f:
-        json.dump(result_to_dict(result), f, indent=1)
-        f.write("\n")
-    if plot:
-        result.png_path = out / PNG_NAME
-        plot_losses(result, result.png_path)
+    try:
+        with open(result.json_path, "w", encoding="utf-8") as f:
+            json.dump(result_to_dict(result), f, indent=1)
+            f.write("\n")
+        if plot:
+            result.png_path = out / PNG_NAME
+            plot_losses(result, result.png_path)
+    except OSError as e:
+        raise SoapArgumentError(f"cannot write the race's results into {str(out)!r}: {e.strerror}") from None

@@ -67,8 +67,10 @@ class RaceConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SoapArgumentError(f"race {name} must be a positive integer, got {v!r}")
-        if self.eval_every < 0 or self.threads < 0:
-            raise SoapArgumentError("race eval_every and threads must not be negative")
+        for name, zero in (("eval_every", "every steps // 10"), ("threads", f"torch's default, at most {MAX_THREADS}")):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise SoapArgumentError(f"race {name} must be a positive integer or 0 ({zero}), got {v!r}")
         if self.d_model % self.n_heads:
             raise SoapArgumentError(f"race d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if not 0 <= self.ema < 1:
@@ -440,6 +442,10 @@ def run_race(
                 args = scaled_lrs(recipe, spec.overrides, m)
                 compile_plan(recipe, probe, args)
                 jobs.append(_Job(spec, recipe, m, args))
+        if out is not None:
+            from soapdsl.race.report import prepare_out
+
+            prepare_out(Path(out))
         for spec in specs if grid else []:
             if not lr_params(spec.resolve(), spec.overrides):
                 print(f"note: {spec.label} has no lr parameter; the grid repeats one run", file=stream or sys.stderr)

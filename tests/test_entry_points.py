@@ -1,0 +1,130 @@
+"""How a recipe argument is found: `file.soap::NAME`, shipped names, directories, byte-order
+marks; the Python entry points' own arguments; carets under wide characters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import soapdsl
+from soapdsl import library
+from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapNameError
+
+
+def params():
+    return [("w", torch.nn.Parameter(torch.zeros(4, 3)))]
+
+
+def raises(cls: type[SoapError], fn, *args, **kw) -> SoapError:
+    with pytest.raises(SoapError) as info:
+        fn(*args, **kw)
+    assert type(info.value) is cls, f"{type(info.value).__name__}: {info.value}"
+    return info.value
+
+
+# -- file.soap::NAME ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def soap_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "one.soap").write_text("recipe r(lr=1e-3):\n  route default: sign\n")
+    (tmp_path / "two.soap").write_text("recipe fast(lr=1e-2) = sign\nrecipe slow(lr=1e-4) = momentum\n")
+    (tmp_path / "bare.soap").write_text("sign |> lr\n")
+    return tmp_path
+
+
+def test_a_named_recipe_must_be_in_a_file_of_one_recipe(soap_files):
+    err = raises(SoapNameError, soapdsl.build, "one.soap::nope", params())
+    assert err.message == "no recipe 'nope' in one.soap (recipes: r)"
+    assert soapdsl.build("one.soap::r", params()).plan.recipe.name == "r"
+    assert soapdsl.build("one.soap", params()).plan.recipe.name == "r"
+
+
+def test_a_wrong_name_in_a_file_of_several_says_it_is_not_among_them(soap_files):
+    err = raises(SoapNameError, soapdsl.compile, "two.soap::fsat", params())
+    assert err.message == "no recipe 'fsat' in two.soap; did you mean 'fast'? (recipes: fast, slow)"
+    assert soapdsl.compile("two.soap::slow", params()).recipe.name == "slow"
+    err = raises(SoapNameError, soapdsl.compile, "two.soap", params())
+    assert "defines several recipes (fast, slow)" in err.message
+
+
+def test_a_name_in_a_file_holding_a_bare_pipeline(soap_files):
+    err = raises(SoapNameError, soapdsl.compile, "bare.soap::r", params())
+    assert err.message == "no recipe 'r' in bare.soap (it holds a bare pipeline, not named recipes)"
+    assert soapdsl.compile("bare.soap", params()).recipe.name == "inline"
+
+
+def test_a_shipped_name_with_a_recipe_name():
+    plain = soapdsl.compile("adamw", params()).fingerprint
+    assert soapdsl.compile("adamw::adamw", params()).fingerprint == plain
+    err = raises(SoapNameError, soapdsl.compile, "adamw::fast", params())
+    assert err.message == "no recipe 'fast' in shipped 'adamw' (its file holds only 'adamw')"
+    err = raises(SoapNameError, soapdsl.compile, "adamww::adamw", params())
+    assert err.message.startswith("unknown recipe 'adamww'; did you mean 'adamw'?")
+
+
+# -- directories and byte-order marks ------------------------------------------------------------
+
+
+def test_a_directory_is_not_read_as_recipe_text(tmp_path):
+    for spec in (str(tmp_path), tmp_path, f"{tmp_path}::r"):
+        err = raises(SoapNameError, soapdsl.build, spec, params())
+        assert err.message == f"'{tmp_path}' is a directory, not a recipe file"
+    (tmp_path / "d.soap").mkdir()
+    err = raises(SoapNameError, library.resolve, str(tmp_path / "d.soap"))
+    assert "is a directory" in err.message
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    path = tmp_path / "bom.soap"
+    path.write_bytes("\ufeffrecipe r(lr=1e-3) = momentum(0.9) |> sign |> lr\n".encode())
+    assert soapdsl.compile(str(path), params()).recipe.name == "r"
+    # columns are those of the text without the mark
+    path.write_bytes("\ufeffrecipe r(lr=1e-3) = signn |> lr\n".encode())
+    err = raises(SoapNameError, soapdsl.compile, path, params())
+    assert (err.loc.line, err.loc.col) == (1, 21)
+
+
+def test_a_path_object_is_always_a_file(tmp_path):
+    err = raises(SoapNameError, soapdsl.compile, tmp_path / "sign", params())
+    assert err.message.startswith("cannot read recipe file")
+
+
+# -- the entry points' own arguments --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_torch_compile_must_be_a_bool(value):
+    err = raises(SoapArgumentError, soapdsl.build, "adamw", params(), torch_compile=value)
+    assert err.message == f"torch_compile must be True or False, got {value!r}"
+
+
+# -- carets ---------------------------------------------------------------------------------------
+
+
+def caret_lines(line: str, col: int, width: int) -> tuple[str, str]:
+    loc = Loc("x.soap", 1, col, 1, col + width)
+    text = SoapError("boom", loc, source=line + "\n").format().splitlines()
+    return text[1], text[2]
+
+
+def test_caret_counts_wide_characters_twice():
+    src, caret = caret_lines('  route "漢字*": sign |> signn', 24, 5)
+    # each CJK character takes two terminal columns; the caret lands under 'signn'
+    assert caret.index("^") == src.index("signn") + 2
+    assert caret.count("^") == 5
+
+
+def test_caret_skips_combining_marks_and_underlines_wide_spans():
+    src, caret = caret_lines('scale("e\u0301") |> signn', 16, 5)  # 'e' + a combining acute accent
+    assert caret.index("^") == src.index("signn") - 1
+    _, caret = caret_lines('scale("漢字")', 7, 4)
+    assert caret.count("^") == 6
+
+
+def test_caret_unchanged_for_ascii_and_tabs():
+    src, caret = caret_lines("momentum(0.9) |> signn |> lr", 18, 5)
+    assert caret.index("^") == src.index("signn") and caret.count("^") == 5
+    src, caret = caret_lines("\tsignn |> lr", 2, 5)
+    assert caret.index("^") == src.index("signn")
