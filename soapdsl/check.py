@@ -9,14 +9,19 @@ location of the text that caused it.
 
 from __future__ import annotations
 
+import bisect
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import ValidationError
 
 from soapdsl import ir, registry
 from soapdsl.errors import (
+    SOURCES,
     Loc,
     SoapArgumentError,
     SoapError,
@@ -26,6 +31,7 @@ from soapdsl.errors import (
     did_you_mean,
 )
 from soapdsl.syntax import ast as A
+from soapdsl.syntax.printer import format_selector
 
 #: selector names and the shape quantities a comparison may use
 SELECTOR_NAMES = ("default", "scalar", "vector", "matrix", "tensor")
@@ -161,54 +167,101 @@ def validate_args(
     try:
         return cls.Args(**concrete)
     except ValidationError as e:
-        err = e.errors()[0]
+        err = _relevant_error(e.errors(), concrete)
         fname = str(err["loc"][0]) if err["loc"] else ""
         where = locs.get(fname, loc)
         raw = dict(args).get(fname)
-        if err["type"] == "missing" and len(err["loc"]) > 1:
+        given = concrete.get(fname)
+        notes = []
+        if raw is not None and raw.refs():
+            notes.append(", ".join(f"{r} = {ir.const_text(env[r])}" for r in sorted(raw.refs()) if r in env))
+        # an error inside a tuple points at its item
+        item = err["loc"][1] if len(err["loc"]) > 1 else (err.get("ctx") or {}).get("item")
+        at_item = ""
+        if isinstance(item, int) and not isinstance(item, bool):
+            at_item = f"item {item}"
+            if isinstance(raw, ir.TupleVal) and 0 <= item < len(raw.items):
+                where = raw.items[item].loc
+        if err["type"] == "missing" and at_item:
             raise SoapArgumentError(
-                f"invalid {fname}={ir.const_text(concrete.get(fname))} for '{cls.name}':"
-                f" item {err['loc'][1]} is missing",
-                where,
+                f"invalid {fname}={ir.const_text(given)} for '{cls.name}': {at_item} is missing", where
             ) from None
         if err["type"] == "missing":
             raise SoapArgumentError(f"'{cls.name}' needs argument '{fname}'", loc) from None
-        choices = _literal_choices(cls, fname)
+        annotation = _annotation(cls, fname)
+        choices = _literal_choices(annotation)
+        nonfinite_name = isinstance(given, str) and given.lower() in registry.NONFINITE_NAMES
         # a validator's own error (value_error) names a valid word in a bad combination
         if (
             err["type"] != "value_error"
-            and isinstance(raw, ir.Sym | ir.Const)
-            and isinstance(concrete.get(fname), str)
+            and isinstance(given, str)
             and choices
+            and not (nonfinite_name and _admits_number(annotation))
         ):
             raise SoapArgumentError(
-                f"invalid {fname}={concrete[fname]} for '{cls.name}': expected one of "
+                f"invalid {fname}={given} for '{cls.name}': expected one of "
                 + ", ".join(map(str, choices))
-                + did_you_mean(concrete[fname], [str(c) for c in choices]),
+                + (", or a number" if _admits_number(annotation) else "")
+                + did_you_mean(given, [str(c) for c in choices]),
                 where,
+                notes=notes,
             ) from None
-        if isinstance(raw, ir.Sym) and err["type"] != "value_error":
+        # a symbol where a number is expected is most often a misspelt parameter; `nan` and
+        # `inf` are not (Python would read them as numbers, soapdsl has no such number)
+        if isinstance(raw, ir.Sym) and err["type"] != "value_error" and not nonfinite_name:
             candidates = list(names or env)
             raise SoapNameError(
                 f"unknown name '{raw.name}' for argument '{fname}' of '{cls.name}'"
                 + did_you_mean(raw.name, candidates),
                 where,
             ) from None
-        given = concrete.get(fname)
         msg = _pydantic_message(err)
-        note = []
-        if raw is not None and raw.refs():
-            note.append(", ".join(f"{r} = {ir.const_text(env[r])}" for r in sorted(raw.refs()) if r in env))
+        if err["type"] == "finite_number" and isinstance(raw, ir.Bin | ir.Neg) and not raw.refs():
+            msg += f" ('{raw.text()}' overflows)"
+        if at_item:
+            msg = f"{at_item}: {msg}"
         raise SoapArgumentError(
-            f"invalid {fname}={ir.const_text(given)} for '{cls.name}': {msg}", where, notes=note
+            f"invalid {fname}={ir.const_text(given)} for '{cls.name}': {msg}", where, notes=notes
         ) from None
 
 
-def _literal_choices(cls: type[registry.Op], field_name: str) -> tuple[Any, ...]:
+def _relevant_error(errors: list[Any], concrete: Mapping[str, Any]) -> Any:
+    """The error to report: the first field's, and of a union's several errors for it the
+    one that fits the value (a word: not one of the choices; a number, or `nan` or `inf`
+    that were meant as one: why it is no valid number)."""
+    first = errors[0]
+    same = [e for e in errors if e["loc"][:1] == first["loc"][:1]]
+    if len(same) > 1 and first["loc"]:
+        value = concrete.get(str(first["loc"][0]))
+        word = isinstance(value, str) and value.lower() not in registry.NONFINITE_NAMES
+        for e in same:
+            if (e["type"] == "literal_error") == word:
+                return e
+    return first
+
+
+def _annotation(cls: type[registry.Op], field_name: str) -> Any:
     f = registry.public_fields(cls.Args).get(field_name)
-    if f is None or get_origin(f.annotation) is not Literal:
-        return ()
-    return get_args(f.annotation)
+    return None if f is None else f.annotation
+
+
+def _literal_choices(annotation: Any) -> tuple[Any, ...]:
+    """The words a field takes: its Literal's, also as a member of a union."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType):
+        return tuple(c for a in get_args(annotation) for c in _literal_choices(a))
+    return ()
+
+
+def _admits_number(annotation: Any) -> bool:
+    if annotation in (int, float):
+        return True
+    if get_origin(annotation) is Annotated:
+        return _admits_number(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return any(_admits_number(a) for a in get_args(annotation))
+    return False
 
 
 def _pydantic_message(err: Mapping[str, Any]) -> str:
@@ -226,10 +279,12 @@ def _pydantic_message(err: Mapping[str, Any]) -> str:
 
 def _pipeline(p: A.Pipeline, scope: _Scope) -> ir.Pipeline:
     out: list[ir.Stage] = []
+    labels: dict[str, Loc] = {}  # label -> where it is written, for this pipeline's stages
     stages = list(p.stages)
     i = 0
     while i < len(stages):
         s = stages[i]
+        before = len(out)
         cls = registry.get(s.name)
         if cls is not None:
             args = _bind(cls, s, scope)
@@ -270,11 +325,47 @@ def _pipeline(p: A.Pipeline, scope: _Scope) -> ir.Pipeline:
         else:
             candidates = list(registry.all_ops()) + list(scope.macros.macros)
             raise SoapNameError(f"unknown operator '{s.name}'" + did_you_mean(s.name, candidates), s.loc)
+        for j, stage in enumerate(out[before:], before):
+            if stage.label is None:
+                continue
+            # the stage's own `as NAME`, or one inside the macro it expands to
+            own = j == len(out) - 1 and stage.label == s.label
+            where = _label_loc(s) if own else stage.loc
+            if stage.label in labels:
+                raise SoapRecipeError(
+                    f"label '{stage.label}' is given twice in this pipeline (first at {labels[stage.label]})",
+                    where,
+                    notes=() if own else [f"in macro '{s.name}' used at {s.loc}"],
+                )
+            labels[stage.label] = where
         i += 1
     return ir.Pipeline(tuple(out), p.loc)
 
 
-def _expand(macro: A.Macro, call: A.Stage, scope: _Scope) -> list[ir.Stage]:
+def _label_loc(s: A.Stage) -> Loc:
+    """Where the ``as NAME`` of stage ``s`` is written (the AST keeps no span for it): after
+    its arguments and block, before the next ``|>``; the stage's name if it cannot be found."""
+    text = s.loc.text or SOURCES.get(s.loc.file)
+    if text is None or s.label is None:
+        return s.loc
+    end = max(
+        [s.loc, *(a.loc for a in s.args), *([s.block.loc] if s.block else [])], key=lambda x: (x.end_line, x.end_col)
+    )
+    starts = [0, *(m.end() for m in re.finditer("\n", text))]
+    if not 1 <= end.end_line <= len(starts):
+        return s.loc
+    offset = starts[end.end_line - 1] + end.end_col - 1
+    m = re.compile(r"\bas\s+(" + re.escape(s.label) + r")\b").search(text, offset)
+    if m is None or "|>" in text[offset : m.start()]:
+        return s.loc
+    line = bisect.bisect_right(starts, m.start(1))
+    col = m.start(1) - starts[line - 1] + 1
+    return Loc(s.loc.file, line, col, line, col + len(s.label), s.loc.text)
+
+
+def _expand(macro: A.Macro, call: A.Stage, scope: _Scope, used: bool = True) -> list[ir.Stage]:
+    """The stages a macro call stands for; ``used`` is False when a macro is checked on its
+    own, where it is defined (errors then get no "used at" note: there is no use)."""
     if macro.name in scope.stack:
         chain = " -> ".join((*scope.stack[scope.stack.index(macro.name) :], macro.name))
         raise SoapRecipeError(f"macro '{macro.name}' expands into itself ({chain})", call.loc)
@@ -310,7 +401,11 @@ def _expand(macro: A.Macro, call: A.Stage, scope: _Scope) -> list[ir.Stage]:
     try:
         body = _pipeline(macro.body, inner)
     except SoapError as e:
-        e.notes = (*e.notes, f"in macro '{macro.name}' used at {call.loc}")
+        if used:
+            e.notes = (*e.notes, f"in macro '{macro.name}' used at {call.loc}")
+        elif e.loc is not None and not _within(e.loc, macro.loc):
+            # an error in another macro it calls: say which definition's check found it
+            e.notes = (*e.notes, f"in macro '{macro.name}' defined at {macro.loc}")
         e.args = (e.format(),)
         raise
     stages = list(body.stages)
@@ -328,8 +423,29 @@ def check_params(params: tuple[A.Param, ...], what: str) -> dict[str, Any]:
     for p in params:
         if p.name in out:
             raise SoapNameError(f"parameter '{p.name}' of {what} is declared twice", p.loc)
-        out[p.name] = None if p.default is None else constant(p.default)
+        value = None if p.default is None else constant(p.default)
+        if p.default is not None and not _finite(value):
+            raise SoapArgumentError(
+                f"invalid {p.name}={ir.const_text(value)} for {what}: must be finite", p.default.loc
+            )
+        out[p.name] = value
     return out
+
+
+def _finite(value: Any) -> bool:
+    """False for a float that is inf or nan (a literal too large, an overflow), also in a tuple."""
+    if isinstance(value, tuple):
+        return all(_finite(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def lr_problem(lr: Any) -> str | None:
+    """Why ``lr`` cannot be a route's learning rate, or None (also for an unknown lr: None)."""
+    if lr is None:
+        return None
+    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr < 0:
+        return "the learning rate must be a finite number >= 0"
+    return None
 
 
 def check_selector(sel: A.Selector, env: Mapping[str, Any], names: Mapping[str, ir.Value]) -> None:
@@ -353,6 +469,10 @@ def check_selector(sel: A.Selector, env: Mapping[str, Any], names: Mapping[str, 
         value = _value(sel.value, _Scope(names, env, MacroTable())).evaluate(env)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SoapRouteError(f"'{sel.name} {sel.op}' needs a number, got {ir.const_text(value)}", sel.value.loc)
+        if not _finite(value):
+            raise SoapRouteError(
+                f"'{sel.name} {sel.op}' needs a finite number, got {ir.const_text(value)}", sel.value.loc
+            )
     elif isinstance(sel, A.SelPattern):
         if not sel.pattern:
             raise SoapRouteError("empty name pattern", sel.loc)
@@ -435,10 +555,17 @@ def check_recipe(recipe: A.Recipe, macros: MacroTable, extra_params: Mapping[str
             if s.name in ROUTE_OPTIONS and not isinstance(value.evaluate(defaults), bool):
                 raise SoapRouteError(f"route option '{s.name}' takes true or false", s.value.loc)
             settings.append((s.name, value))
+        route_text = format_selector(r.selector)
         for name, value in settings:
             if name not in ROUTE_OPTIONS:
                 unbound = any(defaults.get(r) is None for r in value.refs())
                 env[name] = None if unbound else value.evaluate(defaults)
+                if not _finite(env[name]):
+                    raise SoapArgumentError(
+                        f"invalid {name}={ir.const_text(env[name])} in route '{route_text}': must be finite",
+                        value.loc,
+                    )
+        _check_lr(recipe, route_text, env, dict(settings).get("lr"), defaults)
         check_selector(r.selector, env, names)
         for prev in routes:
             if prev.selector == r.selector:
@@ -453,9 +580,75 @@ def check_recipe(recipe: A.Recipe, macros: MacroTable, extra_params: Mapping[str
                     r.loc,
                 )
         pipeline = _pipeline(r.pipeline, _Scope(names, env, macros))
+        check_labels(pipeline, env)
         pipeline = check_pipeline_route(pipeline, r.loc)
         routes.append(ir.Route(r.selector, tuple(settings), pipeline, r.loc))
     return ir.Recipe(recipe.name, tuple(params.items()), tuple(routes), recipe.doc, recipe.loc.file, recipe.loc)
+
+
+def _check_lr(
+    recipe: A.Recipe, route: str, env: Mapping[str, Any], setting: ir.Value | None, defaults: Mapping[str, Any]
+) -> None:
+    """Refuse a route's learning rate from the source (its ``[lr=...]`` setting, else the
+    header's default) that every build would refuse; an lr the user gives is checked then."""
+    problem = lr_problem(env.get("lr"))
+    if problem is None:
+        return
+    text = ir.const_text(env["lr"])
+    if setting is not None:
+        notes = [", ".join(f"{r} = {ir.const_text(defaults[r])}" for r in sorted(setting.refs()))]
+        raise SoapArgumentError(
+            f"invalid lr={text} in route '{route}': {problem}", setting.loc, notes=notes if setting.refs() else ()
+        )
+    header = next((p for p in recipe.params if p.name == "lr" and p.default is not None), None)
+    if header is not None:  # not an inline pipeline's lr, which is the user's argument
+        assert header.default is not None
+        raise SoapArgumentError(f"invalid lr={text} for recipe '{recipe.name}': {problem}", header.default.loc)
+
+
+def check_labels(pipeline: ir.Pipeline, env: Mapping[str, Any], outer: frozenset[str] = frozenset()) -> None:
+    """Every stage that reads an earlier point of its pipeline (graft) finds it: the stage
+    before it, or an earlier stage with the label it names, of its own pipeline or of the
+    pipelines around a scope's body (``outer``: the labels before the scope). The compiler
+    links them the same way; checking here makes `soapdsl check` refuse what it would."""
+    labels = {s.label: i for i, s in enumerate(pipeline.stages) if s.label is not None}
+    for i, stage in enumerate(pipeline.stages):
+        cls = registry.get(stage.op)
+        if cls is not None and hasattr(cls, "source"):
+            model = validate_args(cls, stage.args, env, stage.loc)
+            source = None if model is None else cls(model).source()  # type: ignore[attr-defined]
+            if source is not None and source[0] == "input" and i == 0:
+                raise SoapRecipeError(
+                    f"'{stage.op}' reads the input of the stage before it, and there is none here", stage.loc
+                )
+            if source is not None and source[0] == "output":
+                label = str(source[1])
+                j = labels.get(label)
+                if not (j is not None and j < i) and not (j is None and label in outer):
+                    where = next(
+                        (
+                            v.loc
+                            for _, v in stage.args
+                            if not isinstance(v, ir.PipeVal) and not v.refs() and v.evaluate(env) == label
+                        ),
+                        stage.loc,
+                    )
+                    msg = (
+                        f"'{stage.op}' reads the stage labelled '{label}', which is not an earlier stage of"
+                        " this pipeline or of one around it"
+                    )
+                    if j is not None:
+                        later = pipeline.stages[j]
+                        msg += f": '{label}' labels a stage after it ('{later.op}' at {later.loc})"
+                    else:
+                        known = [k for k, v in labels.items() if v < i] + [k for k in outer if k not in labels]
+                        msg += did_you_mean(label, known)
+                    raise SoapRecipeError(msg, where)
+        if stage.body is not None:
+            check_labels(stage.body, env, outer | {k for k, v in labels.items() if v < i})
+        for _, v in stage.args:
+            if isinstance(v, ir.PipeVal):  # a branch reads its own stages only
+                check_labels(v.pipeline, env)
 
 
 def check_macro(macro: A.Macro, macros: MacroTable) -> None:
@@ -464,4 +657,8 @@ def check_macro(macro: A.Macro, macros: MacroTable) -> None:
     call = A.Stage(macro.name, (), None, None, False, macro.loc)
     if any(v is None for v in params.values()):
         return  # a macro with required parameters is checked where it is used
-    _expand(macro, call, _Scope({}, {}, macros))
+    _expand(macro, call, _Scope({}, {}, macros), used=False)
+
+
+def _within(loc: Loc, span: Loc) -> bool:
+    return loc.file == span.file and (span.line, span.col) <= (loc.line, loc.col) <= (span.end_line, span.end_col)

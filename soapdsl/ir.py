@@ -124,7 +124,12 @@ class Bin:
                 raise SoapArgumentError(f"arithmetic needs numbers, got {_const_text(v)} in '{self.text()}'", self.loc)
         if self.op in ("/", "//", "%") and b == 0:
             raise SoapArgumentError(f"division by zero in '{self.text()}'", self.loc)
-        return _BINOPS[self.op](a, b)
+        try:
+            return _BINOPS[self.op](a, b)
+        except OverflowError:
+            # an int too large for a float met a float (a float result that overflows is inf
+            # instead, which the argument's validation refuses, naming the argument)
+            raise SoapArgumentError(f"'{self.text()}' is too large for a float", self.loc) from None
 
     def refs(self) -> frozenset[str]:
         return self.left.refs() | self.right.refs()
@@ -185,10 +190,19 @@ def _const_text(v: Any) -> str:
     if isinstance(v, float):
         return repr(v)
     if isinstance(v, str):
-        return v if _IDENT.match(v) and v not in _KEYWORDS else json.dumps(v)
+        return v if _IDENT.fullmatch(v) and v not in _KEYWORDS else _quote(v)
     if isinstance(v, tuple):
         return TupleVal(tuple(Const(i) for i in v)).text()
     return str(v)
+
+
+def _quote(v: str) -> str:
+    """A string literal that shows non-ASCII text as it is (``"ééé"``, not ``"\\u00e9..."``);
+    only characters that do not print (controls, separators, lone surrogates) are escaped."""
+    text = json.dumps(v, ensure_ascii=False)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else json.dumps(c)[1:-1] for c in text)
 
 
 def const_text(v: Any) -> str:

@@ -17,9 +17,12 @@ An op declares
 from __future__ import annotations
 
 import inspect
+import math
+import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -39,18 +42,77 @@ class _DynamicMarker:
 DYNAMIC = _DynamicMarker()
 
 
-def _no_bool(v: Any) -> Any:
+#: names that Python's float() reads as a non-finite number; soapdsl has no such literal
+NONFINITE_NAMES = frozenset({"nan", "inf", "infinity"})
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _not_a_number(v: Any) -> PydanticCustomError | None:
+    """The error for a value that no number field takes, or None.
+
+    pydantic alone would read the string "0.5", and the symbols ``nan`` and ``inf`` (which
+    arrive as strings), as floats, and take a float that overflowed to inf.
+    """
     if isinstance(v, bool):
-        raise ValueError("expected a number, got a boolean")
+        return PydanticCustomError("number_type", "expected a number, got a boolean")
+    if isinstance(v, str):
+        if not _IDENT.fullmatch(v):
+            return PydanticCustomError("number_type", "expected a number, got a string")
+        hint = " (numbers must be finite)" if v.lower() in NONFINITE_NAMES else ""
+        return PydanticCustomError("number_type", f"expected a number, got the name '{v}'{hint}")
+    if isinstance(v, float) and not math.isfinite(v):
+        return PydanticCustomError("finite_number", "must be finite")
+    return None
+
+
+def _number(v: Any) -> Any:
+    err = _not_a_number(v)
+    if err is not None:
+        raise err
     return v
 
 
+def _float(v: Any) -> Any:
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > sys.float_info.max:
+        raise PydanticCustomError("finite_number", "is too large for a float")
+    return _number(v)
+
+
 #: A float argument that may follow a recipe parameter (read from the param_group per step).
-Hyper = Annotated[float, BeforeValidator(_no_bool), DYNAMIC]
+Hyper = Annotated[float, BeforeValidator(_float), DYNAMIC]
 #: A float argument fixed at compile time.
-Float = Annotated[float, BeforeValidator(_no_bool)]
+Float = Annotated[float, BeforeValidator(_float)]
 #: An int argument fixed at compile time.
-Int = Annotated[int, BeforeValidator(_no_bool)]
+Int = Annotated[int, BeforeValidator(_number)]
+
+
+def _admits_text(annotation: Any) -> bool:
+    """True when a field of this type may take a string (a name, a choice, a pattern)."""
+    if annotation in (str, Any):
+        return True
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return any(isinstance(a, str) for a in get_args(annotation))
+    if origin is Annotated:
+        return _admits_text(get_args(annotation)[0])
+    return any(_admits_text(a) for a in get_args(annotation) if a is not Ellipsis)
+
+
+def _check_numbers(value: Any, item: int | None = None) -> None:
+    """Reject, anywhere in a (nested) tuple, what :func:`_not_a_number` rejects.
+
+    ``item`` is the index in the outermost tuple, kept in the error's context so that the
+    checker can point at that item.
+    """
+    if isinstance(value, tuple | list):
+        for i, v in enumerate(value):
+            _check_numbers(v, i if item is None else item)
+        return
+    err = _not_a_number(value)
+    if err is not None:
+        if item is not None:
+            raise PydanticCustomError(err.type, err.message(), {"item": item})
+        raise err
 
 
 class OpArgs(BaseModel):
@@ -66,11 +128,19 @@ class OpArgs(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _strict_bool(cls, value: Any, info: ValidationInfo) -> Any:
-        """A boolean argument takes true or false only (pydantic alone would take 1, 0, "yes")."""
+    def _strict_types(cls, value: Any, info: ValidationInfo) -> Any:
+        """A boolean argument takes true or false only (pydantic alone would take 1, 0, "yes");
+        a field that takes no text takes no string and no non-finite number, at any depth (so a
+        tuple of plain ints or floats is as strict as :data:`Float`)."""
         field = cls.model_fields.get(info.field_name or "")
-        if field is not None and field.annotation in (bool, "bool") and not isinstance(value, bool):
-            raise PydanticCustomError("bool_type", "expected true or false")
+        if field is None:
+            return value
+        if field.annotation in (bool, "bool"):
+            if not isinstance(value, bool):
+                raise PydanticCustomError("bool_type", "expected true or false")
+            return value
+        if not _admits_text(field.annotation):
+            _check_numbers(value)
         return value
 
 

@@ -247,6 +247,82 @@ SOURCES = [
         r"pipeline cannot be a parameter default",
         "1:18",
     ),
+    # learning rates that every build refuses are refused by the check, at the value
+    (
+        "lr-default-negative",
+        "recipe r(lr=-1e-3) = sign",
+        SoapArgumentError,
+        r"invalid lr=-0\.001 for recipe 'r': the learning rate must be a finite number >= 0$",
+        "1:13",
+    ),
+    ("lr-default-string", 'recipe r(lr="abc") = sign', SoapArgumentError, r"invalid lr=abc for recipe 'r'", "1:13"),
+    ("lr-default-bool", "recipe r(lr=true) = sign", SoapArgumentError, r"invalid lr=true for recipe 'r'", "1:13"),
+    ("lr-default-symbol", "recipe r(lr=inf) = sign", SoapArgumentError, r"invalid lr=inf for recipe 'r'", "1:13"),
+    (
+        "lr-setting-bool",
+        "recipe r(lr=1e-3):\n  route default [fused=false, lr=true]: sign\n",
+        SoapArgumentError,
+        r"invalid lr=true in route 'default': the learning rate must be a finite number >= 0",
+        "2:34",
+    ),
+    (
+        "lr-setting-negative",
+        "recipe r(lr=1e-3):\n  route matrix [lr=-1]: sign\n  route default: sign\n",
+        SoapArgumentError,
+        r"invalid lr=-1 in route 'matrix'",
+        "2:20",
+    ),
+    # stages that read a labelled stage find it
+    (
+        "unknown-label",
+        "sign |> graft(norm, from=nolabel)",
+        SoapRecipeError,
+        r"'graft' reads the stage labelled 'nolabel', which is not an earlier stage of this pipeline or of one",
+        "1:26",
+    ),
+    (
+        "label-defined-later",
+        "momentum(0.9) |> graft(norm, from=later) |> sign as later",
+        SoapRecipeError,
+        r"not an earlier stage .*: 'later' labels a stage after it \('sign' at <inline>:1:45\)",
+        "1:35",
+    ),
+    (
+        "label-misspelt-in-a-block",
+        "momentum(0.9) as mom |> rotate(left) { sign |> graft(norm, from=mon) }",
+        SoapRecipeError,
+        r"stage labelled 'mon'.*; did you mean 'mom'\?",
+        "1:65",
+    ),
+    (
+        "nothing-before-a-reader",
+        "graft(norm) |> sign",
+        SoapRecipeError,
+        r"'graft' reads the input of the stage before it, and there is none here",
+        "1:1",
+    ),
+    # a label names one stage of its pipeline
+    (
+        "label-twice",
+        "momentum(0.9) as a |> sign as a |> graft(norm, from=a)",
+        SoapRecipeError,
+        r"label 'a' is given twice in this pipeline \(first at <inline>:1:18\)",
+        "1:31",
+    ),
+    (
+        "label-twice-in-a-block",
+        "rotate(left) { sign } as a |> momentum(0.9) as a",
+        SoapRecipeError,
+        r"label 'a' is given twice",
+        "1:48",
+    ),
+    (
+        "label-twice-on-macro-calls",
+        "macro m = sign\nrecipe r(lr=1) = m as a |> m as a\n",
+        SoapRecipeError,
+        r"label 'a' is given twice in this pipeline \(first at <inline>:2:23\)",
+        "2:33",
+    ),
 ]
 
 
@@ -414,3 +490,70 @@ def test_error_format_has_file_line_col_source_and_caret():
     assert lines[1].endswith("momentum(0.9) |> = lr")
     caret_col = lines[2].index("^")
     assert lines[1][caret_col] == "="
+
+
+# -- what the check alone finds ---------------------------------------------------------------
+
+
+def test_check_refuses_what_every_build_refuses(tmp_path, capsys):
+    from soapdsl.cli import main
+
+    bad = tmp_path / "bad.soap"
+    bad.write_text("recipe r(lr=1e-3):\n  route default [lr=-1]: sign\n")
+    assert main(["check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert f"{bad}:2:21: error: invalid lr=-1 in route 'default'" in err
+
+
+def test_an_lr_setting_from_a_parameter_notes_its_value():
+    with pytest.raises(SoapArgumentError, match=r"invalid lr=-1 in route 'default'") as info:
+        library.resolve("recipe r(lr=1e-3, adam_lr=-1):\n  route default [lr=adam_lr]: sign\n")
+    assert info.value.notes == ("adam_lr = -1",)
+
+
+def test_an_lr_given_by_the_user_is_still_checked_when_built():
+    with pytest.raises(SoapArgumentError, match=r"route 'default' has lr=-1"):
+        soapdsl.build("sign |> lr", [torch.nn.Parameter(torch.zeros(2))], lr=-1)
+
+
+def test_a_label_inside_a_macro_twice_notes_the_use():
+    with pytest.raises(SoapRecipeError, match=r"label 's' is given twice") as info:
+        library.resolve("macro m = sign as s\nrecipe r(lr=1) = momentum(0.9) as s |> m\n")
+    assert info.value.notes == ("in macro 'm' used at <inline>:2:40",)
+
+
+def test_an_inner_label_may_shadow_an_outer_one():
+    library.resolve("sign as m |> rotate(left) { momentum(0.9) as m |> sign |> graft(norm, from=m) }")
+
+
+# -- notes on errors inside macros --------------------------------------------------------------
+
+
+def test_an_error_in_a_macro_body_found_where_it_is_defined_claims_no_use():
+    with pytest.raises(SoapNameError) as info:  # (the macro is used nowhere)
+        library.resolve("macro m(b=0.9) =\n  momentum(b)\n  |> newton_shulz(5)\nrecipe r(lr=1e-3) = sign |> lr\n")
+    assert (info.value.loc.line, info.value.loc.col) == (3, 6)
+    assert info.value.notes == ()
+
+
+def test_an_error_in_a_macro_body_found_at_a_use_points_at_the_use():
+    with pytest.raises(SoapArgumentError, match=r"invalid beta=1\.5 for 'momentum'") as info:
+        library.resolve("macro m(b) = momentum(b)\nrecipe r(lr=1e-3) = sign |> m(1.5) |> lr\n")
+    assert info.value.notes == ("in macro 'm' used at <inline>:2:29",)
+
+
+def test_an_error_in_another_macro_names_the_definition_being_checked():
+    with pytest.raises(SoapRecipeError, match=r"expands into itself") as info:
+        library.resolve("macro a(x=1) = b\nmacro b(x=1) = a\nrecipe r(lr=1) = sign\n")
+    assert info.value.notes == ("in macro 'b' used at <inline>:1:16", "in macro 'a' defined at <inline>:1:1")
+
+
+# -- choices given from outside the recipe text -------------------------------------------------
+
+
+def test_a_misspelt_choice_given_as_an_argument_gets_a_suggestion():
+    with pytest.raises(
+        SoapArgumentError, match=r"expected one of auto, fp32, bf16, fp64; did you mean 'bf16'\?"
+    ) as info:
+        soapdsl.build("muon", [("w", torch.nn.Parameter(torch.zeros(4, 3)))], ns_dtype="bf17")
+    assert "ns_dtype = bf17" in info.value.notes

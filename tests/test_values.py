@@ -1,0 +1,242 @@
+"""Argument values: numbers are finite and never spelt as text, wherever they come from.
+
+Python's float() reads "nan", "inf", "Infinity" and "0.5" as floats, and a literal such as
+1e999 or an overflowing product is inf: none of these may reach a stage as a number. Each is
+one located error naming the argument, from recipe text, Python keyword arguments, `--set`,
+a YAML config or a param_group changed during training.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import soapdsl
+from soapdsl import library
+from soapdsl.cli import main
+from soapdsl.errors import SoapArgumentError, SoapError, SoapNameError, SoapRouteError
+from soapdsl.ir import const_text
+
+HUGE = "9" * 400  # an int literal no float can hold
+
+# (id, source, error class, message regex, "line:col" of the caret)
+SOURCES = [
+    (
+        "symbol-nan",
+        "momentum(0.9) |> scale(nan)",
+        r"invalid factor=nan for 'scale': expected a number, got the name 'nan' \(numbers must be finite\)",
+        "1:24",
+    ),
+    (
+        "symbol-inf",
+        "momentum(0.9) |> scale(inf)",
+        r"invalid factor=inf for 'scale': expected a number, got the name 'inf'",
+        "1:24",
+    ),
+    (
+        "symbol-Infinity",
+        "scale(Infinity)",
+        r"invalid factor=Infinity for 'scale': expected a number, got the name 'Infinity'",
+        "1:7",
+    ),
+    ("symbol-inf-eps", "rms_normalize(0.99, inf)", r"invalid eps=inf for 'rms_normalize': expected a number", "1:21"),
+    ("symbol-inf-decay", "decay(inf) |> sign", r"invalid weight_decay=inf for 'decay': expected a number", "1:7"),
+    ("literal-overflow", "scale(1e999)", r"invalid factor=inf for 'scale': must be finite$", "1:7"),
+    (
+        "literal-overflow-eps",
+        "rms_normalize(0.999, 1e999)",
+        r"invalid eps=inf for 'rms_normalize': must be finite",
+        "1:22",
+    ),
+    (
+        "literal-overflow-int-field",
+        "newton_schulz(1e999)",
+        r"invalid steps=inf for 'newton_schulz': must be finite",
+        "1:15",
+    ),
+    (
+        "arithmetic-overflow",
+        "scale(1e308 * 10)",
+        r"invalid factor=inf for 'scale': must be finite \('1e\+308 \* 10' overflows\)",
+        "1:7",
+    ),
+    ("int-too-large-for-float", f"scale({HUGE})", r"invalid factor=9+ for 'scale': is too large for a float", "1:7"),
+    ("int-too-large-arithmetic", f"scale({HUGE} * 1.5)", r"is too large for a float", "1:7"),
+    (
+        "tuple-item-symbol",
+        "newton_schulz(5, coeffs=(nan, 1, 2))",
+        r"invalid coeffs=\(nan, 1, 2\) for 'newton_schulz': item 0: expected a number, got the name 'nan'",
+        "1:26",
+    ),
+    ("tuple-item-overflow", "newton_schulz(5, coeffs=(1, 1e999, 2))", r"item 1: must be finite", "1:29"),
+    ("tuple-item-string", 'newton_schulz(5, coeffs=(1, 2, "3"))', r"item 2: expected a number, got a string", "1:32"),
+    (
+        "schedule-item-string",
+        'rotate(left, freq=((10, "2"), 5)) { sign }',
+        r"invalid freq=\(\(10, \"2\"\), 5\) for 'rotate': item 0: expected a number, got a string",
+        "1:20",
+    ),
+    (
+        "string-for-float",
+        'scale("0.5")',
+        r"invalid factor=\"0\.5\" for 'scale': expected a number, got a string$",
+        "1:7",
+    ),
+    (
+        "string-for-int",
+        'newton_schulz("5")',
+        r"invalid steps=\"5\" for 'newton_schulz': expected a number, got a string",
+        "1:15",
+    ),
+    ("union-number-overflow", "shampoo(exponent=1e999)", r"invalid exponent=inf for 'shampoo': must be finite", "1:18"),
+    (
+        "union-symbol-nan",
+        "shampoo(exponent=nan)",
+        r"invalid exponent=nan for 'shampoo': expected a number, got the name 'nan'",
+        "1:18",
+    ),
+    (
+        "union-misspelt-choice",
+        "shampoo(exponent=clasic)",
+        r"expected one of classic, power_half, or a number; did you mean 'classic'\?",
+        "1:18",
+    ),
+    (
+        "header-overflow",
+        "recipe r(lr=1e-3, b=1e999) = scale(b)",
+        r"invalid b=inf for recipe 'r': must be finite",
+        "1:21",
+    ),
+    (
+        "header-arithmetic-overflow",
+        "recipe r(lr=1e308 * 10) = sign",
+        r"invalid lr=inf for recipe 'r': must be finite",
+        "1:13",
+    ),
+    (
+        "header-symbol-via-parameter",
+        "recipe r(lr=1e-3, f=inf) = scale(f)",
+        r"invalid factor=inf for 'scale': expected a number, got the name 'inf'",
+        "1:34",
+    ),
+    (
+        "macro-header-overflow",
+        "macro m(b=1e999) = scale(b)\nrecipe r(lr=1) = m\n",
+        r"invalid b=inf for macro 'm': must be finite",
+        "1:11",
+    ),
+    (
+        "setting-overflow",
+        "recipe r(lr=1e-3, b=0.9):\n  route default [b=1e999]: momentum(b)\n",
+        r"invalid b=inf in route 'default': must be finite",
+        "2:20",
+    ),
+    (
+        "selector-overflow",
+        "recipe r(lr=1e-3):\n  route numel > 1e999: sign\n  route default: sign\n",
+        r"'numel >' needs a finite number, got inf",
+        "2:17",
+    ),
+]
+
+
+@pytest.mark.parametrize(("source", "pattern", "where"), [s[1:] for s in SOURCES], ids=[s[0] for s in SOURCES])
+def test_non_numbers_in_source_are_located_errors(source, pattern, where):
+    with pytest.raises(SoapError) as info:
+        library.resolve(source)
+    err = info.value
+    assert isinstance(err, SoapArgumentError | SoapRouteError), f"{type(err).__name__}: {err}"
+    assert re.search(pattern, err.message), err.message
+    assert err.loc is not None and f"{err.loc.line}:{err.loc.col}" == where, str(err)
+
+
+def test_a_misspelt_parameter_is_still_an_unknown_name():
+    with pytest.raises(
+        SoapNameError, match=r"unknown name 'lrr' for argument 'factor' of 'scale'; did you mean 'lr'\?"
+    ):
+        library.resolve("scale(lrr)")
+
+
+def test_finite_values_still_pass():
+    library.resolve("scale(-0.5) |> newton_schulz(5, coeffs=(3, -4, 2)) |> shampoo(exponent=0.25)")
+    library.resolve(f"recipe r(lr=1e-3, big={HUGE}) = rotate(left, max_dim=big) {{ sign }}")
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 2)
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        ({"weight_decay": float("inf")}, r"invalid weight_decay=inf for 'decay': must be finite"),
+        ({"beta1": float("nan")}, r"invalid beta=nan for 'momentum': must be finite"),
+        ({"eps": float("inf")}, r"invalid eps=inf for 'rms_normalize': must be finite"),
+        ({"eps": "inf"}, r"invalid eps=inf for 'rms_normalize': must be finite"),  # a numeric parameter reads the text
+    ],
+)
+def test_non_finite_python_arguments_are_refused(args, pattern):
+    with pytest.raises(SoapArgumentError, match=pattern) as info:
+        soapdsl.build("adamw", _model(), **args)
+    assert info.value.loc is not None
+
+
+def test_a_python_string_is_no_number_for_a_parameter_without_a_default():
+    with pytest.raises(
+        SoapArgumentError, match=r"invalid factor=\"0\.5\" for 'scale': expected a number, got a string"
+    ):
+        soapdsl.build("recipe r(lr=1e-3, f) = scale(f)", _model(), f="0.5")
+
+
+def test_set_on_the_command_line(capsys):
+    code = main(["compile", "adamw", "--set", "weight_decay=inf", "--shapes", "w=4x3"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "invalid weight_decay=inf for 'decay': must be finite" in err
+
+
+def test_yaml_infinity_is_refused_and_yaml_number_text_still_works():
+    with pytest.raises(SoapArgumentError, match=r"invalid weight_decay=inf for 'decay': must be finite"):
+        soapdsl.from_config(_model(), "recipe: adamw\nargs: {lr: 1.0e-3, weight_decay: .inf}\n")
+    # YAML 1.1 reads 3e-4 as text: a numeric recipe parameter takes it as the number it spells
+    opt = soapdsl.from_config(_model(), "recipe: adamw\nargs: {lr: 3e-4, weight_decay: 1e-2}\n")
+    assert opt.param_groups[0]["lr"] == 3e-4
+    assert opt.param_groups[0]["weight_decay"] == 1e-2
+
+
+def test_a_param_group_value_that_becomes_infinite_is_refused_at_the_next_step():
+    model = _model()
+    opt = soapdsl.build("adamw", model, lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    opt.param_groups[0]["weight_decay"] = float("inf")
+    with pytest.raises(SoapArgumentError, match=r"'decay' argument weight_decay became invalid.*must be finite"):
+        opt.step()
+
+
+# -- value display ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("ééé", '"ééé"'),
+        ("漢字", '"漢字"'),
+        ("a b", '"a b"'),
+        ('a"b', '"a\\"b"'),
+        ("x\n", '"x\\n"'),
+        ("\u2028", '"\\u2028"'),
+        ("left", "left"),
+    ],
+)
+def test_text_values_show_as_written(value, text):
+    assert const_text(value) == text
+
+
+def test_non_ascii_text_in_an_error_is_shown_as_it_is():
+    with pytest.raises(SoapArgumentError) as info:
+        library.resolve('scale("ééé")')
+    assert 'invalid factor="ééé" for' in info.value.message
