@@ -168,6 +168,13 @@ SOURCES = [
     ),
     ("empty-bare-scope", "momentum(0.9) |> rotate(left)", SoapRecipeError, r"'rotate' has nothing inside", "1:18"),
     (
+        "empty-schedule",
+        "rotate(both, freq=()) { sign }",
+        SoapArgumentError,
+        r"invalid freq=\(\) for 'rotate': a schedule needs at least its final period",
+        "1:19",
+    ),
+    (
         "no-lr-param",
         "recipe r(beta=0.9) = momentum(beta)",
         SoapRecipeError,

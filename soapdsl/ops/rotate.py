@@ -41,6 +41,8 @@ class RotateArgs(OpArgs):
             if v < 1:
                 raise ValueError("must be >= 1")
             return v
+        if not v:
+            raise ValueError("a schedule needs at least its final period, e.g. (10,)")
         *segments, final = v
         if not isinstance(final, int) or isinstance(final, bool) or final < 1:
             raise ValueError("a schedule ends with the period used after its last segment (an int >= 1)")
