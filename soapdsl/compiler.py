@@ -59,6 +59,9 @@ class RoutePlan:
     ops: list[registry.Op]  # runtime op tree (scope ops hold .body)
     params: list[ParamEntry] = field(default_factory=list)
     tensors: list[torch.Tensor] = field(default_factory=list, repr=False)
+    #: header parameters (param_group keys) this route reads once, when it is built: in its
+    #: selector, its settings, or a stage argument that does not follow the param_group
+    fixed: frozenset[str] = frozenset()
 
     @property
     def needs_batch_dim(self) -> bool:
@@ -189,6 +192,10 @@ def _build_ops(
         dyn = cls.dynamic_fields()
         dynamic = {k: v for k, v in stage.args if k in dyn and v.refs()}
         op = cls(model, dynamic, f"{prefix}{i}")
+        # parameters read into the arguments here, once (a branch's stages are ops of their own)
+        op.fixed_refs = frozenset(  # type: ignore[attr-defined]
+            r for k, v in stage.args if k not in dynamic and not isinstance(v, ir.PipeVal) for r in v.refs()
+        )
         op.loc = stage.loc  # type: ignore[attr-defined]
         op.label = stage.label  # type: ignore[attr-defined]
         op.depth = depth  # type: ignore[attr-defined]
@@ -336,7 +343,8 @@ def named_parameters(params: Any) -> list[tuple[str, torch.Tensor]]:
             f"params must be an nn.Module or an iterable of parameters, got {type(params).__name__}"
         ) from None
     out: list[tuple[str, torch.Tensor]] = []
-    seen: set[int] = set()
+    seen: dict[int, str] = {}  # id of each tensor -> its name
+    names: set[str] = set()
     for i, item in enumerate(items):
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
             name, t = item
@@ -348,9 +356,19 @@ def named_parameters(params: Any) -> list[tuple[str, torch.Tensor]]:
             name, t = f"param.{i}", item
         if not isinstance(t, torch.Tensor):
             raise SoapArgumentError(f"parameter '{name}' is a {type(t).__name__}, not a tensor")
+        # one tensor under two names would take the first name's route and be stepped once
+        # (nn.Module.named_parameters() already lists tied weights once)
         if id(t) in seen:
-            continue
-        seen.add(id(t))
+            raise SoapArgumentError(
+                f"parameter '{name}' is the same tensor as '{seen[id(t)]}' (tied weights): pass it once"
+            )
+        if name in names:
+            raise SoapArgumentError(
+                f"two different parameters are named '{name}': names must be unique (routes select"
+                " parameters by name, and errors and `soapdsl compile` name them)"
+            )
+        seen[id(t)] = name
+        names.add(name)
         out.append((name, t))
     return out
 
@@ -378,7 +396,32 @@ def _route_plan(index: int, route: ir.Route, values: Mapping[str, Any], args: Ma
             f"route '{route.selector_text()}' has lr={ir.const_text(lr)}; the learning rate must be a number >= 0",
             route.loc,
         )
-    return RoutePlan(index, route, env, options, ops)
+    fixed = selector_names(route.selector) | {r for _, v in route.settings for r in v.refs()}
+    fixed |= {r for op in walk_ops(ops) for r in op.fixed_refs}  # type: ignore[attr-defined]
+    return RoutePlan(index, route, env, options, ops, fixed=frozenset(k for k in fixed if k in env))
+
+
+def selector_names(sel: A.Selector) -> set[str]:
+    """Names a selector's comparisons read (``max_dim <= max_dim`` reads the parameter max_dim)."""
+    if isinstance(sel, A.SelCompare):
+        return _expr_names(sel.value)
+    if isinstance(sel, A.SelNot):
+        return selector_names(sel.operand)
+    if isinstance(sel, A.SelAnd | A.SelOr):
+        return {n for i in sel.items for n in selector_names(i)}
+    return set()
+
+
+def _expr_names(e: A.Expr) -> set[str]:
+    if isinstance(e, A.Name):
+        return {e.id}
+    if isinstance(e, A.Tuple):
+        return {n for i in e.items for n in _expr_names(i)}
+    if isinstance(e, A.Neg):
+        return _expr_names(e.operand)
+    if isinstance(e, A.BinOp):
+        return _expr_names(e.left) | _expr_names(e.right)
+    return set()
 
 
 Override = tuple[A.Selector, ir.Recipe, Mapping[str, Any]]
@@ -411,6 +454,11 @@ def compile_plan(
     for route in recipe.routes:
         routes.append(_route_plan(len(routes), route, values, args))
     for name, t in named_parameters(params):
+        if t.is_complex():  # the stages would drop the imaginary part
+            raise SoapArgumentError(
+                f"parameter '{name}' is {str(t.dtype).removeprefix('torch.')}; soapdsl optimizes real"
+                " floating-point parameters only"
+            )
         shape = tuple(t.shape)
         for rp in routes:
             if matches(rp.route.selector, name, shape, rp.hyper):

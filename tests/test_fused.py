@@ -207,3 +207,117 @@ def test_channels_last_weights_match_the_stage_path() -> None:
         fused.step()
         staged.step()
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def _torch_adamw(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+    """The reference: torch's single-tensor AdamW, which indexes every tensor logically."""
+    return torch.optim.AdamW(params, lr=lr, foreach=False)
+
+
+@pytest.mark.parametrize(
+    ("param_layout", "grad_layout"),
+    [("channels_last", "contiguous"), ("contiguous", "channels_last"), ("transposed", "contiguous")],
+)
+def test_gradients_laid_out_unlike_their_parameter_give_adams_numbers(param_layout: str, grad_layout: str) -> None:
+    """The kernel pairs parameter, gradient and moments by memory position: a gradient with
+    other strides than its parameter (set by hand) must take the stage path, not be added to
+    the wrong entries."""
+
+    def lay(t: torch.Tensor, layout: str) -> torch.Tensor:
+        if layout == "channels_last":
+            return t.contiguous(memory_format=torch.channels_last)
+        if layout == "transposed":  # a [4, 18] view of an [18, 4] tensor, strides (1, 4)
+            return t.reshape(4, 18).t().contiguous().t()
+        return t.contiguous()
+
+    shape = (4, 2, 3, 3) if "channels_last" in (param_layout, grad_layout) else (4, 18)
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(shape, generator=g, dtype=torch.float64)
+    grads = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(4)]
+    ours = torch.nn.Parameter(lay(w0.clone(), param_layout))
+    ref = torch.nn.Parameter(w0.clone())
+    opt, ref_opt = soapdsl.build("adamw", [("w", ours)], lr=0.1), _torch_adamw([ref], 0.1)
+    for grad in grads:
+        ours.grad, ref.grad = lay(grad.clone(), grad_layout), grad.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(opt.state[ours]["1.momentum.buf"], ref_opt.state[ref]["exp_avg"])
+    torch.testing.assert_close(opt.state[ours]["2.rms_normalize.v"], ref_opt.state[ref]["exp_avg_sq"])
+
+
+def _conv_net(layout: torch.memory_format) -> torch.nn.Module:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3)).double()
+    return net.to(memory_format=layout)
+
+
+def _train(net: torch.nn.Module, opt: torch.optim.Optimizer, xs: list[torch.Tensor]) -> None:
+    for x in xs:
+        opt.zero_grad()
+        net(x.contiguous(memory_format=torch.channels_last)).square().mean().backward()
+        opt.step()
+
+
+def test_channels_last_model_keeps_the_fused_path_and_logical_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channels_last conv model (autograd lays each gradient out like its weight) runs fused,
+    with moments allocated in the weight's layout, so opt.state holds what torch's AdamW holds
+    and a checkpoint resumes in a contiguous model as if training never stopped."""
+    calls = []
+    kernel = soapdsl.runtime.fused.step
+    monkeypatch.setattr(soapdsl.runtime.fused, "step", lambda *a, **k: (calls.append(1), kernel(*a, **k)))
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(2, 3, 7, 7, generator=g, dtype=torch.float64) for _ in range(6)]
+    net = _conv_net(torch.channels_last)
+    ref = _conv_net(torch.contiguous_format)
+    opt = soapdsl.build("adamw", net, lr=1e-2)
+    ref_opt = _torch_adamw(list(ref.parameters()), 1e-2)
+    _train(net, opt, xs[:3])
+    _train(ref, ref_opt, xs[:3])
+    assert calls == [1, 1, 1]
+    for p, q in zip(net.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(opt.state[p]["1.momentum.buf"], ref_opt.state[q]["exp_avg"])
+        torch.testing.assert_close(opt.state[p]["2.rms_normalize.v"], ref_opt.state[q]["exp_avg_sq"])
+
+    resumed = _conv_net(torch.contiguous_format)
+    resumed.load_state_dict(net.state_dict())
+    resumed_opt = soapdsl.build("adamw", resumed, lr=1e-2)
+    resumed_opt.load_state_dict(opt.state_dict())
+    weight = resumed[0].weight
+    assert opt.state[net[0].weight]["1.momentum.buf"].stride() == net[0].weight.stride()
+    assert resumed_opt.state[weight]["1.momentum.buf"].stride() == weight.stride()
+    _train(resumed, resumed_opt, xs[3:])
+    _train(ref, ref_opt, xs[3:])
+    assert calls == [1] * 6
+    for p, q in zip(resumed.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-13, atol=1e-15)
+
+
+def test_transposed_parameter_round_trips_into_a_contiguous_one() -> None:
+    """A parameter that is a transposed view (strides (1, n)) gets gradients of its own layout
+    from autograd; its state and a checkpoint of it are logically indexed."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    xs = [torch.randn(3, 6, generator=g, dtype=torch.float64) for _ in range(6)]
+    ours = torch.nn.Parameter(base.clone().t())  # [5, 6], strides (1, 5)
+    ref = torch.nn.Parameter(base.t().contiguous())
+    assert ours.stride() == (1, 5)
+    opt, ref_opt = soapdsl.build("adamw", [("w", ours)], lr=0.05), _torch_adamw([ref], 0.05)
+
+    def train(w: torch.nn.Parameter, o: torch.optim.Optimizer, batch: list[torch.Tensor]) -> None:
+        for x in batch:
+            o.zero_grad()
+            (x @ w.t()).sin().sum().backward()
+            o.step()
+
+    train(ours, opt, xs[:3])
+    train(ref, ref_opt, xs[:3])
+    torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(opt.state[ours]["1.momentum.buf"], ref_opt.state[ref]["exp_avg"])
+    contiguous = torch.nn.Parameter(ours.detach().contiguous())
+    resumed = soapdsl.build("adamw", [("w", contiguous)], lr=0.05)
+    resumed.load_state_dict(opt.state_dict())
+    train(contiguous, resumed, xs[3:])
+    train(ref, ref_opt, xs[3:])
+    torch.testing.assert_close(contiguous, ref, rtol=1e-13, atol=1e-15)

@@ -16,9 +16,12 @@ of them beside the host-side ``"step"`` tensors.
 
 The match is structural and checked again at every step against the param_group's values:
 the bias correction must use the momentum's beta and no second-moment factor, the state dtype
-must equal the parameter's, every tensor must be a dense CPU or CUDA tensor. Anything else (a
-scheduler setting ``beta1`` apart from ``bias_correct``'s, bf16 parameters with fp32 state,
-another device type) runs the stage-by-stage path, which gives the same numbers up to rounding. A route opts
+must equal the parameter's, every tensor must be a dense CPU or CUDA tensor, and the gradient
+and state must be laid out in memory like the parameter (the kernel pairs elements by memory
+position; the moments are allocated in the parameter's layout, as torch.optim's are). Anything
+else (a scheduler setting ``beta1`` apart from ``bias_correct``'s, bf16 parameters with fp32
+state, another device type, a contiguous gradient set by hand on a channels_last weight) runs
+the stage-by-stage path, which gives the same numbers up to rounding. A route opts
 out with ``[fused=false]``; a ``[compile=true]`` route is compiled instead.
 """
 
@@ -124,8 +127,9 @@ def match(ops: list[Op], options: dict[str, Any]) -> FusedAdam | None:
 
 def usable(params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tensor]) -> bool:
     """Whether the kernel can take this step: dense CPU or CUDA tensors, gradients and state in
-    the parameters' dtype and on their device (checked every step: a gradient's dtype may change
-    under autocast)."""
+    the parameters' dtype, on their device and in their memory layout (checked every step: a
+    gradient's dtype may change under autocast, and a gradient set by hand may be laid out
+    otherwise than its parameter)."""
     for p, mp, vp in zip(params, m, v, strict=True):
         g = p.grad
         if g is None or p.device.type not in _DEVICES or p.dtype not in _DTYPES or g.is_sparse:
@@ -134,7 +138,19 @@ def usable(params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tens
             return False
         if mp.dtype != p.dtype or vp.dtype != p.dtype or mp.device != p.device or vp.device != p.device:
             return False
+        if not (same_layout(p, mp) and same_layout(g, mp) and same_layout(vp, mp)):
+            return False
     return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` (of one shape) put every element at the same offset of their
+    memory. The kernel pairs the tensors of a parameter element by element in memory order,
+    not by index: a contiguous gradient on a channels_last weight would be added to the wrong
+    entries. Strides of dims of size 1 never move an element, so they are not compared (autograd
+    may hand out either). The state tensors are dense (allocated like the parameter, see
+    ``SoapOptimizer._new_state``), so a tensor laid out like them is dense too."""
+    return all(n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True))
 
 
 def device_steps(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

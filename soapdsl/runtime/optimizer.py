@@ -12,15 +12,19 @@
 
 from __future__ import annotations
 
+import numbers
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
-from soapdsl.compiler import FORMAT_VERSION, Plan, RoutePlan, state_dtype, walk_ops, walk_shaped
-from soapdsl.errors import SoapArgumentError, SoapError, SoapStateError
+from soapdsl.check import _pydantic_message as pydantic_message
+from soapdsl.compiler import FORMAT_VERSION, Plan, RoutePlan, selector_names, state_dtype, walk_ops, walk_shaped
+from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapStateError
+from soapdsl.ir import const_text
 from soapdsl.registry import Op
 from soapdsl.runtime import fused
 from soapdsl.runtime.context import Bucket, Ctx, Val
@@ -68,6 +72,87 @@ def _same(a: Any, b: Any) -> bool:
     return isinstance(a, numbers) and isinstance(b, numbers) and a == b and type(a) is type(b)
 
 
+def _equal(a: Any, b: Any) -> bool:
+    """``a == b`` for values of any type a user may write into a param_group (a tensor too)."""
+    try:
+        return bool(a == b)
+    except Exception:  # a tensor of several elements, an object without ==
+        return False
+
+
+def _text(value: Any) -> str:
+    """A param_group value as recipe text where it is one (``true``, ``1e-3``), else its repr."""
+    if isinstance(value, bool | int | float | str | tuple):
+        return const_text(value)
+    return repr(value)
+
+
+def _number(rp: RoutePlan, key: str, value: Any) -> Any:
+    """``value`` as the stages read it: a Python int or float as it is, any other real number (a
+    NumPy scalar, as LambdaLR returns under NumPy 2) or 0-d CPU tensor as a float."""
+    where = f"param_group['{key}'] of route '{rp.selector}'"
+    if value is _MISSING:
+        raise SoapArgumentError(f"param_group of route '{rp.selector}' lost its key '{key}'")
+    if type(value) is float or type(value) is int:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0 or value.is_complex() or value.dtype == torch.bool:
+            raise SoapArgumentError(
+                f"{where} must be a number or a 0-d real tensor, got a {value.dtype} tensor"
+                f" of shape {list(value.shape)}"
+            )
+        if value.device.type != "cpu":
+            raise SoapArgumentError(
+                f"{where} is a tensor on {value.device}; soapdsl reads hyperparameters on the host"
+                " (reading it would wait for the device at every step): use a Python number or a 0-d CPU tensor"
+            )
+        return float(value.detach())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise SoapArgumentError(f"{where} must be a number, got {type(value).__name__}")
+
+
+def _load_step(name: str, value: Any) -> torch.Tensor:
+    """A parameter's saved "step": a whole number >= 0, as a number or a one-element tensor."""
+    if torch.is_tensor(value) and value.numel() == 1 and not value.is_complex():
+        count = float(value.detach().reshape(()))
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        count = float(value)
+    else:
+        got = f"a tensor of shape {list(value.shape)}" if torch.is_tensor(value) else f"a {type(value).__name__}"
+        raise SoapStateError(f"state 'step' of parameter '{name}' is {got}, expected a step count")
+    if not (count >= 0 and count.is_integer()):
+        raise SoapStateError(f"state 'step' of parameter '{name}' is {count}, expected a whole number >= 0")
+    return value.detach().to("cpu", copy=True) if torch.is_tensor(value) else torch.tensor(count)
+
+
+def _fixed_state_error(key: str, saved: Any, built: Any, why: str) -> SoapStateError:
+    return SoapStateError(
+        f"the checkpoint was saved with {key}={_text(saved)}, this optimizer was built with"
+        f" {key}={_text(built)}{why}; build it with {key}={_text(saved)}"
+    )
+
+
+def _revalidate(op: Op, values: Mapping[str, Any], group: Mapping[str, Any]) -> None:
+    """Check the arguments of ``op`` that follow the param_group against this step's values,
+    with the words a bad value gets when the optimizer is built."""
+    updates = {name: expr.evaluate(values) for name, expr in op.dynamic.items()}
+    try:
+        type(op.args).model_validate({**op.args.model_dump(by_alias=True), **updates})
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        refs = (
+            ", ".join(f"param_group['{r}'] = {_text(group.get(r))}" for r in sorted(op.dynamic[field].refs()))
+            if field in op.dynamic
+            else ""
+        )
+        raise SoapArgumentError(
+            f"'{op.name}' argument {field} became invalid during training ({refs}): {pydantic_message(err)}",
+            getattr(op, "loc", None),
+        ) from None
+
+
 @dataclass
 class _Cohort:
     t: int  # steps taken so far
@@ -93,12 +178,8 @@ class SoapOptimizer(torch.optim.Optimizer):
     """A torch optimizer compiled from a soapdsl recipe. Build it with :func:`soapdsl.build`."""
 
     def __init__(self, plan: Plan) -> None:
-        self.plan = plan
-        self._routes: list[RoutePlan] = [rp for rp in plan.routes if rp.tensors]
-        self._names: dict[int, str] = {
-            id(t): e.name for rp in self._routes for t, e in zip(rp.tensors, rp.params, strict=True)
-        }
-        groups = [{"params": list(rp.tensors), **rp.hyper, "route": rp.selector} for rp in self._routes]
+        routes = [rp for rp in plan.routes if rp.tensors]
+        groups = [{"params": list(rp.tensors), **rp.hyper, "route": rp.selector} for rp in routes]
         if not groups:
             raise SoapArgumentError("the optimizer got an empty parameter list")
         self._sealed = False
@@ -106,6 +187,16 @@ class SoapOptimizer(torch.optim.Optimizer):
             super().__init__(groups, {})
         except (ValueError, TypeError) as e:
             raise SoapArgumentError(str(e)) from None
+        self._setup(plan)
+
+    def _setup(self, plan: Plan, fixed: list[tuple[tuple[str, Any], ...]] | None = None) -> None:
+        """Everything derived from the plan (on construction, and again after a copy or unpickling,
+        which carry the plan, the state and the param_groups only)."""
+        self.plan = plan
+        self._routes: list[RoutePlan] = [rp for rp in plan.routes if rp.tensors]
+        self._names: dict[int, str] = {
+            id(t): e.name for rp in self._routes for t, e in zip(rp.tensors, rp.params, strict=True)
+        }
         self._sealed = True
         self._layouts: dict[int, _Layout] = {}
         self._steps: dict[int, int] = {}  # host mirror of each parameter's step count
@@ -122,6 +213,42 @@ class SoapOptimizer(torch.optim.Optimizer):
             for rp in self._routes
         ]
         self._validated: list[tuple[Any, ...] | None] = [None] * len(self._routes)
+        # hyperparameters a route reads once, when it is built, with the values it read
+        self._fixed: list[tuple[tuple[str, Any], ...]] = fixed or [
+            tuple((k, rp.hyper[k]) for k in sorted(rp.fixed)) for rp in self._routes
+        ]
+        # ...of which a checkpoint must have been saved with the same values: not those only a
+        # route setting reads (`[lr=adam_lr]`), whose target, the group's lr, the checkpoint restores
+        self._compared: list[frozenset[str]] = [
+            frozenset(
+                k
+                for k in rp.fixed
+                if k in selector_names(rp.route.selector) or any(k in op.fixed_refs for op in walk_ops(rp.ops))  # type: ignore[attr-defined]
+            )
+            for rp in self._routes
+        ]
+
+    # -- copies and pickling ------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps defaults, state and param_groups; the plan comes along, so that a deep
+        # copy (of the optimizer alone, or with its model) or an unpickled optimizer is built
+        # again around the copied parameters, as torch's optimizers are
+        return {**super().__getstate__(), "plan": self.plan, "fixed": self._fixed}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        plan, fixed = state.pop("plan", None), state.pop("fixed", None)
+        if not isinstance(plan, Plan):
+            raise SoapStateError(
+                "this pickled soapdsl optimizer holds no plan (it was pickled by an older soapdsl):"
+                " save and load opt.state_dict() instead"
+            )
+        had_flag = "differentiable" in state.get("defaults", {})
+        super().__setstate__(state)
+        if not had_flag:
+            self.defaults.pop("differentiable", None)  # torch adds it; soapdsl's defaults stay empty
+        self._setup(plan, fixed)
 
     # -- torch API ----------------------------------------------------------------------------
 
@@ -140,29 +267,67 @@ class SoapOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for i, (rp, group) in enumerate(zip(self._routes, self.param_groups, strict=True)):
-            self._check_hyperparameters(i, rp, group)
+            values = self._hyperparameters(i, rp, group)
             for cohort in self._layout(rp, group).cohorts:
-                self._run(rp, group, cohort)
+                self._run(rp, values, cohort)
         return loss
 
-    def _check_hyperparameters(self, i: int, rp: RoutePlan, group: dict[str, Any]) -> None:
-        """Validate the param_group values the stages follow, when they changed since last step."""
+    def _hyperparameters(self, i: int, rp: RoutePlan, group: dict[str, Any]) -> dict[str, Any]:
+        """The param_group values this step's stages read: ``group`` itself, or a copy of it
+        where numbers of other types (a NumPy scalar, a 0-d CPU tensor) are Python floats.
+
+        Values the stages follow are validated again whenever they changed since the last
+        step; values fixed when the optimizer was built must not have changed (a few dict
+        lookups: they are normally the very objects the optimizer was built with)."""
+        for key, built in self._fixed[i]:
+            value = group.get(key, built)
+            if value is not built and not _equal(value, built):
+                raise self._fixed_error(i, rp, key, value, built)
         keys = self._watched[i]
         values = tuple(group.get(k, _MISSING) for k in keys)
         previous = self._validated[i]
         if previous is not None and all(_same(a, b) for a, b in zip(values, previous, strict=True)):
-            return
-        for key, value in zip(keys, values, strict=True):
-            if value is _MISSING:
-                raise SoapArgumentError(f"param_group of route '{rp.selector}' lost its key '{key}'")
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise SoapArgumentError(
-                    f"param_group['{key}'] of route '{rp.selector}' must be a number, got {type(value).__name__}"
-                )
+            return group
+        plain = tuple(_number(rp, k, v) for k, v in zip(keys, values, strict=True))
+        changed = {k: n for k, n, v in zip(keys, plain, values, strict=True) if n is not v}
+        view = {**group, **changed} if changed else group
+        lr = view["lr"]
+        if lr < 0 or lr != lr:
+            raise SoapArgumentError(
+                f"param_group['lr'] of route '{rp.selector}' is {_text(values[keys.index('lr')])};"
+                " the learning rate must be a number >= 0"
+            )
         for op in walk_ops(rp.ops):
             if op.dynamic:
-                op.revalidate(group)
-        self._validated[i] = values
+                _revalidate(op, view, group)
+        # a value converted from another type (a tensor may change in place) is checked every step
+        self._validated[i] = None if changed else values
+        return view
+
+    def _fixed_error(self, i: int, rp: RoutePlan, key: str, value: Any, built: Any) -> SoapArgumentError:
+        """The error for a param_group value that the route read once, when it was built."""
+        where: str | None = None
+        loc: Loc | None = rp.route.loc
+        setting = next(((n, v) for n, v in rp.route.settings if key in v.refs()), None)
+        for op in walk_ops(rp.ops):
+            if key in getattr(op, "fixed_refs", ()):
+                where, loc = f"'{op.name}' reads it once", getattr(op, "loc", None)
+                break
+        if where is None:
+            where = (
+                f"the route setting [{setting[0]}={setting[1].text()}] reads it once"
+                if setting
+                else "the route's selector reads it"
+            )
+        hint = ""
+        if setting is not None and setting[0] in self._watched[i]:
+            hint = f"; to change this route's {setting[0]} during training, set param_group['{setting[0]}']"
+        return SoapArgumentError(
+            f"param_group['{key}'] of route '{rp.selector}' is {_text(value)}, but this optimizer was built"
+            f" with {key}={_text(built)}: {key} is fixed when the optimizer is built ({where});"
+            f" build a new optimizer with {key}={_text(value)}{hint}",
+            loc,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -190,10 +355,16 @@ class SoapOptimizer(torch.optim.Optimizer):
                 raise SoapStateError(f"state dict holds state for parameter index {key!r}, which this optimizer lacks")
             p = id_map[key]
             new_state[p] = self._load_param_state(p, value)
-        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+        for saved, group, compared in zip(saved_groups, self.param_groups, self._compared, strict=True):
+            skip = {"params", *compared}  # equal to the checkpoint's (checked): the build's objects stay
             for k, v in saved.items():
-                if k != "params":
+                if k not in skip:
                     group[k] = v
+        # a value only a setting read (`[lr=adam_lr]`) comes with the checkpoint, as its lr does
+        self._fixed = [
+            tuple((k, group.get(k, built)) for k, built in fixed)
+            for fixed, group in zip(self._fixed, self.param_groups, strict=True)
+        ]
         self.state = new_state
         self._layouts.clear()
         self._steps.clear()
@@ -228,29 +399,72 @@ class SoapOptimizer(torch.optim.Optimizer):
                 f" '{self.plan.recipe.name}' (fingerprint {self.plan.fingerprint})"
             )
         groups = sd["param_groups"]
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise SoapStateError("the state dict's 'param_groups' is not a list of dicts")
+        routes = meta.get("routes")
+        if isinstance(routes, list) and len(routes) == len(groups) and all(isinstance(r, str) for r in routes):
+            # values fixed when the optimizer is built: each route's against the checkpoint's
+            # group of the same route, before anything else can blame the model or the state
+            saved_groups = dict(zip(routes, groups, strict=True))
+            for rp, fixed, compared in zip(self._routes, self._fixed, self._compared, strict=True):
+                saved = saved_groups.get(rp.selector)
+                if saved is None:
+                    continue
+                for key, built in fixed:
+                    if key in compared and key in saved and not _equal(saved[key], built):
+                        raise _fixed_state_error(
+                            key, saved[key], built, f" (route '{rp.selector}' fixes it when the optimizer is built)"
+                        )
+        mine_routes = [rp.selector for rp in self._routes]
+        if routes is not None and routes != mine_routes:
+            self._check_selector_values(groups)
+            raise SoapStateError(
+                f"state dict holds routes {routes}, but this optimizer's parameters take routes"
+                f" {mine_routes}: it was saved for a different model"
+            )
         mine = [len(g["params"]) for g in self.param_groups]
-        theirs = [len(g.get("params", ())) for g in groups] if isinstance(groups, list) else []
+        theirs = [len(g.get("params", ())) for g in groups]
         if mine != theirs:
             raise SoapStateError(
                 f"state dict has routes with {theirs} parameters, this optimizer has {mine}:"
                 " it was saved for a different model"
             )
 
-    def _load_param_state(self, p: torch.Tensor, saved: dict[str, Any]) -> dict[str, Any]:
-        expected = self._state_specs(self._route_of(p), p)
+    def _check_selector_values(self, groups: list[dict[str, Any]]) -> None:
+        """When the routes differ: name a parameter that the selectors read and that the
+        checkpoint was saved with another value of (``max_dim`` moves matrices between routes)."""
+        names = sorted({n for rp in self.plan.routes for n in selector_names(rp.route.selector)})
+        for key in names:
+            theirs = next((g[key] for g in groups if key in g), _MISSING)
+            mine = next((g[key] for g in self.param_groups if key in g), _MISSING)
+            if theirs is not _MISSING and mine is not _MISSING and not _equal(theirs, mine):
+                raise _fixed_state_error(
+                    key, theirs, mine, " (the route selectors read it when the optimizer is built)"
+                )
+
+    def _load_param_state(self, p: torch.Tensor, saved: Any) -> dict[str, Any]:
+        rp = self._route_of(p)
+        expected = self._state_specs(rp, p)
         out: dict[str, Any] = {}
         name = self._names.get(id(p), "?")
+        if not isinstance(saved, dict):
+            raise SoapStateError(f"the state of parameter '{name}' is a {type(saved).__name__}, not a dict")
         for key, value in saved.items():
             if key == "step":
-                out[key] = value.detach().to("cpu", copy=True) if torch.is_tensor(value) else torch.tensor(float(value))
+                out[key] = _load_step(name, value)
                 continue
-            if key in expected and torch.is_tensor(value):
+            if key in expected and not torch.is_tensor(value):
+                raise SoapStateError(
+                    f"state '{key}' of parameter '{name}' is a {type(value).__name__}, expected a tensor"
+                )
+            if key in expected:
                 shape, dtype = expected[key]
                 if tuple(value.shape) != shape:
                     raise SoapStateError(
                         f"state '{key}' of parameter '{name}' has shape {list(value.shape)}, expected {list(shape)}"
                     )
-                out[key] = value.detach().to(device=p.device, dtype=dtype, copy=True)
+                # laid out as a fresh state would be, whatever the saving model's layout was
+                out[key] = self._new_state(rp, p, shape, dtype).copy_(value.detach())
             elif torch.is_tensor(value):
                 raise SoapStateError(f"state dict holds unknown state '{key}' for parameter '{name}'")
             else:
@@ -285,10 +499,19 @@ class SoapOptimizer(torch.optim.Optimizer):
             for name, spec in op.state(shape).items():
                 if spec.shared and not self._leads(op, p):
                     continue  # the group's leader holds the shared tensor
-                t = torch.zeros(spec.shape, dtype=state_dtype(p.dtype), device=p.device)
+                t = self._new_state(rp, p, spec.shape, state_dtype(p.dtype))
                 if spec.init == "eye":
                     t.copy_(torch.eye(spec.shape[-2], spec.shape[-1], dtype=t.dtype, device=t.device).expand_as(t))
                 st[op.state_key(name)] = t
+
+    def _new_state(self, rp: RoutePlan, p: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A zero state tensor. On a fused Adam route a tensor of the parameter's shape takes
+        the parameter's memory layout (as torch.optim's state does): the kernel pairs parameter,
+        gradient and moments element by element in memory order (runtime/fused.py), so a
+        channels_last weight keeps the fused path and its moments hold logically right values."""
+        if self._fused[rp.index] is not None and shape == tuple(p.shape):
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return torch.zeros(shape, dtype=dtype, device=p.device)
 
     def _leads(self, op: Op, p: torch.Tensor) -> bool:
         """Whether ``p`` is the first parameter of its share group for ``op``."""

@@ -1,0 +1,400 @@
+"""SoapOptimizer at the edges of torch's contract: values fixed at build time, copies and
+pickling, the number types torch accepts for hyperparameters, bad parameter lists, hand-edited
+state dicts, LR schedulers that cycle momentum."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import soapdsl
+from soapdsl.errors import SoapArgumentError, SoapStateError
+
+
+class _Net(torch.nn.Module):
+    """An embedding, two matrices and their biases: three routes under muon and soap_muon."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(7, 6)
+        self.fc1 = torch.nn.Linear(6, 8)
+        self.fc2 = torch.nn.Linear(8, 6)
+
+
+def _net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return _Net().double()
+
+
+def _grads(net: torch.nn.Module, steps: int, seed: int = 1) -> list[list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(p.shape, generator=g, dtype=p.dtype) for p in net.parameters()] for _ in range(steps)]
+
+
+def _run(net: torch.nn.Module, opt: torch.optim.Optimizer, grads: list[list[torch.Tensor]], before=None) -> None:
+    for k, gs in enumerate(grads):
+        for p, g in zip(net.parameters(), gs, strict=True):
+            p.grad = g.clone()
+        if before is not None:
+            before(opt, k)
+        opt.step()
+
+
+def _assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+# -- values fixed when the optimizer is built ---------------------------------------------------
+
+
+def test_a_fixed_value_written_into_a_group_is_refused_at_the_next_step():
+    net = _net()
+    opt = soapdsl.build("soap", net, freq=10)
+    _run(net, opt, _grads(net, 1))
+    opt.param_groups[0]["freq"] = 2
+    with pytest.raises(SoapArgumentError) as info:
+        opt.step()
+    message = info.value.message
+    assert "param_group['freq'] of route 'default' is 2, but this optimizer was built with freq=10" in message
+    assert "fixed when the optimizer is built ('rotate' reads it once)" in message
+    assert "build a new optimizer with freq=2" in message
+    assert info.value.loc is not None and info.value.loc.file.endswith("soap.soap")
+
+
+def test_a_value_a_route_does_not_read_may_change_and_one_it_follows_is_honoured():
+    """muon's Adam routes never read `momentum`: writing it into every group (a momentum
+    warmup loop) is no error there, and the Muon route follows it."""
+    a, b = _net(), _net()
+    grads = _grads(a, 3)
+    built = soapdsl.build("muon", a, momentum=0.9)
+    written = soapdsl.build("muon", b, momentum=0.95)
+    for group in written.param_groups:
+        group["momentum"] = 0.9
+    _run(a, built, grads)
+    _run(b, written, grads)
+    _assert_same(a, b)
+
+
+def test_a_value_a_route_setting_reads_is_refused_with_a_hint_at_lr():
+    net = _net()
+    opt = soapdsl.build("muon", net)
+    for group in opt.param_groups:
+        group["adam_lr"] = 1e-3
+    with pytest.raises(SoapArgumentError, match=r"\[lr=adam_lr\] reads it once.*set param_group\['lr'\]"):
+        _run(net, opt, _grads(net, 1))
+
+
+def test_a_checkpoint_saved_with_another_fixed_value_is_refused_before_any_state_is_touched():
+    net = _net()
+    saved = soapdsl.build("muon", net, ns_steps=5)
+    _run(net, saved, _grads(net, 2))
+    opt = soapdsl.build("muon", net, ns_steps=1)
+    with pytest.raises(
+        SoapStateError,
+        match=r"the checkpoint was saved with ns_steps=5, this optimizer was built with ns_steps=1 "
+        r"\(route 'ndim >= 2' fixes it when the optimizer is built\); build it with ns_steps=5",
+    ):
+        opt.load_state_dict(saved.state_dict())
+    assert len(opt.state) == 0
+    assert [g["ns_steps"] for g in opt.param_groups] == [1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("recipe", "args", "expected"),
+    [
+        ("soap", {"max_dim": 7}, "saved with max_dim=10000, this optimizer was built with max_dim=7"),
+        ("soap", {"precondition_1d": True}, "saved with precondition_1d=false, this optimizer was built with"),
+        ("soap", {"merge_dims": True}, "saved with merge_dims=false, this optimizer was built with merge_dims=true"),
+        # max_dim moves the matrices to another route: the selectors read it
+        ("soap_muon", {"max_dim": 7}, r"max_dim=7 \(the route selectors read it"),
+    ],
+)
+def test_checkpoint_messages_name_the_fixed_value_that_differs(recipe, args, expected):
+    net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Linear(12, 6))
+    saved = soapdsl.build(recipe, net)
+    for _ in range(2):
+        for p in net.parameters():
+            p.grad = torch.ones_like(p)
+        saved.step()
+    with pytest.raises(SoapStateError, match=expected):
+        soapdsl.build(recipe, net, **args).load_state_dict(saved.state_dict())
+
+
+def test_a_checkpoint_loads_into_a_build_with_other_followed_values_and_setting_sources():
+    """lr (followed) and adam_lr (read by a setting into the Adam routes' lr) may differ: the
+    checkpoint's lr takes over, as documented, and training goes on without an error."""
+    a, b = _net(), _net()
+    grads = _grads(a, 4)
+    saved = soapdsl.build("muon", a, lr=0.01, adam_lr=1e-3)
+    _run(a, saved, grads[:2])
+    opt = soapdsl.build("muon", b, lr=0.5, adam_lr=0.1)
+    with torch.no_grad():
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            q.copy_(p)
+    opt.load_state_dict(saved.state_dict())
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in saved.param_groups]
+    _run(a, saved, grads[2:])
+    _run(b, opt, grads[2:])
+    _assert_same(a, b)
+
+
+def test_the_routes_a_checkpoint_was_saved_for_are_compared():
+    """Two routes with the same stages: a checkpoint whose parameters all took the head route
+    must not load into an optimizer whose (equally many, equally shaped) parameters take the
+    other route, even though every count and shape agrees."""
+    text = 'recipe r(lr=0.01, head_lr=0.1):\n  route "head*" [lr=head_lr]: adamw\n  route default: adamw\n'
+    head = [("head.weight", torch.nn.Parameter(torch.randn(3, 3)))]
+    body = [("body.weight", torch.nn.Parameter(torch.randn(3, 3)))]
+    saved = soapdsl.build(text, head)
+    head[0][1].grad = torch.ones(3, 3)
+    saved.step()
+    with pytest.raises(SoapStateError, match=r"holds routes \['\"head\*\"'\].*take routes \['default'\]"):
+        soapdsl.build(text, body).load_state_dict(saved.state_dict())
+
+
+# -- copies and pickling ------------------------------------------------------------------------
+
+
+def test_deepcopy_gives_a_working_independent_optimizer():
+    net = _net()
+    opt = soapdsl.build("soap_muon", net, freq=2)
+    _run(net, opt, _grads(net, 2))
+    twin = copy.deepcopy(opt)
+    assert repr(twin) == repr(opt)
+    ps = [p for g in opt.param_groups for p in g["params"]]
+    qs = [q for g in twin.param_groups for q in g["params"]]  # copies: it was copied alone
+    assert all(q is not p and torch.equal(q, p) for p, q in zip(ps, qs, strict=True))
+    mine = {v.data_ptr() for q in qs for v in twin.state[q].values() if torch.is_tensor(v)}
+    theirs = {v.data_ptr() for p in ps for v in opt.state[p].values() if torch.is_tensor(v)}
+    assert not mine & theirs
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        for p, q in zip(ps, qs, strict=True):
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            q.grad = p.grad.clone()
+        opt.step()
+        twin.step()
+    assert all(torch.equal(p, q) for p, q in zip(ps, qs, strict=True))
+    assert twin.state_dict()["soapdsl"] == opt.state_dict()["soapdsl"]
+    opt.step()  # stepping one leaves the other's state alone
+    assert float(twin.state[qs[0]]["step"]) == 5 and float(opt.state[ps[0]]["step"]) == 6
+
+
+def test_deepcopy_of_model_and_optimizer_together_keys_the_copy_by_the_copied_parameters():
+    """As with torch's optimizers (EMA and checkpoint copies): one deepcopy of both keeps the
+    copy's param_groups and state on the copied model's parameters."""
+    net = _net()
+    grads = _grads(net, 4)
+    opt = soapdsl.build("muon", net)
+    _run(net, opt, grads[:2])
+    copied = copy.deepcopy({"net": net, "opt": opt})
+    net2, opt2 = copied["net"], copied["opt"]
+    params2 = set(map(id, net2.parameters()))
+    assert {id(p) for g in opt2.param_groups for p in g["params"]} == params2
+    assert {id(p) for p in opt2.state} == params2
+    before = [p.detach().clone() for p in net.parameters()]
+    _run(net2, opt2, grads[2:])
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before, strict=True))
+    _run(net, opt, grads[2:])
+    _assert_same(net, net2)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save"])
+def test_a_pickled_optimizer_comes_back_working(how):
+    net = _net()
+    grads = _grads(net, 4)
+    opt = soapdsl.build("adamw", net)
+    _run(net, opt, grads[:2])
+    if how == "pickle":
+        net2, opt2 = pickle.loads(pickle.dumps((net, opt)))
+    else:
+        buf = io.BytesIO()
+        torch.save((net, opt), buf)
+        buf.seek(0)
+        net2, opt2 = torch.load(buf, weights_only=False)
+    _run(net, opt, grads[2:])
+    _run(net2, opt2, grads[2:])
+    _assert_same(net, net2)
+
+
+def test_unpickling_an_optimizer_without_a_plan_says_to_use_state_dict():
+    opt = soapdsl.build("adamw", _net())
+    state = torch.optim.Optimizer.__getstate__(opt)  # what a pickle made by an older soapdsl holds
+    fresh = object.__new__(type(opt))
+    with pytest.raises(SoapStateError, match=r"save and load opt\.state_dict\(\) instead"):
+        fresh.__setstate__(state)
+
+
+# -- hyperparameter values at step time -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "make", [lambda v: np.float32(v), lambda v: np.float64(v), lambda v: torch.tensor(v, dtype=torch.float32)]
+)
+def test_lr_may_be_a_numpy_scalar_or_a_0d_cpu_tensor(make):
+    a, b = _net(), _net()
+    grads = _grads(a, 3)
+    ref, opt = soapdsl.build("adamw", a), soapdsl.build("adamw", b)
+
+    def schedule(o, k):
+        for group in o.param_groups:
+            value = make(1e-2 / (k + 1))
+            group["lr"] = float(value) if o is ref else value
+
+    _run(a, ref, grads, schedule)
+    _run(b, opt, grads, schedule)
+    _assert_same(a, b)
+    assert type(opt.param_groups[0]["lr"]) is type(make(0.5))  # the group keeps what was written
+
+
+def test_a_tensor_lr_changed_in_place_takes_effect():
+    w = torch.nn.Parameter(torch.zeros(3))
+    lr = torch.tensor(1.0)
+    opt = soapdsl.build("scale(1.0) |> lr", [("w", w)], lr=1.0)
+    opt.param_groups[0]["lr"] = lr
+    w.grad = torch.ones(3)
+    opt.step()
+    lr.fill_(0.5)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((3,), -1.5))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (-0.1, r"param_group\['lr'\] of route 'default' is -0\.1; the learning rate must be a number >= 0"),
+        (float("nan"), r"is nan; the learning rate must be a number >= 0"),
+        (True, r"param_group\['lr'\] of route 'default' must be a number, got bool"),
+        (torch.tensor([0.1, 0.2]), r"must be a number or a 0-d real tensor, got a torch\.float32 tensor of shape"),
+        (torch.tensor(0.1, device="meta"), r"is a tensor on meta; soapdsl reads hyperparameters on the host"),
+    ],
+)
+def test_bad_lr_values_written_at_run_time_are_refused(value, message):
+    net = _net()
+    opt = soapdsl.build("adamw", net)
+    opt.param_groups[0]["lr"] = value
+    with pytest.raises(SoapArgumentError, match=message):
+        _run(net, opt, _grads(net, 1))
+
+
+def test_run_time_range_errors_use_the_build_time_words():
+    net = _net()
+    with pytest.raises(SoapArgumentError, match=r"must be < 1\.0"):
+        soapdsl.build("adamw", net, beta1=1.5)
+    opt = soapdsl.build("adamw", net)
+    opt.param_groups[0]["beta1"] = 1.5
+    with pytest.raises(SoapArgumentError) as info:
+        _run(net, opt, _grads(net, 1))
+    assert "argument beta became invalid during training (param_group['beta1'] = 1.5): must be < 1.0" in str(info.value)
+    assert "Input should" not in str(info.value)
+
+
+# -- parameter lists -------------------------------------------------------------------------------
+
+
+def test_one_tensor_passed_twice_is_refused():
+    w = torch.nn.Parameter(torch.randn(11, 6))
+    with pytest.raises(
+        SoapArgumentError,
+        match=r"parameter 'blocks\.0\.fc\.weight' is the same tensor as 'embed\.weight' \(tied weights\): pass it once",
+    ):
+        soapdsl.build("soap_muon", [("embed.weight", w), ("blocks.0.fc.weight", w)])
+    with pytest.raises(SoapArgumentError, match=r"parameter 'param\.1' is the same tensor as 'param\.0'"):
+        soapdsl.build("adamw", [w, w])
+
+
+def test_two_tensors_under_one_name_are_refused():
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(SoapArgumentError, match=r"two different parameters are named 'x'"):
+        soapdsl.build("adamw", [("x", a), ("x", b)])
+
+
+def test_tied_weights_of_a_module_are_optimized_once():
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(11, 6)
+            self.head = torch.nn.Linear(6, 11, bias=False)
+            self.head.weight = self.embed.weight
+
+    opt = soapdsl.build("adamw", Tied())
+    assert sum(len(g["params"]) for g in opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128])
+def test_complex_parameters_are_refused(dtype):
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=dtype))
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(
+        SoapArgumentError, match=rf"parameter 'w' is {name}; soapdsl optimizes real floating-point parameters only"
+    ):
+        soapdsl.build("adam", [("w", w)])
+
+
+# -- hand-edited state dicts ---------------------------------------------------------------------
+
+
+def _saved() -> tuple[torch.nn.Module, dict]:
+    net = torch.nn.Linear(4, 3)
+    opt = soapdsl.build("adamw", net)
+    net(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    return net, opt.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda st: st.__setitem__("1.momentum.buf", "x"), r"state '1\.momentum\.buf' of parameter 'weight' is a str"),
+        (lambda st: st.__setitem__("step", "x"), r"state 'step' of parameter 'weight' is a str, expected a step count"),
+        (lambda st: st.__setitem__("step", torch.zeros(2)), r"state 'step' of parameter 'weight' is a tensor of shape"),
+        (lambda st: st.__setitem__("step", -1.0), r"state 'step' of parameter 'weight' is -1\.0, expected a whole"),
+    ],
+)
+def test_hand_edited_state_values_are_refused_by_name(edit, message):
+    net, sd = _saved()
+    edit(sd["state"][0])
+    opt = soapdsl.build("adamw", net)
+    with pytest.raises(SoapStateError, match=message):
+        opt.load_state_dict(sd)
+
+
+def test_a_state_entry_that_is_no_dict_is_refused():
+    net, sd = _saved()
+    sd["state"][0] = "x"
+    with pytest.raises(SoapStateError, match=r"the state of parameter 'weight' is a str, not a dict"):
+        soapdsl.build("adamw", net).load_state_dict(sd)
+
+
+# -- LR schedulers --------------------------------------------------------------------------------
+
+
+def test_one_cycle_lr_needs_cycle_momentum_false_and_then_drives_every_route():
+    """soapdsl's groups name their momentum per recipe (beta1, momentum, adam_beta1), so torch's
+    momentum cycling cannot find it; with cycle_momentum=False OneCycleLR sets each route's lr
+    exactly as setting it by hand does."""
+    a, b = _net(), _net()
+    grads = _grads(a, 6)
+    scheduled, by_hand = soapdsl.build("muon", a), soapdsl.build("muon", b)
+    with pytest.raises(ValueError, match="cycle_momentum"):
+        torch.optim.lr_scheduler.OneCycleLR(scheduled, max_lr=0.05, total_steps=6)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        scheduled, max_lr=[0.05, 0.02, 0.01], total_steps=6, cycle_momentum=False
+    )
+    lrs = []
+    for gs in grads:
+        lrs.append([g["lr"] for g in scheduled.param_groups])
+        for group, lr in zip(by_hand.param_groups, lrs[-1], strict=True):
+            group["lr"] = lr
+        _run(a, scheduled, [gs])
+        _run(b, by_hand, [gs])
+        sched.step()
+    assert len({tuple(x) for x in lrs}) == len(lrs)  # it did move every step
+    assert len(scheduled.param_groups) == 3
+    _assert_same(a, b)
