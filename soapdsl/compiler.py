@@ -62,6 +62,9 @@ class RoutePlan:
     #: header parameters (param_group keys) this route reads once, when it is built: in its
     #: selector, its settings, or a stage argument that does not follow the param_group
     fixed: frozenset[str] = frozenset()
+    #: (op path, share key) -> index in ``tensors`` of the parameter that holds the op's shared
+    #: state for that share group (see :func:`share_leaders`)
+    leaders: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
 
     @property
     def needs_batch_dim(self) -> bool:
@@ -482,15 +485,67 @@ def compile_plan(
         rp.params.append(ParamEntry(name, shape, t.dtype, rp.index, 0, notes))
         rp.tensors.append(t)
     for rp in routes:
-        leaders: dict[tuple[str, str], str] = {}
-        for e in rp.params:
-            for op in walk_ops(rp.ops):
-                leaders.setdefault((op.path, op.share_key(e.name)), e.name)
-        for e in rp.params:
+        rp.leaders = share_leaders(rp)
+        for i, e in enumerate(rp.params):
             e.state_bytes = op_state_bytes(
                 rp.ops,
                 e.shape,
                 e.dtype,
-                lambda op, n=e.name, lead=leaders: lead[(op.path, op.share_key(n))] == n,
+                lambda op, i=i, n=e.name, lead=rp.leaders: lead[(op.path, op.share_key(n))] == i,
             )
     return Plan(recipe, values, routes, borrowed)
+
+
+def share_leaders(rp: RoutePlan) -> dict[tuple[str, str], int]:
+    """(op path, share key) -> the parameter that holds the op's shared state for the group.
+
+    A share group is the route's parameters with equal ``op.share_key(name)``. Its state is held
+    by its first parameter that requires a gradient (its first parameter if none does): a frozen
+    parameter never steps, so it adds nothing to the group's statistics and cannot hold them.
+    The members of a group that has shared state are stacked into one batch at run time, so
+    they need a batched route and equal shapes, dtypes and devices.
+    """
+    members: dict[tuple[str, str], list[int]] = {}
+    for i, e in enumerate(rp.params):
+        for op in walk_ops(rp.ops):
+            members.setdefault((op.path, op.share_key(e.name)), []).append(i)
+    leaders: dict[tuple[str, str], int] = {}
+    for (path, key), idx in members.items():
+        leaders[(path, key)] = next((i for i in idx if rp.tensors[i].requires_grad), idx[0])
+        if len(idx) > 1:
+            _check_share_group(rp, path, key, idx)
+    return leaders
+
+
+def _check_share_group(rp: RoutePlan, path: str, key: str, idx: list[int]) -> None:
+    """Raise if the members ``idx`` of a share group of the op at ``path`` cannot be stacked."""
+    op = next(op for op in walk_ops(rp.ops) if op.path == path)
+    if not any(spec.shared for i in idx for spec in op.state(rp.params[i].shape).values()):
+        return
+    names = " and ".join(f"'{rp.params[i].name}'" for i in idx[:2]) + (" (and others)" if len(idx) > 2 else "")
+    head = f"'{op.name}' shares its state between parameters {names} (share group '{key}')"
+    notes = [f"they were routed by 'route {rp.selector}' (route {rp.index})"]
+    if not rp.batched:
+        raise SoapArgumentError(
+            f"{head}, but the route has [batch=false]: the members of a share group are stacked"
+            " into one batch; drop the setting, or the share argument",
+            getattr(op, "loc", None),
+            notes=notes,
+        )
+
+    def describe(i: int) -> tuple[tuple[str, str], ...]:
+        t = rp.tensors[i]
+        shape = str(list(t.shape))
+        return (("shape", shape), ("dtype", str(t.dtype).removeprefix("torch.")), ("device", str(t.device)))
+
+    first = describe(idx[0])
+    for i in idx[1:]:
+        for (what, a), (_, b) in zip(first, describe(i), strict=True):
+            if a != b:
+                raise SoapArgumentError(
+                    f"{head}, but they differ in {what}: '{rp.params[idx[0]].name}' has {what} {a},"
+                    f" '{rp.params[i].name}' has {b}; the members of a share group need equal shapes,"
+                    " dtypes and devices",
+                    getattr(op, "loc", None),
+                    notes=notes,
+                )

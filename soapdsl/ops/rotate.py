@@ -129,13 +129,16 @@ class Rotate(Op):
             parameter name, e.g. "blocks\\.(\\d+)\\."; parameters whose names agree except for
             index // share_size share one factor and one basis per dim: their statistics are
             summed, and each keeps its own state inside the block (its own second moment).
-            Members of a group need equal shapes. Empty: no sharing.
+            Members of a group are stacked into one batch: they need equal shapes, dtypes and
+            devices, and a batched route (checked when the optimizer is built). A parameter
+            that does not require a gradient when the optimizer is built is left out: it never
+            steps, so it adds nothing and holds nothing. Empty: no sharing.
         share_size: how many consecutive indices form a group (2: adjacent blocks); 0 puts
             every index in one group (all the experts of a layer).
 
     State:
         GG{k}, Q{k}: a d_k x d_k factor and basis per factored dim k (one per share group,
-            held by its first parameter).
+            held by its first parameter that requires a gradient).
         ready (host): the basis exists.
 
     Example:

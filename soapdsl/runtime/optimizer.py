@@ -514,13 +514,10 @@ class SoapOptimizer(torch.optim.Optimizer):
         return torch.zeros(shape, dtype=dtype, device=p.device)
 
     def _leads(self, op: Op, p: torch.Tensor) -> bool:
-        """Whether ``p`` is the first parameter of its share group for ``op``."""
-        name = self._names.get(id(p), "")
-        key = op.share_key(name)
-        for q in self._route_of(p).tensors:
-            if op.share_key(self._names.get(id(q), "")) == key:
-                return q is p
-        return True  # pragma: no cover
+        """Whether ``p`` holds ``op``'s shared state for its share group (compiler.share_leaders)."""
+        rp = self._route_of(p)
+        lead = rp.leaders.get((op.path, op.share_key(self._names.get(id(p), ""))))
+        return lead is None or rp.tensors[lead] is p
 
     def _layout(self, rp: RoutePlan, group: dict[str, Any]) -> _Layout:
         active = [p for p in group["params"] if p.grad is not None]
@@ -597,11 +594,14 @@ class SoapOptimizer(torch.optim.Optimizer):
                 None,
             )
             if leader is None:
-                members = [n for n in bucket.names if op.share_key(n) == k]
+                members = ", ".join(f"'{n}'" for n in bucket.names if op.share_key(n) == k)
+                holder = self._names.get(id(rp.tensors[rp.leaders[(op.path, k)]]), "?")
                 raise SoapArgumentError(
-                    f"'{op.name}' shares state within group '{k}', but its first parameter is not"
-                    f" stepping with {members}: every parameter of a share group must have a"
-                    " gradient at every step",
+                    f"'{op.name}' shares state within group '{k}', held by '{holder}', but {members}"
+                    f" stepped without '{holder}' (it had no gradient at this step or an earlier"
+                    " one): every parameter of a share group must have a gradient at every step,"
+                    " except a parameter frozen when the optimizer was built, which is left out (and"
+                    " must stay frozen)",
                     getattr(op, "loc", None),
                 )
             leaders.append(leader)

@@ -118,3 +118,82 @@ def test_nonfinite_indices() -> None:
     m[3, 1, 1] = -INF
     assert la.nonfinite(m) == [1, 3]
     assert la.nonfinite(torch.zeros(2, 3, 3)) == []
+
+
+# -- share groups: the members are stacked, so they must match; frozen members are left out ----
+
+
+def _shared(*tensors: torch.Tensor) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(f"blocks.{i}.fc.weight", torch.nn.Parameter(t)) for i, t in enumerate(tensors)]
+
+
+@pytest.mark.parametrize(
+    ("second", "what"),
+    [
+        (
+            torch.zeros(6, 6, dtype=torch.bfloat16),
+            "dtype: 'blocks.0.fc.weight' has dtype float32, 'blocks.1.fc.weight' has bfloat16",
+        ),
+        (torch.zeros(8, 6), "shape: 'blocks.0.fc.weight' has shape [6, 6], 'blocks.1.fc.weight' has [8, 6]"),
+        (
+            torch.zeros(6, 6, device="meta"),
+            "device: 'blocks.0.fc.weight' has device cpu, 'blocks.1.fc.weight' has meta",
+        ),
+    ],
+)
+def test_share_group_members_must_match_at_build(second: torch.Tensor, what: str) -> None:
+    with pytest.raises(soapdsl.SoapArgumentError) as info:
+        soapdsl.build("soap_muon_shared", _shared(torch.zeros(6, 6), second))
+    msg = str(info.value)
+    assert (
+        "'rotate' shares its state between parameters 'blocks.0.fc.weight' and 'blocks.1.fc.weight'"
+        f" (share group 'blocks.<0>.fc.weight'), but they differ in {what}; the members of a share"
+        " group need equal shapes, dtypes and devices"
+    ) in msg
+    assert "recipes/soap_muon_shared.soap:" in msg
+
+
+def test_share_group_needs_a_batched_route() -> None:
+    share = r'share="blocks\\.(\\d+)\\."'
+    recipe = f"recipe t(lr=0.1):\n  route default [batch=false]: rotate(both, {share}) {{ sign }} |> lr\n"
+    with pytest.raises(soapdsl.SoapArgumentError, match=r"but the route has \[batch=false\]"):
+        soapdsl.build(recipe, _shared(torch.zeros(4, 3), torch.zeros(4, 3)))
+
+
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_a_frozen_member_is_left_out(frozen: int) -> None:
+    """A member frozen at build never steps and holds nothing: the other trains as if alone."""
+    torch.manual_seed(0)
+    w = [torch.randn(6, 5), torch.randn(6, 5)]
+    params = _shared(*w)
+    params[frozen][1].requires_grad_(False)
+    train = params[1 - frozen]
+    alone = [(train[0], torch.nn.Parameter(w[1 - frozen].clone()))]
+    opts = [soapdsl.build("soap_muon_shared", params, freq=2), soapdsl.build("soap_muon_shared", alone, freq=2)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grad = torch.randn(6, 5, generator=g)
+        train[1].grad, alone[0][1].grad = grad.clone(), grad.clone()
+        for opt in opts:
+            opt.step()
+    torch.testing.assert_close(train[1], alone[0][1], rtol=0, atol=0)
+    assert not opts[0].state[params[frozen][1]]
+    assert "0.rotate.GG1" in opts[0].state[train[1]]
+    restored = soapdsl.build("soap_muon_shared", params, freq=2)
+    restored.load_state_dict(opts[0].state_dict())  # the same member holds the state after a reload
+
+
+def test_a_member_unfrozen_later_must_step_with_its_group() -> None:
+    params = _shared(torch.randn(6, 6), torch.randn(6, 6))
+    params[0][1].requires_grad_(False)
+    opt = soapdsl.build("soap_muon_shared", params)
+    params[1][1].grad = torch.randn(6, 6)
+    opt.step()
+    params[0][1].requires_grad_(True)
+    for _, p in params:
+        p.grad = torch.randn(6, 6)
+    with pytest.raises(soapdsl.SoapArgumentError) as info:
+        opt.step()
+    msg = str(info.value)
+    assert "held by 'blocks.1.fc.weight', but 'blocks.0.fc.weight' stepped without 'blocks.1.fc.weight'" in msg
+    assert "frozen when the optimizer was built, which is left out (and must stay frozen)" in msg
