@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from soapdsl import ir, registry
-from soapdsl.check import ROUTE_OPTIONS, always_true, evaluate, validate_args
+from soapdsl.check import ROUTE_OPTIONS, always_true, evaluate, lr_problem, validate_args
 from soapdsl.errors import (
     SoapArgumentError,
     SoapError,
@@ -394,9 +394,10 @@ def _route_plan(index: int, route: ir.Route, values: Mapping[str, Any], args: Ma
             e.args = (e.format(),)
         raise
     lr = env.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or lr < 0 or lr != lr:
+    problem = lr_problem(lr) if lr is not None else "the learning rate must be a finite number >= 0"
+    if problem is not None:
         raise SoapArgumentError(
-            f"route '{route.selector_text()}' has lr={ir.const_text(lr)}; the learning rate must be a number >= 0",
+            f"route '{route.selector_text()}' has lr={ir.const_text(lr)}; {problem}",
             route.loc,
         )
     fixed = selector_names(route.selector) | {r for _, v in route.settings for r in v.refs()}

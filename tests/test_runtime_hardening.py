@@ -268,8 +268,9 @@ def test_a_tensor_lr_changed_in_place_takes_effect():
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        (-0.1, r"param_group\['lr'\] of route 'default' is -0\.1; the learning rate must be a number >= 0"),
-        (float("nan"), r"is nan; the learning rate must be a number >= 0"),
+        (-0.1, r"param_group\['lr'\] of route 'default' is -0\.1; the learning rate must be a finite number >= 0"),
+        (float("nan"), r"is nan; the learning rate must be a finite number >= 0"),
+        (float("inf"), r"is inf; the learning rate must be a finite number >= 0"),
         (True, r"param_group\['lr'\] of route 'default' must be a number, got bool"),
         (torch.tensor([0.1, 0.2]), r"must be a number or a 0-d real tensor, got a torch\.float32 tensor of shape"),
         (torch.tensor(0.1, device="meta"), r"is a tensor on meta; soapdsl reads hyperparameters on the host"),

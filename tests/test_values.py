@@ -176,6 +176,8 @@ def _model() -> torch.nn.Module:
         ({"beta1": float("nan")}, r"invalid beta=nan for 'momentum': must be finite"),
         ({"eps": float("inf")}, r"invalid eps=inf for 'rms_normalize': must be finite"),
         ({"eps": "inf"}, r"invalid eps=inf for 'rms_normalize': must be finite"),  # a numeric parameter reads the text
+        ({"lr": float("inf")}, r"has lr=inf; the learning rate must be a finite number >= 0"),
+        ({"lr": float("nan")}, r"has lr=nan; the learning rate must be a finite number >= 0"),
     ],
 )
 def test_non_finite_python_arguments_are_refused(args, pattern):

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -292,10 +293,10 @@ class SoapOptimizer(torch.optim.Optimizer):
         changed = {k: n for k, n, v in zip(keys, plain, values, strict=True) if n is not v}
         view = {**group, **changed} if changed else group
         lr = view["lr"]
-        if lr < 0 or lr != lr:
+        if not math.isfinite(lr) or lr < 0:
             raise SoapArgumentError(
                 f"param_group['lr'] of route '{rp.selector}' is {_text(values[keys.index('lr')])};"
-                " the learning rate must be a number >= 0"
+                " the learning rate must be a finite number >= 0"
             )
         for op in walk_ops(rp.ops):
             if op.dynamic:
