@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 if TYPE_CHECKING:
@@ -265,26 +265,6 @@ class Op:
         if expr is None:
             return getattr(self.args, name)
         return expr.evaluate(group)
-
-    def revalidate(self, group: Mapping[str, Any]) -> None:
-        """Check the arguments that follow the param_group against the group's current values."""
-        from soapdsl.errors import SoapArgumentError
-
-        updates = {name: expr.evaluate(group) for name, expr in self.dynamic.items()}
-        try:
-            type(self.args).model_validate({**self.args.model_dump(by_alias=True), **updates})
-        except ValidationError as e:
-            err = e.errors()[0]
-            field = str(err["loc"][0]) if err["loc"] else "?"
-            refs = (
-                ", ".join(f"param_group['{r}'] = {group.get(r)!r}" for r in sorted(self.dynamic[field].refs()))
-                if field in self.dynamic
-                else ""
-            )
-            raise SoapArgumentError(
-                f"'{self.name}' argument {field} became invalid during training ({refs}): {err['msg']}",
-                getattr(self, "loc", None),
-            ) from None
 
     def apply(self, ctx: Ctx, x: Val) -> Val:  # pragma: no cover - abstract
         raise NotImplementedError
