@@ -6,7 +6,7 @@ from __future__ import annotations
 import string
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import soapdsl
@@ -14,6 +14,7 @@ from soapdsl import library, registry
 from soapdsl.errors import SoapError
 from soapdsl.syntax import ast as A
 from soapdsl.syntax.printer import format_module
+from tests.test_fmt import assert_fmt_keeps
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
@@ -89,6 +90,7 @@ def test_token_soup_only_raises_soap_errors(text):
         module = soapdsl.parse(text)
     except SoapError:
         return
+    assert_fmt_keeps(text)  # comments ("#c") included
     try:
         recipes, macros = library.check_module(module)
         if module.pipeline is not None and not recipes:
@@ -185,6 +187,27 @@ def test_print_parse_identity_on_generated_asts(module):
     again = soapdsl.parse(text)
     assert again == module, text
     assert format_module(again) == text
+
+
+#: comments to put between tokens: at the end of a line, on a line of its own, set apart
+COMMENTS = ["  # t{}\n", "\n# o{}\n", "\n  # i{}\n", "\n\n# b{}\n\n"]
+
+
+@settings(FUZZ, max_examples=100)
+@given(modules, st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(COMMENTS)), max_size=6))
+def test_fmt_keeps_comments_and_meaning_on_generated_sources(module, comments):
+    """Comments anywhere between tokens: fmt keeps them all, in order, and the tree and the
+    documentation comments unchanged, and its output is a fixpoint."""
+    text = format_module(module)
+    gaps = [i for i, ch in enumerate(text) if ch in " \n"] + [0, len(text)]
+    for n, (i, comment) in enumerate(sorted(((gaps[w % len(gaps)], c) for w, c in comments), reverse=True)):
+        text = text[:i] + comment.format(n) + text[i:]
+    try:
+        source = soapdsl.parse(text)
+    except SoapError:  # a comment in a string literal
+        assume(False)
+    assert source == module
+    assert_fmt_keeps(text)
 
 
 # -- generated recipes over the real operators ------------------------------------------------

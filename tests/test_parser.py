@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
+import torch
 
 import soapdsl
+from soapdsl.errors import SoapSyntaxError
 from soapdsl.resources import recipe_files
 from soapdsl.syntax import ast as A
-from soapdsl.syntax.parser import parse_file
+from soapdsl.syntax.parser import MAX_DEPTH, parse_file
 from soapdsl.syntax.printer import format_module
 
 CARD = "rotate(left, freq=40) |> sqrt_whiten |> newton_schulz(5) |> graft(norm)"
@@ -97,6 +101,7 @@ EXAMPLES = [
     "recipe r(lr=1):\n  route (vector or matrix) and not ndim == 3: sign\n  route default: lr\n",
     "macro m(a, b=2) = scale(a) |> scale(b)\n\nrecipe r(lr=1) = m(1) as z",
     "f({ g |> h { i } }, k={ l })",
+    "scale(1e999) |> scale(-1e999, 2 * -1e999)",  # too big for a float: inf, printed back as 1e999
 ]
 
 
@@ -124,3 +129,87 @@ def test_printed_ir_is_checked_the_same():
         module = parse_file(next(p for p in recipe_files() if p.stem == name))
         recipes, _ = library.check_module(soapdsl.parse(format_module(module)))
         assert recipes[0] == original
+
+
+# -- nesting depth -------------------------------------------------------------------------
+
+#: sources nested ``d`` levels deep, each kind as the checker, compiler and runtime take it
+NESTED = {
+    "sum": lambda d: "recipe r(lr=1e-3) = scale(" + "+".join(["1"] * (d + 1)) + ") |> lr",
+    "negation": lambda d: "recipe r(lr=1e-3, x=1) = scale(" + "-" * d + "x) |> lr",
+    "tuple": lambda d: "recipe r(lr=1e-3) = scale(" + "(" * d + "1" + ",)" * d + ") |> lr",
+    "blocks": lambda d: "recipe r(lr=1e-3) = " + "rotate(both) { " * d + "sign" + " }" * d + " |> lr",
+    "block arguments": lambda d: "recipe r(lr=1e-3) = " + "sign |> graft(norm, from={ " * d + "sign" + " })" * d,
+    "selector": lambda d: "recipe r(lr=1e-3):\n  route " + "not " * d + "vector: sign\n  route default: lr\n",
+}
+
+
+def _with_frames_used(n: int, f):
+    """Call ``f`` with ``n`` more frames on the stack: a caller's own depth, as headroom."""
+    return f() if n == 0 else _with_frames_used(n - 1, f)
+
+
+@pytest.mark.parametrize("kind", ["sum", "negation", "blocks", "block arguments"])
+def test_source_at_the_depth_limit_builds_and_steps(kind):
+    text = NESTED[kind](MAX_DEPTH)
+
+    def build_and_step() -> None:
+        module = soapdsl.parse(text)
+        assert soapdsl.parse(format_module(module)) == module
+        p = torch.nn.Parameter(torch.ones(3, 2))
+        opt = soapdsl.build(text, [("w", p)])
+        p.grad = torch.ones(3, 2)
+        opt.step()
+        opt.load_state_dict(opt.state_dict())
+
+    # the deepest stack soapdsl uses here, plus 150 frames that a caller may have used already
+    assert sys.getrecursionlimit() >= 1000
+    _with_frames_used(150, build_and_step)
+
+
+@pytest.mark.parametrize("kind", NESTED)
+def test_source_past_the_depth_limit_is_one_located_error(kind):
+    soapdsl.parse(NESTED[kind](MAX_DEPTH))
+    with pytest.raises(SoapSyntaxError, match=rf"expression nested too deeply \(more than {MAX_DEPTH} levels\)") as e:
+        soapdsl.parse(NESTED[kind](MAX_DEPTH + 1), "deep.soap")
+    assert e.value.loc is not None and e.value.loc.file == "deep.soap"
+
+
+@pytest.mark.parametrize("n", [700, 3000])
+def test_long_sums_and_deep_blocks_point_at_where_the_limit_is_crossed(n):
+    with pytest.raises(SoapSyntaxError) as e:
+        soapdsl.parse("scale(" + "+".join(["1"] * n) + ")")
+    assert (e.value.loc.line, e.value.loc.col) == (1, 7)  # the chain, from its first term
+    head = "recipe r(lr=1e-3) = "
+    with pytest.raises(SoapSyntaxError) as e:
+        soapdsl.parse(head + "rotate(both) { " * n + "sign" + " }" * n)
+    # the first block past the limit
+    assert (e.value.loc.line, e.value.loc.col) == (1, len(head) + len("rotate(both) { ") * MAX_DEPTH + 1)
+
+
+def test_a_long_run_of_minus_signs_on_a_number_is_just_a_number():
+    # "- - 1" folds into the literal as it parses, so there is no nesting to refuse
+    m = soapdsl.parse("scale(" + "-" * 1001 + "1)")
+    assert m.pipeline.stages[0].args[0].value == A.Num(-1)
+
+
+# -- what a syntax error expects ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # not ':' or ']' (from a selector's comparison, which shares the parser state), but '//'
+        ("momentum(0.9 |> sign", "unexpected '|>'; expected '%', ')', '*', '+', ',', '-', '/', '//'"),
+        ("f(1 2)", "unexpected '2'; expected '%', ')', '*', '+', ',', '-', '/', '//'"),
+        (
+            "recipe r(lr=1):\n  route default sign",
+            "unexpected 'sign'; expected ',', ':', '[', 'and', 'or', a comparison (<, <=, ==, !=, >=, >)",
+        ),
+        ("f(a=)", "unexpected ')'; expected '(', '-', 'false', 'true', '{', a name, a number, a string"),
+    ],
+)
+def test_syntax_errors_expect_only_what_would_be_accepted(text, expected):
+    with pytest.raises(SoapSyntaxError) as e:
+        soapdsl.parse(text)
+    assert e.value.message == expected

@@ -209,13 +209,42 @@ class Macro:
 Definition = Union[Recipe, Macro]
 
 
+# -- comments -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Comment:
+    """A ``#`` comment, kept so that `soapdsl fmt` can print it back next to its code.
+
+    Positions are 1-based ``(line, col)`` pairs. ``prev`` and ``next`` are the starts of the
+    nearest tokens before and after the comment, a ``|>`` after it not counted (None at
+    either end of the text): they tell the printer which printed line it belongs to. ``blank_before`` and
+    ``blank_after`` say whether an empty line separates it from the token or comment before
+    and after it, which decides what a documentation comment is.
+    """
+
+    text: str
+    line: int
+    col: int
+    own_line: bool
+    prev: tuple[int, int] | None
+    next: tuple[int, int] | None
+    blank_before: bool = False
+    blank_after: bool = False
+
+
 @dataclass(frozen=True)
 class Module:
-    """A parsed source: definitions, and optionally a trailing anonymous pipeline."""
+    """A parsed source: definitions, and optionally a trailing anonymous pipeline.
+
+    ``comments`` holds every comment of the source, in order; like locations, they do not
+    take part in equality.
+    """
 
     definitions: tuple[Definition, ...]
     pipeline: Pipeline | None = None
     file: str = field(default="<inline>", compare=False)
+    comments: tuple[Comment, ...] = field(default=(), compare=False, repr=False)
 
     @property
     def recipes(self) -> tuple[Recipe, ...]:

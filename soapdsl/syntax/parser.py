@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import ast as pyast
+from dataclasses import fields, is_dataclass, replace
 from functools import cache
 from pathlib import Path
 
 import lark
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, v_args
+from lark.visitors import Transformer_NonRecursive
 
 from soapdsl.errors import SOURCES, Loc, SoapNameError, SoapSyntaxError
 from soapdsl.resources import grammar_path
@@ -45,8 +47,25 @@ def _describe(terminal: str) -> str:
     return terminal.lower()
 
 
+def _acceptable(e: lark.UnexpectedToken) -> set[str]:
+    """The terminals the parser would really have taken in place of the unexpected token.
+
+    ``e.expected`` is the LALR lookahead of the state, which can hold terminals that only
+    fit in another context sharing that state (a ':' after an argument, from a selector's
+    comparison); replaying each candidate through the parser keeps only the real ones.
+    """
+    if e.interactive_parser is None:
+        return set(e.expected)
+    try:
+        return set(e.interactive_parser.accepts()) or set(e.expected)
+    except Exception:  # replaying is a refinement: on any failure, the lookahead will do
+        return set(e.expected)
+
+
 def _expected(names: set[str]) -> str:
-    shown = sorted({_describe(n) for n in names if not n.startswith("__ANON")})
+    described = (_describe(n) for n in names)
+    # anonymous terminals with a fixed text ('//', '|>') describe as that text; others are internal
+    shown = sorted({d for d in described if not d.startswith("__anon")})
     if not shown:
         return ""
     if len(shown) > 8:
@@ -73,7 +92,7 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
         if tok.type == "$END":
             line, col = _end_position(text)
             loc = Loc(file, line, col, line, col + 1, text)
-            raise SoapSyntaxError("unexpected end of text" + _expected(e.expected), loc) from None
+            raise SoapSyntaxError("unexpected end of text" + _expected(_acceptable(e)), loc) from None
         loc = Loc(
             file,
             tok.line or 1,
@@ -82,39 +101,95 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
             tok.end_column or (tok.column or 1) + 1,
             text,
         )
-        raise SoapSyntaxError(f"unexpected {tok.value!r}" + _expected(e.expected), loc) from None
+        raise SoapSyntaxError(f"unexpected {tok.value!r}" + _expected(_acceptable(e)), loc) from None
     except lark.UnexpectedEOF as e:
         line, col = _end_position(text)
         loc = Loc(file, line, col, line, col + 1, text)
         raise SoapSyntaxError("unexpected end of text" + _expected(set(e.expected)), loc) from None
     try:
-        return _Builder(file, text, _comment_tokens(text)).transform(tree)
+        module: A.Module = _Builder(file, text, _comments(text)).transform(tree)
     except lark.exceptions.VisitError as e:  # raised from inside the builder
         if isinstance(e.orig_exc, SoapSyntaxError):
             raise e.orig_exc from None
         raise
+    _check_depth(module)
+    return module
 
 
-def _comment_tokens(text: str) -> list[Token]:
-    # Comments are ignored by the grammar; a block of comment lines right above a `recipe` or
-    # `macro` becomes its doc. A '#' starts a comment outside string literals only.
-    out: list[Token] = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        quote = ""
-        for i, ch in enumerate(line):
-            if quote:
-                if ch == quote:
-                    quote = ""
-                elif ch == "\\":
-                    continue
-            elif ch in "\"'":
-                quote = ch
-            elif ch == "#":
-                tok = Token("COMMENT", line[i:])
-                tok.line, tok.column = lineno, i + 1
-                out.append(tok)
-                break
-    return out
+#: How deeply expressions, blocks and selectors may nest. The checker, the compiler, the
+#: runtime, the printer and AST comparison all recurse over the tree, up to about 14 Python
+#: frames a level (a block passed as an argument); 50 levels keep them well inside Python's
+#: default recursion limit of 1000 frames, and far above any real recipe, which nests a
+#: handful of levels. A long chain such as ``1 + 1 + ... + 1`` nests a level per operator.
+MAX_DEPTH = 50
+
+#: the nodes that make one level of nesting (a stage counts when it has a block)
+_NESTING = (A.BinOp, A.Neg, A.Tuple, A.Block, A.SelNot, A.SelAnd, A.SelOr)
+
+
+def _check_depth(module: A.Module) -> None:
+    """Refuse a tree nested more than :data:`MAX_DEPTH` levels, at the outermost level too many.
+
+    Walks the tree with an explicit stack: recursing here would fail on the very input that
+    this guards against.
+    """
+    stack: list[tuple[object, int]] = [(module, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, tuple):
+            stack.extend((item, depth) for item in reversed(node))
+            continue
+        if not is_dataclass(node) or isinstance(node, A.Comment):
+            continue
+        if isinstance(node, _NESTING) or (isinstance(node, A.Stage) and node.block is not None):
+            depth += 1
+            if depth > MAX_DEPTH:
+                loc = node.loc
+                start = Loc(loc.file, loc.line, loc.col, loc.line, loc.col + 1, loc.text)
+                raise SoapSyntaxError(f"expression nested too deeply (more than {MAX_DEPTH} levels)", start)
+        stack.extend((getattr(node, f.name), depth) for f in reversed(fields(node)) if f.name != "loc")
+
+
+def _comments(text: str) -> tuple[A.Comment, ...]:
+    """Every comment of ``text`` (which parsed), with the neighbours the printer needs.
+
+    The grammar ignores comments; lexing again with them kept is the simplest way to find
+    them outside string literals, with the tokens around each.
+    """
+    if "#" not in text:
+        return ()
+    items = [t for t in _parser().lex(text, dont_ignore=True) if t.type != "WS"]
+    out: list[A.Comment] = []
+    prev: tuple[int, int] | None = None
+    pipe = False  # the last token was a `|>`, which belongs with the stage after it
+    pending: list[tuple[int, bool]] = []  # comments still waiting for their next token: index, after a `|>`
+    for i, tok in enumerate(items):
+        pos = (tok.line or 1, tok.column or 1)
+        if tok.type != "COMMENT":
+            if tok == "|>":
+                pipe = True
+                continue
+            for j, after_pipe in pending:
+                out[j] = replace(out[j], prev=pos if after_pipe else out[j].prev, next=pos)
+            pending.clear()
+            prev, pipe = pos, False
+            continue
+        before = items[i - 1] if i else None
+        after = items[i + 1] if i + 1 < len(items) else None
+        out.append(
+            A.Comment(
+                str(tok).rstrip(),
+                pos[0],
+                pos[1],
+                own_line=before is None or (before.end_line or 1) < pos[0],
+                prev=prev,
+                next=None,
+                blank_before=before is not None and pos[0] - (before.end_line or 1) > 1,
+                blank_after=after is not None and (after.line or 1) - pos[0] > 1,
+            )
+        )
+        pending.append((len(out) - 1, pipe))
+    return tuple(out)
 
 
 def _end_position(text: str) -> tuple[int, int]:
@@ -137,15 +212,15 @@ def parse_file(path: str | Path, display: str | None = None) -> A.Module:
 
 
 @v_args(meta=True)
-class _Builder(Transformer):
+class _Builder(Transformer_NonRecursive):
     """Parse tree -> AST."""
 
-    def __init__(self, file: str, text: str, comments: list[Token]) -> None:
+    def __init__(self, file: str, text: str, comments: tuple[A.Comment, ...]) -> None:
         super().__init__()
         self.file = file
         self.text = text
-        self.lines = text.splitlines()
-        self.comment_lines = {t.line: t.value for t in comments if t.column is not None}
+        self.comments = comments
+        self.comment_lines = {c.line: c.text for c in comments if c.own_line}
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -161,7 +236,7 @@ class _Builder(Transformer):
         # contiguous comment-only lines immediately above the definition
         doc: list[str] = []
         line = meta.line - 1
-        while line >= 1 and line in self.comment_lines and self.lines[line - 1].lstrip().startswith("#"):
+        while line >= 1 and line in self.comment_lines:
             doc.append(self.comment_lines[line].lstrip("#").strip())
             line -= 1
         return "\n".join(reversed(doc)).strip()
@@ -171,7 +246,7 @@ class _Builder(Transformer):
     def start(self, meta, items):
         defs = tuple(i for i in items if isinstance(i, A.Recipe | A.Macro))
         pipes = [i for i in items if isinstance(i, A.Pipeline)]
-        return A.Module(defs, pipes[0] if pipes else None, self.file)
+        return A.Module(defs, pipes[0] if pipes else None, self.file, self.comments)
 
     def recipe(self, meta, items):
         name, params, *routes = items

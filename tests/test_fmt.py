@@ -1,0 +1,158 @@
+"""`soapdsl fmt`: every comment survives, in order and next to its code; the meaning of the
+file (its syntax tree and its documentation comments) never changes; printing is idempotent."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from soapdsl import cli
+from soapdsl.resources import recipe_files
+from soapdsl.syntax.parser import parse
+from soapdsl.syntax.printer import format_module
+
+EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "docs" / "examples").glob("*.soap"))
+
+
+def fmt(text: str) -> str:
+    return format_module(parse(text))
+
+
+def assert_fmt_keeps(text: str) -> str:
+    """fmt(text), after checking that it keeps the comments and the meaning, and is a fixpoint."""
+    before = parse(text)
+    out = format_module(before)
+    after = parse(out)
+    assert after == before, out
+    assert [d.doc for d in after.definitions] == [d.doc for d in before.definitions], out
+    assert [c.text for c in after.comments] == [c.text for c in before.comments], out
+    assert format_module(after) == out, out
+    return out
+
+
+def dedent(text: str) -> str:
+    return textwrap.dedent(text).lstrip("\n")
+
+
+@pytest.mark.parametrize("path", recipe_files() + EXAMPLES, ids=lambda p: p.name)
+def test_shipped_sources_keep_every_comment_line(path):
+    text = path.read_text(encoding="utf-8")
+    out = assert_fmt_keeps(text)
+    comment_lines = [line.strip() for line in text.splitlines() if line.lstrip().startswith("#")]
+    assert comment_lines, "every shipped source has comments"
+    assert [line.strip() for line in out.splitlines() if line.lstrip().startswith("#")] == comment_lines
+
+
+def test_in_route_comment_stays_before_its_route():
+    path = next(p for p in recipe_files() if p.name == "soap_muon.soap")
+    out = fmt(path.read_text(encoding="utf-8"))
+    assert (
+        "\n  # hidden matrices with a dim >= max_dim (soap_muon10): no Nesterov term, RMS-1 update\n  route matrix:\n"
+        in out
+    )
+
+
+def test_trailing_and_stray_comments_are_kept():
+    text = dedent(
+        """
+        # doc for r
+        recipe r(lr=1e-3) =
+          momentum(0.9)  # trailing comment
+          |> sign
+
+        # stray comment at end
+        """
+    )
+    assert assert_fmt_keeps(text) == text.replace("1e-3", "0.001")
+
+
+def test_file_of_only_comments_prints_them():
+    assert assert_fmt_keeps("# only a comment\n# another\n\n") == "# only a comment\n# another\n"
+    assert assert_fmt_keeps("\n# a\n\n\n# b\n") == "# a\n\n# b\n"
+
+
+PLACEMENTS = {
+    "trailing on a route line": (
+        "recipe r(lr=1):\n  route vector: sign   # one\n  route default: lr #two  \n",
+        "recipe r(lr=1):\n  route vector: sign  # one\n  route default: lr  #two\n",
+    ),
+    "own line before a route": (
+        "recipe r(lr=1):\n  route vector: sign\n      # about the next route\n  route default: lr\n",
+        "recipe r(lr=1):\n  route vector: sign\n  # about the next route\n  route default: lr\n",
+    ),
+    "inside a one-line route: one stage a line": (
+        "recipe r(lr=1):\n  route default: momentum(0.9)  # m\n    |> lr\n",
+        "recipe r(lr=1) =\n  momentum(0.9)  # m\n  |> lr\n",
+    ),
+    "between the header and the pipeline": (
+        "recipe r(lr=1):\n  route vector:  # h\n    sign |> lr\n  route default: lr\n",
+        "recipe r(lr=1):\n  route vector:  # h\n    sign\n    |> lr\n  route default: lr\n",
+    ),
+    "inside a stage's arguments: before the stage": (
+        "sign |> momentum(0.9,  # beta\n  nesterov=true) |> lr\n",
+        "sign\n# beta\n|> momentum(0.9, nesterov=true)\n|> lr\n",
+    ),
+    "inside a block: before the stage that holds it": (
+        "recipe r(lr=1) = rotate(both) {\n    # inner\n    sign\n  } |> lr\n",
+        "recipe r(lr=1) =\n  # inner\n  rotate(both) { sign }\n  |> lr\n",
+    ),
+    "inside a selector: before the route": (
+        "recipe r(lr=1):\n  route vector or  # v\n    matrix: sign\n  route default: lr\n",
+        "recipe r(lr=1):\n  # v\n  route vector or matrix: sign\n  route default: lr\n",
+    ),
+    "after a |>: before the stage after it": (
+        "a |> # c\n  b\n",
+        "a\n# c\n|> b\n",
+    ),
+    "inside a header: below it, not into the doc": (
+        "# doc\nrecipe r(lr=1,  # the rate\n  b=2) =  # after\n  sign\n",
+        "# doc\nrecipe r(lr=1, b=2) =\n  # the rate\n  # after\n  sign\n",
+    ),
+    "apart from a recipe: stays apart from its doc": (
+        "recipe a(lr=1) = sign\n# end of a\n\n# doc of b\nrecipe b(lr=1) = lr\n",
+        "recipe a(lr=1) = sign\n\n# end of a\n\n# doc of b\nrecipe b(lr=1) = lr\n",
+    ),
+    "verbatim text, comment-like strings untouched": (
+        '#!no space\nrecipe r(lr=1):\n  route "a#b": sign   ##  two  \n',
+        '#!no space\nrecipe r(lr=1):\n  route "a#b": sign  ##  two\n',
+    ),
+}
+
+
+@pytest.mark.parametrize("text, expected", PLACEMENTS.values(), ids=PLACEMENTS.keys())
+def test_comment_placement(text, expected):
+    assert assert_fmt_keeps(text) == expected
+
+
+def test_doc_comments_stay_docs():
+    text = "# License header.\n\n# Doc of r,\n# two lines.\nrecipe r(lr=1) = sign\n"
+    out = assert_fmt_keeps(text)
+    assert out == text
+    assert parse(out).recipes[0].doc == "Doc of r,\ntwo lines."
+
+
+def test_cli_fmt_keeps_comments(tmp_path, capsys):
+    path = tmp_path / "mine.soap"
+    path.write_text("# doc\nrecipe r(lr=1e-3) =\n  momentum(0.9)  # beta\n  |> sign\n# tail\n")
+    assert cli.main(["fmt", str(path)]) == 0
+    assert capsys.readouterr().out == "# doc\nrecipe r(lr=0.001) =\n  momentum(0.9)  # beta\n  |> sign\n# tail\n"
+
+
+#: every construct, a token a word, so that a comment can go between any two tokens
+EVERY_CONSTRUCT = (
+    "macro m ( a , b = 2 ) = scale ( a ) |> scale ( b ) as s\n"
+    "recipe r ( lr = 1 , big = 10 ) :\n"
+    ' route "w*" , not ( vector and ndim >= 3 ) [ lr = lr * - 2 ] : sign |> lr\n'
+    " route default : rotate ( both ) { m ( 1 ) |> sign } as q |> graft ( norm , from = { sign } ) |> lr\n"
+    "recipe s ( lr = 1 ) = m ( ( 1 , 2 ) , b = - ( 3 ) ) |> lr\n"
+    "sign |> lr\n"
+)
+
+
+@pytest.mark.parametrize("comment", ["  # t\n", "\n# o\n", "\n\n# b\n\n"], ids=["trailing", "own line", "apart"])
+def test_a_comment_between_any_two_tokens_is_kept(comment):
+    gaps = [i for i, ch in enumerate(EVERY_CONSTRUCT) if ch in " \n"] + [0]
+    for i in gaps:
+        assert_fmt_keeps(EVERY_CONSTRUCT[:i] + comment + EVERY_CONSTRUCT[i:])
