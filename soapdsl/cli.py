@@ -20,7 +20,7 @@ from soapdsl import __version__, library, registry
 from soapdsl.check import constant
 from soapdsl.compiler import compile_plan
 from soapdsl.errors import SoapArgumentError, SoapError
-from soapdsl.syntax.parser import parse
+from soapdsl.syntax.parser import parse, parse_file
 from soapdsl.syntax.printer import format_module
 
 #: parameter shapes `soapdsl compile` uses when none are given: a small GPT-like model
@@ -94,7 +94,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
     bad = 0
     for path in ns.files:
         try:
-            module = library.parse_path(path)
+            module = parse_file(path)
             recipes, _ = library.check_module(module)
             if module.pipeline is not None:
                 if recipes:
@@ -135,7 +135,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
 
 def cmd_fmt(ns: argparse.Namespace) -> int:
     for path in ns.files:
-        module = library.parse_path(path)
+        module = parse_file(path)
         library.check_module(module)
         sys.stdout.write(format_module(module))
     return 0

@@ -16,7 +16,7 @@ from typing import Any
 
 from soapdsl import ir, registry
 from soapdsl.check import MacroTable, check_macro, check_recipe
-from soapdsl.errors import SoapError, SoapNameError, SoapSyntaxError, did_you_mean
+from soapdsl.errors import SoapError, SoapNameError, did_you_mean
 from soapdsl.resources import recipe_files
 from soapdsl.syntax import ast as A
 from soapdsl.syntax.parser import parse, parse_file
@@ -120,27 +120,6 @@ def _pick(
     )
 
 
-def parse_path(path: str | Path) -> A.Module:
-    """Parse a ``.soap`` file named by the user.
-
-    Like :func:`~soapdsl.syntax.parser.parse_file`, but a directory is refused by name (not
-    as an unreadable file) and a UTF-8 byte-order mark, which some Windows editors write, is
-    skipped rather than reported as an unexpected character.
-    """
-    p = Path(path)
-    if p.is_dir():
-        raise SoapNameError(f"{str(p)!r} is a directory, not a recipe file")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise SoapNameError(f"cannot read recipe file {str(p)!r}: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise SoapSyntaxError(f"recipe file {str(p)!r} is not UTF-8 text") from None
-    return parse(text, str(p))
-
-
 def _unknown_recipe(name: str) -> SoapNameError:
     return SoapNameError(
         f"unknown recipe '{name}'" + did_you_mean(name, library().recipes) + f" (shipped: {', '.join(shipped_names())})"
@@ -185,7 +164,7 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None) -> ir.Rec
 def _from_file(text: str, params: Mapping[str, Any]) -> ir.Recipe:
     """``path.soap`` or ``path.soap::NAME``."""
     path_part, _, name = text.partition("::")
-    module = parse_path(path_part)
+    module = parse_file(path_part)
     recipes, macros = check_module(module)
     return _pick(module, recipes, macros, name.strip() or None, params, default=Path(path_part).stem)
 

@@ -200,10 +200,16 @@ def _end_position(text: str) -> tuple[int, int]:
 
 
 def parse_file(path: str | Path, display: str | None = None) -> A.Module:
-    """Parse a ``.soap`` file; errors point at ``display`` (default: the path as given)."""
+    """Parse a ``.soap`` file; errors point at ``display`` (default: the path as given).
+
+    A directory is refused by name (not as an unreadable file), and a UTF-8 byte-order mark,
+    which some Windows editors write, is skipped rather than reported as a character.
+    """
     p = Path(path)
+    if p.is_dir():
+        raise SoapNameError(f"{str(p)!r} is a directory, not a recipe file")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")
     except OSError as e:
         raise SoapNameError(f"cannot read recipe file {str(p)!r}: {e.strerror}") from None
     except UnicodeDecodeError:
