@@ -129,6 +129,51 @@ def test_fused_bit_identical_to_torch_fused_on_cuda(recipe: str, torch_cls: type
         assert torch.equal(p, q)
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_fused_conv_model_bit_identical_to_torch_fused_on_cuda(layout: str) -> None:
+    """A conv model in either memory format runs the fused kernel with moments in the weight's
+    layout, which is what torch's fused AdamW does: the two agree bit for bit."""
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+    def net() -> torch.nn.Module:
+        torch.manual_seed(0)
+        conv = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+        return conv.to(CUDA).to(memory_format=fmt)
+
+    ours_net, ref_net = net(), net()
+    ours = soapdsl.build("adamw", ours_net, lr=1e-2, weight_decay=0.05)
+    assert all(rp.fused is not None for rp in ours._routes)
+    ref = torch.optim.AdamW(ref_net.parameters(), lr=1e-2, weight_decay=0.05, fused=True)
+    g = torch.Generator(device=CUDA).manual_seed(1)
+    for _ in range(8):
+        x = torch.randn(4, 3, 9, 9, generator=g, device=CUDA).contiguous(memory_format=fmt)
+        for model, opt in ((ours_net, ours), (ref_net, ref)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for p, q in zip(ours_net.parameters(), ref_net.parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert ours.state[p]["1.momentum.buf"].stride() == p.stride()
+        assert torch.equal(ours.state[p]["1.momentum.buf"], ref.state[q]["exp_avg"])
+
+
+def test_gradient_laid_out_unlike_its_parameter_gives_adams_numbers_on_cuda() -> None:
+    """A gradient with other strides than its parameter (set by hand) takes the stage path on the
+    GPU too, and gives torch's single-tensor AdamW's numbers."""
+    g = torch.Generator(device=CUDA).manual_seed(0)
+    w0 = torch.randn(4, 2, 3, 3, generator=g, device=CUDA, dtype=torch.float64)
+    grads = [torch.randn(4, 2, 3, 3, generator=g, device=CUDA, dtype=torch.float64) for _ in range(4)]
+    ours = torch.nn.Parameter(w0.clone().contiguous(memory_format=torch.channels_last))
+    ref = torch.nn.Parameter(w0.clone())
+    opt = soapdsl.build("adamw", [("w", ours)], lr=0.1)
+    ref_opt = torch.optim.AdamW([ref], lr=0.1, foreach=False)
+    for grad in grads:
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-15)
+
+
 def test_fused_device_step_counts_follow_fallbacks_and_loads() -> None:
     """Steps that leave Adam's shape (a scheduler moving beta1 away from bias_correct's) take the
     stage path and count on the host only; the fused kernel's device-side counts must catch up,

@@ -35,7 +35,6 @@ import torch
 from soapdsl.registry import Op
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_DEVICES = ("cpu", "cuda")
 
 
 @dataclass(frozen=True)
@@ -129,16 +128,30 @@ def usable(params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tens
     """Whether the kernel can take this step: dense CPU or CUDA tensors, gradients and state in
     the parameters' dtype, on their device and in their memory layout (checked every step: a
     gradient's dtype may change under autocast, and a gradient set by hand may be laid out
-    otherwise than its parameter)."""
+    otherwise than its parameter). This runs on every step of every fused route, so it reads
+    each attribute once and compares strides as tuples first (see ``same_layout`` for the rest)."""
     for p, mp, vp in zip(params, m, v, strict=True):
         g = p.grad
-        if g is None or p.device.type not in _DEVICES or p.dtype not in _DTYPES or g.is_sparse:
+        if g is None or g.is_sparse:
             return False
-        if g.dtype != p.dtype or g.device != p.device:
+        dt = p.dtype
+        if dt not in _DTYPES or g.dtype is not dt or mp.dtype is not dt or vp.dtype is not dt:
             return False
-        if mp.dtype != p.dtype or vp.dtype != p.dtype or mp.device != p.device or vp.device != p.device:
+        if p.is_cpu:
+            if not (g.is_cpu and mp.is_cpu and vp.is_cpu):
+                return False
+        elif p.is_cuda:
+            dev = p.get_device()
+            if not (g.is_cuda and mp.is_cuda and vp.is_cuda) or not (
+                g.get_device() == dev and mp.get_device() == dev and vp.get_device() == dev
+            ):
+                return False
+        else:
             return False
-        if not (same_layout(p, mp) and same_layout(g, mp) and same_layout(vp, mp)):
+        s = mp.stride()
+        if (p.stride() != s or g.stride() != s or vp.stride() != s) and not (
+            same_layout(p, mp) and same_layout(g, mp) and same_layout(vp, mp)
+        ):
             return False
     return True
 
