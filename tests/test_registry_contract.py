@@ -62,10 +62,11 @@ CASES = [(name, name) for name in NAMES] + [(name, stage) for name in NAMES for 
 CASE_IDS = [stage for _, stage in CASES]
 
 # Known contract violations, reported to the ops' owners. Strict: a fix shows up as an XPASS failure,
-# and the entry is then removed.
+# and the entry is then removed; except where the violation depends on the machine (MACHINE_DEPENDENT).
 _DEGENERATE_BASIS = (
     "rotate's first basis of a rank-deficient factor (a 5 x 3 gradient's 5 x 5 G G^T has rank 3) is"
-    " arbitrary in the null space, and eigh on a stack of matrices picks another one than on one matrix"
+    " arbitrary in the null space, and eigh on a stack of matrices may pick another one than on one"
+    " matrix (it does with AVX2 MKL, not with AVX-512 MKL)"
 )
 _DEGENERATE_BASIS_GPU = (
     "rotate's first basis of a rank-deficient factor (a 5 x 3 gradient's 5 x 5 G G^T has rank 3) is"
@@ -81,13 +82,19 @@ KNOWN_VIOLATIONS: dict[str, dict[str, str]] = {
         "rotate(left, freq=2, skip_first=true)": _DEGENERATE_BASIS_GPU,
     },
 }
+MACHINE_DEPENDENT = {_DEGENERATE_BASIS}  # expected failures that some machines pass: not strict
 
 
 def _cases(test: str) -> list:
-    """CASES for ``test``, with its known violations marked as strict expected failures."""
+    """CASES for ``test``, with its known violations marked as expected failures."""
     known = KNOWN_VIOLATIONS.get(test, {})
     return [
-        pytest.param(name, stage, id=stage, marks=[pytest.mark.xfail(strict=True, reason=known[stage])])
+        pytest.param(
+            name,
+            stage,
+            id=stage,
+            marks=[pytest.mark.xfail(strict=known[stage] not in MACHINE_DEPENDENT, reason=known[stage])],
+        )
         if stage in known
         else pytest.param(name, stage, id=stage)
         for name, stage in CASES

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import soapdsl
+from tests.conftest import assert_close_where_defined
 
 TOL = {"rtol": 1e-9, "atol": 1e-11}  # float64; eigh/QR and a divide by sqrt(v) amplify rounding a little
 
@@ -289,7 +290,8 @@ def test_first_step_without_skip_uses_its_own_basis() -> None:
         _assert_descending_eigenbasis(qs[k], (1 - beta) * _stats(g, k))
     gr = _rot(g, qs)
     v = (1 - B2) * gr * gr
-    torch.testing.assert_close(u, _unrot(gr / (v.sqrt() + EPS), qs), **TOL)
+    # the basis diagonalises g: its off-diagonal coordinates are rounding noise, divided by eps
+    assert_close_where_defined(u, _unrot(gr / (v.sqrt() + EPS), qs), qs, g, **TOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -537,13 +539,16 @@ def test_source_input_uses_the_value_entering_the_scope() -> None:
         updates = _step(opt, params, gs)
         for p, ref, g, u in zip(params, refs, gs, updates):
             if t == 1:  # the first step builds the basis from its own input, then runs the block in it
-                ref.init((1 - B1) * g, _qs(opt, p, "1", [0, 1]))
+                qs = _qs(opt, p, "1", [0, 1])
+                ref.init((1 - B1) * g, qs)
                 first = dict(ref.gg)
                 want = ref.step(g)
                 ref.gg = first  # the factors take the first input once, not again after the update
+                # that basis diagonalises the input: its off-diagonal coordinates are rounding noise
+                assert_close_where_defined(u, want, qs, g, **TOL)
             else:
                 want = ref.step(g)
-            torch.testing.assert_close(u, want, **TOL)
+                torch.testing.assert_close(u, want, **TOL)
             for k in (0, 1):
                 torch.testing.assert_close(opt.state[p][f"1.rotate.GG{k}"], ref.gg[k], **TOL)
 
@@ -590,7 +595,9 @@ def test_gradient_inside_is_rotated() -> None:
     for (g,) in grads:
         (u,) = _step(opt, [p], [g])
         qs = _qs(opt, p, "0", [0, 1])
-        torch.testing.assert_close(u, _unrot(torch.sign(_rot(g, qs)), qs), **TOL)
+        # the sign of a coordinate that is rounding noise (off the diagonal at the first step,
+        # where the basis diagonalises g) is the machine's, not the algorithm's
+        assert_close_where_defined(u, _unrot(torch.sign(_rot(g, qs)), qs), qs, g, **TOL)
         assert not torch.allclose(u, torch.sign(g))
 
 

@@ -131,10 +131,12 @@ def test_zero_update_stays_zero() -> None:
 
 
 def test_acts_in_the_rotated_basis() -> None:
-    """Elementwise, so basis dependent: inside rotate it acts on the rotated coordinates."""
-    p = torch.zeros(5, 4, dtype=torch.float64)
+    """Elementwise, so basis dependent: inside rotate it acts on the rotated coordinates. (A wide
+    gradient, so that its left factor has full rank: a null direction would hold rounding noise,
+    whose square root is 1e-8-sized and machine dependent.)"""
+    p = torch.zeros(4, 5, dtype=torch.float64)
     opt = soapdsl.build("rotate(left, freq=100) { sqrt_whiten } |> lr", [p], lr=1.0)
-    ((g,),) = _grads(6, [(5, 4)])
+    ((g,),) = _grads(6, [(4, 5)])
     p.grad = g.clone()
     opt.step()
     q = opt.state[p]["0.rotate.Q0"]
