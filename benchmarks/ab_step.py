@@ -1,7 +1,7 @@
 """A/B of one recipe's step time: this checkout's soapdsl against the soapdsl of a git revision.
 
     python -m benchmarks.ab_step REV [NEW] [--recipe muon] [--set ns_form=gram ...] [--subset hidden|all]
-                                     [--rounds 10] [--steps 6] [--warmup 3] [--device cpu|cuda]
+                                     [--width 256] [--rounds 10] [--steps 6] [--warmup 3] [--device cpu|cuda]
 
 Two worker processes build the same recipe on the benchmark's parameter set
 (benchmarks/params.py) and the same gradients: one imports the soapdsl of this checkout, the
@@ -15,6 +15,12 @@ Read the page-fault column before the ratio. On a CPU, glibc trims and regrows t
 steps in some processes and not in others: the same code measured 87 and 8347 minor faults per
 muon step in two runs, about 10 ms of difference. A ratio between sides with similar fault
 counts measures the code; otherwise run again.
+
+``--width 16`` shrinks the same 27 tensors until every kernel is nearly free, so that the step time
+is the host's work: Python, dispatch, launches. That is what a GPU step of this model size waits
+on, and a CPU run with it catches a host-side regression. For example, session 6's per-element
+layout check doubled adamw's host time (``python -m benchmarks.ab_step 6dbcc26~1 6dbcc26 --recipe
+adamw --subset all --width 16``).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         live = Live(
             Entry(args.recipe, lambda named: soapdsl.build(args.recipe, named, **kw)),
-            GradPool(args.subset, device=args.device),
+            GradPool(args.subset, device=args.device, d=args.width),
         )
     except soapdsl.SoapError as e:  # a bad recipe or --set: the message, not a traceback
         print(e, file=sys.stderr)
@@ -70,7 +76,9 @@ def _extract(rev: str, into: Path) -> None:
 def _start(root: Path, args: argparse.Namespace) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(REPO)])}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--recipe", args.recipe, "--subset", args.subset]
-    cmd += ["--warmup", str(args.warmup), "--device", args.device] + [a for kv in args.set for a in ("--set", kv)]
+    cmd += ["--warmup", str(args.warmup), "--device", args.device, "--width", str(args.width)] + [
+        a for kv in args.set for a in ("--set", kv)
+    ]
     return subprocess.Popen(cmd, env=env, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
@@ -89,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default="muon")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe parameter (repeatable)")
     ap.add_argument("--subset", default="hidden", choices=["hidden", "all"])
+    ap.add_argument("--width", type=int, default=256, help="model width d (vocab 16 d); 16 measures host work")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=6, help="steps per worker per round")
     ap.add_argument("--warmup", type=int, default=3)
@@ -99,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     if not args.rev:
         ap.error("give the git revision to compare against")
+    if args.width < 1:
+        ap.error(f"--width {args.width}: must be at least 1")
     for kv in args.set:
         if "=" not in kv or not kv.split("=", 1)[0]:
             ap.error(f"--set {kv!r}: expected KEY=VALUE")
@@ -137,13 +148,14 @@ def main(argv: list[str] | None = None) -> int:
                     p.stdin.close()
                 p.wait()
     extra = "".join(f" {kv}" for kv in args.set)
-    where = f"the {args.subset} set, {args.device}"
+    where = f"the {args.subset} set, width {args.width}, {args.device}"
     print(f"\n{args.recipe}{extra} on {where}: {args.rounds} rounds x {args.steps} steps each")
     print("| soapdsl | median ms | page faults/step |")
     print("|---|---|---|")
     for name in sides:
         n = len(times[name])
-        print(f"| {name} | {statistics.median(times[name]) * 1e3:.1f} | {faults[name] / n:.0f} |")
+        ms = statistics.median(times[name]) * 1e3
+        print(f"| {name} | {ms:.{1 if ms >= 10 else 3}f} | {faults[name] / n:.0f} |")
     print(f"\n{new} / {args.rev}: median of the per-round ratios {statistics.median(ratios):.3f}x")
     print("per-round ratios, sorted: " + " ".join(f"{x:.3f}" for x in sorted(ratios)))
     return 0

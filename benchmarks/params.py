@@ -48,9 +48,9 @@ def is_hidden_matrix(name: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and name.startswith("blocks.")
 
 
-def select(subset: str) -> list[tuple[str, tuple[int, ...]]]:
-    """``"all"`` or ``"hidden"`` (hidden 2-D matrices only)."""
-    shapes = gpt_shapes()
+def select(subset: str, d: int = D_MODEL) -> list[tuple[str, tuple[int, ...]]]:
+    """``"all"`` or ``"hidden"`` (hidden 2-D matrices only), of width ``d`` (vocab 16 d)."""
+    shapes = gpt_shapes(d, N_LAYERS, VOCAB * d // D_MODEL)
     if subset == "all":
         return shapes
     if subset == "hidden":
@@ -62,9 +62,11 @@ class GradPool:
     """``pool`` random gradients per parameter, made once from a fixed seed and shared by everyone,
     on ``device``."""
 
-    def __init__(self, subset: str = "all", pool: int = 4, seed: int = 0, device: str = "cpu") -> None:
+    def __init__(
+        self, subset: str = "all", pool: int = 4, seed: int = 0, device: str = "cpu", d: int = D_MODEL
+    ) -> None:
         gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same values on every device
-        self.shapes = select(subset)
+        self.shapes = select(subset, d)
         self.device = torch.device(device)
         self.init = {n: (torch.randn(s, generator=gen) * 0.02).to(self.device) for n, s in self.shapes}
         self.grads = [{n: torch.randn(s, generator=gen).to(self.device) for n, s in self.shapes} for _ in range(pool)]
