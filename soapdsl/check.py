@@ -466,7 +466,10 @@ def check_selector(sel: A.Selector, env: Mapping[str, Any], names: Mapping[str, 
                 + f" (one of {', '.join(SELECTOR_QUANTITIES)})",
                 sel.loc,
             )
-        value = _value(sel.value, _Scope(names, env, MacroTable())).evaluate(env)
+        bound = _value(sel.value, _Scope(names, env, MacroTable()))
+        if any(env.get(r, 0) is None for r in bound.refs()):
+            return  # reads a required recipe parameter: checked when the recipe is bound
+        value = bound.evaluate(env)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SoapRouteError(f"'{sel.name} {sel.op}' needs a number, got {ir.const_text(value)}", sel.value.loc)
         if not _finite(value):

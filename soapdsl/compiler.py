@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from soapdsl import ir, registry
-from soapdsl.check import ROUTE_OPTIONS, always_true, evaluate, lr_problem, validate_args
+from soapdsl.check import ROUTE_OPTIONS, always_true, check_selector, evaluate, lr_problem, validate_args
 from soapdsl.errors import (
     SoapArgumentError,
     SoapError,
@@ -386,6 +386,8 @@ def _route_plan(index: int, route: ir.Route, values: Mapping[str, Any], args: Ma
         else:
             env[name] = value
     try:
+        # the selector's comparisons may read a required parameter, which check_recipe could not
+        check_selector(route.selector, env, {k: ir.Ref(k) for k in env})
         ops = _build_ops(route.pipeline, env)
     except SoapError as e:
         note = ", ".join(f"{k}={ir.const_text(v)}" for k, v in args.items())

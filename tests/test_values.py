@@ -8,6 +8,7 @@ a YAML config or a param_group changed during training.
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -242,3 +243,25 @@ def test_non_ascii_text_in_an_error_is_shown_as_it_is():
     with pytest.raises(SoapArgumentError) as info:
         library.resolve('scale("ééé")')
     assert 'invalid factor="ééé" for' in info.value.message
+
+
+CUT = "recipe r(lr=1e-3, cut):\n  route matrix and max_dim < cut: adamw\n  route default: sign |> lr\n"
+
+
+def test_a_selector_may_compare_with_a_required_parameter():
+    """check cannot know a required parameter's value: it leaves the comparison to the build."""
+    assert library.resolve(CUT).name == "r"
+    params = [("small", torch.nn.Parameter(torch.zeros(4, 4))), ("big", torch.nn.Parameter(torch.zeros(4, 64)))]
+    plan = soapdsl.compile(CUT, params, cut=10)
+    assert {e.name: rp.index for rp in plan.routes for e in rp.params} == {"small": 0, "big": 1}
+
+
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [("abc", r"needs a number, got abc"), (True, r"needs a number, got true"), (math.nan, r"needs a finite number")],
+)
+def test_a_required_parameter_in_a_selector_is_checked_at_the_build(value, pattern):
+    with pytest.raises(SoapRouteError, match=r"'max_dim <' " + pattern) as info:
+        soapdsl.compile(CUT, [("w", torch.nn.Parameter(torch.zeros(4, 4)))], cut=value)
+    assert f"{info.value.loc.line}:{info.value.loc.col}" == "2:30"
+    assert "recipe arguments given: cut=" in str(info.value)
