@@ -184,7 +184,8 @@ def plan_to_text(plan: Plan) -> str:
             batched = f"per parameter, torch's fused {kernel} kernel (CPU or CUDA)"
         else:
             batched = "per parameter (foreach)"
-        out.append(f"route {rp.index}: {rp.selector}{settings}  ({len(rp.params)} params, {batched})")
+        count = f"{len(rp.params)} param" + ("" if len(rp.params) == 1 else "s")
+        out.append(f"route {rp.index}: {rp.selector}{settings}  ({count}, {batched})")
         group = ", ".join(f"{k}={ir.const_text(v)}" for k, v in rp.hyper.items())
         out.append(f"  param_group: {group}")
         out.append("  pipeline:")
