@@ -105,10 +105,11 @@ def _pick(
     if module.pipeline is not None and not recipes:
         return inline_recipe(module.pipeline, macros, params, module.file)
     if module.pipeline is not None:
-        raise SoapError(
-            "a source that defines recipes cannot also end in a bare pipeline",
-            module.pipeline.loc,
-        )
+        loc = module.pipeline.loc
+        # a bare pipeline normally starts a line; one that starts mid-line is a missing '|>'
+        # (`recipe r(lr=1) = sign sign` reads as the recipe `sign`, then the pipeline `sign`)
+        notes = () if loc is None or loc.col == 1 else ("two stages in a row need '|>' between them",)
+        raise SoapError("a source that defines recipes cannot also end in a bare pipeline", loc, notes=notes)
     if not recipes:
         raise SoapNameError(f"{module.file} defines no recipe and no pipeline")
     if len(recipes) == 1:

@@ -564,3 +564,35 @@ def test_a_misspelt_choice_given_as_an_argument_gets_a_suggestion():
     ) as info:
         soapdsl.build("muon", [("w", torch.nn.Parameter(torch.zeros(4, 3)))], ns_dtype="bf17")
     assert "ns_dtype = bf17" in info.value.notes
+
+
+MISSING_PIPE = "two stages in a row need '|>' between them"
+
+
+@pytest.mark.parametrize(
+    ("source", "cls", "where"),
+    [
+        ("sign sign", SoapSyntaxError, "1:6"),
+        ("momentum(0.9) adam |> lr", SoapSyntaxError, "1:15"),
+        ("rotate(left) { sign sign } |> lr", SoapSyntaxError, "1:21"),
+        ("recipe r(lr=1) = sign sign", SoapError, "1:23"),
+        ("recipe r(lr=1e-3):\n  route default: momentum(0.9) rms_normalize(0.99, 1e-8)\n", SoapError, "2:32"),
+    ],
+)
+def test_a_missing_pipe_between_two_stages_is_named(source, cls, where):
+    """The parser has already reduced the first stage when it meets the second, so '|>' is not
+    among its expected tokens: a note says what is missing."""
+    with pytest.raises(cls) as info:
+        library.resolve(source)
+    assert f"{info.value.loc.line}:{info.value.loc.col}" == where
+    assert f"note: {MISSING_PIPE}" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["recipe r(lr=1):\n  route matrix foo: sign\n", "recipe r(lr=1) foo", "recipe r(lr=1e-3) = sign\nmomentum |> lr\n"],
+)
+def test_no_missing_pipe_note_where_a_pipe_would_not_help(source):
+    with pytest.raises(SoapError) as info:
+        library.resolve(source)
+    assert MISSING_PIPE not in str(info.value)

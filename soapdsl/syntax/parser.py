@@ -62,6 +62,9 @@ def _acceptable(e: lark.UnexpectedToken) -> set[str]:
         return set(e.expected)
 
 
+_ENDS = {"$END", "RBRACE"}  # what may follow a complete pipeline, at the top level and in a block
+
+
 def _expected(names: set[str]) -> str:
     described = (_describe(n) for n in names)
     # anonymous terminals with a fixed text ('//', '|>') describe as that text; others are internal
@@ -101,7 +104,11 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
             tok.end_column or (tok.column or 1) + 1,
             text,
         )
-        raise SoapSyntaxError(f"unexpected {tok.value!r}" + _expected(_acceptable(e)), loc) from None
+        acceptable = _acceptable(e)
+        # a name where the pipeline could have ended ('sign sign', '{ a b }'): the LALR state has
+        # already reduced the first stage, so '|>' is not among the expected tokens; say it
+        notes = ("two stages in a row need '|>' between them",) if tok.type == "NAME" and acceptable & _ENDS else ()
+        raise SoapSyntaxError(f"unexpected {tok.value!r}" + _expected(acceptable), loc, notes=notes) from None
     except lark.UnexpectedEOF as e:
         line, col = _end_position(text)
         loc = Loc(file, line, col, line, col + 1, text)
