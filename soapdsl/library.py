@@ -19,7 +19,7 @@ from soapdsl.check import MacroTable, check_macro, check_recipe
 from soapdsl.errors import SoapError, SoapNameError, did_you_mean
 from soapdsl.resources import recipe_files
 from soapdsl.syntax import ast as A
-from soapdsl.syntax.parser import parse, parse_file
+from soapdsl.syntax.parser import MISSING_PIPE, parse, parse_file
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -108,7 +108,7 @@ def _pick(
         loc = module.pipeline.loc
         # a bare pipeline normally starts a line; one that starts mid-line is a missing '|>'
         # (`recipe r(lr=1) = sign sign` reads as the recipe `sign`, then the pipeline `sign`)
-        notes = () if loc is None or loc.col == 1 else ("two stages in a row need '|>' between them",)
+        notes = () if loc is None or loc.col == 1 else (MISSING_PIPE,)
         raise SoapError("a source that defines recipes cannot also end in a bare pipeline", loc, notes=notes)
     if not recipes:
         raise SoapNameError(f"{module.file} defines no recipe and no pipeline")

@@ -52,7 +52,7 @@ def assert_close_where_defined(
     rank-deficient factor has null directions: there the rotated value is 1e-16-sized rounding
     noise whose sign, root or ratio to eps depends on the CPU's SIMD kernels (AVX2 and AVX-512
     MKL differ), not on the algorithm. Those coordinates are left out; every other one must match.
-    Both updates are rotated exactly, so rotating back loses nothing."""
+    Rotating by an orthogonal Q adds only rounding of the order of the values' own."""
     rotated = in_basis(source, qs)
     defined = rotated.abs() > 1e-9 * rotated.abs().max()
     assert int(defined.sum()) >= min(rotated.shape), "too few defined coordinates to compare"

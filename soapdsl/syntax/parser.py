@@ -64,6 +64,9 @@ def _acceptable(e: lark.UnexpectedToken) -> set[str]:
 
 _ENDS = {"$END", "RBRACE"}  # what may follow a complete pipeline, at the top level and in a block
 
+#: the note for a stage that follows another without '|>' (here, and in library._pick)
+MISSING_PIPE = "two stages in a row need '|>' between them"
+
 
 def _expected(names: set[str]) -> str:
     described = (_describe(n) for n in names)
@@ -107,7 +110,7 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
         acceptable = _acceptable(e)
         # a name where the pipeline could have ended ('sign sign', '{ a b }'): the LALR state has
         # already reduced the first stage, so '|>' is not among the expected tokens; say it
-        notes = ("two stages in a row need '|>' between them",) if tok.type == "NAME" and acceptable & _ENDS else ()
+        notes = (MISSING_PIPE,) if tok.type == "NAME" and acceptable & _ENDS else ()
         raise SoapSyntaxError(f"unexpected {tok.value!r}" + _expected(acceptable), loc, notes=notes) from None
     except lark.UnexpectedEOF as e:
         line, col = _end_position(text)

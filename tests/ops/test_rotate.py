@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import soapdsl
-from tests.conftest import assert_close_where_defined
+from tests.conftest import assert_close_where_defined, in_basis
 
 TOL = {"rtol": 1e-9, "atol": 1e-11}  # float64; eigh/QR and a divide by sqrt(v) amplify rounding a little
 
@@ -36,11 +36,7 @@ def _single_thread():
 # -- a plain reference, one parameter at a time ----------------------------------------------
 
 
-def _rot(x: torch.Tensor, qs: dict[int, torch.Tensor]) -> torch.Tensor:
-    """x x_k Q_k^T along each dim k in qs (Q_L^T X Q_R for a matrix)."""
-    for k, q in qs.items():
-        x = torch.tensordot(q, x, dims=([0], [k])).movedim(0, k)
-    return x
+_rot = in_basis  # x x_k Q_k^T along each dim k in qs (Q_L^T X Q_R for a matrix)
 
 
 def _unrot(x: torch.Tensor, qs: dict[int, torch.Tensor]) -> torch.Tensor:
