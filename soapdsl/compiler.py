@@ -62,6 +62,9 @@ class RoutePlan:
     #: header parameters (param_group keys) this route reads once, when it is built: in its
     #: selector, its settings, or a stage argument that does not follow the param_group
     fixed: frozenset[str] = frozenset()
+    #: of those, the ones a checkpoint must have been saved with: all but those only a route
+    #: setting reads (`[lr=adam_lr]`), whose target, the group's lr, the checkpoint restores
+    compared: frozenset[str] = frozenset()
     #: (op path, share key) -> index in ``tensors`` of the parameter that holds the op's shared
     #: state for that share group (see :func:`share_leaders`)
     leaders: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
@@ -402,9 +405,17 @@ def _route_plan(index: int, route: ir.Route, values: Mapping[str, Any], args: Ma
             f"route '{route.selector_text()}' has lr={ir.const_text(lr)}; {problem}",
             route.loc,
         )
-    fixed = selector_names(route.selector) | {r for _, v in route.settings for r in v.refs()}
-    fixed |= {r for op in walk_ops(ops) for r in op.fixed_refs}  # type: ignore[attr-defined]
-    return RoutePlan(index, route, env, options, ops, fixed=frozenset(k for k in fixed if k in env))
+    read = selector_names(route.selector) | {r for op in walk_ops(ops) for r in op.fixed_refs}  # type: ignore[attr-defined]
+    fixed = read | {r for _, v in route.settings for r in v.refs()}
+    return RoutePlan(
+        index,
+        route,
+        env,
+        options,
+        ops,
+        fixed=frozenset(k for k in fixed if k in env),
+        compared=frozenset(k for k in read if k in env),
+    )
 
 
 def selector_names(sel: A.Selector) -> set[str]:

@@ -218,16 +218,8 @@ class SoapOptimizer(torch.optim.Optimizer):
         self._fixed: list[tuple[tuple[str, Any], ...]] = fixed or [
             tuple((k, rp.hyper[k]) for k in sorted(rp.fixed)) for rp in self._routes
         ]
-        # ...of which a checkpoint must have been saved with the same values: not those only a
-        # route setting reads (`[lr=adam_lr]`), whose target, the group's lr, the checkpoint restores
-        self._compared: list[frozenset[str]] = [
-            frozenset(
-                k
-                for k in rp.fixed
-                if k in selector_names(rp.route.selector) or any(k in op.fixed_refs for op in walk_ops(rp.ops))  # type: ignore[attr-defined]
-            )
-            for rp in self._routes
-        ]
+        # ...of which a checkpoint must have been saved with the same values (RoutePlan.compared)
+        self._compared: list[frozenset[str]] = [rp.compared for rp in self._routes]
 
     # -- copies and pickling ------------------------------------------------------------------
 
