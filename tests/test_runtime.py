@@ -318,3 +318,136 @@ def test_l2_after_decay_sees_the_decayed_parameter_in_stacked_routes():
         results.append([w.detach().clone() for w in ws])
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+RESETS = {
+    "assign": lambda opt, p: setattr(opt, "state", __import__("collections").defaultdict(dict)),
+    "clear": lambda opt, p: opt.state.clear(),
+    "del_one": lambda opt, p: opt.state.__delitem__(p),
+    "empty_one": lambda opt, p: opt.state.__setitem__(p, {}),
+    "pop_one": lambda opt, p: opt.state.pop(p),
+}
+
+
+@pytest.mark.parametrize("how", sorted(RESETS))
+@pytest.mark.parametrize("recipe", ["adamw", "soap"])
+def test_state_reset_from_outside_restarts_the_state(recipe, how):
+    """Resetting opt.state as one would a torch optimizer's (after re-initialising a layer,
+    say) restarts the reset parameters from fresh state, and a checkpoint holds the new state.
+    The optimizer's cached layout must not keep running on the old slabs. The expected run:
+    a new optimizer (whole reset), or one loaded from a checkpoint without the parameter's
+    state (one parameter reset)."""
+    model = make_net()
+    opt = soapdsl.build(recipe, model, lr=3e-3)
+    for batch in DATA[:4]:
+        train_step(model, opt, batch)
+    params = list(model.parameters())
+    target = model.fc2.weight
+    index = [id(p) for p in params].index(id(target))
+    sd = copy.deepcopy(opt.state_dict())
+    RESETS[how](opt, target)
+    expected_model = make_net(seed=5)
+    expected_model.load_state_dict(model.state_dict())
+    expected = soapdsl.build(recipe, expected_model, lr=3e-3)
+    if how not in ("assign", "clear"):
+        del sd["state"][index]
+        expected.load_state_dict(sd)
+    for batch in DATA[4:8]:
+        train_step(model, opt, batch)
+        train_step(expected_model, expected, batch)
+    for p, q in zip(model.parameters(), expected_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    saved, wanted = opt.state_dict()["state"], expected.state_dict()["state"]
+    assert sorted(saved) == sorted(wanted) == list(range(len(params)))
+    assert all(torch.equal(saved[i]["step"], wanted[i]["step"]) for i in saved)
+    assert float(saved[index]["step"]) < float(saved[0 if index else 1]["step"]) or how in ("assign", "clear")
+
+
+def test_state_reset_of_one_parameter_matches_torch():
+    """``del opt.state[p]`` mid-run: the same numbers as torch's fused AdamW given the same."""
+    model, ref = make_net(), make_net()
+    opt = soapdsl.build("adamw", model, lr=3e-3)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-3, fused=True)
+    for batch in DATA[:4]:
+        train_step(model, opt, batch)
+        train_step(ref, opt_ref, batch)
+    del opt.state[model.fc2.weight]
+    del opt_ref.state[ref.fc2.weight]
+    for batch in DATA[4:8]:
+        train_step(model, opt, batch)
+        train_step(ref, opt_ref, batch)
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_state_tensor_replaced_from_outside_is_the_one_used():
+    """As in torch.optim.AdamW: a state tensor replaced by assignment is read and updated by
+    the next step (soapdsl's adamw is bit-identical to torch's fused AdamW)."""
+    model, ref = make_net(), make_net()
+    opt = soapdsl.build("adamw", model, lr=3e-3)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-3, fused=True)
+    for batch in DATA[:3]:
+        train_step(model, opt, batch)
+        train_step(ref, opt_ref, batch)
+    new = torch.zeros_like(model.fc2.weight)
+    opt.state[model.fc2.weight]["1.momentum.buf"] = new
+    opt_ref.state[ref.fc2.weight]["exp_avg"] = torch.zeros_like(ref.fc2.weight)
+    for batch in DATA[3:6]:
+        train_step(model, opt, batch)
+        train_step(ref, opt_ref, batch)
+    assert opt.state[model.fc2.weight]["1.momentum.buf"] is new or torch.equal(
+        opt.state[model.fc2.weight]["1.momentum.buf"], new
+    )
+    assert torch.equal(new, opt_ref.state[ref.fc2.weight]["exp_avg"])
+    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_unchanged_state_keeps_its_layout_and_pickles_plain():
+    """A step that finds opt.state as the last one left it reuses the layout (the state views
+    stay the same objects), and the state pickles as torch's plain defaultdict(dict), so a
+    checkpoint loads with weights_only=True; a deep copy notices changes to its own state."""
+    model = make_net()
+    opt = soapdsl.build("adamw", model)
+    train_step(model, opt, DATA[0])
+    views = {k: v for k, v in opt.state[model.fc2.weight].items()}
+    train_step(model, opt, DATA[1])
+    assert all(opt.state[model.fc2.weight][k] is v for k, v in views.items())
+    assert not opt.state.dirty
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert type(loaded["state"][0]) is dict
+    pair = copy.deepcopy({"model": model, "opt": opt})
+    twin_model, twin = pair["model"], pair["opt"]
+    twin.state.clear()
+    assert len(opt.state) == len(list(model.parameters()))
+    fresh_model = copy.deepcopy(model)
+    fresh = soapdsl.build("adamw", fresh_model)
+    train_step(twin_model, twin, DATA[2])
+    train_step(fresh_model, fresh, DATA[2])
+    for p, q in zip(twin_model.parameters(), fresh_model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_hooks_see_what_torch_hooks_see():
+    """A state-dict post hook sees the finished dict, the 'soapdsl' entry included; a load pre
+    hook gets a copy of the caller's dict (torch's conventions), so it may rewrite its keys."""
+    model = make_net()
+    opt = soapdsl.build("adamw", model)
+    train_step(model, opt, DATA[0])
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, sd: seen.append(sorted(sd)))
+    sd = opt.state_dict()
+    assert seen == [["param_groups", "soapdsl", "state"]]
+
+    def pre(o, sd):
+        sd["soapdsl"] = dict(sd["soapdsl"])
+        sd.pop("extra")
+
+    opt.register_load_state_dict_pre_hook(pre)
+    mine = {**sd, "extra": 1}
+    opt.load_state_dict(mine)
+    assert "extra" in mine
+

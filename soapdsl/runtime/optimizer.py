@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +28,7 @@ from soapdsl.ir import const_text
 from soapdsl.registry import Op
 from soapdsl.runtime import fused
 from soapdsl.runtime.context import Bucket, Ctx, Val
+from soapdsl.runtime.state import OptimizerState
 
 __all__ = ["SoapOptimizer"]
 
@@ -127,6 +127,19 @@ def _load_step(name: str, value: Any) -> torch.Tensor:
     return value.detach().to("cpu", copy=True) if torch.is_tensor(value) else torch.tensor(count)
 
 
+def _identify(opt: Any, sd: dict[str, Any]) -> None:
+    """State-dict post hook, run before any the user registers: what ``load_state_dict``
+    checks a checkpoint against; and each parameter's state as a plain dict (as torch's), so
+    that ``torch.load(weights_only=True)`` reads the checkpoint."""
+    sd["state"] = {k: dict(v) for k, v in sd["state"].items()}
+    sd["soapdsl"] = {
+        "format": FORMAT_VERSION,
+        "recipe": opt.plan.recipe.name,
+        "fingerprint": opt.plan.fingerprint,
+        "routes": [rp.selector for rp in opt._routes],
+    }
+
+
 def _fixed_state_error(key: str, saved: Any, built: Any, why: str) -> SoapStateError:
     return SoapStateError(
         f"the checkpoint was saved with {key}={_text(saved)}, this optimizer was built with"
@@ -201,6 +214,11 @@ class SoapOptimizer(torch.optim.Optimizer):
         self._sealed = True
         self._layouts: dict[int, _Layout] = {}
         self._steps: dict[int, int] = {}  # host mirror of each parameter's step count
+        # the state mapping the layouts were built from (runtime/state.py): a step that finds
+        # another one, or this one changed from outside, builds them again
+        self.state = OptimizerState(self.state.items())
+        self._seen: OptimizerState | None = None
+        self.register_state_dict_post_hook(_identify, prepend=True)
         # routes with the `compile` option run their pipeline through torch.compile
         self._runners: dict[int, Callable[..., Val]] = {
             rp.index: torch.compile(run_ops, dynamic=True) if rp.options.get("compile") else run_ops
@@ -259,11 +277,24 @@ class SoapOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        state = self.state
+        if state is not self._seen or state.dirty:
+            self._adopt_state()
         for i, (rp, group) in enumerate(zip(self._routes, self.param_groups, strict=True)):
             values = self._hyperparameters(i, rp, group)
             for cohort in self._layout(rp, group).cohorts:
                 self._run(rp, values, cohort)
+        self._seen.dirty = False  # type: ignore[union-attr]  # the step's own changes are in the layouts
         return loss
+
+    def _adopt_state(self) -> None:
+        """Forget the layouts: ``self.state`` was replaced or changed from outside, and the
+        next layouts are built from what it holds now (a mapping of another type is wrapped)."""
+        if not isinstance(self.state, OptimizerState):
+            self.state = OptimizerState(self.state.items())
+        self._seen = self.state
+        self._layouts.clear()
+        self._steps.clear()
 
     def _hyperparameters(self, i: int, rp: RoutePlan, group: dict[str, Any]) -> dict[str, Any]:
         """The param_group values this step's stages read: ``group`` itself, or a copy of it
@@ -322,17 +353,8 @@ class SoapOptimizer(torch.optim.Optimizer):
             loc,
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["soapdsl"] = {
-            "format": FORMAT_VERSION,
-            "recipe": self.plan.recipe.name,
-            "fingerprint": self.plan.fingerprint,
-            "routes": [rp.selector for rp in self._routes],
-        }
-        return sd
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = state_dict.copy()  # as torch's: the hooks may change its keys, not the caller's
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
@@ -342,12 +364,12 @@ class SoapOptimizer(torch.optim.Optimizer):
         id_map: dict[Any, torch.Tensor] = {}
         for saved, group in zip(saved_groups, self.param_groups, strict=True):
             id_map.update(zip(saved["params"], group["params"], strict=True))
-        new_state: defaultdict[torch.Tensor, dict[str, Any]] = defaultdict(dict)
+        new_state = OptimizerState()
         for key, value in state_dict["state"].items():
             if key not in id_map:
                 raise SoapStateError(f"state dict holds state for parameter index {key!r}, which this optimizer lacks")
             p = id_map[key]
-            new_state[p] = self._load_param_state(p, value)
+            new_state[p] = self._load_param_state(p, value)  # type: ignore[index]
         for saved, group, compared in zip(saved_groups, self.param_groups, self._compared, strict=True):
             skip = {"params", *compared}  # equal to the checkpoint's (checked): the build's objects stay
             for k, v in saved.items():
@@ -358,9 +380,7 @@ class SoapOptimizer(torch.optim.Optimizer):
             tuple((k, group.get(k, built)) for k, built in fixed)
             for fixed, group in zip(self._fixed, self.param_groups, strict=True)
         ]
-        self.state = new_state
-        self._layouts.clear()
-        self._steps.clear()
+        self.state = new_state  # the next step builds its layouts from it
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
