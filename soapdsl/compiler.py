@@ -336,10 +336,38 @@ def op_state_bytes(ops: Iterable[registry.Op], shape: tuple[int, ...], dtype: to
 # -- the compiler -----------------------------------------------------------------------------
 
 
+# attributes under which torch's wrappers hold the model they wrap: torch.compile's
+# OptimizedModule, FSDP (version 1) and activation checkpointing. DDP and DataParallel hold it
+# as `module`, a name models use too, so that one is dropped only under those wrappers.
+_WRAPPERS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _unwrapped(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``model.named_parameters()`` with the wrappers' segments left out of the names, so that
+    routes select the same parameters (and a checkpoint fits) whether or not the model is
+    compiled or wrapped for data parallelism: `torch.compile(model)` names its parameters
+    `_orig_mod.<name>`, DDP `module.<name>`."""
+    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    out: list[tuple[str, torch.Tensor]] = []
+    for name, t in model.named_parameters():
+        parts = name.split(".")
+        kept, module = [], model
+        for part in parts[:-1]:
+            if not (part in _WRAPPERS or (part == "module" and isinstance(module, parallel))):
+                kept.append(part)
+            module = module._modules[part]  # type: ignore[assignment]
+        out.append((".".join([*kept, parts[-1]]), t))
+    if len({n for n, _ in out}) < len(out):  # a model that also holds what it wraps: keep torch's names
+        return [(n, t) for n, t in model.named_parameters()]
+    return out
+
+
 def named_parameters(params: Any) -> list[tuple[str, torch.Tensor]]:
-    """Accept an nn.Module, an iterable of (name, tensor), or an iterable of tensors."""
+    """Accept an nn.Module, an iterable of (name, tensor), or an iterable of tensors. The names
+    of a wrapped module leave its wrappers out (`_unwrapped`); so do given names, where a
+    segment is one of torch's `_WRAPPERS`."""
     if isinstance(params, torch.nn.Module):
-        return list(params.named_parameters())
+        return _unwrapped(params)
     if isinstance(params, torch.Tensor):
         raise SoapArgumentError("params must be an iterable of tensors or an nn.Module, got a single tensor")
     try:
@@ -354,6 +382,7 @@ def named_parameters(params: Any) -> list[tuple[str, torch.Tensor]]:
     for i, item in enumerate(items):
         if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
             name, t = item
+            name = ".".join(part for part in name.split(".") if part not in _WRAPPERS) or name
         elif isinstance(item, dict):
             raise SoapArgumentError(
                 "param-group dicts are not accepted: routes make the groups; use a recipe route instead"

@@ -451,3 +451,57 @@ def test_state_dict_hooks_see_what_torch_hooks_see():
     opt.load_state_dict(mine)
     assert "extra" in mine
 
+
+class _Heads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(8, 8)
+        self.output = torch.nn.Linear(8, 4)
+        self.module = torch.nn.Linear(4, 4)  # a model's own `module` keeps its name
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "compile_inside"])
+def test_wrapped_models_route_and_checkpoint_as_the_plain_model(wrap):
+    """torch.compile names parameters `_orig_mod.<name>`, DDP and DataParallel `module.<name>`;
+    name routes (muon's "output.*") must still pick them, and a checkpoint of the plain model's
+    optimizer must load into the wrapped one's."""
+    torch.manual_seed(0)
+    model = _Heads()
+    if wrap == "compile":
+        wrapped: torch.nn.Module = torch.compile(model)
+    elif wrap == "data_parallel":
+        wrapped = torch.nn.DataParallel(model)
+    else:
+        wrapped = torch.nn.Sequential()
+        wrapped.add_module("net", torch.compile(model))
+    assert any(w in n for n, _ in wrapped.named_parameters() for w in ("_orig_mod", "module.body"))
+    plain = soapdsl.compile("muon", model)
+    other = soapdsl.compile("muon", wrapped)
+    prefix = "net." if wrap == "compile_inside" else ""
+    names = [prefix + n for n, _ in model.named_parameters()]
+    assert sorted(e.name for rp in other.routes for e in rp.params) == sorted(names)
+    if not prefix:
+        assert [[e.name for e in rp.params] for rp in plain.routes] == [
+            [e.name for e in rp.params] for rp in other.routes
+        ]
+    assert ["output.weight", "output.bias"] == [e.name for e in plain.routes[0].params]
+    if not prefix:
+        opt = soapdsl.build("muon", model)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()
+        soapdsl.build("muon", wrapped).load_state_dict(opt.state_dict())
+
+
+def test_given_names_leave_out_torch_wrapper_segments():
+    from soapdsl.compiler import named_parameters
+
+    model = torch.compile(_Heads())
+    assert [n for n, _ in named_parameters(model.named_parameters())] == [
+        "body.weight",
+        "body.bias",
+        "output.weight",
+        "output.bias",
+        "module.weight",
+        "module.bias",
+    ]
