@@ -505,3 +505,22 @@ def test_given_names_leave_out_torch_wrapper_segments():
         "module.weight",
         "module.bias",
     ]
+
+
+@pytest.mark.parametrize("recipe", ["soap", "shampoo", "muon"])
+def test_step_under_autocast_runs_as_without(recipe):
+    """A loop that wraps the whole iteration in autocast: the step's matrix work must not run
+    in bf16 (the factor EMA failed on a bf16 product; other products would lose precision)."""
+    runs = []
+    for cast in (False, True):
+        model = make_net()
+        opt = soapdsl.build(recipe, model)
+        for batch in DATA[:3]:
+            x, y = batch
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
+                opt.step()
+        runs.append(model)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(p, q)

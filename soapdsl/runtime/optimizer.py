@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -208,6 +209,7 @@ class SoapOptimizer(torch.optim.Optimizer):
         which carry the plan, the state and the param_groups only)."""
         self.plan = plan
         self._routes: list[RoutePlan] = [rp for rp in plan.routes if rp.tensors]
+        self._device_types = sorted({"cpu"} | {t.device.type for rp in self._routes for t in rp.tensors})
         self._names: dict[int, str] = {
             id(t): e.name for rp in self._routes for t, e in zip(rp.tensors, rp.params, strict=True)
         }
@@ -277,6 +279,18 @@ class SoapOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if any(torch.is_autocast_enabled(d) for d in self._device_types):
+            # a training loop may run its whole iteration under autocast: the step's matrix
+            # work stays in the state's dtype (factors would otherwise come out in bf16/fp16)
+            with contextlib.ExitStack() as stack:
+                for d in self._device_types:
+                    stack.enter_context(torch.autocast(d, enabled=False))
+                self._step()
+        else:
+            self._step()
+        return loss
+
+    def _step(self) -> None:
         state = self.state
         if state is not self._seen or state.dirty:
             self._adopt_state()
@@ -285,7 +299,6 @@ class SoapOptimizer(torch.optim.Optimizer):
             for cohort in self._layout(rp, group).cohorts:
                 self._run(rp, values, cohort)
         self._seen.dirty = False  # type: ignore[union-attr]  # the step's own changes are in the layouts
-        return loss
 
     def _adopt_state(self) -> None:
         """Forget the layouts: ``self.state`` was replaced or changed from outside, and the
