@@ -524,3 +524,52 @@ def test_step_under_autocast_runs_as_without(recipe):
         runs.append(model)
     for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_state_dict_without_top_level_entry_loads_from_its_param_groups():
+    """Checkpointers that rebuild the dict from 'state' and 'param_groups' (torch's
+    distributed checkpoint) drop the top-level 'soapdsl' entry; the groups carry the recipe's
+    name and fingerprint, so the dict still loads, and still refuses another recipe."""
+    model = make_net()
+    opt = soapdsl.build("soap", model)
+    for batch in DATA[:3]:
+        train_step(model, opt, batch)
+    sd = opt.state_dict()
+    del sd["soapdsl"]
+    twin = make_net(seed=4)
+    twin.load_state_dict(model.state_dict())
+    opt2 = soapdsl.build("soap", twin)
+    opt2.load_state_dict(sd)
+    for batch in DATA[3:6]:
+        train_step(model, opt, batch)
+        train_step(twin, opt2, batch)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(SoapStateError, match="saved by recipe 'soap'"):
+        soapdsl.build("soap_muon", make_net()).load_state_dict(sd)
+
+
+def test_distributed_checkpoint_state_dict_round_trip(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = make_net()
+        opt = soapdsl.build("soap", model)
+        for batch in DATA[:3]:
+            train_step(model, opt, batch)
+        osd = get_optimizer_state_dict(model, opt)
+        twin = make_net(seed=4)
+        twin.load_state_dict(model.state_dict())
+        opt2 = soapdsl.build("soap", twin)
+        set_optimizer_state_dict(twin, opt2, osd)
+    finally:
+        dist.destroy_process_group()
+    for batch in DATA[3:6]:
+        train_step(model, opt, batch)
+        train_step(twin, opt2, batch)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)

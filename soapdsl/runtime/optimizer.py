@@ -194,7 +194,8 @@ class SoapOptimizer(torch.optim.Optimizer):
 
     def __init__(self, plan: Plan) -> None:
         routes = [rp for rp in plan.routes if rp.tensors]
-        groups = [{"params": list(rp.tensors), **rp.hyper, "route": rp.selector} for rp in routes]
+        recipe = f"{plan.recipe.name} {plan.fingerprint}"
+        groups = [{"params": list(rp.tensors), **rp.hyper, "route": rp.selector, "recipe": recipe} for rp in routes]
         if not groups:
             raise SoapArgumentError("the optimizer got an empty parameter list")
         self._sealed = False
@@ -409,6 +410,8 @@ class SoapOptimizer(torch.optim.Optimizer):
         if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
             raise SoapStateError("not an optimizer state dict (needs 'state' and 'param_groups')")
         meta = sd.get("soapdsl")
+        if meta is None:
+            meta = self._identity_from_groups(sd["param_groups"])
         if not isinstance(meta, dict):
             raise SoapStateError(
                 "this state dict was not saved by a soapdsl optimizer (it has no 'soapdsl' entry);"
@@ -455,6 +458,23 @@ class SoapOptimizer(torch.optim.Optimizer):
                 f"state dict has routes with {theirs} parameters, this optimizer has {mine}:"
                 " it was saved for a different model"
             )
+
+    def _identity_from_groups(self, groups: Any) -> dict[str, Any] | None:
+        """The top-level entry as the param_groups record it: each group holds its route and
+        the recipe's name and fingerprint. Checkpointers that rebuild the state dict from
+        'state' and 'param_groups' alone (torch.distributed.checkpoint's
+        get_optimizer_state_dict) keep those."""
+        if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+            return None
+        recipes = {g.get("recipe") for g in groups}
+        if len(recipes) != 1 or not all(isinstance(g.get("route"), str) for g in groups):
+            return None
+        recipe = recipes.pop()
+        if not isinstance(recipe, str) or " " not in recipe:
+            return None
+        name, fingerprint = recipe.rsplit(" ", 1)
+        routes = [g["route"] for g in groups]
+        return {"format": FORMAT_VERSION, "recipe": name, "fingerprint": fingerprint, "routes": routes}
 
     def _check_selector_values(self, groups: list[dict[str, Any]]) -> None:
         """When the routes differ: name a parameter that the selectors read and that the
