@@ -149,6 +149,18 @@ def walk_shaped(ops: Iterable[registry.Op], shape: tuple[int, ...]) -> Iterable[
 # -- binding ----------------------------------------------------------------------------------
 
 
+def _python_value(v: Any) -> Any:
+    """A NumPy scalar or a 0-d tensor as the Python number it holds (as torch.optim takes
+    them), also inside a tuple; so param_groups and checkpoints hold plain Python values."""
+    if isinstance(v, tuple):
+        return tuple(_python_value(x) for x in v)
+    if not isinstance(v, str) and type(v) not in (bool, int, float) and getattr(v, "ndim", None) == 0:
+        item = getattr(v, "item", None)
+        if callable(item):
+            return item()
+    return v
+
+
 def bind_args(recipe: ir.Recipe, args: Mapping[str, Any]) -> dict[str, Any]:
     """Header parameter values: the defaults, overridden by ``args``."""
     values = recipe.defaults()
@@ -159,6 +171,7 @@ def bind_args(recipe: ir.Recipe, args: Mapping[str, Any]) -> dict[str, Any]:
                 + did_you_mean(k, values)
                 + (f" (parameters: {', '.join(values)})" if values else "")
             )
+        v = _python_value(v)
         if not isinstance(v, bool | int | float | str | tuple):
             raise SoapArgumentError(
                 f"argument {k} of recipe '{recipe.name}' must be a number, boolean, name or tuple,"

@@ -573,3 +573,21 @@ def test_distributed_checkpoint_state_dict_round_trip(tmp_path):
         train_step(twin, opt2, batch)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_numpy_scalars_and_0d_tensors_are_taken_as_python_numbers():
+    """As torch.optim takes them; stored as Python numbers, so that a checkpoint loads with
+    torch.load(weights_only=True)."""
+    np = pytest.importorskip("numpy")
+    for lr in (np.float32(1e-3), np.float64(1e-3), np.int64(1), torch.tensor(1e-3)):
+        model = make_net()
+        opt = soapdsl.build("adamw", model, lr=lr, weight_decay=np.float64(0.1))
+        assert type(opt.param_groups[0]["lr"]) in (float, int)
+        assert type(opt.param_groups[0]["weight_decay"]) is float
+        train_step(model, opt, DATA[0])
+        buf = io.BytesIO()
+        torch.save(opt.state_dict(), buf)
+        buf.seek(0)
+        torch.load(buf, weights_only=True)
+    with pytest.raises(SoapArgumentError, match="must be a number"):
+        soapdsl.build("adamw", make_net(), lr=torch.ones(2))
