@@ -276,6 +276,14 @@ class SoapOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        if torch.compiler.is_compiling():
+            # torch.compile(opt.step): the step runs as it does eagerly, a graph break. Its
+            # host-side bookkeeping (layouts keyed by tensor identity, host step counts) is not
+            # something to trace; a route compiles its pipeline with [compile] instead.
+            return _eager_step(self, closure)
+        return self._step_with(closure)
+
+    def _step_with(self, closure: Callable[[], Any] | None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -732,3 +740,9 @@ class SoapOptimizer(torch.optim.Optimizer):
         for b in cohort.buckets:
             for p in b.params:
                 self._steps[id(p)] = t
+
+
+@torch.compiler.disable
+def _eager_step(opt: SoapOptimizer, closure: Callable[[], Any] | None) -> Any:
+    with torch.no_grad():
+        return opt._step_with(closure)
