@@ -399,3 +399,28 @@ def test_one_cycle_lr_needs_cycle_momentum_false_and_then_drives_every_route():
     assert len({tuple(x) for x in lrs}) == len(lrs)  # it did move every step
     assert len(scheduled.param_groups) == 3
     _assert_same(a, b)
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "soap", "muon"])
+@pytest.mark.parametrize("rows", [7, 3])
+def test_parameter_resized_in_place_is_named_not_stepped(recipe, rows):
+    """An embedding grown (or cut) in place after its first step no longer fits its state. The
+    fused Adam kernel would run past the state's memory (or, cut, step on the wrong entries):
+    the step must stop with the parameter's name, and a reset of its state lets it go on."""
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 3))
+    opt = soapdsl.build(recipe, model)
+    x = torch.tensor([0, 1, 2])
+    model(x).sum().backward()
+    opt.step()
+    emb = model[0].weight
+    emb.data = torch.randn(rows, 4)
+    opt.zero_grad()
+    model(x).sum().backward()
+    with pytest.raises(
+        soapdsl.SoapShapeError,
+        match=rf"'0\.weight' has shape \[{rows}, 4\], but its .*(made for \[5, 4\]|has shape \[5, 5\], not)",
+    ):
+        opt.step()
+    del opt.state[emb]
+    opt.step()
+    assert float(opt.state[emb]["step"]) >= 0 and opt.state[emb]["step"].shape == ()

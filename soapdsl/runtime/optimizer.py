@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from soapdsl.check import _pydantic_message as pydantic_message
 from soapdsl.compiler import FORMAT_VERSION, Plan, RoutePlan, selector_names, state_dtype, walk_ops, walk_shaped
-from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapStateError
+from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapShapeError, SoapStateError
 from soapdsl.ir import const_text
 from soapdsl.registry import Op
 from soapdsl.runtime import fused
@@ -586,6 +586,8 @@ class SoapOptimizer(torch.optim.Optimizer):
                 )
             if not self.state[p]:
                 self._init_state(rp, p)
+            else:
+                self._check_state_fits(rp, p)
         by_step: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         for p in active:
             st = self.state[p]
@@ -690,6 +692,9 @@ class SoapOptimizer(torch.optim.Optimizer):
             return
         grads: list[torch.Tensor] = []
         for b in cohort.buckets:
+            for p in b.params:
+                if p.shape != b.shape:
+                    raise self._resized(p, f"its optimizer state was made for {list(b.shape)}")
             dtype = state_dtype(b.params[0].dtype)
             if b.stacked and b.size > 1:
                 grads.append(torch.stack([p.grad for p in b.params]).to(dtype))  # type: ignore[misc]
@@ -717,6 +722,22 @@ class SoapOptimizer(torch.optim.Optimizer):
                 for p in params:
                     self.state[p][key] = value
             self._layouts.pop(rp.index, None)
+
+    def _resized(self, p: torch.Tensor, why: str) -> SoapShapeError:
+        name = self._names.get(id(p), "?")
+        return SoapShapeError(
+            f"parameter '{name}' has shape {list(p.shape)}, but {why}: it was resized in place after"
+            " its first step. Reset its state (`del opt.state[p]`) to start it afresh at the new"
+            " shape, or build a new optimizer"
+        )
+
+    def _check_state_fits(self, rp: RoutePlan, p: torch.Tensor) -> None:
+        """On a new layout: ``p``'s state tensors have the shapes its current shape asks for."""
+        st = self.state[p]
+        for key, (shape, _) in self._state_specs(rp, p).items():
+            t = st.get(key)
+            if torch.is_tensor(t) and tuple(t.shape) != shape:
+                raise self._resized(p, f"its state '{key}' has shape {list(t.shape)}, not {list(shape)}")
 
     def _run_fused(self, f: fused.FusedAdam, group: dict[str, Any], cohort: _Cohort) -> bool:
         """One step of an Adam-shaped route through torch's fused kernel; False: not possible."""
