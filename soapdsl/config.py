@@ -236,10 +236,19 @@ def _selector(
         name = f"{file}:routes[{index}].where"
         try:
             module = parse(f"{_WHERE_PREFIX}{override.where}: lr\n", name)
-            selector = module.recipes[0].routes[0].selector
+            routes = [r for recipe in module.recipes for r in recipe.routes]
+            selector = routes[0].selector
             check_selector(selector, {"lr": 1}, {"lr": Ref("lr")})
         except SoapError as e:
             raise _in_yaml(e, file, marks, (*path, "where"), override.where) from None
+        extra = routes[0].settings or len(routes) > 1 or len(module.recipes) > 1 or module.macros
+        if extra or [s.name for s in routes[0].pipeline.stages] != ["lr"]:
+            # `matrix [lr=0.5]` parses, and the setting would be dropped
+            raise SoapConfigError(
+                f'routes[{index}].where holds a selector only, such as "matrix and max_dim < 4096";'
+                " the route's recipe goes in 'recipe' and its settings (lr, ...) in 'args'",
+                _loc(file, marks, (*path, "where")),
+            )
         parts.append(selector)
     if not parts:
         raise SoapConfigError(

@@ -202,3 +202,16 @@ def test_a_multiline_where_points_into_the_yaml():
     # a folded value cannot be mapped column by column: the error points at the value
     err = config_error(text.replace("|", ">"), SoapRouteError)
     assert (err.loc.file, err.loc.line, err.loc.col) == ("<config>", 3, 12)
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["matrix [lr=0.5]", "matrix: sign\n  route vector", "matrix: sign |> lr\n  route vector"],
+    ids=["settings", "second_route", "pipeline"],
+)
+def test_a_where_holds_a_selector_only(where):
+    """Text after the selector parsed inside the synthetic route and was dropped: `[lr=0.5]`
+    silently left the route at the recipe's lr."""
+    cfg = {"recipe": "adamw", "routes": [{"where": where, "recipe": "adam"}]}
+    with pytest.raises(SoapConfigError, match=r"routes\[0\]\.where holds a selector only.*'args'"):
+        soapdsl.from_config(torch.nn.Linear(4, 3), cfg)
