@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from soapdsl.ops import _linalg as la
 from soapdsl.registry import Float, Hyper, Int, Op, OpArgs, StateSpec, register
@@ -19,6 +19,14 @@ class ShampooArgs(OpArgs):
     exponent: Literal["classic", "power_half"] | Float = "classic"
     max_dim: Int = Field(8192, ge=0)
     start: Int = Field(-1, ge=-1)
+
+    @field_validator("exponent")
+    @classmethod
+    def _power(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0.0 < v <= 1.0:
+            root = f"; an inverse {v:g}th root is exponent={1 / v:.4g}" if v > 1 else ""
+            raise ValueError(f"must be in (0, 1]: it is the power of each factor's inverse itself{root}")
+        return v
 
 
 @register
@@ -42,7 +50,8 @@ class Shampoo(Op):
         beta: factor EMA decay; 1 accumulates (AdaGrad-style sums).
         eps: added to the factors' eigenvalues before the root.
         freq: steps between inverse-root computations.
-        exponent: "classic", "power_half", or the per-factor exponent e itself.
+        exponent: "classic", "power_half", or the per-factor exponent e itself, in (0, 1]
+            (0.25 is an inverse 4th root, which DistributedShampoo's override writes as 4).
         max_dim: a dim larger than this gets no factor (identity; DistributedShampoo would
             block the dim instead).
         start: first step with a preconditioner; -1 means `freq`.

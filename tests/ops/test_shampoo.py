@@ -242,3 +242,14 @@ def test_float32_parameters() -> None:
         want = ref.step(g.float().double())
         assert p.dtype == torch.float32 and opt.state[p]["0.shampoo.F0"].dtype == torch.float32
         assert float(((before - p).double() - want).norm() / want.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("exponent", [4, 2, 1.5, 0, -0.25])
+def test_exponent_outside_0_1_is_refused_with_the_root_it_means(exponent):
+    """exponent is the power itself: 4 (DistributedShampoo's override spelling of an inverse
+    4th root) froze training from the first preconditioner, and larger values gave NaN."""
+    with pytest.raises(soapdsl.SoapArgumentError, match=r"must be in \(0, 1\]"):
+        soapdsl.build("shampoo", torch.nn.Linear(4, 3), exponent=exponent)
+    if exponent == 4:
+        with pytest.raises(soapdsl.SoapArgumentError, match=r"inverse 4th root is exponent=0\.25"):
+            soapdsl.build("shampoo", torch.nn.Linear(4, 3), exponent=exponent)
