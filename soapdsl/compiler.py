@@ -375,6 +375,11 @@ def _unwrapped(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+# what parameters may be: integer and bool tensors cannot take a fractional update, float8
+# ones cannot enter type promotion, complex ones would lose their imaginary part
+_PARAM_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
 def named_parameters(params: Any) -> list[tuple[str, torch.Tensor]]:
     """Accept an nn.Module, an iterable of (name, tensor), or an iterable of tensors. The names
     of a wrapped module leave its wrappers out (`_unwrapped`); so do given names, where a
@@ -513,10 +518,10 @@ def compile_plan(
     for route in recipe.routes:
         routes.append(_route_plan(len(routes), route, values, args))
     for name, t in named_parameters(params):
-        if t.is_complex():  # the stages would drop the imaginary part
+        if t.dtype not in _PARAM_DTYPES:  # complex: the stages would drop the imaginary part
             raise SoapArgumentError(
                 f"parameter '{name}' is {str(t.dtype).removeprefix('torch.')}; soapdsl optimizes real"
-                " floating-point parameters only"
+                " floating-point parameters only (float16, bfloat16, float32, float64)"
             )
         shape = tuple(t.shape)
         for rp in routes:
