@@ -431,3 +431,40 @@ def test_parameter_resized_in_place_is_named_not_stepped(recipe, rows):
     del opt.state[emb]
     opt.step()
     assert float(opt.state[emb]["step"]) >= 0 and opt.state[emb]["step"].shape == ()
+
+
+@pytest.mark.parametrize("edit", ["append_other_route", "append_twice", "append_new", "add_group", "clear_groups"])
+def test_hand_edited_param_groups_are_refused_at_the_step(edit):
+    """add_param_group is refused; the same done by editing param_groups went around every check
+    the build makes (a bias appended to muon's Newton-Schulz route was stepped as a matrix, a
+    tensor listed twice was stepped twice) or failed inside soapdsl (a zip over the routes)."""
+    model = torch.nn.Linear(4, 3)
+    opt = soapdsl.build("muon", model)
+    groups = opt.param_groups
+    matrix = next(g for g in groups if any(p is model.weight for p in g["params"]))
+    if edit == "append_other_route":
+        matrix["params"].append(model.bias)
+    elif edit == "append_twice":
+        matrix["params"].append(model.weight)
+    elif edit == "append_new":
+        matrix["params"].append(torch.nn.Parameter(torch.randn(3, 4)))
+    elif edit == "add_group":
+        groups.append({"params": [], "lr": 0.1})
+    else:
+        groups.clear()
+    for p in [*model.parameters(), *(q for g in groups for q in g["params"])]:
+        p.grad = torch.ones_like(p)
+    with pytest.raises(SoapArgumentError, match="param_groups are its routes"):
+        opt.step()
+
+
+def test_a_parameter_taken_out_of_its_group_stops_moving():
+    """Removing a parameter from its group's list (freezing it) stays allowed."""
+    model = torch.nn.Linear(4, 3)
+    opt = soapdsl.build("adamw", model)
+    params = opt.param_groups[0]["params"]
+    del params[next(i for i, p in enumerate(params) if p is model.bias)]
+    before = model.bias.detach().clone()
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    assert torch.equal(model.bias, before)

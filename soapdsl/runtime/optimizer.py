@@ -128,6 +128,12 @@ def _load_step(name: str, value: Any) -> torch.Tensor:
     return value.detach().to("cpu", copy=True) if torch.is_tensor(value) else torch.tensor(count)
 
 
+_GROUPS_ARE_ROUTES = (
+    "a soapdsl optimizer's param_groups are its routes; build a new optimizer (or add a route to the"
+    " recipe) to optimize more parameters"
+)
+
+
 def _identify(opt: Any, sd: dict[str, Any]) -> None:
     """State-dict post hook, run before any the user registers: what ``load_state_dict``
     checks a checkpoint against; and each parameter's state as a plain dict (as torch's), so
@@ -210,6 +216,7 @@ class SoapOptimizer(torch.optim.Optimizer):
         which carry the plan, the state and the param_groups only)."""
         self.plan = plan
         self._routes: list[RoutePlan] = [rp for rp in plan.routes if rp.tensors]
+        self._members: dict[int, frozenset[int]] = {rp.index: frozenset(map(id, rp.tensors)) for rp in self._routes}
         self._device_types = sorted({"cpu"} | {t.device.type for rp in self._routes for t in rp.tensors})
         self._names: dict[int, str] = {
             id(t): e.name for rp in self._routes for t, e in zip(rp.tensors, rp.params, strict=True)
@@ -268,10 +275,7 @@ class SoapOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if getattr(self, "_sealed", False):
-            raise SoapArgumentError(
-                "a soapdsl optimizer's param_groups are its routes; build a new optimizer (or add a"
-                " route to the recipe) to optimize more parameters"
-            )
+            raise SoapArgumentError(_GROUPS_ARE_ROUTES)
         super().add_param_group(param_group)
 
     @torch.no_grad()
@@ -300,6 +304,11 @@ class SoapOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step(self) -> None:
+        if len(self.param_groups) != len(self._routes):
+            raise SoapArgumentError(
+                f"this optimizer has {len(self._routes)} routes but now {len(self.param_groups)} param_groups:"
+                f" {_GROUPS_ARE_ROUTES}"
+            )
         state = self.state
         if state is not self._seen or state.dirty:
             self._adopt_state()
@@ -579,6 +588,14 @@ class SoapOptimizer(torch.optim.Optimizer):
         cached = self._layouts.get(rp.index)
         if cached is not None and cached.signature == signature:
             return cached
+        members = self._members[rp.index]
+        if len(set(signature)) < len(signature) or not members.issuperset(signature):
+            # a tensor put into group["params"] by hand: it was never routed, shape-checked or
+            # given a name, and one listed twice would be stepped twice
+            raise SoapArgumentError(
+                f"param_group['params'] of route '{rp.selector}' holds a tensor twice or one the"
+                f" optimizer was not built with: {_GROUPS_ARE_ROUTES}"
+            )
         for p in active:
             if p.grad.is_sparse:
                 raise SoapArgumentError(
