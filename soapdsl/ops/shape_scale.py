@@ -17,6 +17,8 @@ class ShapeScaleArgs(OpArgs):
 
 
 def factor(mode: str, a: int, b: int) -> float:
+    if a == 0 or b == 0:  # an empty matrix: nothing to scale
+        return 1.0
     if mode == "original":
         return math.sqrt(max(1.0, a / b))
     if mode == "match_rms_adamw":

@@ -104,3 +104,15 @@ def test_float32_parameters() -> None:
     opt.step()
     assert p.dtype == torch.float32
     torch.testing.assert_close(-p, 0.2 * math.sqrt(12) * g)
+
+
+@pytest.mark.parametrize("mode", ["original", "match_rms_adamw", "spectral", "none"])
+@pytest.mark.parametrize("shape", [(3, 0), (0, 3)])
+def test_empty_matrices_are_left_as_they_are(mode, shape):
+    """A (3, 0) matrix divided by zero in `original` and `spectral` (ZeroDivisionError at step)."""
+    out = soapdsl.apply(f"shape_scale({mode})", torch.ones(shape))
+    assert out.shape == shape
+    p = torch.nn.Parameter(torch.randn(shape))
+    opt = soapdsl.build("muon", [("w", p)])
+    p.grad = torch.zeros(shape)
+    opt.step()
