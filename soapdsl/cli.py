@@ -67,7 +67,12 @@ def parse_shapes(text: str) -> list[tuple[str, torch.Tensor]]:
             # a model cannot hold two parameters of one name; the second would shadow the first
             raise SoapArgumentError(f"--shapes names parameter '{name}' twice")
         seen.add(name)
-        out.append((name, torch.empty(shape, device="meta")))
+        try:
+            out.append((name, torch.empty(shape, device="meta")))
+        except (RuntimeError, TypeError, OverflowError):  # past what a tensor can hold
+            raise SoapArgumentError(
+                f"--shapes: parameter '{name}' of shape {dims.strip()} has more elements than a tensor can hold"
+            ) from None
     if not out:
         raise SoapArgumentError("--shapes names no parameter")
     return out

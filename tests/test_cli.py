@@ -108,6 +108,14 @@ def test_compile_errors(capsys, argv, pattern):
         ("w=4x3,w=5x5", "--shapes names parameter 'w' twice"),
         ("", "--shapes names no parameter"),
         (" , ", "--shapes names no parameter"),
+        (
+            "w=99999999999999999999x2",
+            "--shapes: parameter 'w' of shape 99999999999999999999x2 has more elements than a tensor can hold",
+        ),
+        (
+            "w=99999x99999x99999x99999",
+            "--shapes: parameter 'w' of shape 99999x99999x99999x99999 has more elements than a tensor can hold",
+        ),
     ],
 )
 def test_compile_shapes_refused(capsys, shapes, message):
