@@ -97,11 +97,16 @@ class SoapError(Exception):
         return self.format()
 
 
+_BLANKS = str.maketrans({"\f": " ", "\v": " "})
+
+
 def _caret(loc: Loc, source: str) -> list[str]:
-    text_lines = source.splitlines()
+    # lines as the lexer counts them: at "\n" only (str.splitlines also breaks at a form feed,
+    # \x1c-\x1e, \x85, \u2028...), and a form feed or vertical tab shown as the space it is
+    text_lines = source.split("\n")
     if not 1 <= loc.line <= len(text_lines):
         return []
-    line = text_lines[loc.line - 1].expandtabs(1)
+    line = text_lines[loc.line - 1].removesuffix("\r").translate(_BLANKS).expandtabs(1)
     width = 1
     if loc.end_line == loc.line and loc.end_col > loc.col:
         width = loc.end_col - loc.col

@@ -499,6 +499,20 @@ def test_error_format_has_file_line_col_source_and_caret():
     assert lines[1][caret_col] == "="
 
 
+@pytest.mark.parametrize(
+    "eol", ["\f\n", "\r\n", "  # a\x1cb\n", "  # a\u2028b\n"], ids=["form_feed", "crlf", "fs", "ls"]
+)
+def test_error_shows_the_line_the_lexer_counted(eol):
+    """The lexer counts lines at "\\n"; str.splitlines also breaks at a form feed (an Emacs
+    page break), \\x1c or \\u2028, so the error showed line 2 under the label of line 3."""
+    source = f"recipe r(lr=1) ={eol}  momentum |>{eol}  signn\n"
+    with pytest.raises(SoapError) as info:
+        soapdsl.compile(source, torch.nn.Linear(2, 2))
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("<inline>:3:3: error: unknown operator 'signn'")
+    assert lines[1] == "    3 |   signn" and lines[2] == "      |   ^^^^^"
+
+
 # -- what the check alone finds ---------------------------------------------------------------
 
 
