@@ -41,6 +41,8 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
         key = key.strip()
         if not sep or not key.isidentifier():
             raise SoapArgumentError(f"--set expects KEY=VALUE, got {item!r}")
+        if key in out:  # as a config's or a race override's repeated key is
+            raise SoapArgumentError(f"--set {key} is given twice: give each parameter once")
         module = parse(f"x({text})", f"<--set {key}>")
         assert module.pipeline is not None
         args = module.pipeline.stages[0].args

@@ -186,3 +186,10 @@ def test_fmt_prints_canonical_form(tmp_path, capsys):
     code, out, _ = run(capsys, "fmt", str(f))
     assert code == 0
     assert out == "recipe x(lr=0.001) = momentum(0.9) |> sign\n"
+
+
+def test_a_repeated_set_is_refused(capsys):
+    """A config's or a race override's repeated key is an error; --set silently took the last."""
+    code, out, err = run(capsys, "compile", "adamw", "--set", "lr=1", "--set", "lr=2")
+    assert (code, out) == (1, "")
+    assert err == "error: --set lr is given twice: give each parameter once\n"
