@@ -49,6 +49,8 @@ class RouteOverride(BaseModel):
     def _nonempty(cls, v: str | list[str] | None) -> str | list[str] | None:
         if v is not None and (v == "" or v == []):
             raise ValueError("match needs at least one pattern")
+        if isinstance(v, list) and "" in v:
+            raise ValueError("match holds an empty pattern, which no parameter name matches")
         return v
 
 

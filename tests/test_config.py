@@ -168,6 +168,11 @@ def test_an_empty_config(tmp_path):
             (3, 5),
         ),
         (
+            "recipe: adamw\nroutes:\n  - match: ['', x]\n    recipe: adam\n",
+            "routes.0.match: holds an empty pattern, which no parameter name matches",
+            (3, 5),
+        ),
+        (
             "recipe: adamw\nroutes: {match: x, recipe: adam}\n",
             "routes: must be a list of route overrides, each a mapping with 'recipe' and 'match' or 'where'",
             (2, 1),
