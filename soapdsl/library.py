@@ -16,12 +16,14 @@ from typing import Any
 
 from soapdsl import ir, registry
 from soapdsl.check import MacroTable, check_macro, check_recipe
-from soapdsl.errors import SoapError, SoapNameError, did_you_mean
+from soapdsl.errors import SoapError, SoapNameError, SoapSyntaxError, did_you_mean
 from soapdsl.resources import recipe_files
 from soapdsl.syntax import ast as A
 from soapdsl.syntax.parser import MISSING_PIPE, parse, parse_file
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# text that reads as a file path (no spaces, brackets or operators)
+_PATHLIKE = re.compile(r"^[\w.~/\\:-]+$")
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,14 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None) -> ir.Rec
                 f"no recipe '{name.strip()}' in shipped '{path_part}' (its file holds only '{path_part}')"
             )
         return shipped(path_part)
-    return _from_text(spec, params)
+    try:
+        return _from_text(spec, params)
+    except SoapSyntaxError as e:
+        if _PATHLIKE.match(text) and ("/" in text or "." in text):
+            # `my_recipe.sop`, `recipes/muon`: a mistyped path was read as recipe text
+            e.notes = (*e.notes, f"no file {path_part!r} exists, so it was read as recipe text")
+            e.args = (e.format(),)
+        raise
 
 
 def _from_file(text: str, params: Mapping[str, Any]) -> ir.Recipe:

@@ -193,3 +193,11 @@ def test_a_repeated_set_is_refused(capsys):
     code, out, err = run(capsys, "compile", "adamw", "--set", "lr=1", "--set", "lr=2")
     assert (code, out) == (1, "")
     assert err == "error: --set lr is given twice: give each parameter once\n"
+
+
+@pytest.mark.parametrize("spec", ["my_recipe.sop", "recipes/muon", "s/two.soap:slow"])
+def test_a_mistyped_path_says_it_was_read_as_recipe_text(capsys, spec):
+    code, out, err = run(capsys, "compile", spec)
+    assert (code, out) == (1, "")
+    assert f"note: no file '{spec}' exists, so it was read as recipe text" in err
+    assert "Traceback" not in err
