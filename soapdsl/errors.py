@@ -104,6 +104,8 @@ def _caret(loc: Loc, source: str) -> list[str]:
     # lines as the lexer counts them: at "\n" only (str.splitlines also breaks at a form feed,
     # \x1c-\x1e, \x85, \u2028...), and a form feed or vertical tab shown as the space it is
     text_lines = source.split("\n")
+    if text_lines[-1] == "":  # nothing after the last newline: no line to show (end of input)
+        text_lines.pop()
     if not 1 <= loc.line <= len(text_lines):
         return []
     line = text_lines[loc.line - 1].removesuffix("\r").translate(_BLANKS).expandtabs(1)
