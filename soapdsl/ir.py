@@ -193,6 +193,8 @@ def _const_text(v: Any) -> str:
         return v if _IDENT.fullmatch(v) and v not in _KEYWORDS else _quote(v)
     if isinstance(v, tuple):
         return TupleVal(tuple(Const(i) for i in v)).text()
+    if isinstance(v, Pipeline):  # a block given where a value belongs
+        return "{ " + v.text() + " }"
     return str(v)
 
 

@@ -25,6 +25,21 @@ R = "recipe r(lr=0.1, beta=0.9):\n"
 
 # (id, source, error class, message regex, "line:col" or None)
 SOURCES = [
+    # a block where a value belongs is shown as written, not as the IR's repr
+    (
+        "block-as-number",
+        "recipe r(lr=1):\n  route ndim < { sign }: lr\n",
+        SoapRouteError,
+        r"needs a number, got \{ sign \}$",
+        "2:16",
+    ),
+    (
+        "block-as-bool",
+        "momentum(0.9, {sign}) |> lr",
+        SoapArgumentError,
+        r"invalid nesterov=\{ sign \} for 'momentum'",
+        "1:15",
+    ),
     ("unclosed-paren", "momentum(0.9", SoapSyntaxError, r"unexpected end of text; expected", "1:13"),
     ("double-pipe", "momentum |> |> lr", SoapSyntaxError, r"unexpected '\|>'", "1:13"),
     ("trailing-pipe", "momentum |>", SoapSyntaxError, r"unexpected end of text; expected a name", "1:12"),
