@@ -61,7 +61,8 @@ class NewtonSchulz(Op):
         On a CPU (fp32/fp64, eager, r even and >= 256) the standard form computes the symmetric
         X X^T and A A from the row halves X1, X2 of X: their blocks 11, 12 and 22 only (3/4 of
         the flops), then X1 <- a X1 + M11 X1 + M12 X2, X2 <- a X2 + M12^T X1 + M22 X2. The same
-        iteration, rounded in another order: 0.91-0.94x the time on Muon's benchmark step.
+        iteration, rounded in another order: 0.86-0.93x the plain form's time on 2 CPU cores
+        (benchmarks/RESULTS.md, bench_newton_schulz).
 
     Args:
         steps: quintic steps (Muon: 5; SOAP-Muon: 10), below 100.
