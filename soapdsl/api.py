@@ -45,7 +45,7 @@ def build(recipe: str | Path, params: Any, *, torch_compile: bool = False, **arg
     """Build the optimizer: ``soapdsl.build("adamw", model, lr=3e-4)``.
 
     ``torch_compile=True`` runs every route's pipeline through ``torch.compile`` (the route
-    option ``[compile=true]`` does it for one route); results match the eager path.
+    option ``[compile=true]`` does it for one route); results match the eager path up to rounding.
     """
     return SoapOptimizer(compile(recipe, params, torch_compile=torch_compile, **args))
 
