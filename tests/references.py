@@ -668,10 +668,11 @@ class ShampooRef(torch.optim.Optimizer):
     Per param, t = 1, 2, ... counts its steps:
       F_k = b2 F_k + (1-b2) G_(k) G_(k)^T for every dim k with d_k <= max_preconditioner_dim (F_k += ... if b2 == 1),
           updated every step BEFORE it is used, with the current G; larger dims get no factor (identity);
-      at t % f == 0 and t >= start (start = f when start_preconditioning_step == -1): Finv_k = (F_k + eps I)^(-e);
+      at t == start, and at t % f == 0 for t > start (start = f when start_preconditioning_step == -1):
+          Finv_k = (F_k + eps I)^(-e);
       M = m / (1 - b1^t) with m = b1 m + (1-b1) G;
       A = M / (sqrt(v / (1 - gb2^t)) + graft_eps) with v = gb2 v + (1-gb2) G^2 (raw G);
-      P = A until the first inverse root has been computed; afterwards P = M x_k Finv_k (every factored dim),
+      P = A for t < start; from t = start on P = M x_k Finv_k (every factored dim),
           rescaled per param: P = P ||A||_F / (||P||_F + 1e-16);
       p *= 1 - lr wd (decoupled, before the update, only if wd > 0); p -= lr P.
 
@@ -682,9 +683,12 @@ class ShampooRef(torch.optim.Optimizer):
       then, as DistributedShampoo does, eigenvalues are shifted up by -min(lambda_min, 0) before eps is added:
       Finv = V diag((lambda + eps)^(-e)) V^T. For a PSD F_k this is exactly (F_k + eps I)^(-e); the shift only stops
       rounding-negative eigenvalues of rank-deficient factors from turning into NaN.
-    - "Before the first inverse root exists" is tracked per param by a flag set at the first refresh, so with a
-      start that is not a multiple of f the graft direction is used until the next multiple of f. A param with no
-      factored dim (0-d, or every dim too large) gets P = M rescaled to ||A|| once that flag is set.
+    - The refresh schedule when start is not a multiple of f: ALGORITHMS.md 5.2 says "before
+      start_preconditioning_step (default = f): P = A" and that the root "is refreshed before it is applied", so
+      step `start` itself computes a root and is preconditioned, as DistributedShampoo's
+      `(step % f == 0 and step > start) or step == start` does; later roots come at the multiples of f. (A start
+      below f, which DistributedShampoo rejects, follows the same rule.) A param with no factored dim (0-d, or every
+      dim too large) gets P = M rescaled to ||A|| from t = start on.
     - Grafting is per param (one block per param since there is no blocking).
     """
 
@@ -788,7 +792,9 @@ class ShampooRef(torch.optim.Optimizer):
                 v.mul_(gb2).add_(g.square(), alpha=1 - gb2)
                 graft = mhat / ((v / (1 - gb2**t)).sqrt() + group["graft_eps"])
 
-                if t % freq == 0 and t >= start:
+                # ALGORITHMS.md 5.2: "before start_preconditioning_step (default = f): P = A", and the root is
+                # "refreshed before it is applied": the first root at t == start (DistributedShampoo's rule)
+                if t == start or (t % freq == 0 and t > start):
                     e = self._exponent(group["exponent"], p.ndim)
                     state["inv_roots"] = [
                         None if f is None else self._inverse_root(f, group["epsilon"], e) for f in state["factors"]

@@ -247,22 +247,31 @@ def test_muon_routes():
     [
         ({}, {}),
         (
-            {"exponent": "power_half", "freq": 3, "start": 4, "weight_decay": 0.1},
+            {"exponent": "power_half", "freq": 3, "start": 4, "weight_decay": 0.1, "eps": 1e-6},
             {
                 "exponent": "power_half",
                 "precondition_frequency": 3,
                 "start_preconditioning_step": 4,
                 "weight_decay": 0.1,
+                "epsilon": 1e-6,
             },
         ),
         (
             {"exponent": 0.3, "beta2": 1.0, "max_dim": 8},
             {"exponent": 0.3, "betas": (0.95, 1.0), "max_preconditioner_dim": 8},
         ),
+        (
+            {"freq": 4, "start": 2, "eps": 1e-6},
+            {"precondition_frequency": 4, "start_preconditioning_step": 2, "epsilon": 1e-6},
+        ),
+        ({"freq": 5, "start": 12}, {"precondition_frequency": 5, "start_preconditioning_step": 12}),
     ],
-    ids=["defaults", "power_half+start", "adagrad+numeric-exponent+max_dim"],
+    ids=["defaults", "power_half+start", "adagrad+numeric-exponent+max_dim", "start<freq", "start=12,freq=5"],
 )
 def test_shampoo_equals_reference(options, ref_options):
+    """The preconditioner starts at step `start` even when it is not a multiple of freq (then
+    at the multiples of freq), as DistributedShampoo does. An early start gets eps 1e-6: at
+    step 2 or 4 the factors are rank-deficient, and eps 1e-12 would amplify rounding ~1e6."""
     err = race(
         "shampoo",
         options,

@@ -34,14 +34,15 @@ class Shampoo(Op):
     """Shampoo: multiply the update by inverse roots of the gradient's Kronecker factors.
 
     The factors take the current raw gradient before they are used (unlike SOAP's basis).
-    Until the first inverse root exists (the first refresh at or after step `start`), the stage
-    passes the update through
-    and tells a following `graft` to use its reference direction as it is (DistributedShampoo
-    runs the grafted optimizer alone until then).
+    Before step `start` the stage passes the update through and tells a following `graft` to
+    use its reference direction as it is (DistributedShampoo runs the grafted optimizer alone
+    until then). The first inverse root is computed at step `start` itself, then at every
+    multiple of `freq` after it, DistributedShampoo's schedule: with freq=3, start=4 the roots
+    are computed at steps 4, 6, 9, 12, ...; with the default start (= freq) at freq, 2 freq, ...
 
     Math:
         per factored dim k:  F_k <- beta F_k + (1 - beta) G_(k) G_(k)^T   (beta = 1: F_k += G_(k) G_(k)^T)
-        every `freq` steps from `start` (t % freq == 0 and t >= start):
+        at t == start, and at t % freq == 0 for t > start (t counts this parameter's steps from 1):
             P_k = (F_k + eps I)^(-e)      via eigh, fp64 retry on failure
         out = x x_1 P_1 x_2 P_2 ...       (P_L X P_R for a matrix)
         e: "classic" 1/(2 * ndim) (1/4 per side of a matrix), "power_half" 1/2, or a number.
@@ -54,7 +55,8 @@ class Shampoo(Op):
             (0.25 is an inverse 4th root, which DistributedShampoo's override writes as 4).
         max_dim: a dim larger than this gets no factor (identity; DistributedShampoo would
             block the dim instead).
-        start: first step with a preconditioner; -1 means `freq`.
+        start: first step with a preconditioner; -1 means `freq` (0 acts as `freq` too: steps
+            count from 1).
 
     State:
         F{k}: the factor of dim k; P{k}: its inverse root; ready (host): a root exists.
@@ -99,7 +101,8 @@ class Shampoo(Op):
         eps = self.hp("eps", ctx.group)
         start = a.freq if a.start < 0 else a.start
         st = ctx.state(self)
-        refresh = ctx.t % a.freq == 0 and ctx.t >= start
+        # DistributedShampoo: (t % f == 0 and t > start) or t == start; "before start: P = A"
+        refresh = ctx.t == start or (ctx.t % a.freq == 0 and ctx.t > start)
         for j, (b, g) in enumerate(zip(ctx.buckets, ctx.g, strict=True)):
             for k in self.factored(b.shape):
                 f = st[f"F{k}"][j]

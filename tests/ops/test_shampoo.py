@@ -72,7 +72,9 @@ class _Ref:
         for k in self.dims:
             s = _stats(g, k)
             self.f[k] = self.f[k] + s if self.beta == 1.0 else self.beta * self.f[k] + (1 - self.beta) * s
-        if self.t % self.freq == 0 and self.t >= self.start:
+        # ALGORITHMS.md 5.2: "before start_preconditioning_step (default = f): P = A", so the first
+        # root comes at t == start; DistributedShampoo then refreshes at t % f == 0 for t > start
+        if self.t == self.start or (self.t % self.freq == 0 and self.t > self.start):
             self.p = {k: _inv_root(self.f[k], self.e, self.eps) for k in self.dims}
         if self.p is None:
             return None
@@ -154,9 +156,12 @@ def test_factors_take_the_current_gradient_before_use() -> None:
         torch.testing.assert_close(u, want, **TOL)
 
 
-@pytest.mark.parametrize(("freq", "start", "first"), [(2, 3, 4), (3, -1, 3), (2, 0, 2), (1, 1, 1), (4, 5, 8)])
-def test_first_root_at_first_refresh_from_start(freq: int, start: int, first: int) -> None:
-    """Steps before the first refresh at or after `start` pass the update through unchanged."""
+@pytest.mark.parametrize(
+    ("freq", "start", "first"), [(2, 3, 3), (3, -1, 3), (2, 0, 2), (1, 1, 1), (4, 5, 5), (4, 2, 2), (5, 12, 12)]
+)
+def test_first_root_at_start(freq: int, start: int, first: int) -> None:
+    """Steps before `start` pass the update through unchanged; step `start` is preconditioned,
+    also when it is not a multiple of freq (start=0 has no step of its own: the first multiple)."""
     refs = [_Ref(s, 0.9, 1e-3, freq, start, "classic") for s in SHAPES]
     recipe = f"shampoo(0.9, 1e-3, freq={freq}, start={start}) |> lr"
     params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
@@ -175,7 +180,7 @@ def test_first_root_at_first_refresh_from_start(freq: int, start: int, first: in
 def test_graft_branch_is_used_until_the_first_root() -> None:
     """Before the first root a following `graft(norm, from={...})` returns the branch's output
     itself; afterwards the preconditioned update takes the branch's norm (DistributedShampoo's
-    Adam grafting). start=3 is not a multiple of freq=2: the first root comes at t = 4."""
+    Adam grafting). start=3 is not a multiple of freq=2: the first root still comes at t = 3."""
     b1, b2, geps = 0.9, 0.95, 1e-8
     recipe = (
         f"momentum({b1}) |> shampoo(0.9, 1e-3, freq=2, start=3)"
@@ -193,11 +198,35 @@ def test_graft_branch_is_used_until_the_first_root() -> None:
             vs[i] = b2 * vs[i] + (1 - b2) * g * g
             adam = ms[i] / ((vs[i] / (1 - b2**t)).sqrt() + geps)
             pre = ref.step(g, ms[i])
-            if t < 4:
+            if t < 3:
                 assert pre is None
                 torch.testing.assert_close(u, adam, **TOL)
             else:
                 torch.testing.assert_close(u, pre * adam.norm() / (pre.norm() + 1e-16), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("freq", "start", "roots"),
+    [(3, 4, [4, 6, 9, 12]), (4, 2, [2, 4, 8, 12]), (5, 7, [7, 10]), (3, -1, [3, 6, 9, 12]), (1, 3, list(range(3, 13)))],
+)
+def test_roots_at_start_then_at_multiples_of_freq(freq: int, start: int, roots: list[int]) -> None:
+    """The inverse roots are computed at t == start and at t % freq == 0 for t > start
+    (DistributedShampoo's schedule), each time from the factors including that step's gradient."""
+    shape = (4, 6)
+    params = [torch.zeros(shape, dtype=torch.float64)]
+    opt = soapdsl.build(f"shampoo(0.9, 1e-3, freq={freq}, start={start}) |> lr", params, lr=1.0)
+    ref = _Ref(shape, 0.9, 1e-3, freq, start, "classic")
+    computed, last = [], torch.zeros(shape[0], shape[0], dtype=torch.float64)  # P starts at zero
+    for t, (g,) in enumerate(_grads(10, 12, [shape]), start=1):
+        (u,) = _step(opt, params, [g])
+        if not torch.equal(last, opt.state[params[0]]["0.shampoo.P0"]):
+            computed.append(t)
+            last = opt.state[params[0]]["0.shampoo.P0"].clone()
+        want = ref.step(g)
+        torch.testing.assert_close(u, g if want is None else want, **TOL)
+        if ref.p is not None:
+            torch.testing.assert_close(opt.state[params[0]]["0.shampoo.P0"], ref.p[0], **TOL)
+    assert computed == roots
 
 
 def test_dims_above_max_dim_are_not_factored() -> None:
