@@ -60,7 +60,8 @@ class RoutePlan:
     params: list[ParamEntry] = field(default_factory=list)
     tensors: list[torch.Tensor] = field(default_factory=list, repr=False)
     #: header parameters (param_group keys) this route reads once, when it is built: in its
-    #: selector, its settings, or a stage argument that does not follow the param_group
+    #: selector, its settings, or a stage argument that does not follow the param_group (or
+    #: follows it only at each parameter's first step, with no other stage following it)
     fixed: frozenset[str] = frozenset()
     #: of those, the ones a checkpoint must have been saved with: all but those only a route
     #: setting reads (`[lr=adam_lr]`), whose target, the group's lr, the checkpoint restores
@@ -215,6 +216,9 @@ def _build_ops(
         op.fixed_refs = frozenset(  # type: ignore[attr-defined]
             r for k, v in stage.args if k not in dynamic and not isinstance(v, ir.PipeVal) for r in v.refs()
         )
+        # ...and those read once per parameter, at its first step (FirstStepHyper fields)
+        first = cls.first_step_fields()
+        op.first_step_refs = frozenset(r for k, v in dynamic.items() if k in first for r in v.refs())  # type: ignore[attr-defined]
         op.loc = stage.loc  # type: ignore[attr-defined]
         op.label = stage.label  # type: ignore[attr-defined]
         op.depth = depth  # type: ignore[attr-defined]
@@ -452,7 +456,14 @@ def _route_plan(index: int, route: ir.Route, values: Mapping[str, Any], args: Ma
             f"route '{route.selector_text()}' has lr={ir.const_text(lr)}; {problem}",
             route.loc,
         )
-    read = selector_names(route.selector) | {r for op in walk_ops(ops) for r in op.fixed_refs}  # type: ignore[attr-defined]
+    every = list(walk_ops(ops))
+    # a parameter that only first-step arguments read is fixed too: a change could reach only the
+    # parameters that have not stepped yet. One that a stage follows every step stays free to change.
+    followed = {"lr"} | {
+        r for op in every for k, v in op.dynamic.items() if k not in op.first_step_fields() for r in v.refs()
+    }
+    once = {r for op in every for r in op.first_step_refs} - followed  # type: ignore[attr-defined]
+    read = selector_names(route.selector) | {r for op in every for r in op.fixed_refs} | once  # type: ignore[attr-defined]
     fixed = read | {r for _, v in route.settings for r in v.refs()}
     return RoutePlan(
         index,

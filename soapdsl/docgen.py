@@ -53,8 +53,11 @@ Columns of the argument tables:
 
 - **dynamic**: "yes" marks a field typed `Hyper`. When such an argument refers to a recipe
   parameter (`momentum(beta1)`), the stage reads it from the route's param_group at every
-  step, so an LR scheduler or the user can change it during training. Given a literal, or for
-  fields marked "no", the value is fixed when the optimizer is built.
+  step, so an LR scheduler or the user can change it during training. "first step" marks a
+  field typed `FirstStepHyper`: the stage reads it from the param_group once per parameter, at
+  the parameter's first step, and keeps it (a recipe parameter that only such fields read is
+  fixed when the optimizer is built). Given a literal, or for fields marked "no", the value is
+  fixed when the optimizer is built.
 - **constraint**: the range checked when the recipe is checked and again when it is compiled
   with the final argument values.
 
@@ -96,10 +99,17 @@ def reference_path() -> Path:
 # -- one operator ---------------------------------------------------------------------------
 
 
+def _dynamic_text(name: str, dynamic: frozenset[str], first_step: frozenset[str]) -> str:
+    if name in first_step:
+        return "first step"
+    return "yes" if name in dynamic else "no"
+
+
 def _render_op(name: str, cls: type[registry.Op]) -> str:
     intro, sections = _split_doc(inspect.getdoc(cls) or "")
     fields = cls.Args.model_fields
     dynamic = cls.dynamic_fields()
+    first_step = cls.first_step_fields()
     lines = [f"## {name}", ""]
     if intro:
         lines += [intro, ""]
@@ -118,7 +128,7 @@ def _render_op(name: str, cls: type[registry.Op]) -> str:
             meaning = arg_docs.get(public, arg_docs.get(fname, ""))
             lines.append(
                 f"| {i} | `{public}` | {_cell(_type_text(f.annotation))} | {_cell(_default_text(f))} "
-                f"| {_cell(_constraint_text(f))} | {'yes' if fname in dynamic else 'no'} "
+                f"| {_cell(_constraint_text(f))} | {_dynamic_text(fname, dynamic, first_step)} "
                 f"| {_cell(meaning)} |"
             )
         lines.append("")

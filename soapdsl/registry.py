@@ -8,6 +8,8 @@ An op declares
 * ``Args``: a pydantic model; field order is the positional-argument order. Fields annotated
   with :data:`Hyper` may be given a recipe parameter and are then read from the route's
   param_group at every step, so LR schedulers and users can change them during training.
+  Fields annotated with :data:`FirstStepHyper` may too, but the op reads them once per
+  parameter, at its first step, and keeps the value (in its host state).
 * ``state(shape)``: the per-parameter state it needs (name -> :class:`StateSpec`).
 * ``apply(ctx, x)``: the batched tensor function. ``x`` is a :class:`~soapdsl.runtime.context.Val`
   holding one tensor per bucket; in a batched route a bucket tensor has a leading batch
@@ -40,6 +42,16 @@ class _DynamicMarker:
 
 
 DYNAMIC = _DynamicMarker()
+
+
+class _FirstStepMarker:
+    """Marks a dynamic argument that the op reads once per parameter, at its first step."""
+
+    def __repr__(self) -> str:
+        return "FirstStep"
+
+
+FIRST_STEP = _FirstStepMarker()
 
 
 #: names that Python's float() reads as a non-finite number; soapdsl has no such literal
@@ -80,6 +92,12 @@ def _float(v: Any) -> Any:
 
 #: A float argument that may follow a recipe parameter (read from the param_group per step).
 Hyper = Annotated[float, BeforeValidator(_float), DYNAMIC]
+#: A float argument that may follow a recipe parameter, but that the op reads from the
+#: param_group only at a parameter's first step and then keeps for that parameter (in its
+#: host state, so state dicts keep it): SOAP caches its resolved shampoo_beta so. A recipe
+#: parameter that only such arguments read is fixed when the optimizer is built; one that
+#: another stage follows stays free to change (that stage sees the change, this one does not).
+FirstStepHyper = Annotated[float, BeforeValidator(_float), DYNAMIC, FIRST_STEP]
 #: A float argument fixed at compile time.
 Float = Annotated[float, BeforeValidator(_float)]
 #: An int argument fixed at compile time.
@@ -285,6 +303,11 @@ class Op:
     @classmethod
     def dynamic_fields(cls) -> frozenset[str]:
         return frozenset(n for n, f in public_fields(cls.Args).items() if any(m is DYNAMIC for m in f.metadata))
+
+    @classmethod
+    def first_step_fields(cls) -> frozenset[str]:
+        """Dynamic fields read once per parameter, at its first step (typed ``FirstStepHyper``)."""
+        return frozenset(n for n, f in public_fields(cls.Args).items() if any(m is FIRST_STEP for m in f.metadata))
 
 
 _REGISTRY: dict[str, type[Op]] = {}

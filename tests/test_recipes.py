@@ -10,7 +10,8 @@ import torch
 
 import soapdsl
 from tests import references as R
-from tests.conftest import muon_vs_torch, race
+from tests import references_variants as V
+from tests.conftest import lockstep, muon_vs_torch, race, twin_params, worst_rel_err
 
 MATS = {"square": (6, 6), "tall": (10, 4), "wide": (4, 10)}
 ALL = {**MATS, "vector": (7,), "over_max_dim": (12, 5), "conv": (3, 2, 3, 3)}
@@ -95,6 +96,63 @@ def test_soap_bases_stay_orthonormal():
     for k, d in ((0, 16), (1, 8)):
         q = opt.state[p][f"0.rotate.Q{k}"]
         torch.testing.assert_close(q.T @ q, torch.eye(d), atol=1e-5, rtol=0)
+
+
+# -- the SOAP family: the factors' decay is resolved at a parameter's first step ----------------
+
+SHARED = {"blocks.0.fc.weight": (6, 10), "blocks.1.fc.weight": (6, 10), "blocks.0.proj.weight": (10, 6)}
+SQUARE = {"a": (6, 6), "b": (8, 8), "vector": (7,), "over_max_dim": (12, 5)}
+
+
+def _shared_groups(ps):
+    return {"groups": [[ps["blocks.0.fc.weight"], ps["blocks.1.fc.weight"]]], "precondition_frequency": 5}
+
+
+@pytest.mark.parametrize(
+    ("recipe", "kw", "ref_cls", "ref_kw", "shapes"),
+    [
+        ("soap", {"freq": 5, "max_dim": 8}, R.SoapV1Ref, {"precondition_frequency": 5, "max_precond_dim": 8}, ALL),
+        (
+            "psoap",
+            {"freq": 5, "max_dim": 8, "p": 0.5},
+            V.PSoapRef,
+            {"precondition_frequency": 5, "max_precond_dim": 8, "power": 0.5},
+            ALL,
+        ),
+        ("soap_muon", {"freq": 5}, R.SoapMuonRef, {"precondition_frequency": 5}, MATS),
+        ("soap_muon_shared", {"freq": 5}, V.SharedSoapMuonRef, _shared_groups, SHARED),
+        (
+            "soap_soap",
+            {"freq": 4, "max_dim": 8},
+            V.SoapSoapRef,
+            {"precondition_frequency": 4, "max_precond_dim": 8},
+            SQUARE,
+        ),
+        (
+            "soap_ademamix",
+            {"freq": 5, "max_dim": 8},
+            V.SoapAdEMAMixRef,
+            {"precondition_frequency": 5, "max_precond_dim": 8},
+            ALL,
+        ),
+    ],
+    ids=["soap", "psoap", "soap_muon", "soap_muon_shared", "soap_soap", "soap_ademamix"],
+)
+def test_beta2_change_mid_run_keeps_the_factor_decay(recipe, kw, ref_cls, ref_kw, shapes):
+    """beta2 goes from 0.95 to 0.99 at step 12 of 30 (a beta2 schedule). ALGORITHMS.md 2.2: the
+    state caches "the resolved shampoo_beta" (beta2, as shampoo_beta is -1) at the parameter's
+    first step, so the Kronecker factors keep decaying with 0.95 while Adam's second moment
+    follows the new beta2. The references cache it so."""
+    ours, theirs = twin_params(shapes, torch.float64)
+    opt = soapdsl.build(recipe, list(ours.items()), **kw)
+    ref = ref_cls(list(theirs.values()), **(ref_kw(theirs) if callable(ref_kw) else ref_kw))
+    lockstep([opt, ref], [ours, theirs], shapes, 12, seed=1, dtype=torch.float64)
+    for group in opt.param_groups:
+        group["beta2"] = 0.99
+    for group in ref.param_groups:
+        group["betas"] = (group["betas"][0], 0.99, *group["betas"][2:])
+    lockstep([opt, ref], [ours, theirs], shapes, 18, seed=2, dtype=torch.float64)
+    assert worst_rel_err(ours, theirs) < 1e-9
 
 
 # -- SOAP-Muon --------------------------------------------------------------------------------

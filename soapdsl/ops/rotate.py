@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 
 from soapdsl.errors import SoapArgumentError
 from soapdsl.ops import _linalg as la
-from soapdsl.registry import Float, Hyper, Int, Op, OpArgs, StateSpec, register
+from soapdsl.registry import FirstStepHyper, Float, Int, Op, OpArgs, StateSpec, register
 from soapdsl.runtime.context import Ctx, Val
 
 Schedule = tuple[Union[tuple[int, int], int], ...]
@@ -19,8 +19,8 @@ Schedule = tuple[Union[tuple[int, int], int], ...]
 class RotateArgs(OpArgs):
     side: Literal["both", "left", "right", "smaller", "larger"] = "both"
     freq: Union[Int, Schedule] = 10
-    beta: Hyper = Field(0.95, lt=1.0)
-    beta_fallback: Hyper = Field(0.95, ge=0.0, lt=1.0)
+    beta: FirstStepHyper = Field(0.95, lt=1.0)
+    beta_fallback: FirstStepHyper = Field(0.95, ge=0.0, lt=1.0)
     max_dim: Int = Field(10000, ge=0)
     merge_dims: bool = False
     precondition_1d: bool = False
@@ -92,7 +92,8 @@ class Rotate(Op):
 
     Math:
         for each factored dim k:  GG_k <- b GG_k + (1 - b) G_(k) G_(k)^T      (b = beta, or
-                                  beta_fallback when beta < 0; G_(k) G_(k)^T contracts G with
+                                  beta_fallback when beta < 0, resolved at the parameter's
+                                  first step and kept; G_(k) G_(k)^T contracts G with
                                   itself over every other dim; for a matrix, G G^T and G^T G)
         first basis: Q_k = eigenvectors of GG_k + jitter I, descending (fp64 retry on failure)
         inside:  X -> X x_k Q_k^T (Q_L^T X Q_R for a matrix);  after the block: X -> X x_k Q_k
@@ -111,8 +112,10 @@ class Rotate(Op):
             ((100, 1), 10) refreshes every step up to step 100, then every 10 (the frequency
             warmup of the SOAP-Muon report's section 4).
         beta: EMA decay of the factors; negative means beta_fallback (SOAP's shampoo_beta=-1
-            meaning beta2).
-        beta_fallback: used when beta is negative.
+            meaning beta2). The decay is resolved from the param_group at a parameter's first
+            step and kept for it, as SOAP caches its resolved shampoo_beta: a later change of
+            beta2 reaches the stages that follow it (Adam's second moment), not the factors.
+        beta_fallback: used when beta is negative (read at the first step, as beta is).
         max_dim: a dim larger than this gets no factor (identity on that dim).
         merge_dims: merge consecutive dims while their product is <= max_dim (SOAP's option;
             a 50 x 100 matrix becomes one dim of 5000).
@@ -140,6 +143,7 @@ class Rotate(Op):
         GG{k}, Q{k}: a d_k x d_k factor and basis per factored dim k (one per share group,
             held by its first parameter that requires a gradient).
         ready (host): the basis exists.
+        beta (host): the factors' decay, resolved at the parameter's first step.
 
     Example:
         momentum(0.95) |> rotate(both, freq=10) { rms_normalize(0.95, 1e-8, eps_at=raw) } |> lr
@@ -209,7 +213,7 @@ class Rotate(Op):
         return f"{name[: m.start(1)]}<{group}>{name[m.end(1) :]}"
 
     def host_state(self, shape: tuple[int, ...]) -> dict[str, Any]:
-        return {"ready": False}
+        return {"ready": False, "beta": None}
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -235,10 +239,24 @@ class Rotate(Op):
         st = ctx.state(self)
         return {k: self._members(ctx, j, st[f"Q{k}"][j]) for k in self.factored(shape)}
 
+    def _decay(self, ctx: Ctx) -> float:
+        """The factors' EMA decay: resolved at the parameter's first step, then kept.
+
+        ALGORITHMS.md 2.2: SOAP's per-parameter state holds "the resolved shampoo_beta" (beta2
+        when shampoo_beta < 0), fixed when the parameter first steps. A state saved before
+        soapdsl kept it (no host value) resolves it at its next step.
+        """
+        beta = ctx.get_host(self, "beta", None)
+        if beta is None:
+            beta = self.hp("beta", ctx.group)
+            if beta < 0:
+                beta = self.hp("beta_fallback", ctx.group)
+            beta = float(beta)
+            ctx.set_host(self, "beta", beta)
+        return float(beta)
+
     def _update_factors(self, ctx: Ctx, sources: list[torch.Tensor]) -> None:
-        beta = self.hp("beta", ctx.group)
-        if beta < 0:
-            beta = self.hp("beta_fallback", ctx.group)
+        beta = self._decay(ctx)
         st = ctx.state(self)
         for j, (b, src) in enumerate(zip(ctx.buckets, sources, strict=True)):
             gidx = b.groups.get(self.path)
@@ -290,6 +308,7 @@ class Rotate(Op):
         return None
 
     def before(self, ctx: Ctx) -> bool:
+        self._decay(ctx)  # at the parameter's first step, also for a scope that first runs later
         a = self._args()
         if not a.skip_first or ctx.get_host(self, "ready"):
             return True

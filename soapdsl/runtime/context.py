@@ -72,15 +72,18 @@ class Ctx:
     def state(self, op: Op) -> dict[str, list[torch.Tensor]]:
         return self.states[op.path]
 
-    def get_host(self, op: Op, name: str) -> Any:
-        """Host-side state value (shared by the whole cohort)."""
+    def get_host(self, op: Op, name: str, *default: Any) -> Any:
+        """Host-side state value (shared by the whole cohort); ``default``, if given, when the
+        state lacks it (a state dict saved before the op declared it)."""
         key = op.state_key(name)
-        return self._host_writes.get(key, self.host[key])
+        if key in self._host_writes:
+            return self._host_writes[key]
+        return self.host.get(key, *default) if default else self.host[key]
 
     def set_host(self, op: Op, name: str, value: Any) -> None:
         """Set a host-side state value for every parameter of the cohort."""
         key = op.state_key(name)
-        if self.get_host(op, name) != value:
+        if key not in self.host or self.get_host(op, name) != value:
             self._host_writes[key] = value
             self.host_changed = True
 

@@ -368,6 +368,9 @@ class SoapOptimizer(torch.optim.Optimizer):
             if key in getattr(op, "fixed_refs", ()):
                 where, loc = f"'{op.name}' reads it once", getattr(op, "loc", None)
                 break
+            if key in getattr(op, "first_step_refs", ()):
+                where, loc = f"'{op.name}' reads it once, at each parameter's first step", getattr(op, "loc", None)
+                break
         if where is None:
             where = (
                 f"the route setting [{setting[0]}={setting[1].text()}] reads it once"

@@ -10,6 +10,8 @@ order and adopts it; on full-rank factors it must equal ``eigh``'s up to the sig
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -567,20 +569,86 @@ def test_negative_beta_falls_back() -> None:
             assert torch.equal(p, q)
 
 
-def test_beta_follows_recipe_parameter() -> None:
-    """beta may follow a recipe parameter, read from the param_group at every step."""
+FOLLOWED = (
+    "recipe t(lr=1.0, b2=0.5):\n"
+    "  route default: rotate(both, beta=-1, beta_fallback=b2, freq=100) { rms_normalize(b2, 1e-8) } |> lr"
+)
+
+
+def test_beta_is_resolved_at_each_parameters_first_step() -> None:
+    """ALGORITHMS.md 2.2: SOAP's per-parameter state holds "the resolved shampoo_beta", fixed at
+    the parameter's first step. A change of the recipe parameter later reaches the stage that
+    follows it (rms_normalize) but not the factors; a parameter whose first step comes after the
+    change resolves the new value."""
+    p, q = torch.zeros(4, 5, dtype=torch.float64), torch.zeros(4, 5, dtype=torch.float64)
+    opt = soapdsl.build(FOLLOWED, [p, q])
+    gg = {p: torch.zeros(4, 4, dtype=torch.float64), q: torch.zeros(4, 4, dtype=torch.float64)}
+    v = torch.zeros(4, 5, dtype=torch.float64)
+    decay = {p: 0.5, q: 0.25}
+    for i, (gp, gq) in enumerate(_tensors(23, [(4, 5), (4, 5)], 5)):
+        b2 = 0.5 if i < 2 else 0.25
+        opt.param_groups[0]["b2"] = b2
+        p.grad, q.grad = gp.clone(), (gq.clone() if i >= 2 else None)  # q first steps at i = 2
+        opt.step()
+        for x, g in ((p, gp), (q, gq)):
+            if x.grad is None:
+                continue
+            gg[x] = decay[x] * gg[x] + (1 - decay[x]) * _stats(g, 0)
+            torch.testing.assert_close(opt.state[x]["0.rotate.GG0"], gg[x], rtol=1e-14, atol=1e-14)
+            assert opt.state[x]["0.rotate.beta"] == decay[x]
+        gr = _rot(gp, _qs(opt, p, "0", [0, 1]))  # the basis never refreshes (freq=100)
+        v = b2 * v + (1 - b2) * gr * gr  # rms_normalize follows b2 at every step
+        torch.testing.assert_close(opt.state[p]["0.0.rms_normalize.v"], v, rtol=1e-12, atol=1e-14)
+
+
+def test_a_parameter_only_first_step_arguments_read_is_fixed() -> None:
+    """With nothing else following it, a change could only reach parameters that have not
+    stepped yet: the parameter is fixed when the optimizer is built, with the usual errors."""
+    recipe = _recipe("rotate(both, beta=sb, freq=100) { sign } |> lr").replace("lr=1.0", "lr=1.0, sb=0.5")
     p = torch.zeros(4, 5, dtype=torch.float64)
-    opt = soapdsl.build(
-        _recipe("rotate(both, beta=sb, freq=100) { sign } |> lr").replace("lr=1.0", "lr=1.0, sb=0.5"), [p]
-    )
-    grads = _tensors(23, [(4, 5)], 3)
-    gg = torch.zeros(4, 4, dtype=torch.float64)
-    for i, (g,) in enumerate(grads):
-        beta = 0.5 if i < 2 else 0.25
-        opt.param_groups[0]["sb"] = beta
+    opt = soapdsl.build(recipe, [p])
+    (g,) = _tensors(24, [(4, 5)])[0]
+    _step(opt, [p], [g])
+    saved = opt.state_dict()
+    opt.param_groups[0]["sb"] = 0.25
+    with pytest.raises(
+        soapdsl.SoapArgumentError,
+        match=r"sb is fixed when the optimizer is built \('rotate' reads it once, at each parameter's first step\)",
+    ):
         _step(opt, [p], [g])
-        gg = beta * gg + (1 - beta) * _stats(g, 0)
-        torch.testing.assert_close(opt.state[p]["0.rotate.GG0"], gg, rtol=1e-14, atol=1e-14)
+    other = soapdsl.build(recipe, [torch.zeros(4, 5, dtype=torch.float64)], sb=0.25)
+    with pytest.raises(soapdsl.SoapStateError, match=r"the checkpoint was saved with sb=0.5"):
+        other.load_state_dict(saved)
+
+
+def test_resolved_beta_survives_a_state_dict_round_trip() -> None:
+    """The resolved decay is host state of each parameter: a resumed run keeps it, whatever b2
+    the new optimizer is built with, and continues bit for bit. A state dict without it (saved
+    by an older soapdsl) resolves it from the param_group at the next step."""
+    grads = _tensors(25, [(4, 5)], 6)
+    p = torch.zeros(4, 5, dtype=torch.float64)
+    opt = soapdsl.build(FOLLOWED, [p])
+    for i, (g,) in enumerate(grads):
+        if i == 2:
+            opt.param_groups[0]["b2"] = 0.25
+        _step(opt, [p], [g])
+        if i == 3:
+            saved, at = copy.deepcopy(opt.state_dict()), p.clone()
+    q = at.clone()
+    resumed = soapdsl.build(FOLLOWED, [q], b2=0.25)
+    resumed.load_state_dict(saved)
+    assert resumed.state[q]["0.rotate.beta"] == 0.5
+    for (g,) in grads[4:]:
+        _step(resumed, [q], [g])
+    assert torch.equal(q, p)
+
+    old = opt.state_dict()
+    del old["state"][0]["0.rotate.beta"]
+    r = p.clone()
+    legacy = soapdsl.build(FOLLOWED, [r], b2=0.25)
+    legacy.load_state_dict(old)
+    _step(legacy, [r], grads[0])
+    assert legacy.state[r]["0.rotate.beta"] == 0.25
 
 
 def test_gradient_inside_is_rotated() -> None:
