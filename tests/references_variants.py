@@ -237,13 +237,15 @@ class SoapAdEMAMixRef(_SoapBase):
 
 
 class PSoapRef(SoapV1Ref):
-    """pSOAP (3.11, soap_p.py): SOAP v1 where, for params with ndim > 1 and max(shape) <= max_precond_dim, the rotated
+    """pSOAP (3.11, soap_p.py): SOAP v1 where, for params with ndim > 1 and max(shape) < max_precond_dim, the rotated
     direction Mr / d (d = sqrt(v) + eps) is replaced by N = Mr / d^power rescaled to ||Mr / d||_F:
     N = N ||Mr/d||_F / ||N||_F (for power == 1 the rescale is skipped, so this is exactly SOAP v1). Other params:
     plain SOAP v1. Then unrotate, optional normalize_grads, SOAP step size and weight decay.
 
-    Interpretation choice: the size guard uses the param's own shape (not the merged view) and ``<=`` against
-    max_precond_dim (the same bound that decides which dims get a factor; soap_p.py hard-codes ``< 10000``).
+    Interpretation choice: the size guard uses the param's own shape (not the merged view) and max_precond_dim in
+    place of soap_p.py's literal 10000 (equal at the default), with the spec's strict bound: ALGORITHMS.md 3.11,
+    "for ndim > 1 and max(shape) < 10000". So a param with a dim equal to max_precond_dim gets plain SOAP v1,
+    although that dim still gets a factor (whose bound is ``<=``, 2.3).
     """
 
     def __init__(
@@ -304,7 +306,8 @@ class PSoapRef(SoapV1Ref):
                 mr = self._rot(exp_avg, state)
                 ss = self._step_size(group, t)
                 direction = mr / denom
-                if p.ndim > 1 and max(p.shape) <= group["max_precond_dim"] and power != 1:
+                # ALGORITHMS.md 3.11: the power applies "for ndim > 1 and max(shape) < 10000" (strict)
+                if p.ndim > 1 and max(p.shape) < group["max_precond_dim"] and power != 1:
                     n = mr / denom.pow(power)
                     direction = n * frob(direction) / frob(n)
                 u = self._unrot(direction, state)

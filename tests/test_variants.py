@@ -35,6 +35,20 @@ def test_psoap_equals_reference(p):
     assert race("psoap", kw, V.PSoapRef, ref, ALL) < 1e-9
 
 
+def test_psoap_power_needs_every_dim_below_max_dim():
+    """ALGORITHMS.md 3.11 (soap_p.py): the power applies when max(shape) < 10000 (max_dim here),
+    strictly: a matrix whose largest dim equals max_dim is rotated on both sides (the factors'
+    bound is <=) but takes plain SOAP, like a 10000-token embedding at the defaults. (Shapes
+    whose factors have full rank from the first step, so that both bases are unique.)"""
+    shapes = {"at_max_dim": (8, 8), "tensor_at_max_dim": (8, 3, 3), "below": (7, 7), "over": (12, 5)}
+    kw = {"freq": 5, "max_dim": 8, "p": 0.5}
+    ref = {"precondition_frequency": 5, "max_precond_dim": 8, "power": 0.5}
+    assert race("psoap", kw, V.PSoapRef, ref, shapes) < 1e-9
+    params = [(n, torch.nn.Parameter(torch.zeros(s))) for n, s in shapes.items()]
+    routes = {e.name: e.route for e in soapdsl.build("psoap", params, max_dim=8).plan.params}
+    assert routes == {"at_max_dim": 1, "tensor_at_max_dim": 1, "below": 0, "over": 1}
+
+
 def test_psoap_with_p_one_is_exactly_soap():
     def run(recipe):
         torch.manual_seed(0)
