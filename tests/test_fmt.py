@@ -49,9 +49,10 @@ def test_in_route_comment_stays_before_its_route():
     path = next(p for p in recipe_files() if p.name == "soap_muon.soap")
     out = fmt(path.read_text(encoding="utf-8"))
     assert (
-        "\n  # hidden matrices with a dim >= max_dim (soap_muon10): no Nesterov term, RMS-1 update\n  route matrix:\n"
-        in out
-    )
+        "\n  # hidden matrices with a dim >= max_dim (soap_muon10): no Nesterov term, RMS-1 update. The\n"
+        '  # reference\'s "std" projection rotates the smaller side whatever its size: max_dim=none\n'
+        "  route matrix:\n"
+    ) in out
 
 
 def test_trailing_and_stray_comments_are_kept():

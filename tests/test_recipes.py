@@ -191,6 +191,34 @@ def test_soap_muon_over_max_dim_branch():
     assert err < 1e-9
 
 
+OVER = {"wide": (9, 10), "tall": (11, 9), "square": (9, 9), "one_over": (12, 5), "small": (6, 6)}
+OVER_SHARED = {"blocks.0.fc.weight": (9, 10), "blocks.1.fc.weight": (9, 10), "blocks.0.proj.weight": (11, 9)}
+
+
+@pytest.mark.parametrize(
+    ("recipe", "ref_cls", "ref_kw", "shapes"),
+    [
+        ("soap_muon", R.SoapMuonRef, {}, OVER),
+        (
+            "soap_muon_shared",
+            V.SharedSoapMuonRef,
+            lambda ps: {"groups": [[ps["blocks.0.fc.weight"], ps["blocks.1.fc.weight"]]]},
+            OVER_SHARED,
+        ),
+    ],
+    ids=["soap_muon", "soap_muon_shared"],
+)
+def test_soap_muon_rotates_the_smaller_side_whatever_its_size(recipe, ref_cls, ref_kw, shapes):
+    """ALGORITHMS.md 3.3: the "std" projection factors the smaller side, with no size bound (the
+    downgrade to one side or none is "full"'s only); soap_muon10's branch for a matrix with a dim
+    >= max_dim then runs in that one-sided basis, also when both dims are >= max_dim (here 8)."""
+
+    def kw(ps):
+        return {"precondition_frequency": 5, "max_precond_dim": 8, **(ref_kw(ps) if callable(ref_kw) else ref_kw)}
+
+    assert race(recipe, {"freq": 5, "max_dim": 8}, ref_cls, kw, shapes) < 1e-9
+
+
 def test_soap_muon_at_full_width_equals_reference():
     """Newton-Schulz by halves (from 256 rows on a CPU) inside SOAP-Muon, in float64."""
     mats = {"wide": (256, 320), "tall": (384, 256)}

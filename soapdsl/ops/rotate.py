@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Literal, Union
 
 import torch
@@ -21,7 +22,7 @@ class RotateArgs(OpArgs):
     freq: Union[Int, Schedule] = 10
     beta: FirstStepHyper = Field(0.95, lt=1.0)
     beta_fallback: FirstStepHyper = Field(0.95, ge=0.0, lt=1.0)
-    max_dim: Int = Field(10000, ge=0)
+    max_dim: Union[Int, Literal["none"]] = 10000
     merge_dims: bool = False
     precondition_1d: bool = False
     skip_first: bool = False
@@ -54,6 +55,13 @@ class RotateArgs(OpArgs):
             if until < last or every < 1:
                 raise ValueError("schedule segments need increasing until_steps and periods >= 1")
             last = until
+        return v
+
+    @field_validator("max_dim")
+    @classmethod
+    def _bound(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("must be >= 0, or none (no bound)")
         return v
 
     @field_validator("share")
@@ -116,7 +124,9 @@ class Rotate(Op):
             step and kept for it, as SOAP caches its resolved shampoo_beta: a later change of
             beta2 reaches the stages that follow it (Adam's second moment), not the factors.
         beta_fallback: used when beta is negative (read at the first step, as beta is).
-        max_dim: a dim larger than this gets no factor (identity on that dim).
+        max_dim: a dim larger than this gets no factor (identity on that dim): a number >= 0,
+            or none for no bound, so that every dim `side` names gets one (SOAP-Muon's "std"
+            projection factors the smaller side whatever its size).
         merge_dims: merge consecutive dims while their product is <= max_dim (SOAP's option;
             a 50 x 100 matrix becomes one dim of 5000).
         precondition_1d: give vectors a full d x d factor (otherwise they are not rotated).
@@ -163,13 +173,18 @@ class Rotate(Op):
     def _args(self) -> RotateArgs:
         return self.args  # type: ignore[return-value]
 
+    def _max_dim(self) -> int:
+        """The largest dim that gets a factor (``max_dim``; none: no bound)."""
+        bound = self._args().max_dim
+        return sys.maxsize if bound == "none" else int(bound)
+
     def inner_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         a = self._args()
         if not a.merge_dims or len(shape) < 2:
             return shape
         if len(shape) == 4 and a.data_format == "channels_last":
             shape = (shape[0], shape[3], shape[1], shape[2])
-        return la.merge_shape(shape, a.max_dim)
+        return la.merge_shape(shape, self._max_dim())
 
     def factored(self, shape: tuple[int, ...]) -> list[int]:
         """Dims (of the inner shape) that get a factor and a basis."""
@@ -178,7 +193,7 @@ class Rotate(Op):
         if len(shape) == 0 or not inner:
             return []
         if len(shape) == 1:
-            return [0] if a.precondition_1d and inner[0] <= a.max_dim else []
+            return [0] if a.precondition_1d and inner[0] <= self._max_dim() else []
         last = len(inner) - 1
         if a.side == "both":
             dims = list(range(len(inner)))
@@ -190,7 +205,7 @@ class Rotate(Op):
             dims = [0] if inner[0] < inner[last] else [last]
         else:
             dims = [0] if inner[0] >= inner[last] else [last]
-        return [k for k in dims if inner[k] <= a.max_dim]
+        return [k for k in dims if inner[k] <= self._max_dim()]
 
     def state(self, shape: tuple[int, ...]) -> dict[str, StateSpec]:
         inner = self.inner_shape(shape)

@@ -457,6 +457,29 @@ def test_dims_above_max_dim_get_no_factor() -> None:
     assert _factor_keys("rotate(both, max_dim=6) { sign }", (7,)) == {}
 
 
+def test_max_dim_none_has_no_bound() -> None:
+    """max_dim=none: every dim that `side` names gets a factor, whatever its size (SOAP-Muon's
+    "std" projection); the steps equal those with a bound above every dim."""
+    big = soapdsl.build("rotate(smaller, max_dim=none) { sign } |> lr", [torch.zeros(2, 3)], lr=1.0)
+    assert big.plan.routes[0].ops[0].factored((40000, 12000)) == [1]  # (the op itself: no 12000^2 eigh here)
+    assert _factor_keys("rotate(smaller, max_dim=none) { sign }", (12, 11)) == {"GG1": (11, 11)}
+    assert _factor_keys("rotate(both, max_dim=none, precondition_1d=true) { sign }", (7,)) == {"GG0": (7, 7)}
+    merged = "rotate(both, max_dim=none, merge_dims=true) { sign }"
+    assert _factor_keys(merged, (2, 3, 4)) == {"GG0": (24, 24)}
+    shapes = [(9, 10), (11, 9), (3, 4, 5)]
+    (a,) = _tensors(27, shapes)
+    (b,) = _tensors(27, shapes)
+    free = soapdsl.build(f"rotate(smaller, freq=2, max_dim=none) {{ {ADAM_IN} }} |> lr", a, lr=1.0)
+    bound = soapdsl.build(f"rotate(smaller, freq=2, max_dim=11) {{ {ADAM_IN} }} |> lr", b, lr=1.0)
+    for gs in _tensors(28, shapes, 5):
+        _step(free, a, gs)
+        _step(bound, b, gs)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    with pytest.raises(soapdsl.SoapArgumentError, match=r"must be >= 0, or none \(no bound\)"):
+        soapdsl.build("rotate(smaller, max_dim=-1) { sign } |> lr", a, lr=1.0)
+
+
 @pytest.mark.parametrize(
     ("shape", "max_dim", "fmt", "merged", "freq"),
     [
