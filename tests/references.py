@@ -256,6 +256,7 @@ class _SoapBase(torch.optim.Optimizer):
     def _first_seen(self, p: torch.Tensor, group: dict) -> bool:
         """Handles 'state empty' and the first step (init, GG update, initial basis). True means: skip p now."""
         g = p.grad
+        assert g is not None, "called for a param with a grad only"
         state = self.state[p]
         if len(state) == 0:
             state["step"] = 0
