@@ -101,12 +101,38 @@ def evaluate(e: A.Expr, env: Mapping[str, Any]) -> Any:
     return _value(e, _Scope({k: ir.Ref(k) for k in env}, env, MacroTable())).evaluate(env)
 
 
-def constant(e: A.Expr) -> Any:
-    """Evaluate an expression that may use no parameter (header defaults)."""
+def constant(e: A.Expr, what: str = "a parameter default") -> Any:
+    """Evaluate an expression that may use no parameter (header defaults, --set values)."""
     v = _value(e, _Scope({}, {}, MacroTable()))
     if isinstance(v, ir.PipeVal):
-        raise SoapArgumentError("a pipeline cannot be a parameter default", e.loc)
+        raise SoapArgumentError(f"a pipeline cannot be {what}", e.loc)
     return v.evaluate({})
+
+
+def literal(text: str, file: str, shown: str, col: int, what: str) -> Any:
+    """One value written on a command line (``--set lr=3e-4``, ``soap:freq=20``): ``text``,
+    which starts at 1-based column ``col`` of ``shown``. It is parsed as the argument of a
+    stage, ``x(TEXT)``; an error points into ``shown`` as the user wrote it, not into that."""
+    from soapdsl.syntax.parser import parse
+
+    try:
+        module = parse(f"x({text})", file)
+        assert module.pipeline is not None
+        args = module.pipeline.stages[0].args
+        if len(args) != 1 or args[0].name is not None:
+            raise SoapArgumentError(f"{what}: expected one value, got {text.strip()!r}")
+        return constant(args[0].value, f"the value of {what}")
+    except SoapError as e:
+        loc = e.loc
+        if loc is not None and loc.file == file and loc.line == 1:
+            shift = col - 3  # TEXT starts at column 3 of x(TEXT)
+            # past the value's end: the wrapper's own ')' (the value closed it), so point at
+            # the value's last character
+            start = min(max(loc.col + shift, col), max(len(shown), 1))
+            end = loc.end_col + shift if loc.end_line == 1 else start + 1
+            e.loc = Loc(file, 1, start, 1, max(start + 1, min(end, len(shown) + 1)), shown)
+            e.args = (e.format(),)
+        raise
 
 
 # -- stages ---------------------------------------------------------------------------------

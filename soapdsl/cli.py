@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from soapdsl import __version__, library, registry
-from soapdsl.check import constant
+from soapdsl.check import literal
 from soapdsl.compiler import compile_plan
 from soapdsl.errors import SoapArgumentError, SoapError
-from soapdsl.syntax.parser import parse, parse_file
+from soapdsl.syntax.parser import parse_file
 from soapdsl.syntax.printer import format_module
 
 #: parameter shapes `soapdsl compile` uses when none are given: a small GPT-like model
@@ -43,12 +43,8 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
             raise SoapArgumentError(f"--set expects KEY=VALUE, got {item!r}")
         if key in out:  # as a config's or a race override's repeated key is
             raise SoapArgumentError(f"--set {key} is given twice: give each parameter once")
-        module = parse(f"x({text})", f"<--set {key}>")
-        assert module.pipeline is not None
-        args = module.pipeline.stages[0].args
-        if len(args) != 1 or args[0].name is not None:
-            raise SoapArgumentError(f"--set {key}: expected one value, got {text!r}")
-        out[key] = constant(args[0].value)
+        col = len(item.partition("=")[0]) + 2  # where the value starts in the item as typed
+        out[key] = literal(text, f"<--set {key}>", item, col, f"--set {key}")
     return out
 
 

@@ -201,3 +201,23 @@ def test_a_mistyped_path_says_it_was_read_as_recipe_text(capsys, spec):
     assert (code, out) == (1, "")
     assert f"note: no file '{spec}' exists, so it was read as recipe text" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("item", "message", "shown"),
+    [
+        ("lr=1)", "<--set lr>:1:5: syntax error: unexpected ')'", ["    1 | lr=1)", "      |     ^"]),
+        ("lr=$", "<--set lr>:1:4: syntax error: unexpected character '$'", ["    1 | lr=$", "      |    ^"]),
+        (
+            "lr={sign}",
+            "<--set lr>:1:4: error: a pipeline cannot be the value of --set lr",
+            ["    1 | lr={sign}", "      |    ^^^^^^"],
+        ),
+    ],
+)
+def test_a_bad_set_value_points_into_what_was_typed(capsys, item, message, shown):
+    """The value is parsed as x(VALUE); errors showed that wrapper, at its columns."""
+    code, out, err = run(capsys, "compile", "adamw", "--set", item)
+    assert (code, out) == (1, "")
+    lines = err.splitlines()
+    assert lines[0].startswith(message) and lines[1:3] == shown

@@ -228,6 +228,14 @@ def test_parse_spec_errors(spec):
         parse_spec(spec)
 
 
+def test_a_bad_override_value_points_into_the_spec():
+    with pytest.raises(SoapError) as info:
+        parse_spec("adamw:lr=1)")
+    lines = str(info.value).splitlines()
+    assert lines[0].startswith("<adamw:lr=1)>:1:11: syntax error: unexpected ')'")
+    assert lines[1:3] == ["    1 | adamw:lr=1)", "      |           ^"]
+
+
 def test_labels_are_unique():
     assert [s.label for s in parse_specs(["adamw", "soap:freq=20"])] == ["adamw", "soap"]
     assert [s.label for s in parse_specs(["soap", "soap:freq=20", "soap:lr=0.01,freq=5"])] == [

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from soapdsl import ir, library
-from soapdsl.check import constant
+from soapdsl.check import literal
 from soapdsl.errors import SoapArgumentError
-from soapdsl.syntax.parser import parse
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SOAP_PATH = re.compile(r"^[^\s:]+\.soap(::[A-Za-z_][A-Za-z0-9_]*)?$")
@@ -86,12 +85,9 @@ def _split_top(text: str, sep: str = ",") -> list[str]:
 
 def parse_value(key: str, text: str, where: str) -> Any:
     """One soapdsl literal, as ``soapdsl compile --set`` reads it."""
-    module = parse(f"x({text})", f"<{where}>")
-    assert module.pipeline is not None
-    args = module.pipeline.stages[0].args
-    if len(args) != 1 or args[0].name is not None:
-        raise SoapArgumentError(f"recipe spec '{where}': {key} takes one value, got {text.strip()!r}")
-    return constant(args[0].value)
+    at = where.rfind(f"{key}={text}")
+    col = at + len(key) + 2 if at >= 0 else 1
+    return literal(text, f"<{where}>", where, col, f"recipe spec '{where}': {key}")
 
 
 def parse_overrides(text: str, where: str) -> dict[str, Any]:
