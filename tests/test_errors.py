@@ -548,8 +548,10 @@ def test_an_lr_setting_from_a_parameter_notes_its_value():
 
 
 def test_an_lr_given_by_the_user_is_still_checked_when_built():
-    with pytest.raises(SoapArgumentError, match=r"route 'default' has lr=-1"):
+    with pytest.raises(SoapArgumentError, match=r"route 'default' has lr=-1") as info:
         soapdsl.build("sign |> lr", [torch.nn.Parameter(torch.zeros(2))], lr=-1)
+    # the location is where the recipe takes the lr; the note says the value was the user's
+    assert info.value.notes == ("recipe arguments given: lr=-1",)
 
 
 def test_a_label_inside_a_macro_twice_notes_the_use():
