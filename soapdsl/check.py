@@ -389,12 +389,26 @@ def _label_loc(s: A.Stage) -> Loc:
     return Loc(s.loc.file, line, col, line, col + len(s.label), s.loc.text)
 
 
+#: How deeply macros may call macros. Each level costs about 6 Python frames in the checker,
+#: which also recurses over expressions (parser.MAX_DEPTH): 100 stays far inside Python's
+#: default recursion limit and far above any real recipe library.
+MAX_MACRO_DEPTH = 100
+#: the macro uses an error lists, innermost first
+_MAX_MACRO_NOTES = 8
+
+
 def _expand(macro: A.Macro, call: A.Stage, scope: _Scope, used: bool = True) -> list[ir.Stage]:
     """The stages a macro call stands for; ``used`` is False when a macro is checked on its
     own, where it is defined (errors then get no "used at" note: there is no use)."""
     if macro.name in scope.stack:
         chain = " -> ".join((*scope.stack[scope.stack.index(macro.name) :], macro.name))
         raise SoapRecipeError(f"macro '{macro.name}' expands into itself ({chain})", call.loc)
+    if len(scope.stack) >= MAX_MACRO_DEPTH:  # each level recurses here: stay inside Python's limit
+        raise SoapRecipeError(
+            f"macro '{macro.name}' is used {len(scope.stack)} macros deep (via '{scope.stack[0]}');"
+            f" macros may nest at most {MAX_MACRO_DEPTH} deep",
+            call.loc,
+        )
     if call.block is not None:
         raise SoapRecipeError(f"macro '{macro.name}' takes no block", call.loc)
     names = [p.name for p in macro.params]
@@ -427,11 +441,16 @@ def _expand(macro: A.Macro, call: A.Stage, scope: _Scope, used: bool = True) -> 
     try:
         body = _pipeline(macro.body, inner)
     except SoapError as e:
+        note = None
         if used:
-            e.notes = (*e.notes, f"in macro '{macro.name}' used at {call.loc}")
+            note = f"in macro '{macro.name}' used at {call.loc}"
         elif e.loc is not None and not _within(e.loc, macro.loc):
             # an error in another macro it calls: say which definition's check found it
-            e.notes = (*e.notes, f"in macro '{macro.name}' defined at {macro.loc}")
+            note = f"in macro '{macro.name}' defined at {macro.loc}"
+        if note is not None and len(e.notes) < _MAX_MACRO_NOTES:
+            e.notes = (*e.notes, note)
+        elif note is not None and len(e.notes) == _MAX_MACRO_NOTES:
+            e.notes = (*e.notes, "... (the macros that use these are not listed)")
         e.args = (e.format(),)
         raise
     stages = list(body.stages)

@@ -627,3 +627,15 @@ def test_no_missing_pipe_note_where_a_pipe_would_not_help(source):
     with pytest.raises(SoapError) as info:
         library.resolve(source)
     assert MISSING_PIPE not in str(info.value)
+
+
+def _macro_chain(n: int) -> str:
+    return "".join(f"macro m{i} = m{i + 1}\n" for i in range(n)) + f"macro m{n} = sign\nrecipe r(lr=1) = m0 |> lr\n"
+
+
+def test_a_long_macro_chain_is_refused_not_a_recursion_error():
+    """500 macros each calling the next ran the checker out of Python's recursion limit."""
+    library.resolve(_macro_chain(99))
+    with pytest.raises(SoapRecipeError, match=r"macros may nest at most 100 deep") as info:
+        library.resolve(_macro_chain(500))
+    assert len(info.value.notes) == 9 and info.value.notes[-1].startswith("...")
