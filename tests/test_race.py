@@ -194,8 +194,8 @@ def test_out_is_created_before_training(tmp_path, monkeypatch):
     [
         (["--threads", "-3"], "race threads must be a positive integer or 0 (torch's default, at most 8), got -3"),
         (["--eval-every", "-1"], "race eval_every must be a positive integer or 0 (every steps // 10), got -1"),
-        (["--lr-grid", "-1,0"], "--lr-grid multipliers must be positive, got '-1'"),
-        (["--lr-grid", "-.5"], "--lr-grid multipliers must be positive, got '-.5'"),
+        (["--lr-grid", "-1,0"], "--lr-grid multipliers must be positive finite numbers, got '-1'"),
+        (["--lr-grid", "-.5"], "--lr-grid multipliers must be positive finite numbers, got '-.5'"),
     ],
 )
 def test_cli_negative_options_reach_their_check(tmp_path, capsys, option, message):

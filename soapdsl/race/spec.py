@@ -217,7 +217,7 @@ def parse_grid(text: str | Sequence[float] | None) -> list[float] | None:
         except (TypeError, ValueError):
             raise SoapArgumentError(f"--lr-grid expects multipliers like 0.5,1,2, got {item!r}") from None
         if not m > 0 or m == float("inf"):
-            raise SoapArgumentError(f"--lr-grid multipliers must be positive, got {item!r}")
+            raise SoapArgumentError(f"--lr-grid multipliers must be positive finite numbers, got {item!r}")
         if m in out:
             raise SoapArgumentError(f"--lr-grid lists {item!r} twice")
         out.append(m)
