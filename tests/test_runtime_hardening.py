@@ -468,3 +468,11 @@ def test_a_parameter_taken_out_of_its_group_stops_moving():
     model(torch.randn(2, 4)).sum().backward()
     opt.step()
     assert torch.equal(model.bias, before)
+
+
+def test_a_dict_of_parameters_gets_a_hint():
+    """Iterating a dict gives its keys: 'parameter 'param.0' is a str' said nothing useful."""
+    w = torch.nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(SoapArgumentError, match=r"params is a dict: pass its \.items\(\)"):
+        soapdsl.build("adamw", {"w": w})
+    assert soapdsl.build("adamw", {"w": w}.items()).param_groups[0]["params"] == [w]
