@@ -180,6 +180,7 @@ def test_long_sums_and_deep_blocks_point_at_where_the_limit_is_crossed(n):
     with pytest.raises(SoapSyntaxError) as e:
         soapdsl.parse("scale(" + "+".join(["1"] * n) + ")")
     assert (e.value.loc.line, e.value.loc.col) == (1, 7)  # the chain, from its first term
+    assert e.value.notes == ("each operator of a chain such as a + b + c counts one level",)
     head = "recipe r(lr=1e-3) = "
     with pytest.raises(SoapSyntaxError) as e:
         soapdsl.parse(head + "rotate(both) { " * n + "sign" + " }" * n)

@@ -156,7 +156,13 @@ def _check_depth(module: A.Module) -> None:
             if depth > MAX_DEPTH:
                 loc = node.loc
                 start = Loc(loc.file, loc.line, loc.col, loc.line, loc.col + 1, loc.text)
-                raise SoapSyntaxError(f"expression nested too deeply (more than {MAX_DEPTH} levels)", start)
+                # a long flat chain (1 + 1 + ... + 1) is a tree one level deeper per operator
+                chain = (
+                    ["each operator of a chain such as a + b + c counts one level"] if isinstance(node, A.BinOp) else []
+                )
+                raise SoapSyntaxError(
+                    f"expression nested too deeply (more than {MAX_DEPTH} levels)", start, notes=chain
+                )
         stack.extend((getattr(node, f.name), depth) for f in reversed(fields(node)) if f.name != "loc")
 
 
