@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import torch
 from pydantic import ValidationError
 
 from soapdsl import ir, registry
@@ -488,9 +489,20 @@ def lr_problem(lr: Any) -> str | None:
     """Why ``lr`` cannot be a route's learning rate, or None (also for an unknown lr: None)."""
     if lr is None:
         return None
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not math.isfinite(lr) or lr < 0:
+    if isinstance(lr, bool) or not isinstance(lr, int | float):
         return "the learning rate must be a finite number >= 0"
+    try:
+        value = float(lr)
+    except OverflowError:  # an int past float's range
+        value = math.inf
+    if not math.isfinite(value) or value < 0:
+        return "the learning rate must be a finite number >= 0"
+    if value > _FLOAT32_MAX:  # it multiplies float32 tensors, where it would overflow
+        return f"the learning rate must be at most {_FLOAT32_MAX:.4g}, the largest float32"
     return None
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def check_selector(sel: A.Selector, env: Mapping[str, Any], names: Mapping[str, ir.Value]) -> None:

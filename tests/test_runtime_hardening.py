@@ -476,3 +476,19 @@ def test_a_dict_of_parameters_gets_a_hint():
     with pytest.raises(SoapArgumentError, match=r"params is a dict: pass its \.items\(\)"):
         soapdsl.build("adamw", {"w": w})
     assert soapdsl.build("adamw", {"w": w}.items()).param_groups[0]["params"] == [w]
+
+
+@pytest.mark.parametrize("lr", [1e39, 10**400])
+def test_an_lr_past_float32_is_refused_at_build_and_at_the_step(lr):
+    """It multiplies float32 tensors: 1e39 failed inside torch ("cannot be converted to type
+    float without overflow"), and an int past float's range raised OverflowError."""
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(SoapArgumentError, match="the learning rate must be"):
+        soapdsl.build("sign |> lr", model, lr=lr)
+    opt = soapdsl.build("sign |> lr", model, lr=1e-3)
+    model(torch.randn(1, 2)).sum().backward()
+    opt.param_groups[0]["lr"] = lr
+    with pytest.raises(
+        SoapArgumentError, match=r"param_group\['lr'\] of route 'default' is .*the learning rate must be"
+    ):
+        opt.step()

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 from pydantic import ValidationError
 
 from soapdsl.check import _pydantic_message as pydantic_message
+from soapdsl.check import lr_problem
 from soapdsl.compiler import FORMAT_VERSION, Plan, RoutePlan, selector_names, state_dtype, walk_ops, walk_shaped
 from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapShapeError, SoapStateError
 from soapdsl.ir import const_text
@@ -346,11 +346,10 @@ class SoapOptimizer(torch.optim.Optimizer):
         plain = tuple(_number(rp, k, v) for k, v in zip(keys, values, strict=True))
         changed = {k: n for k, n, v in zip(keys, plain, values, strict=True) if n is not v}
         view = {**group, **changed} if changed else group
-        lr = view["lr"]
-        if not math.isfinite(lr) or lr < 0:
+        problem = lr_problem(view["lr"])
+        if problem is not None:
             raise SoapArgumentError(
-                f"param_group['lr'] of route '{rp.selector}' is {_text(values[keys.index('lr')])};"
-                " the learning rate must be a finite number >= 0"
+                f"param_group['lr'] of route '{rp.selector}' is {_text(values[keys.index('lr')])}; {problem}"
             )
         for op in walk_ops(rp.ops):
             if op.dynamic:
