@@ -351,7 +351,9 @@ def _pipeline(p: A.Pipeline, scope: _Scope) -> ir.Pipeline:
             out.extend(_expand(scope.macros.macros[s.name], s, scope))
         else:
             candidates = list(registry.all_ops()) + list(scope.macros.macros)
-            raise SoapNameError(f"unknown operator '{s.name}'" + did_you_mean(s.name, candidates), s.loc)
+            raise SoapNameError(
+                f"unknown operator '{s.name}'" + did_you_mean(s.name, candidates), s.loc, notes=_recipe_hint(s.name)
+            )
         for j, stage in enumerate(out[before:], before):
             if stage.label is None:
                 continue
@@ -396,6 +398,23 @@ def _label_loc(s: A.Stage) -> Loc:
 MAX_MACRO_DEPTH = 100
 #: the macro uses an error lists, innermost first
 _MAX_MACRO_NOTES = 8
+
+
+def _recipe_hint(name: str) -> list[str]:
+    """A note for a stage named after a shipped recipe (`route matrix: muon`)."""
+    from soapdsl import library  # library imports this module
+
+    try:
+        shipped = name in library.library().recipes
+    except SoapError:  # the library itself failed to load: no hint
+        return []
+    if not shipped:
+        return []
+    return [
+        f"'{name}' is a shipped recipe; a stage is an operator or a macro (such as the prelude's"
+        " adam and adamw). To give some parameters another recipe, override a route in a config"
+        " (docs/api.md#config-files-yaml), or copy the recipe's pipeline into this route"
+    ]
 
 
 def _expand(macro: A.Macro, call: A.Stage, scope: _Scope, used: bool = True) -> list[ir.Stage]:

@@ -639,3 +639,12 @@ def test_a_long_macro_chain_is_refused_not_a_recursion_error():
     with pytest.raises(SoapRecipeError, match=r"macros may nest at most 100 deep") as info:
         library.resolve(_macro_chain(500))
     assert len(info.value.notes) == 9 and info.value.notes[-1].startswith("...")
+
+
+def test_a_shipped_recipe_used_as_a_stage_says_what_it_is():
+    with pytest.raises(SoapNameError, match=r"unknown operator 'muon'\n") as info:
+        library.resolve("recipe r(lr=1):\n  route matrix: muon\n  route default: adamw\n")
+    assert len(info.value.notes) == 1 and info.value.notes[0].startswith("'muon' is a shipped recipe; a stage is")
+    with pytest.raises(SoapNameError) as info:
+        library.resolve("recipe r(lr=1) = sgn |> lr")
+    assert info.value.notes == ()
