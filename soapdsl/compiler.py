@@ -447,22 +447,17 @@ def _route_plan(index: int, route: ir.Route, values: Mapping[str, Any], args: Ma
         # the selector's comparisons may read a required parameter, which check_recipe could not
         check_selector(route.selector, env, {k: ir.Ref(k) for k in env})
         ops = _build_ops(route.pipeline, env)
+        lr = env.get("lr")
+        problem = lr_problem(lr) if lr is not None else "the learning rate must be a finite number >= 0"
+        if problem is not None:
+            raise SoapArgumentError(f"route '{route.selector_text()}' has lr={ir.const_text(lr)}; {problem}", route.loc)
     except SoapError as e:
+        # the values may have come from the user's arguments, not from the recipe the location is in
         note = ", ".join(f"{k}={ir.const_text(v)}" for k, v in args.items())
         if note:
             e.notes = (*e.notes, f"recipe arguments given: {note}")
             e.args = (e.format(),)
         raise
-    lr = env.get("lr")
-    problem = lr_problem(lr) if lr is not None else "the learning rate must be a finite number >= 0"
-    if problem is not None:
-        given = ", ".join(f"{k}={ir.const_text(v)}" for k, v in args.items())
-        raise SoapArgumentError(
-            f"route '{route.selector_text()}' has lr={ir.const_text(lr)}; {problem}",
-            route.loc,
-            # the value came from the user's arguments, not from the recipe the location is in
-            notes=[f"recipe arguments given: {given}"] if given else [],
-        )
     every = list(walk_ops(ops))
     # a parameter that only first-step arguments read is fixed too: a change could reach only the
     # parameters that have not stepped yet. One that a stage follows every step stays free to change.
