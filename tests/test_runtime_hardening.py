@@ -425,7 +425,7 @@ def test_parameter_resized_in_place_is_named_not_stepped(recipe, rows):
     model(x).sum().backward()
     with pytest.raises(
         soapdsl.SoapShapeError,
-        match=rf"'0\.weight' has shape \[{rows}, 4\], but its .*(made for \[5, 4\]|has shape \[5, 5\], not)",
+        match=rf"'0\.weight' has shape \[{rows}, 4\], but its state '[^']+' has shape \[5, [45]\], not \[{rows}, ",
     ):
         opt.step()
     del opt.state[emb]

@@ -128,9 +128,10 @@ def usable(params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tens
     """Whether the kernel can take this step: dense CPU or CUDA tensors, gradients and state in
     the parameters' dtype, on their device and in their memory layout (checked every step: a
     gradient's dtype may change under autocast, and a gradient set by hand may be laid out
-    otherwise than its parameter, a parameter resized in place no longer fits its state; the
-    step then takes the stage path, which names it). This runs on every step of every fused route, so it reads
-    each attribute once and compares strides as tuples first (see ``same_layout`` for the rest)."""
+    otherwise than its parameter). A parameter resized in place never gets here: its layout is
+    built again, and that refuses it (``SoapOptimizer._check_state_fits``). This runs on every
+    step of every fused route, so it reads each attribute once and compares strides as tuples
+    first (see ``same_layout`` for the rest)."""
     for p, mp, vp in zip(params, m, v, strict=True):
         g = p.grad
         if g is None or g.is_sparse:
@@ -148,8 +149,6 @@ def usable(params: list[torch.Tensor], m: list[torch.Tensor], v: list[torch.Tens
             ):
                 return False
         else:
-            return False
-        if p.shape != mp.shape:  # resized in place since its state was made: the kernel would overrun
             return False
         s = mp.stride()
         if (p.stride() != s or g.stride() != s or vp.stride() != s) and not (

@@ -191,7 +191,9 @@ class _Cohort:
 
 @dataclass
 class _Layout:
-    signature: tuple[int, ...]
+    #: what the layout was built for: the ids of the parameters with a gradient and their shapes
+    #: (a parameter resized in place needs another layout, whose check names it)
+    signature: tuple[tuple[int, ...], tuple[torch.Size, ...]]
     cohorts: list[_Cohort]
 
 
@@ -586,12 +588,13 @@ class SoapOptimizer(torch.optim.Optimizer):
 
     def _layout(self, rp: RoutePlan, group: dict[str, Any]) -> _Layout:
         active = [p for p in group["params"] if p.grad is not None]
-        signature = tuple(id(p) for p in active)
+        ids = tuple(id(p) for p in active)
+        signature = (ids, tuple(p.shape for p in active))
         cached = self._layouts.get(rp.index)
         if cached is not None and cached.signature == signature:
             return cached
         members = self._members[rp.index]
-        if len(set(signature)) < len(signature) or not members.issuperset(signature):
+        if len(set(ids)) < len(ids) or not members.issuperset(ids):
             # a tensor put into group["params"] by hand: it was never routed, shape-checked or
             # given a name, and one listed twice would be stepped twice
             raise SoapArgumentError(
@@ -711,9 +714,6 @@ class SoapOptimizer(torch.optim.Optimizer):
             return
         grads: list[torch.Tensor] = []
         for b in cohort.buckets:
-            for p in b.params:
-                if p.shape != b.shape:
-                    raise self._resized(p, f"its optimizer state was made for {list(b.shape)}")
             dtype = state_dtype(b.params[0].dtype)
             if b.stacked and b.size > 1:
                 grads.append(torch.stack([p.grad for p in b.params]).to(dtype))  # type: ignore[misc]
@@ -742,21 +742,18 @@ class SoapOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value
             self._layouts.pop(rp.index, None)
 
-    def _resized(self, p: torch.Tensor, why: str) -> SoapShapeError:
-        name = self._names.get(id(p), "?")
-        return SoapShapeError(
-            f"parameter '{name}' has shape {list(p.shape)}, but {why}: it was resized in place after"
-            " its first step. Reset its state (`del opt.state[p]`) to start it afresh at the new"
-            " shape, or build a new optimizer"
-        )
-
     def _check_state_fits(self, rp: RoutePlan, p: torch.Tensor) -> None:
         """On a new layout: ``p``'s state tensors have the shapes its current shape asks for."""
         st = self.state[p]
         for key, (shape, _) in self._state_specs(rp, p).items():
             t = st.get(key)
             if torch.is_tensor(t) and tuple(t.shape) != shape:
-                raise self._resized(p, f"its state '{key}' has shape {list(t.shape)}, not {list(shape)}")
+                raise SoapShapeError(
+                    f"parameter '{self._names.get(id(p), '?')}' has shape {list(p.shape)}, but its state"
+                    f" '{key}' has shape {list(t.shape)}, not {list(shape)}: it was resized in place after"
+                    " its first step. Reset its state (`del opt.state[p]`) to start it afresh at the new"
+                    " shape, or build a new optimizer"
+                )
 
     def _run_fused(self, f: fused.FusedAdam, group: dict[str, Any], cohort: _Cohort) -> bool:
         """One step of an Adam-shaped route through torch's fused kernel; False: not possible."""
