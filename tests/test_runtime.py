@@ -25,17 +25,27 @@ RECIPES = [
 ]
 
 
+def _train(runs: list[tuple[torch.nn.Module, torch.optim.Optimizer]], data) -> None:
+    """Train each (model, optimizer) on the same batches, in step with each other."""
+    for batch in data:
+        for model, opt in runs:
+            train_step(model, opt, batch)
+
+
+def _assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize(("recipe", "args"), RECIPES, ids=["adamw", "adam", "ns"])
 def test_state_dict_resume_is_bit_identical(recipe, args):
     model = make_net()
     opt = soapdsl.build(recipe, model, **args)
-    for batch in DATA[:60]:
-        train_step(model, opt, batch)
+    _train([(model, opt)], DATA[:60])
     buf = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
 
-    for batch in DATA[60:]:
-        train_step(model, opt, batch)
+    _train([(model, opt)], DATA[60:])
 
     buf.seek(0)
     saved = torch.load(buf, weights_only=False)
@@ -43,10 +53,8 @@ def test_state_dict_resume_is_bit_identical(recipe, args):
     resumed.load_state_dict(saved["model"])
     opt2 = soapdsl.build(recipe, resumed, **args)
     opt2.load_state_dict(saved["opt"])
-    for batch in DATA[60:]:
-        train_step(resumed, opt2, batch)
-    for p, q in zip(model.parameters(), resumed.parameters(), strict=True):
-        assert torch.equal(p, q)
+    _train([(resumed, opt2)], DATA[60:])
+    _assert_same(model, resumed)
 
 
 def test_step_counters_are_views_of_one_tensor_per_cohort():
@@ -55,8 +63,7 @@ def test_step_counters_are_views_of_one_tensor_per_cohort():
     gets its own count back out of it."""
     model = make_net()
     opt = soapdsl.build("adamw", model)
-    for batch in DATA[:3]:
-        train_step(model, opt, batch)
+    _train([(model, opt)], DATA[:3])
     params = list(model.parameters())
     steps = [opt.state[p]["step"] for p in params]
     assert all(s.shape == () and s.dtype == torch.float32 and s.device.type == "cpu" for s in steps)
@@ -153,8 +160,7 @@ def test_params_without_grad_are_skipped_and_keep_no_state():
     model.head.weight.requires_grad_(False)
     frozen = model.head.weight.detach().clone()
     opt = soapdsl.build("adamw", model)
-    for batch in DATA[:3]:
-        train_step(model, opt, batch)
+    _train([(model, opt)], DATA[:3])
     assert torch.equal(model.head.weight, frozen)
     assert len(opt.state[model.head.weight]) == 0
 
@@ -339,8 +345,7 @@ def test_state_reset_from_outside_restarts_the_state(recipe, how):
     state (one parameter reset)."""
     model = make_net()
     opt = soapdsl.build(recipe, model, lr=3e-3)
-    for batch in DATA[:4]:
-        train_step(model, opt, batch)
+    _train([(model, opt)], DATA[:4])
     params = list(model.parameters())
     target = model.fc2.weight
     index = [id(p) for p in params].index(id(target))
@@ -352,11 +357,8 @@ def test_state_reset_from_outside_restarts_the_state(recipe, how):
     if how not in ("assign", "clear"):
         del sd["state"][index]
         expected.load_state_dict(sd)
-    for batch in DATA[4:8]:
-        train_step(model, opt, batch)
-        train_step(expected_model, expected, batch)
-    for p, q in zip(model.parameters(), expected_model.parameters(), strict=True):
-        assert torch.equal(p, q)
+    _train([(model, opt), (expected_model, expected)], DATA[4:8])
+    _assert_same(model, expected_model)
     saved, wanted = opt.state_dict()["state"], expected.state_dict()["state"]
     assert sorted(saved) == sorted(wanted) == list(range(len(params)))
     assert all(torch.equal(saved[i]["step"], wanted[i]["step"]) for i in saved)
@@ -368,16 +370,11 @@ def test_state_reset_of_one_parameter_matches_torch():
     model, ref = make_net(), make_net()
     opt = soapdsl.build("adamw", model, lr=3e-3)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-3, fused=True)
-    for batch in DATA[:4]:
-        train_step(model, opt, batch)
-        train_step(ref, opt_ref, batch)
+    _train([(model, opt), (ref, opt_ref)], DATA[:4])
     del opt.state[model.fc2.weight]
     del opt_ref.state[ref.fc2.weight]
-    for batch in DATA[4:8]:
-        train_step(model, opt, batch)
-        train_step(ref, opt_ref, batch)
-    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
-        assert torch.equal(p, q)
+    _train([(model, opt), (ref, opt_ref)], DATA[4:8])
+    _assert_same(model, ref)
 
 
 def test_state_tensor_replaced_from_outside_is_the_one_used():
@@ -386,21 +383,16 @@ def test_state_tensor_replaced_from_outside_is_the_one_used():
     model, ref = make_net(), make_net()
     opt = soapdsl.build("adamw", model, lr=3e-3)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=3e-3, fused=True)
-    for batch in DATA[:3]:
-        train_step(model, opt, batch)
-        train_step(ref, opt_ref, batch)
+    _train([(model, opt), (ref, opt_ref)], DATA[:3])
     new = torch.zeros_like(model.fc2.weight)
     opt.state[model.fc2.weight]["1.momentum.buf"] = new
     opt_ref.state[ref.fc2.weight]["exp_avg"] = torch.zeros_like(ref.fc2.weight)
-    for batch in DATA[3:6]:
-        train_step(model, opt, batch)
-        train_step(ref, opt_ref, batch)
+    _train([(model, opt), (ref, opt_ref)], DATA[3:6])
     assert opt.state[model.fc2.weight]["1.momentum.buf"] is new or torch.equal(
         opt.state[model.fc2.weight]["1.momentum.buf"], new
     )
     assert torch.equal(new, opt_ref.state[ref.fc2.weight]["exp_avg"])
-    for p, q in zip(model.parameters(), ref.parameters(), strict=True):
-        assert torch.equal(p, q)
+    _assert_same(model, ref)
 
 
 def test_unchanged_state_keeps_its_layout_and_pickles_plain():
@@ -427,8 +419,7 @@ def test_unchanged_state_keeps_its_layout_and_pickles_plain():
     fresh = soapdsl.build("adamw", fresh_model)
     train_step(twin_model, twin, DATA[2])
     train_step(fresh_model, fresh, DATA[2])
-    for p, q in zip(twin_model.parameters(), fresh_model.parameters(), strict=True):
-        assert torch.equal(p, q)
+    _assert_same(twin_model, fresh_model)
 
 
 def test_state_dict_hooks_see_what_torch_hooks_see():
@@ -522,8 +513,7 @@ def test_step_under_autocast_runs_as_without(recipe):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cast):
                 opt.step()
         runs.append(model)
-    for p, q in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
-        assert torch.equal(p, q)
+    _assert_same(runs[0], runs[1])
 
 
 def test_state_dict_without_top_level_entry_loads_from_its_param_groups():
@@ -532,19 +522,15 @@ def test_state_dict_without_top_level_entry_loads_from_its_param_groups():
     name and fingerprint, so the dict still loads, and still refuses another recipe."""
     model = make_net()
     opt = soapdsl.build("soap", model)
-    for batch in DATA[:3]:
-        train_step(model, opt, batch)
+    _train([(model, opt)], DATA[:3])
     sd = opt.state_dict()
     del sd["soapdsl"]
     twin = make_net(seed=4)
     twin.load_state_dict(model.state_dict())
     opt2 = soapdsl.build("soap", twin)
     opt2.load_state_dict(sd)
-    for batch in DATA[3:6]:
-        train_step(model, opt, batch)
-        train_step(twin, opt2, batch)
-    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        assert torch.equal(p, q)
+    _train([(model, opt), (twin, opt2)], DATA[3:6])
+    _assert_same(model, twin)
     with pytest.raises(SoapStateError, match="saved by recipe 'soap'"):
         soapdsl.build("soap_muon", make_net()).load_state_dict(sd)
 
@@ -559,8 +545,7 @@ def test_distributed_checkpoint_state_dict_round_trip(tmp_path):
     try:
         model = make_net()
         opt = soapdsl.build("soap", model)
-        for batch in DATA[:3]:
-            train_step(model, opt, batch)
+        _train([(model, opt)], DATA[:3])
         osd = get_optimizer_state_dict(model, opt)
         twin = make_net(seed=4)
         twin.load_state_dict(model.state_dict())
@@ -568,11 +553,8 @@ def test_distributed_checkpoint_state_dict_round_trip(tmp_path):
         set_optimizer_state_dict(twin, opt2, osd)
     finally:
         dist.destroy_process_group()
-    for batch in DATA[3:6]:
-        train_step(model, opt, batch)
-        train_step(twin, opt2, batch)
-    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
-        assert torch.equal(p, q)
+    _train([(model, opt), (twin, opt2)], DATA[3:6])
+    _assert_same(model, twin)
 
 
 def test_numpy_scalars_and_0d_tensors_are_taken_as_python_numbers():
