@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import torch
 from pydantic import ValidationError
 
 from soapdsl import ir, registry
@@ -521,7 +520,7 @@ def lr_problem(lr: Any) -> str | None:
     return None
 
 
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_FLOAT32_MAX = registry.FLOAT32_MAX
 
 
 def check_selector(sel: A.Selector, env: Mapping[str, Any], names: Mapping[str, ir.Value]) -> None:

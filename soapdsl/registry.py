@@ -84,10 +84,20 @@ def _number(v: Any) -> Any:
     return v
 
 
+#: The largest float32: a float argument scales float32 tensors (a parameter's state and the
+#: kernels' scalars), where a larger value overflows inside torch.
+FLOAT32_MAX = 3.4028234663852886e38  # float(torch.finfo(torch.float32).max)
+
+
 def _float(v: Any) -> Any:
     if isinstance(v, int) and not isinstance(v, bool) and abs(v) > sys.float_info.max:
         raise PydanticCustomError("finite_number", "is too large for a float")
-    return _number(v)
+    v = _number(v)
+    if isinstance(v, int | float) and abs(v) > FLOAT32_MAX:
+        raise PydanticCustomError(
+            "finite_number", f"must be at most {FLOAT32_MAX:.4g} in magnitude, the largest float32"
+        )
+    return v
 
 
 #: A float argument that may follow a recipe parameter (read from the param_group per step).

@@ -492,3 +492,20 @@ def test_an_lr_past_float32_is_refused_at_build_and_at_the_step(lr):
         SoapArgumentError, match=r"param_group\['lr'\] of route 'default' is .*the learning rate must be"
     ):
         opt.step()
+
+
+@pytest.mark.parametrize("alpha", [1e39, -1e39])
+def test_a_float_argument_past_float32_is_refused_at_build_and_at_the_step(alpha):
+    """Any float argument scales float32 tensors: ademamix(alpha=1e39) failed inside torch at
+    the first step ("value cannot be converted to type float without overflow")."""
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(SoapArgumentError, match=r"invalid alpha=.*must be at most 3\.403e\+38 in magnitude"):
+        soapdsl.build("ademamix", model, alpha=alpha)
+    opt = soapdsl.build("ademamix", model)
+    model(torch.randn(1, 2)).sum().backward()
+    opt.step()
+    opt.param_groups[0]["alpha"] = alpha
+    with pytest.raises(SoapArgumentError, match=r"alpha became invalid during training .*largest float32"):
+        opt.step()
+    opt.param_groups[0]["alpha"] = 3e38  # the largest float32 and below still work
+    opt.step()
