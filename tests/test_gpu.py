@@ -6,7 +6,7 @@
   device-side step counts kept in step with the host's through fallbacks and a state-dict load;
 * no host-device synchronisation inside ``step()`` (``torch.cuda.set_sync_debug_mode``), outside
   the steps that decompose a matrix with ``eigh`` (which checks for convergence on the host);
-* state dicts move between devices.
+* state dicts move between devices, and so does the state of a model moved after its first steps.
 """
 
 from __future__ import annotations
@@ -280,6 +280,33 @@ def test_state_dict_moves_between_devices(recipe: str) -> None:
         train_step(cpu_model, cpu_opt, (x, y))
     for p, q in zip(gpu_model.parameters(), cpu_model.parameters(), strict=True):
         torch.testing.assert_close(p.cpu(), q, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "soap", "muon"])
+def test_model_moved_after_its_first_steps_trains_as_if_saved_and_loaded(recipe: str) -> None:
+    """``model.to("cuda")`` after some steps on the CPU, and back: the state follows the
+    parameters, where ``load_state_dict`` would put it, and training goes on as after a save
+    and a load on the new device."""
+    a, b = make_net(), make_net()
+    opt_a, opt_b = soapdsl.build(recipe, a), soapdsl.build(recipe, b)
+    data = batches(24)
+    for batch in data[:8]:
+        train_step(a, opt_a, batch)
+        train_step(b, opt_b, batch)
+    for device, chunk in ((CUDA, data[8:16]), ("cpu", data[16:])):
+        a.to(device)
+        b.to(device)
+        saved = opt_b.state_dict()
+        opt_b = soapdsl.build(recipe, b)
+        opt_b.load_state_dict(saved)
+        for x, y in chunk:
+            train_step(a, opt_a, (x.to(device), y.to(device)))
+            train_step(b, opt_b, (x.to(device), y.to(device)))
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q)
+            for key, value in opt_a.state[p].items():
+                if key != "step" and torch.is_tensor(value):
+                    assert value.device == p.device, key
 
 
 # -- torch.compile on CUDA -------------------------------------------------------------------------

@@ -231,6 +231,30 @@ def test_dtype_kept_and_state_at_least_fp32(dtype):
                 assert value.dtype == torch.promote_types(dtype, torch.float32)
 
 
+@pytest.mark.parametrize("recipe", ["adamw", "soap", "muon"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_model_converted_after_its_first_steps_trains_as_if_saved_and_loaded(recipe, dtype):
+    """``model.double()`` after some steps failed inside torch ("expected dtype float for `end`
+    but got dtype double"): the state now follows the parameters to their new dtype, where
+    ``load_state_dict`` would put it, and training goes on as after a save and a load."""
+    a, b = make_net(), make_net()
+    opt_a, opt_b = soapdsl.build(recipe, a), soapdsl.build(recipe, b)
+    _train([(a, opt_a), (b, opt_b)], DATA[:12])
+    a.to(dtype)
+    b.to(dtype)
+    saved = opt_b.state_dict()
+    opt_b = soapdsl.build(recipe, b)
+    opt_b.load_state_dict(saved)
+    data = [(x.to(dtype), y) for x, y in DATA[12:24]]
+    _train([(a, opt_a), (b, opt_b)], data)
+    _assert_same(a, b)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert p.dtype == dtype
+        for key, value in opt_a.state[p].items():
+            if key != "step" and torch.is_tensor(value):
+                assert value.dtype == opt_b.state[q][key].dtype == torch.promote_types(dtype, torch.float32), key
+
+
 def test_zero_dim_and_empty_parameters():
     scalar = torch.nn.Parameter(torch.tensor(2.0))
     empty = torch.nn.Parameter(torch.zeros(0, 3))

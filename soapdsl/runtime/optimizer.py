@@ -191,9 +191,10 @@ class _Cohort:
 
 @dataclass
 class _Layout:
-    #: what the layout was built for: the ids of the parameters with a gradient and their shapes
-    #: (a parameter resized in place needs another layout, whose check names it)
-    signature: tuple[tuple[int, ...], tuple[torch.Size, ...]]
+    #: what the layout was built for: the ids of the parameters with a gradient, their shapes,
+    #: dtypes and devices (a parameter resized in place needs another layout, whose check names
+    #: it; one converted or moved needs its state converted or moved along)
+    signature: tuple[tuple[int, ...], tuple[torch.Size, ...], tuple[torch.dtype, ...], tuple[torch.device, ...]]
     cohorts: list[_Cohort]
 
 
@@ -588,8 +589,13 @@ class SoapOptimizer(torch.optim.Optimizer):
 
     def _layout(self, rp: RoutePlan, group: dict[str, Any]) -> _Layout:
         active = [p for p in group["params"] if p.grad is not None]
-        ids = tuple(id(p) for p in active)
-        signature = (ids, tuple(p.shape for p in active))
+        ids = tuple(map(id, active))
+        signature = (
+            ids,
+            tuple([p.shape for p in active]),
+            tuple([p.dtype for p in active]),
+            tuple([p.device for p in active]),
+        )
         cached = self._layouts.get(rp.index)
         if cached is not None and cached.signature == signature:
             return cached
@@ -743,17 +749,24 @@ class SoapOptimizer(torch.optim.Optimizer):
             self._layouts.pop(rp.index, None)
 
     def _check_state_fits(self, rp: RoutePlan, p: torch.Tensor) -> None:
-        """On a new layout: ``p``'s state tensors have the shapes its current shape asks for."""
+        """On a new layout: ``p``'s state tensors have the shapes its current shape asks for,
+        and follow it to its current dtype and device (as ``load_state_dict`` puts them): a
+        model converted or moved after its first step (``model.double()``, ``model.to(dev)``)
+        keeps training with its state, as it would after saving and loading."""
         st = self.state[p]
-        for key, (shape, _) in self._state_specs(rp, p).items():
+        for key, (shape, dtype) in self._state_specs(rp, p).items():
             t = st.get(key)
-            if torch.is_tensor(t) and tuple(t.shape) != shape:
+            if not torch.is_tensor(t):
+                continue
+            if tuple(t.shape) != shape:
                 raise SoapShapeError(
                     f"parameter '{self._names.get(id(p), '?')}' has shape {list(p.shape)}, but its state"
                     f" '{key}' has shape {list(t.shape)}, not {list(shape)}: it was resized in place after"
                     " its first step. Reset its state (`del opt.state[p]`) to start it afresh at the new"
                     " shape, or build a new optimizer"
                 )
+            if t.dtype != dtype or t.device != p.device:
+                st[key] = t.to(device=p.device, dtype=dtype)
 
     def _run_fused(self, f: fused.FusedAdam, group: dict[str, Any], cohort: _Cohort) -> bool:
         """One step of an Adam-shaped route through torch's fused kernel; False: not possible."""
