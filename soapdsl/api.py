@@ -41,13 +41,29 @@ def compile(recipe: str | Path, params: Any, *, torch_compile: bool = False, **a
     return plan
 
 
-def build(recipe: str | Path, params: Any, *, torch_compile: bool = False, **args: Any) -> SoapOptimizer:
+def build(
+    recipe: str | Path, params: Any, *, torch_compile: bool = False, distributed: Any = False, **args: Any
+) -> SoapOptimizer:
     """Build the optimizer: ``soapdsl.build("adamw", model, lr=3e-4)``.
 
     ``torch_compile=True`` runs every route's pipeline through ``torch.compile`` (the route
     option ``[compile=true]`` does it for one route); results match the eager path up to rounding.
+
+    ``distributed=True`` (or a process group) is for data-parallel training (DDP), where every
+    rank steps the same parameters with the same gradients: each eigenbasis refresh, inverse
+    root and Newton-Schulz iteration then runs on one rank and its result is shared, instead of
+    running on every rank. Every rank must build it, as every rank builds DDP; the state stays
+    whole on every rank, and the numbers equal one process's.
     """
-    return SoapOptimizer(compile(recipe, params, torch_compile=torch_compile, **args))
+    if distributed is not False and distributed is not None and distributed is not True:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and isinstance(distributed, dist.ProcessGroup)):
+            raise SoapArgumentError(
+                f"distributed must be True, False or a torch.distributed process group, got {distributed!r}"
+            )
+    plan = compile(recipe, params, torch_compile=torch_compile, **args)
+    return SoapOptimizer(plan, distributed=distributed)
 
 
 def apply(pipeline: str, tensor: torch.Tensor, **args: Any) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from soapdsl.ops._linalg import as_matrices, gram_pays, newton_schulz
@@ -113,19 +114,15 @@ class NewtonSchulz(Op):
         out = []
         for t in x.ts:
             mats = as_matrices(t)
-            m = newton_schulz(
-                mats,
-                a.steps,
-                a.coeffs,
-                a.cleanup,
-                a.eps,
-                a.eps_mode,
-                a.dtype,
-                a.norm,
-                a.power_iters,
-                a.form,
-                a.restart,
-                scratch=mats if x.owned else None,  # a temporary of ours: reuse its memory
-            )
+
+            def run(m: torch.Tensor, scratch: torch.Tensor | None) -> tuple[torch.Tensor]:
+                args = (a.steps, a.coeffs, a.cleanup, a.eps, a.eps_mode, a.dtype, a.norm, a.power_iters)
+                return (newton_schulz(m, *args, a.form, a.restart, scratch=scratch),)
+
+            if ctx.split is None:
+                (m,) = run(mats, mats if x.owned else None)  # a temporary of ours: reuse its memory
+            else:  # each rank runs its share of the batch, on copies of its matrices
+                r, c = sorted(mats.shape[1:])
+                (m,) = ctx.per_matrix(lambda m: run(m, m), [mats], [(tuple(mats.shape[1:]), mats.dtype)], r * r * c)
             out.append(m.view(t.shape))
         return Val(out, owned=True)

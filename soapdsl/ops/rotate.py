@@ -288,8 +288,11 @@ class Rotate(Op):
         for j, b in enumerate(ctx.buckets):
             for k in self.factored(b.shape):
                 gg = st[f"GG{k}"][j]
+                d = gg.size(-1)
                 try:
-                    _, vecs = la.eigh_desc(gg, jitter)
+                    (vecs,) = ctx.per_matrix(
+                        lambda m: la.eigh_desc(m, jitter)[1:], [gg], [((d, d), gg.dtype)], float(d) ** 3
+                    )
                 except torch.linalg.LinAlgError:
                     raise self._eigh_error(ctx, j, gg) from None
                 st[f"Q{k}"][j].copy_(vecs)
@@ -392,7 +395,13 @@ class Rotate(Op):
             inner = self.inner_shape(b.shape)
             for k in self.factored(b.shape):
                 q_group = st[f"Q{k}"][j]
-                q_new_group, idx_group = la.refresh_basis(st[f"GG{k}"][j], q_group)
+                d = q_group.size(-1)
+                q_new_group, idx_group = ctx.per_matrix(
+                    la.refresh_basis,
+                    [st[f"GG{k}"][j], q_group],
+                    [((d, d), q_group.dtype), ((d,), torch.int64)],
+                    float(d) ** 3,
+                )
                 q_old = self._members(ctx, j, q_group)
                 q_new = self._members(ctx, j, q_new_group)
                 idx = self._members(ctx, j, idx_group)

@@ -113,7 +113,10 @@ class Shampoo(Op):
                     f.lerp_(stats, 1.0 - beta)
                 if refresh:
                     try:
-                        root = la.inverse_root(f, self.exponent(b.shape), eps)
+                        e, d = self.exponent(b.shape), f.size(-1)
+                        (root,) = ctx.per_matrix(
+                            lambda m, e=e: (la.inverse_root(m, e, eps),), [f], [((d, d), f.dtype)], float(d) ** 3
+                        )
                     except torch.linalg.LinAlgError:
                         # only now, after a failure, are the factors read on the host
                         bad = la.nonfinite(f)

@@ -9,7 +9,7 @@ both alike and use ``torch._foreach_*`` over the bucket tensors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +17,7 @@ import torch
 
 if TYPE_CHECKING:
     from soapdsl.registry import Op
+    from soapdsl.runtime.dist import Like, Splitter
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Ctx:
     host_changed: bool = False  # a stage changed host state: the layout is rebuilt next step
     scratch: dict[Any, Any] = field(default_factory=dict)  # per-step notes between hooks
     probes: dict[int, Any] = field(default_factory=dict)  # recorded reference values (graft)
+    split: Splitter | None = None  # data parallel: splits matrix work across ranks (runtime/dist.py)
     _param_slabs: list[torch.Tensor] | None = field(default=None, repr=False)
     _host_writes: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -86,6 +88,21 @@ class Ctx:
         if key not in self.host or self.get_host(op, name) != value:
             self._host_writes[key] = value
             self.host_changed = True
+
+    def per_matrix(
+        self,
+        fn: Callable[..., Sequence[torch.Tensor]],
+        xs: Sequence[torch.Tensor],
+        like: Sequence[Like],
+        cost: float,
+    ) -> list[torch.Tensor]:
+        """``fn`` over batches [B, ...] whose matrices are independent (a decomposition, a
+        Newton-Schulz iteration): here, or split across the ranks of a data-parallel run with
+        every result on every rank. ``like``: each output's per-matrix (shape, dtype);
+        ``cost``: one matrix's flops."""
+        if self.split is None:
+            return list(fn(*xs))
+        return self.split.map(fn, xs, like, cost)
 
     # -- parameters -------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from soapdsl.ir import const_text
 from soapdsl.registry import Op
 from soapdsl.runtime import fused
 from soapdsl.runtime.context import Bucket, Ctx, Val
+from soapdsl.runtime.dist import Splitter
 from soapdsl.runtime.state import OptimizerState
 
 __all__ = ["SoapOptimizer"]
@@ -201,7 +202,11 @@ class _Layout:
 class SoapOptimizer(torch.optim.Optimizer):
     """A torch optimizer compiled from a soapdsl recipe. Build it with :func:`soapdsl.build`."""
 
-    def __init__(self, plan: Plan) -> None:
+    _split: Splitter | None  # data parallel: splits the matrix work across ranks (runtime/dist.py)
+
+    def __init__(self, plan: Plan, *, distributed: Any = False) -> None:
+        """``distributed``: True (the default process group) or a process group splits the
+        matrix work of a data-parallel run across its ranks (runtime/dist.py)."""
         routes = [rp for rp in plan.routes if rp.tensors]
         recipe = f"{plan.recipe.name} {plan.fingerprint}"
         groups = [{"params": list(rp.tensors), **rp.hyper, "route": rp.selector, "recipe": recipe} for rp in routes]
@@ -213,6 +218,16 @@ class SoapOptimizer(torch.optim.Optimizer):
         except (ValueError, TypeError) as e:
             raise SoapArgumentError(str(e)) from None
         self._setup(plan)
+        if distributed is not False and distributed is not None:
+            split = self._split = Splitter(distributed)
+            split.agree(
+                "the parameters the optimizer was built for (their routes, names, shapes and dtypes)",
+                [
+                    (rp.index, e.name, tuple(t.shape), str(t.dtype))
+                    for rp in self._routes
+                    for e, t in zip(rp.params, rp.tensors, strict=True)
+                ],
+            )
 
     def _setup(self, plan: Plan, fixed: list[tuple[tuple[str, Any], ...]] | None = None) -> None:
         """Everything derived from the plan (on construction, and again after a copy or unpickling,
@@ -225,6 +240,8 @@ class SoapOptimizer(torch.optim.Optimizer):
             id(t): e.name for rp in self._routes for t, e in zip(rp.tensors, rp.params, strict=True)
         }
         self._sealed = True
+        # a copy or an unpickled optimizer steps alone: its state is whole on every rank
+        self._split = None
         self._layouts: dict[int, _Layout] = {}
         self._steps: dict[int, int] = {}  # host mirror of each parameter's step count
         # the state mapping the layouts were built from (runtime/state.py): a step that finds
@@ -315,11 +332,25 @@ class SoapOptimizer(torch.optim.Optimizer):
         state = self.state
         if state is not self._seen or state.dirty:
             self._adopt_state()
+        if self._split is not None:
+            self._split.begin_step(self._split_key())
         for i, (rp, group) in enumerate(zip(self._routes, self.param_groups, strict=True)):
             values = self._hyperparameters(i, rp, group)
             for cohort in self._layout(rp, group).cohorts:
                 self._run(rp, values, cohort)
         self._seen.dirty = False  # type: ignore[union-attr]  # the step's own changes are in the layouts
+
+    def _split_key(self) -> int:
+        """What the ranks must agree on before a step splits work: each route's parameters
+        with a gradient, their shapes and step counts (ints only: their hash is the same in
+        every process)."""
+        return hash(
+            tuple(
+                (tuple(p.shape) if p.grad is not None else None, self._steps.get(id(p), -1))
+                for group in self.param_groups
+                for p in group["params"]
+            )
+        )
 
     def _adopt_state(self) -> None:
         """Forget the layouts: ``self.state`` was replaced or changed from outside, and the
@@ -732,7 +763,8 @@ class SoapOptimizer(torch.optim.Optimizer):
                 assert g is not None
                 grads.append(g if g.dtype == dtype else g.to(dtype))
         t = cohort.t + 1
-        ctx = Ctx(group, t, cohort.buckets, grads, cohort.states, run_ops, host=cohort.host)
+        split = None if rp.options.get("compile") else self._split
+        ctx = Ctx(group, t, cohort.buckets, grads, cohort.states, run_ops, host=cohort.host, split=split)
         ops = list(walk_ops(rp.ops))
         proceed = [op.before(ctx) for op in ops]  # every op sees the step, even when one skips it
         if all(proceed):

@@ -1,0 +1,147 @@
+"""Data-parallel training: the expensive matrix work split across ranks, the results shared.
+
+Under DDP every rank holds the same parameters and, after the gradient all-reduce, the same
+gradients, so every rank would repeat the same eigenbasis refreshes, inverse roots and
+Newton-Schulz iterations. With ``build(..., distributed=True)`` each of those batched
+computations is split instead: every matrix of a batch is computed on one rank (the least
+loaded so far in this step, counted in flops, the same choice on every rank), and one
+``all_gather`` per batch gives every rank all the results. The state stays replicated, so a
+checkpoint is saved from any one rank as usual, and each matrix is computed by the same kernels
+as in one process: the results equal a single process's (tests/test_distributed.py).
+
+Elementwise stages and the projections into a basis run on every rank: they cost about as
+much as the traffic that sharing their results would take.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from soapdsl.errors import SoapArgumentError, SoapStateError
+
+#: what an output of a split computation looks like per matrix: (shape, dtype)
+Like = tuple[tuple[int, ...], torch.dtype]
+
+
+class Splitter:
+    """Splits batched matrix computations over the ranks of a process group."""
+
+    def __init__(self, group: Any) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise SoapArgumentError(
+                "distributed=True needs torch.distributed initialised first"
+                " (torch.distributed.init_process_group), as DDP does"
+            )
+        self.group = None if group is True else group
+        self.rank = dist.get_rank(self.group)
+        self.world = dist.get_world_size(self.group)
+        self.load = [0.0] * self.world
+        #: matrices computed here, and in all, since the optimizer was built (for tests and reports)
+        self.computed = {"here": 0, "all": 0}
+        # where the collectives' buffers live: NCCL takes CUDA tensors only, gloo CPU ones
+        nccl = "nccl" in str(dist.get_backend(self.group)).lower()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+
+    def begin_step(self, key: int) -> None:
+        """Check that every rank is about to take the same step (``key``: a hash of what it
+        steps), then assign this step's matrices afresh, in the same order on every rank."""
+        mine = torch.tensor([key], dtype=torch.int64, device=self.device)
+        keys = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(keys, mine, group=self.group)
+        for r, k in enumerate(keys):
+            if int(k) != key:
+                raise SoapStateError(
+                    f"distributed=True: rank {self.rank} and rank {r} differ in the parameters with a"
+                    " gradient at this step, or in their shapes or step counts. The ranks would split"
+                    " different work: every rank must step the same parameters alike (DDP keeps them"
+                    " so); for other parallelism build without distributed=True"
+                )
+        self.load = [0.0] * self.world
+
+    def _assign(self, count: int, cost: float) -> list[int]:
+        owners = []
+        for _ in range(count):
+            r = min(range(self.world), key=lambda i: (self.load[i], i))
+            self.load[r] += cost
+            owners.append(r)
+        return owners
+
+    def map(
+        self,
+        fn: Callable[..., Sequence[torch.Tensor]],
+        xs: Sequence[torch.Tensor],
+        like: Sequence[Like],
+        cost: float,
+    ) -> list[torch.Tensor]:
+        """``fn`` over the leading batch dim of ``xs``, each matrix on one rank, every result
+        on every rank. ``like`` gives each output's per-matrix shape and dtype; ``cost`` is
+        one matrix's work (flops), used to balance the ranks.
+
+        An exception in ``fn`` on one rank is raised on every rank, as the same type when it is
+        ``torch.linalg.LinAlgError`` (the ops turn that into a located error), instead of
+        leaving the other ranks waiting in the collective.
+        """
+        n = xs[0].size(0)
+        owners = self._assign(n, cost)
+        mine = [i for i, r in enumerate(owners) if r == self.rank]
+        counts = [owners.count(r) for r in range(self.world)]
+        self.computed["here"] += len(mine)
+        self.computed["all"] += n
+        device = self.device
+        item_bytes = [math.prod(s) * d.itemsize for s, d in like]
+        # one section per output, each 8-byte aligned so that its bytes view as its dtype
+        sections = [-(-max(counts) * size // 8) * 8 for size in item_bytes]
+        starts = [sum(sections[:i]) for i in range(len(sections))]
+        width = sum(sections) + 1  # the last byte: 0 ok, 1 failed, 2 LinAlgError
+        buf = torch.zeros(width, dtype=torch.uint8, device=device)
+        failure: BaseException | None = None
+        if mine:
+            try:
+                index = torch.tensor(mine, device=xs[0].device)
+                outs = fn(*(x.index_select(0, index) for x in xs))
+                for o, (_, dtype), at in zip(outs, like, starts, strict=True):
+                    part = o.to(device=device, dtype=dtype).contiguous().view(-1).view(torch.uint8)
+                    buf[at : at + part.numel()] = part
+            except Exception as e:  # told to every rank below, then raised here
+                failure = e
+                buf[-1] = 2 if isinstance(e, torch.linalg.LinAlgError) else 1
+        parts = [torch.empty_like(buf) for _ in range(self.world)]
+        dist.all_gather(parts, buf, group=self.group)
+        codes = [int(p[-1]) for p in parts]
+        if failure is not None:
+            raise failure
+        if any(codes):
+            r = next(i for i, c in enumerate(codes) if c)
+            if codes[r] == 2:
+                raise torch.linalg.LinAlgError(f"a decomposition failed on rank {r}")
+            raise RuntimeError(f"soapdsl: a split matrix computation failed on rank {r} (its error is raised there)")
+        results = [torch.empty((n, *shape), dtype=dtype, device=xs[0].device) for shape, dtype in like]
+        for r in range(self.world):
+            if not counts[r]:
+                continue
+            index = torch.tensor([i for i, o in enumerate(owners) if o == r], device=xs[0].device)
+            for res, (shape, dtype), size, at in zip(results, like, item_bytes, starts, strict=True):
+                raw = parts[r][at : at + counts[r] * size]
+                res.index_copy_(0, index, raw.view(dtype).view(counts[r], *shape).to(res.device))
+        return results
+
+    def agree(self, what: str, description: Any) -> None:
+        """Check that every rank describes the same thing (its routes' parameters, shapes and
+        step counts) before splitting work by it; a difference would pair up mismatched
+        computations and give wrong numbers."""
+        mine = pickle.dumps(description)
+        seen: list[Any] = [None] * self.world
+        dist.all_gather_object(seen, mine, group=self.group)
+        for r, other in enumerate(seen):
+            if other != mine:
+                raise SoapStateError(
+                    f"distributed=True: rank {self.rank} and rank {r} differ in {what}. Every rank must"
+                    " build the optimizer for the same parameters and step them alike (DDP keeps them"
+                    " so); for other parallelism build without distributed=True"
+                )

@@ -1,0 +1,175 @@
+"""Data-parallel training with ``build(..., distributed=True)``: two gloo ranks on the CPU.
+
+Each test spawns two processes (torch.multiprocessing) that train a DDP-wrapped model. The
+matrix work (eigenbasis refreshes, inverse roots, Newton-Schulz) is split between them; what
+they end with must equal, bit for bit, one process stepping the same model on the same batches
+(every matrix is computed by the same kernels, and its bytes are shared exactly). Every rank
+uses one thread, as does the single process: a thread count of its own could round the
+matrix products differently.
+"""
+
+from __future__ import annotations
+
+import datetime
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import soapdsl
+from soapdsl.errors import SoapArgumentError, SoapError
+from tests.conftest import train_step
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+
+WORLD = 2
+# recipe -> build arguments: short refresh periods, so that 10 steps refresh a few times
+RECIPES = {
+    "soap": {"freq": 3},
+    "soap_muon": {"freq": 3},
+    "muon": {},
+    "shampoo": {"freq": 3},
+    "psoap": {"freq": 3},
+}
+
+
+def _net(seed: int = 0, width: int = 16) -> torch.nn.Module:
+    """Several matrices of one shape (split within a batch) and some of their own (split
+    across batches), with biases."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(12, width),
+        torch.nn.Tanh(),
+        *(m for _ in range(3) for m in (torch.nn.Linear(width, width), torch.nn.Tanh())),
+        torch.nn.Linear(width, 24),
+        torch.nn.Tanh(),
+        torch.nn.Linear(24, 5),
+    )
+
+
+def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(32, 12, generator=g), torch.randint(0, 5, (32,), generator=g)) for _ in range(n)]
+
+
+def _spawn(fn, tmp_path: Path, *args) -> list[dict]:
+    """Run ``fn(rank, out_dir, *args)`` on two gloo ranks; each returns a dict, saved per rank."""
+    init = f"file://{tmp_path / 'store'}"
+    mp.spawn(_entry, args=(fn, init, tmp_path, args), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _entry(rank: int, fn, init: str, out: Path, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        result = fn(rank, *args)
+    except SoapError as e:
+        result = {"error": type(e).__name__, "message": str(e)}
+    except Exception:  # reported to the test, which fails on it
+        result = {"error": "internal", "message": traceback.format_exc()}
+    torch.save(result, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _train_split(rank: int, recipes: dict[str, dict], steps: int) -> dict:
+    out = {}
+    for recipe, kw in recipes.items():
+        model = _net()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = soapdsl.build(recipe, ddp, distributed=True, **kw)
+        for batch in _batches(steps):
+            train_step(ddp, opt, batch)
+        out[recipe] = {
+            "params": [p.detach().clone() for p in model.parameters()],
+            "state": opt.state_dict()["state"],
+            "computed": dict(opt._split.computed),  # type: ignore[union-attr]
+        }
+    return out
+
+
+def test_split_matrix_work_equals_one_process_bit_for_bit(tmp_path):
+    steps = 10
+    ranks = _spawn(_train_split, tmp_path, RECIPES, steps)
+    assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for recipe, kw in RECIPES.items():
+            model = _net()
+            opt = soapdsl.build(recipe, model, **kw)
+            for batch in _batches(steps):
+                train_step(model, opt, batch)
+            for r in ranks:
+                got = r[recipe]
+                for p, q in zip(model.parameters(), got["params"], strict=True):
+                    assert torch.equal(p.detach(), q), recipe
+                for i, st in opt.state_dict()["state"].items():
+                    for key, value in st.items():
+                        assert torch.equal(torch.as_tensor(value), torch.as_tensor(got["state"][i][key])), (recipe, key)
+            # the work was split: each rank computed some of the matrices, and together all of them
+            here = [r[recipe]["computed"]["here"] for r in ranks]
+            total = ranks[0][recipe]["computed"]["all"]
+            assert min(here) > 0 and sum(here) == total > 0, (recipe, here, total)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _mismatch(rank: int, what: str) -> dict:
+    """Without DDP (which would itself hang on such ranks): the same data on every rank."""
+    model = _net(width=16 if rank == 0 or what != "shapes" else 20)
+    opt = soapdsl.build("soap_muon", model, distributed=True)
+    x, y = _batches(1)[0]
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if what == "grads" and rank == 1:
+            model[2].weight.grad = None  # rank 1 would step one matrix fewer
+        opt.step()
+    return {}
+
+
+@pytest.mark.parametrize(
+    ("what", "message"),
+    [
+        ("shapes", r"differ in the parameters the optimizer was built for"),
+        ("grads", r"differ in the parameters with a gradient at this step"),
+    ],
+)
+def test_ranks_that_would_split_different_work_get_one_clear_error(tmp_path, what, message):
+    """Ranks that differ would pair up mismatched matrices and give wrong numbers; both stop."""
+    ranks = _spawn(_mismatch, tmp_path, what)
+    for r in ranks:
+        assert r.get("error") == "SoapStateError", r
+        assert message in r["message"]
+
+
+def _nan_grad(rank: int) -> dict:
+    model = _net()
+    opt = soapdsl.build("soap", model, distributed=True)
+    x, y = _batches(1)[0]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    model[2].weight.grad.fill_(float("nan"))  # its eigh fails on whichever rank computes it
+    opt.step()
+    return {}
+
+
+def test_a_failed_decomposition_is_raised_on_every_rank(tmp_path):
+    """An eigh that fails on one rank must not leave the other waiting in the collective."""
+    ranks = _spawn(_nan_grad, tmp_path)
+    for r in ranks:
+        assert r.get("error") == "SoapArgumentError", r
+        assert "'2.weight'" in r["message"] and "eigenbasis" in r["message"], r["message"]
+
+
+def test_distributed_needs_an_initialised_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(SoapArgumentError, match=r"needs torch\.distributed initialised first"):
+        soapdsl.build("muon", _net(), distributed=True)
+    with pytest.raises(SoapArgumentError, match=r"distributed must be True, False or a torch\.distributed process"):
+        soapdsl.build("muon", _net(), distributed="yes")
