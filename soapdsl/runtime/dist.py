@@ -132,9 +132,9 @@ class Splitter:
         return results
 
     def agree(self, what: str, description: Any) -> None:
-        """Check that every rank describes the same thing (its routes' parameters, shapes and
-        step counts) before splitting work by it; a difference would pair up mismatched
-        computations and give wrong numbers."""
+        """Check that every rank describes the same thing (when the optimizer is built: each
+        route's parameters, with their names, shapes and dtypes) before splitting work by it; a
+        difference would pair up mismatched computations and give wrong numbers."""
         mine = pickle.dumps(description)
         seen: list[Any] = [None] * self.world
         dist.all_gather_object(seen, mine, group=self.group)

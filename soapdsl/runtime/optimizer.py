@@ -343,10 +343,10 @@ class SoapOptimizer(torch.optim.Optimizer):
     def _split_key(self) -> int:
         """What the ranks must agree on before a step splits work: each route's parameters
         with a gradient, their shapes and step counts (ints only: their hash is the same in
-        every process)."""
+        every process, where that of None or a string is not)."""
         return hash(
             tuple(
-                (tuple(p.shape) if p.grad is not None else None, self._steps.get(id(p), -1))
+                (tuple(p.shape) if p.grad is not None else -1, self._steps.get(id(p), -1))
                 for group in self.param_groups
                 for p in group["params"]
             )
