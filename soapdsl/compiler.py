@@ -384,6 +384,17 @@ def _unwrapped(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 _PARAM_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a torch.distributed DTensor (its shape is the global one, its data a shard)."""
+    if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support has none
+        return False
+    return isinstance(t, DTensor)
+
+
 def named_parameters(params: Any) -> list[tuple[str, torch.Tensor]]:
     """Accept an nn.Module, an iterable of (name, tensor), or an iterable of tensors. The names
     of a wrapped module leave its wrappers out (`_unwrapped`); so do given names, where a
@@ -535,6 +546,12 @@ def compile_plan(
             raise SoapArgumentError(
                 f"parameter '{name}' is {str(t.dtype).removeprefix('torch.')}; soapdsl optimizes real"
                 " floating-point parameters only (float16, bfloat16, float32, float64)"
+            )
+        if _is_dtensor(t):
+            raise SoapArgumentError(
+                f"parameter '{name}' is a DTensor (sharded by FSDP's fully_shard or tensor parallelism),"
+                " which soapdsl does not support yet: its stages need whole tensors. For data-parallel"
+                " training, wrap the model in DistributedDataParallel and build with distributed=True"
             )
         shape = tuple(t.shape)
         for rp in routes:

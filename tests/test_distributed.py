@@ -175,6 +175,23 @@ def test_a_failed_decomposition_is_raised_on_every_rank(tmp_path):
         assert "'2.weight'" in r["message"] and "eigenbasis" in r["message"], r["message"]
 
 
+def _dtensor(rank: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+    soapdsl.build("adamw", [("w", w)])
+    return {}
+
+
+def test_fsdp_sharded_parameters_are_refused_by_name(tmp_path):
+    """A DTensor's shape is the global one and its data a shard: stages would mix the two."""
+    for r in _spawn(_dtensor, tmp_path):
+        assert r.get("error") == "SoapArgumentError", r
+        assert "parameter 'w' is a DTensor" in r["message"]
+
+
 def test_distributed_needs_an_initialised_process_group():
     assert not dist.is_initialized()
     with pytest.raises(SoapArgumentError, match=r"needs torch\.distributed initialised first"):
