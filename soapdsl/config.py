@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, field_validator
 
 from soapdsl import library
 from soapdsl.check import check_selector
@@ -60,6 +60,8 @@ class OptimizerConfig(BaseModel):
     recipe: str
     args: dict[str, Scalar | list[Scalar]] = {}
     routes: list[RouteOverride] = []
+    #: data-parallel training: split the matrix work across the ranks (build(distributed=True))
+    distributed: StrictBool = False
 
 
 #: a duplicate key: the path of the key, where its second occurrence is, the line of its first
@@ -75,6 +77,7 @@ _FIELD_TYPES = {
     "where": 'must be a string holding a selector, such as "matrix and max_dim < 4096"',
     "arg": "must be a number, a boolean, a name, or a list of them",
     "key": "must be a name (a string)",
+    "distributed": "must be true or false: true splits the matrix work across the ranks of a data-parallel run",
 }
 
 
@@ -343,4 +346,4 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
             e.notes = (*e.notes, f"from the optimizer config {file}")
             e.args = (e.format(),)
         raise
-    return SoapOptimizer(plan)
+    return SoapOptimizer(plan, distributed=parsed.distributed)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import soapdsl
-from soapdsl import SoapConfigError, SoapError, SoapNameError, SoapRouteError
+from soapdsl import SoapArgumentError, SoapConfigError, SoapError, SoapNameError, SoapRouteError
 from tests.conftest import batches, make_net, max_rel_err, train_step
 
 
@@ -178,6 +178,11 @@ def test_an_empty_config(tmp_path):
             (2, 1),
         ),
         ("recipe: adamw\nroutes: [5]\n", "routes.0: must be a mapping with 'recipe' and 'match' or 'where'", (2, 10)),
+        (
+            "recipe: adamw\ndistributed: 1\n",
+            "distributed: must be true or false: true splits the matrix work across the ranks of a data-parallel run",
+            (2, 1),
+        ),
     ],
 )
 def test_schema_errors_in_plain_words(text, message, where):
@@ -220,3 +225,11 @@ def test_a_where_holds_a_selector_only(where):
     cfg = {"recipe": "adamw", "routes": [{"where": where, "recipe": "adam"}]}
     with pytest.raises(SoapConfigError, match=r"routes\[0\]\.where holds a selector only.*'args'"):
         soapdsl.from_config(torch.nn.Linear(4, 3), cfg)
+
+
+def test_distributed_key_builds_as_build_does():
+    """``distributed: true`` is build(..., distributed=True), which needs torch.distributed
+    initialised (tests/test_distributed.py runs it on two ranks); false is the default."""
+    assert soapdsl.from_config(torch.nn.Linear(2, 2), "recipe: adamw\ndistributed: false")._split is None
+    with pytest.raises(SoapArgumentError, match=r"needs torch\.distributed initialised first"):
+        soapdsl.from_config(torch.nn.Linear(2, 2), "recipe: adamw\ndistributed: true")

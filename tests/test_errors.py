@@ -457,7 +457,7 @@ CONFIGS = [
         "unknown-key",
         "optimizer:\n  recipe: adamw\n  argz: {lr: 1}\n",
         SoapConfigError,
-        r"optimizer\.argz: unknown key \(allowed: recipe, args, routes\)",
+        r"optimizer\.argz: unknown key \(allowed: recipe, args, routes, distributed\)",
         "3:3",
     ),
     ("missing-recipe", "args: {lr: 1}\n", SoapConfigError, r"recipe: is required", None),
