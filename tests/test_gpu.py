@@ -309,6 +309,34 @@ def test_model_moved_after_its_first_steps_trains_as_if_saved_and_loaded(recipe:
                     assert value.device == p.device, key
 
 
+@pytest.mark.parametrize("recipe", ["soap", "soap_muon", "muon"])
+def test_distributed_split_on_one_nccl_rank_equals_the_plain_optimizer(recipe: str, tmp_path) -> None:
+    """``distributed=True`` over NCCL, whose collectives take CUDA tensors only (the split's
+    buffers live on the GPU). One rank computes every matrix and gathers them from itself, so
+    the result must equal the plain optimizer's bit for bit (two ranks: tests/test_distributed.py,
+    on gloo)."""
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("needs NCCL")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        from tests.test_distributed import _batches, _net  # three same-shape matrices: a batch to split
+
+        kw = {} if recipe == "muon" else {"freq": 3}
+        a, b = _net().to(CUDA), _net().to(CUDA)
+        opt_a = soapdsl.build(recipe, a, distributed=True, **kw)
+        opt_b = soapdsl.build(recipe, b, **kw)
+        for x, y in _batches(8):
+            train_step(a, opt_a, (x.to(CUDA), y.to(CUDA)))
+            train_step(b, opt_b, (x.to(CUDA), y.to(CUDA)))
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q)
+        assert opt_a._split is not None and opt_a._split.computed["all"] > 0
+    finally:
+        dist.destroy_process_group()
+
+
 # -- torch.compile on CUDA -------------------------------------------------------------------------
 
 # torch 2.11's inductor asserts (FusedSchedulerNode.reorder_loops_by_dep_pair) on muon's and
