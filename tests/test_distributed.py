@@ -116,8 +116,8 @@ def test_split_matrix_work_equals_one_process_bit_for_bit(tmp_path):
             here = [r[recipe]["computed"]["here"] for r in ranks]
             total = ranks[0][recipe]["computed"]["all"]
             assert min(here) > 0 and sum(here) == total > 0, (recipe, here, total)
-            # a batch of one matrix (the model's first and last two) is computed on every rank
-            assert ranks[0][recipe]["computed"]["everywhere"] == ranks[1][recipe]["computed"]["everywhere"] > 0
+            # a lone matrix (a call with one in all) is computed on every rank alike
+            assert ranks[0][recipe]["computed"]["everywhere"] == ranks[1][recipe]["computed"]["everywhere"]
     finally:
         torch.set_num_threads(threads)
 

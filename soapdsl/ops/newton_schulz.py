@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from soapdsl.ops._linalg import as_matrices, gram_pays, newton_schulz
@@ -111,18 +110,19 @@ class NewtonSchulz(Op):
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
         a: NewtonSchulzArgs = self.args  # type: ignore[assignment]
-        out = []
+        args = (a.steps, a.coeffs, a.cleanup, a.eps, a.eps_mode, a.dtype, a.norm, a.power_iters, a.form, a.restart)
+        if ctx.split is None:
+            out = []
+            for t in x.ts:
+                mats = as_matrices(t)  # a temporary of ours: reuse its memory
+                out.append(newton_schulz(mats, *args, scratch=mats if x.owned else None).view(t.shape))
+            return Val(out, owned=True)
+        # each rank runs its share of every batch, on copies of its matrices
+        items = []
         for t in x.ts:
             mats = as_matrices(t)
-
-            def run(m: torch.Tensor, scratch: torch.Tensor | None) -> tuple[torch.Tensor]:
-                args = (a.steps, a.coeffs, a.cleanup, a.eps, a.eps_mode, a.dtype, a.norm, a.power_iters)
-                return (newton_schulz(m, *args, a.form, a.restart, scratch=scratch),)
-
-            if ctx.split is None:
-                (m,) = run(mats, mats if x.owned else None)  # a temporary of ours: reuse its memory
-            else:  # each rank runs its share of the batch, on copies of its matrices
-                r, c = sorted(mats.shape[1:])
-                (m,) = ctx.per_matrix(lambda m: run(m, m), [mats], [(tuple(mats.shape[1:]), mats.dtype)], r * r * c)
-            out.append(m.view(t.shape))
+            r, c = sorted(mats.shape[1:])
+            like = [(tuple(mats.shape[1:]), mats.dtype)]
+            items.append((lambda m: (newton_schulz(m, *args, scratch=m),), [mats], like, float(r * r * c)))
+        out = [res.view(t.shape) for (res,), t in zip(ctx.per_matrix_many(items), x.ts, strict=True)]
         return Val(out, owned=True)

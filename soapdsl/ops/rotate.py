@@ -391,17 +391,20 @@ class Rotate(Op):
         for op in list(inner_ops):
             for branch in getattr(op, "branches", {}).values():
                 inner_ops.extend(branch)
+        # every factor's new basis first (split across ranks, one batch's results travelling
+        # while the next is computed), then the state moved into them
+        jks = [(j, k) for j, b in enumerate(ctx.buckets) for k in self.factored(b.shape)]
+        items = []
+        for j, k in jks:
+            q, d = st[f"Q{k}"][j], st[f"Q{k}"][j].size(-1)
+            like = [((d, d), q.dtype), ((d,), torch.int64)]
+            items.append((la.refresh_basis, [st[f"GG{k}"][j], q], like, float(d) ** 3))
+        bases = dict(zip(jks, ctx.per_matrix_many(items), strict=True))
         for j, b in enumerate(ctx.buckets):
             inner = self.inner_shape(b.shape)
             for k in self.factored(b.shape):
                 q_group = st[f"Q{k}"][j]
-                d = q_group.size(-1)
-                q_new_group, idx_group = ctx.per_matrix(
-                    la.refresh_basis,
-                    [st[f"GG{k}"][j], q_group],
-                    [((d, d), q_group.dtype), ((d,), torch.int64)],
-                    float(d) ** 3,
-                )
+                q_new_group, idx_group = bases[(j, k)]
                 q_old = self._members(ctx, j, q_group)
                 q_new = self._members(ctx, j, q_new_group)
                 idx = self._members(ctx, j, idx_group)

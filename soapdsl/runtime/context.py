@@ -17,7 +17,7 @@ import torch
 
 if TYPE_CHECKING:
     from soapdsl.registry import Op
-    from soapdsl.runtime.dist import Like, Splitter
+    from soapdsl.runtime.dist import Item, Like, Splitter
 
 
 @dataclass
@@ -100,9 +100,14 @@ class Ctx:
         Newton-Schulz iteration): here, or split across the ranks of a data-parallel run with
         every result on every rank. ``like``: each output's per-matrix (shape, dtype);
         ``cost``: one matrix's flops."""
+        return self.per_matrix_many([(fn, xs, like, cost)])[0]
+
+    def per_matrix_many(self, items: Sequence[Item]) -> list[list[torch.Tensor]]:
+        """:meth:`per_matrix` of several batches (``(fn, xs, like, cost)`` each): split, one
+        batch's results travel while the next is computed."""
         if self.split is None:
-            return list(fn(*xs))
-        return self.split.map(fn, xs, like, cost)
+            return [list(fn(*xs)) for fn, xs, _, _ in items]
+        return self.split.map_many(items)
 
     # -- parameters -------------------------------------------------------------------------
 

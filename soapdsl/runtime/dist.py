@@ -30,6 +30,8 @@ from soapdsl.errors import SoapArgumentError, SoapStateError
 
 #: what an output of a split computation looks like per matrix: (shape, dtype)
 Like = tuple[tuple[int, ...], torch.dtype]
+#: one batch of a split computation: (fn, its batched inputs, its outputs' Like, one matrix's flops)
+Item = tuple[Callable[..., Sequence[torch.Tensor]], Sequence[torch.Tensor], Sequence[Like], float]
 
 
 class Splitter:
@@ -84,60 +86,78 @@ class Splitter:
         like: Sequence[Like],
         cost: float,
     ) -> list[torch.Tensor]:
-        """``fn`` over the leading batch dim of ``xs``, each matrix on one rank, every result
-        on every rank. ``like`` gives each output's per-matrix shape and dtype; ``cost`` is
-        one matrix's work (flops), used to balance the ranks.
+        """:meth:`map_many` of one batch."""
+        return self.map_many([(fn, xs, like, cost)])[0]
+
+    def map_many(self, items: Sequence[Item]) -> list[list[torch.Tensor]]:
+        """Each item's ``fn`` over the leading batch dim of its ``xs``, each matrix on one rank,
+        every result on every rank. ``like`` gives each output's per-matrix shape and dtype;
+        ``cost`` is one matrix's work (flops), used to balance the ranks.
+
+        Each batch's ``all_gather`` runs in the background while the next batch is computed.
+        When the items hold a single matrix in all, every rank computes it (one rank would
+        compute while the others waited).
 
         An exception in ``fn`` on one rank is raised on every rank, as the same type when it is
-        ``torch.linalg.LinAlgError`` (the ops turn that into a located error), instead of
-        leaving the other ranks waiting in the collective.
+        ``torch.linalg.LinAlgError`` (the ops turn that into a located error), once every rank
+        has taken part in every gather: no rank is left waiting in a collective.
         """
-        n = xs[0].size(0)
-        if n < 2:  # one rank would compute while the others wait for it: compute it everywhere
-            self.computed["everywhere"] += n
-            return list(fn(*xs))
-        owners = self._assign(n, cost)
-        mine = [i for i, r in enumerate(owners) if r == self.rank]
-        counts = [owners.count(r) for r in range(self.world)]
-        self.computed["here"] += len(mine)
-        self.computed["all"] += n
-        device = self.device
-        item_bytes = [math.prod(s) * d.itemsize for s, d in like]
-        # one section per output, each 8-byte aligned so that its bytes view as its dtype
-        sections = [-(-max(counts) * size // 8) * 8 for size in item_bytes]
-        starts = [sum(sections[:i]) for i in range(len(sections))]
-        width = sum(sections) + 1  # the last byte: 0 ok, 1 failed, 2 LinAlgError
-        buf = torch.zeros(width, dtype=torch.uint8, device=device)
+        if sum(xs[0].size(0) for _, xs, _, _ in items) < 2:
+            self.computed["everywhere"] += sum(xs[0].size(0) for _, xs, _, _ in items)
+            return [list(fn(*xs)) for fn, xs, _, _ in items]
         failure: BaseException | None = None
-        if mine:
-            try:
-                index = torch.tensor(mine, device=xs[0].device)
-                outs = fn(*(x.index_select(0, index) for x in xs))
-                for o, (_, dtype), at in zip(outs, like, starts, strict=True):
-                    part = o.to(device=device, dtype=dtype).contiguous().view(-1).view(torch.uint8)
-                    buf[at : at + part.numel()] = part
-            except Exception as e:  # told to every rank below, then raised here
-                failure = e
-                buf[-1] = 2 if isinstance(e, torch.linalg.LinAlgError) else 1
-        parts = [torch.empty_like(buf) for _ in range(self.world)]
-        dist.all_gather(parts, buf, group=self.group)
-        codes = [int(p[-1]) for p in parts]
+        pending = []
+        for fn, xs, like, cost in items:
+            n = xs[0].size(0)
+            owners = self._assign(n, cost)
+            mine = [i for i, r in enumerate(owners) if r == self.rank]
+            counts = [owners.count(r) for r in range(self.world)]
+            self.computed["here"] += len(mine)
+            self.computed["all"] += n
+            item_bytes = [math.prod(shape) * dtype.itemsize for shape, dtype in like]
+            # one section per output, each 8-byte aligned so that its bytes view as its dtype
+            sections = [-(-max(counts) * size // 8) * 8 for size in item_bytes]
+            starts = [sum(sections[:i]) for i in range(len(sections))]
+            buf = torch.zeros(sum(sections) + 1, dtype=torch.uint8, device=self.device)
+            # the last byte: 0 ok, 1 failed, 2 LinAlgError (and 1 for the batches after a failure)
+            if failure is not None:
+                buf[-1] = 1
+            elif mine:
+                try:
+                    index = torch.tensor(mine, device=xs[0].device)
+                    outs = fn(*(x.index_select(0, index) for x in xs))
+                    for o, (_, dtype), at in zip(outs, like, starts, strict=True):
+                        part = o.to(device=self.device, dtype=dtype).contiguous().view(-1).view(torch.uint8)
+                        buf[at : at + part.numel()] = part
+                except Exception as e:  # told to every rank through the gathers, then raised here
+                    failure = e
+                    buf[-1] = 2 if isinstance(e, torch.linalg.LinAlgError) else 1
+            parts = [torch.empty_like(buf) for _ in range(self.world)]
+            work = dist.all_gather(parts, buf, group=self.group, async_op=True)
+            pending.append((work, parts, owners, counts, starts, item_bytes, like, xs[0].device, n))
+        for work, *_ in pending:
+            work.wait()
         if failure is not None:
             raise failure
-        if any(codes):
-            r = next(i for i, c in enumerate(codes) if c)
-            if codes[r] == 2:
-                raise torch.linalg.LinAlgError(f"a decomposition failed on rank {r}")
-            raise RuntimeError(f"soapdsl: a split matrix computation failed on rank {r} (its error is raised there)")
-        results = [torch.empty((n, *shape), dtype=dtype, device=xs[0].device) for shape, dtype in like]
-        for r in range(self.world):
-            if not counts[r]:
-                continue
-            index = torch.tensor([i for i, o in enumerate(owners) if o == r], device=xs[0].device)
-            for res, (shape, dtype), size, at in zip(results, like, item_bytes, starts, strict=True):
-                raw = parts[r][at : at + counts[r] * size]
-                res.index_copy_(0, index, raw.view(dtype).view(counts[r], *shape).to(res.device))
-        return results
+        for _, parts, *_ in pending:
+            codes = [int(p[-1]) for p in parts]
+            if any(codes):
+                r = next(i for i, c in enumerate(codes) if c)
+                if codes[r] == 2:
+                    raise torch.linalg.LinAlgError(f"a decomposition failed on rank {r}")
+                raise RuntimeError(f"a split matrix computation failed on rank {r} (its error is raised there)")
+        out = []
+        for _, parts, owners, counts, starts, item_bytes, like, device, n in pending:
+            results = [torch.empty((n, *shape), dtype=dtype, device=device) for shape, dtype in like]
+            for r in range(self.world):
+                if not counts[r]:
+                    continue
+                index = torch.tensor([i for i, o in enumerate(owners) if o == r], device=device)
+                for res, (shape, dtype), size, at in zip(results, like, item_bytes, starts, strict=True):
+                    raw = parts[r][at : at + counts[r] * size]
+                    res.index_copy_(0, index, raw.view(dtype).view(counts[r], *shape).to(device))
+            out.append(results)
+        return out
 
     def agree(self, what: str, description: Any) -> None:
         """Check that every rank describes the same thing (when the optimizer is built: each
