@@ -5,12 +5,13 @@ gradients, so every rank would repeat the same eigenbasis refreshes, inverse roo
 Newton-Schulz iterations. With ``build(..., distributed=True)`` each of those batched
 computations is split instead: every matrix of a batch is computed on one rank (the least
 loaded so far in this step, counted in flops, the same choice on every rank), and one
-``all_gather`` per batch gives every rank all the results. The state stays replicated, so a
+``all_gather`` per batch gives every rank all the results; an op hands over all its batches
+at once, and each batch's gather runs in the background while the next batch is computed. The state stays replicated, so a
 checkpoint is saved from any one rank as usual, and each matrix is computed by the same kernels
 as in one process: the results equal a single process's (tests/test_distributed.py).
 
-A batch of one matrix is computed on every rank: split, one rank would compute it while the
-others waited. Elementwise stages, SOAP's projections into its basis and its factor products
+A call that holds one matrix in all computes it on every rank: split, one rank would compute
+it while the others waited. Elementwise stages, SOAP's projections into its basis and its factor products
 run on every rank: splitting the projections and products too was measured (two gloo ranks on
 the 2-core CPU, benchmarks/bench_dist.py) to move 48 MB a step for soap and to save nothing
 (soap 0.92x of the unsplit step instead of 0.94x; soap_muon 0.66x instead of 0.64x).
