@@ -26,13 +26,15 @@ from tests.conftest import train_step
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 
 WORLD = 2
-# recipe -> build arguments: short refresh periods, so that 10 steps refresh a few times
+# case -> recipe and build arguments: short refresh periods, so that 10 steps refresh a few times
 RECIPES = {
-    "soap": {"freq": 3},
-    "soap_muon": {"freq": 3},
-    "muon": {},
-    "shampoo": {"freq": 3},
-    "psoap": {"freq": 3},
+    "soap": ("soap", {"freq": 3}),
+    "soap_muon": ("soap_muon", {"freq": 3}),
+    "muon": ("muon", {}),
+    "shampoo": ("shampoo", {"freq": 3}),
+    "psoap": ("psoap", {"freq": 3}),
+    # momentum without Nesterov hands Newton-Schulz its state buffer, which it must not overwrite
+    "muon nesterov=false": ("muon", {"nesterov": False}),
 }
 
 
@@ -77,15 +79,15 @@ def _entry(rank: int, fn, init: str, out: Path, args: tuple) -> None:
     dist.destroy_process_group()
 
 
-def _train_split(rank: int, recipes: dict[str, dict], steps: int) -> dict:
+def _train_split(rank: int, recipes: dict[str, tuple[str, dict]], steps: int) -> dict:
     out = {}
-    for recipe, kw in recipes.items():
+    for case, (recipe, kw) in recipes.items():
         model = _net()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = soapdsl.build(recipe, ddp, distributed=True, **kw)
         for batch in _batches(steps):
             train_step(ddp, opt, batch)
-        out[recipe] = {
+        out[case] = {
             "params": [p.detach().clone() for p in model.parameters()],
             "state": opt.state_dict()["state"],
             "computed": dict(opt._split.computed),  # type: ignore[union-attr]
@@ -100,24 +102,24 @@ def test_split_matrix_work_equals_one_process_bit_for_bit(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for recipe, kw in RECIPES.items():
+        for case, (recipe, kw) in RECIPES.items():
             model = _net()
             opt = soapdsl.build(recipe, model, **kw)
             for batch in _batches(steps):
                 train_step(model, opt, batch)
             for r in ranks:
-                got = r[recipe]
+                got = r[case]
                 for p, q in zip(model.parameters(), got["params"], strict=True):
-                    assert torch.equal(p.detach(), q), recipe
+                    assert torch.equal(p.detach(), q), case
                 for i, st in opt.state_dict()["state"].items():
                     for key, value in st.items():
-                        assert torch.equal(torch.as_tensor(value), torch.as_tensor(got["state"][i][key])), (recipe, key)
+                        assert torch.equal(torch.as_tensor(value), torch.as_tensor(got["state"][i][key])), (case, key)
             # the work was split: each rank computed some of the matrices, and together all of them
-            here = [r[recipe]["computed"]["here"] for r in ranks]
-            total = ranks[0][recipe]["computed"]["all"]
-            assert min(here) > 0 and sum(here) == total > 0, (recipe, here, total)
+            here = [r[case]["computed"]["here"] for r in ranks]
+            total = ranks[0][case]["computed"]["all"]
+            assert min(here) > 0 and sum(here) == total > 0, (case, here, total)
             # a lone matrix (a call with one in all) is computed on every rank alike
-            assert ranks[0][recipe]["computed"]["everywhere"] == ranks[1][recipe]["computed"]["everywhere"]
+            assert ranks[0][case]["computed"]["everywhere"] == ranks[1][case]["computed"]["everywhere"]
     finally:
         torch.set_num_threads(threads)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, ValidationInfo, field_validator
 
 from soapdsl.ops._linalg import as_matrices, gram_pays, newton_schulz
@@ -123,6 +124,12 @@ class NewtonSchulz(Op):
             mats = as_matrices(t)
             r, c = sorted(mats.shape[1:])
             like = [(tuple(mats.shape[1:]), mats.dtype)]
-            items.append((lambda m: (newton_schulz(m, *args, scratch=m),), [mats], like, float(r * r * c)))
+
+            def part(m: torch.Tensor, mats: torch.Tensor = mats) -> tuple[torch.Tensor]:
+                # a lone matrix comes uncopied (every rank computes it): reuse its memory only
+                # if it is a temporary of ours, not the state or gradient handed on
+                return (newton_schulz(m, *args, scratch=m if x.owned or m is not mats else None),)
+
+            items.append((part, [mats], like, float(r * r * c)))
         out = [res.view(t.shape) for (res,), t in zip(ctx.per_matrix_many(items), x.ts, strict=True)]
         return Val(out, owned=True)
