@@ -127,8 +127,13 @@ def test_split_matrix_work_equals_one_process_bit_for_bit(tmp_path):
 def _mismatch(rank: int, what: str) -> dict:
     """Without DDP (which would itself hang on such ranks): the same data on every rank."""
     model = _net(width=16 if rank == 0 or what != "shapes" else 20)
-    opt = soapdsl.build("soap_muon", model, distributed=True)
+    opt = soapdsl.build("soap_muon", model, distributed=True, freq=2)
     x, y = _batches(1)[0]
+    if what == "steps":  # each rank loads a checkpoint of another step: they would refresh at other steps
+        alone = soapdsl.build("soap_muon", model, freq=2)
+        for batch in _batches(1 + rank):
+            train_step(model, alone, batch)
+        opt.load_state_dict(alone.state_dict())
     for _ in range(2):
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
@@ -145,6 +150,7 @@ def _mismatch(rank: int, what: str) -> dict:
     [
         ("shapes", r"differ in the parameters the optimizer was built for"),
         ("grads", r"differ in the parameters with a gradient at this step"),
+        ("steps", r"or in their shapes or step counts"),
     ],
 )
 def test_ranks_that_would_split_different_work_get_one_clear_error(tmp_path, what, message):

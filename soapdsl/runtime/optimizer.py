@@ -346,11 +346,22 @@ class SoapOptimizer(torch.optim.Optimizer):
         every process, where that of None or a string is not)."""
         return hash(
             tuple(
-                (tuple(p.shape) if p.grad is not None else -1, self._steps.get(id(p), -1))
+                (tuple(p.shape) if p.grad is not None else -1, self._step_count(p))
                 for group in self.param_groups
                 for p in group["params"]
             )
         )
+
+    def _step_count(self, p: torch.Tensor) -> int:
+        """``p``'s step count, -1 before its first step: the host mirror, or after a load or a
+        change from outside (which empty the mirror) its CPU counter, read once as a layout does."""
+        steps = self._steps.get(id(p))
+        if steps is None:
+            st = self.state.get(p)
+            if not st or "step" not in st:
+                return -1
+            steps = self._steps[id(p)] = int(st["step"])
+        return steps
 
     def _adopt_state(self) -> None:
         """Forget the layouts: ``self.state`` was replaced or changed from outside, and the
