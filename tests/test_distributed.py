@@ -26,19 +26,24 @@ from tests.conftest import train_step
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 
 WORLD = 2
-# case -> recipe and build arguments: short refresh periods, so that 10 steps refresh a few times
+F32 = torch.float32
+# case -> recipe, build arguments and the model's dtype: short refresh periods, so that 10 steps
+# refresh a few times
 RECIPES = {
-    "soap": ("soap", {"freq": 3}),
-    "soap_muon": ("soap_muon", {"freq": 3}),
-    "muon": ("muon", {}),
-    "shampoo": ("shampoo", {"freq": 3}),
-    "psoap": ("psoap", {"freq": 3}),
+    "soap": ("soap", {"freq": 3}, F32),
+    "soap_muon": ("soap_muon", {"freq": 3}, F32),
+    "muon": ("muon", {}, F32),
+    "shampoo": ("shampoo", {"freq": 3}, F32),
+    "psoap": ("psoap", {"freq": 3}, F32),
     # momentum without Nesterov hands Newton-Schulz its state buffer, which it must not overwrite
-    "muon nesterov=false": ("muon", {"nesterov": False}),
+    "muon nesterov=false": ("muon", {"nesterov": False}, F32),
+    # in float64 a matrix product's last bits depend on its operands' layout: a shared result must
+    # have the layout of one computed here (a QR's Q is column-major)
+    "soap_muon float64": ("soap_muon", {"freq": 3}, torch.float64),
 }
 
 
-def _net(seed: int = 0, width: int = 16) -> torch.nn.Module:
+def _net(seed: int = 0, width: int = 16, dtype: torch.dtype = F32) -> torch.nn.Module:
     """Several matrices of one shape (split within a batch) and some of their own (split
     across batches), with biases."""
     torch.manual_seed(seed)
@@ -49,12 +54,12 @@ def _net(seed: int = 0, width: int = 16) -> torch.nn.Module:
         torch.nn.Linear(width, 24),
         torch.nn.Tanh(),
         torch.nn.Linear(24, 5),
-    )
+    ).to(dtype)
 
 
-def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(n: int, dtype: torch.dtype = F32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(32, 12, generator=g), torch.randint(0, 5, (32,), generator=g)) for _ in range(n)]
+    return [(torch.randn(32, 12, generator=g).to(dtype), torch.randint(0, 5, (32,), generator=g)) for _ in range(n)]
 
 
 def _spawn(fn, tmp_path: Path, *args) -> list[dict]:
@@ -79,13 +84,13 @@ def _entry(rank: int, fn, init: str, out: Path, args: tuple) -> None:
     dist.destroy_process_group()
 
 
-def _train_split(rank: int, recipes: dict[str, tuple[str, dict]], steps: int) -> dict:
+def _train_split(rank: int, recipes: dict[str, tuple[str, dict, torch.dtype]], steps: int) -> dict:
     out = {}
-    for case, (recipe, kw) in recipes.items():
-        model = _net()
+    for case, (recipe, kw, dtype) in recipes.items():
+        model = _net(dtype=dtype)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = soapdsl.build(recipe, ddp, distributed=True, **kw)
-        for batch in _batches(steps):
+        for batch in _batches(steps, dtype):
             train_step(ddp, opt, batch)
         out[case] = {
             "params": [p.detach().clone() for p in model.parameters()],
@@ -102,10 +107,10 @@ def test_split_matrix_work_equals_one_process_bit_for_bit(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for case, (recipe, kw) in RECIPES.items():
-            model = _net()
+        for case, (recipe, kw, dtype) in RECIPES.items():
+            model = _net(dtype=dtype)
             opt = soapdsl.build(recipe, model, **kw)
-            for batch in _batches(steps):
+            for batch in _batches(steps, dtype):
                 train_step(model, opt, batch)
             for r in ranks:
                 got = r[case]

@@ -104,10 +104,16 @@ class Ctx:
 
     def per_matrix_many(self, items: Sequence[Item]) -> list[list[torch.Tensor]]:
         """:meth:`per_matrix` of several batches (``(fn, xs, like, cost)`` each): split, one
-        batch's results travel while the next is computed."""
+        batch's results travel while the next is computed.
+
+        The results are contiguous either way: a split result is rebuilt from bytes, where one
+        computed here may have LAPACK's layout (a QR's Q is column-major), and a product with a
+        float64 operand of another layout can round differently in its last bits."""
         if self.split is None:
-            return [list(fn(*xs)) for fn, xs, _, _ in items]
-        return self.split.map_many(items)
+            outs = [list(fn(*xs)) for fn, xs, _, _ in items]
+        else:
+            outs = self.split.map_many(items)
+        return [[o.contiguous() for o in item] for item in outs]
 
     # -- parameters -------------------------------------------------------------------------
 
