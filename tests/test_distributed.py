@@ -132,7 +132,8 @@ def test_split_matrix_work_equals_one_process_bit_for_bit(tmp_path):
 def _mismatch(rank: int, what: str) -> dict:
     """Without DDP (which would itself hang on such ranks): the same data on every rank."""
     model = _net(width=16 if rank == 0 or what != "shapes" else 20)
-    opt = soapdsl.build("soap_muon", model, distributed=True, freq=2)
+    freq = 3 if what == "freq" and rank == 1 else 2  # rank 1 would refresh at other steps
+    opt = soapdsl.build("soap_muon", model, distributed=True, freq=freq)
     x, y = _batches(1)[0]
     if what == "steps":  # each rank loads a checkpoint of another step: they would refresh at other steps
         alone = soapdsl.build("soap_muon", model, freq=2)
@@ -156,6 +157,7 @@ def _mismatch(rank: int, what: str) -> dict:
         ("shapes", r"differ in the parameters the optimizer was built for"),
         ("grads", r"differ in the parameters with a gradient at this step"),
         ("steps", r"or in their shapes or step counts"),
+        ("freq", r"differ in the recipe, the values it fixed at build"),
     ],
 )
 def test_ranks_that_would_split_different_work_get_one_clear_error(tmp_path, what, message):

@@ -228,6 +228,12 @@ class SoapOptimizer(torch.optim.Optimizer):
                     for e, t in zip(rp.params, rp.tensors, strict=True)
                 ],
             )
+            # the values fixed at build decide which matrices are computed at which step (freq,
+            # max_dim, ns_steps...): ranks built with others would split mismatched work
+            split.agree(
+                "the recipe, the values it fixed at build (freq, max_dim, ...) or its route overrides",
+                (plan.fingerprint, self._fixed),
+            )
 
     def _setup(self, plan: Plan, fixed: list[tuple[tuple[str, Any], ...]] | None = None) -> None:
         """Everything derived from the plan (on construction, and again after a copy or unpickling,
