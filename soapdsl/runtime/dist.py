@@ -6,9 +6,10 @@ Newton-Schulz iterations. With ``build(..., distributed=True)`` each of those ba
 computations is split instead: every matrix of a batch is computed on one rank (the least
 loaded so far in this step, counted in flops, the same choice on every rank), and one
 ``all_gather`` per batch gives every rank all the results; an op hands over all its batches
-at once, and each batch's gather runs in the background while the next batch is computed. The state stays replicated, so a
-checkpoint is saved from any one rank as usual, and each matrix is computed by the same kernels
-as in one process: the results equal a single process's (tests/test_distributed.py).
+at once, and each batch's gather runs in the background while the next batch is computed. The
+state stays replicated, so a checkpoint is saved from any one rank as usual, and each matrix is
+computed by the same kernels as in one process: the results equal a single process's
+(tests/test_distributed.py).
 
 A call that holds one matrix in all computes it on every rank: split, one rank would compute
 it while the others waited. Elementwise stages, SOAP's projections into its basis and its factor products
