@@ -203,6 +203,33 @@ def test_a_failed_decomposition_is_raised_on_every_rank(tmp_path):
         assert "'2.weight'" in r["message"] and "eigenbasis" in r["message"], r["message"]
 
 
+def _fails_on_rank_1(rank: int) -> dict:
+    """Rank 1's Newton-Schulz raises (as running out of memory would) on its share of a step."""
+    import soapdsl.ops.newton_schulz as ns
+
+    if rank == 1:
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("out of memory (simulated)")
+
+        ns.newton_schulz = broken  # type: ignore[assignment]
+    model = _net()
+    opt = soapdsl.build("muon", model, distributed=True)
+    x, y = _batches(1)[0]
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    return {}
+
+
+def test_another_failure_on_one_rank_stops_every_rank(tmp_path):
+    """The failing rank raises its own error; the other learns of it from the gather, instead
+    of waiting in a collective the failing rank never joins."""
+    failing, other = _spawn(_fails_on_rank_1, tmp_path)[::-1]
+    assert failing.get("error") == "internal" and "out of memory (simulated)" in failing["message"], failing
+    assert other.get("error") == "SoapError", other
+    assert "rank 1 failed while computing its share of the matrix work" in other["message"]
+
+
 def _dtensor(rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from soapdsl.errors import SoapArgumentError, SoapStateError
+from soapdsl.errors import SoapArgumentError, SoapError, SoapStateError
 
 #: what an output of a split computation looks like per matrix: (shape, dtype)
 Like = tuple[tuple[int, ...], torch.dtype]
@@ -100,9 +100,10 @@ class Splitter:
         When the items hold a single matrix in all, every rank computes it (one rank would
         compute while the others waited).
 
-        An exception in ``fn`` on one rank is raised on every rank, as the same type when it is
-        ``torch.linalg.LinAlgError`` (the ops turn that into a located error), once every rank
-        has taken part in every gather: no rank is left waiting in a collective.
+        An exception in ``fn`` on one rank is raised there, and on the other ranks as the same
+        type when it is ``torch.linalg.LinAlgError`` (the ops turn that into a located error),
+        else as a SoapError naming the rank; once every rank has taken part in every gather, so
+        that no rank is left waiting in a collective.
         """
         if sum(xs[0].size(0) for _, xs, _, _ in items) < 2:
             self.computed["everywhere"] += sum(xs[0].size(0) for _, xs, _, _ in items)
@@ -147,7 +148,10 @@ class Splitter:
                 r = next(i for i, c in enumerate(codes) if c)
                 if codes[r] == 2:
                     raise torch.linalg.LinAlgError(f"a decomposition failed on rank {r}")
-                raise RuntimeError(f"a split matrix computation failed on rank {r} (its error is raised there)")
+                raise SoapError(
+                    f"distributed=True: rank {r} failed while computing its share of the matrix work"
+                    " (its own error is raised there); this rank stops too, instead of waiting for it"
+                )
         out = []
         for _, parts, owners, counts, starts, item_bytes, like, device, n in pending:
             results = [torch.empty((n, *shape), dtype=dtype, device=device) for shape, dtype in like]
