@@ -50,8 +50,8 @@ class Splitter:
         self.world = dist.get_world_size(self.group)
         self.load = [0.0] * self.world
         #: since the optimizer was built (for tests and reports): matrices split across the
-        #: ranks that this rank computed, and in all; and those of batches of one, which every
-        #: rank computes (one rank would compute while the others waited for it)
+        #: ranks that this rank computed, and in all; and lone ones (a call with a single matrix
+        #: in all), which every rank computes (one rank would compute while the others waited)
         self.computed = {"here": 0, "all": 0, "everywhere": 0}
         # where the collectives' buffers live: NCCL takes CUDA tensors only, gloo CPU ones
         nccl = "nccl" in str(dist.get_backend(self.group)).lower()
