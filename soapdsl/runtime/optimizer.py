@@ -668,10 +668,7 @@ class SoapOptimizer(torch.optim.Optimizer):
         for p in active:
             st = self.state[p]
             host = tuple(sorted((k, v) for k, v in st.items() if k != "step" and not torch.is_tensor(v)))
-            steps = self._steps.get(id(p))
-            if steps is None:  # first seen since construction or a load: read the CPU counter once
-                steps = self._steps[id(p)] = int(st["step"])
-            by_step.setdefault((steps, host), []).append(p)
+            by_step.setdefault((self._step_count(p), host), []).append(p)
         if len(by_step) > 1:
             for op in walk_ops(rp.ops):
                 if op.reduces_over_route():
