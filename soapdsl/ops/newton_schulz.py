@@ -112,13 +112,6 @@ class NewtonSchulz(Op):
     def apply(self, ctx: Ctx, x: Val) -> Val:
         a: NewtonSchulzArgs = self.args  # type: ignore[assignment]
         args = (a.steps, a.coeffs, a.cleanup, a.eps, a.eps_mode, a.dtype, a.norm, a.power_iters, a.form, a.restart)
-        if ctx.split is None:
-            out = []
-            for t in x.ts:
-                mats = as_matrices(t)  # a temporary of ours: reuse its memory
-                out.append(newton_schulz(mats, *args, scratch=mats if x.owned else None).view(t.shape))
-            return Val(out, owned=True)
-        # each rank runs its share of every batch, on copies of its matrices
         items = []
         for t in x.ts:
             mats = as_matrices(t)
@@ -126,8 +119,9 @@ class NewtonSchulz(Op):
             like = [(tuple(mats.shape[1:]), mats.dtype)]
 
             def part(m: torch.Tensor, mats: torch.Tensor = mats) -> tuple[torch.Tensor]:
-                # a lone matrix comes uncopied (every rank computes it): reuse its memory only
-                # if it is a temporary of ours, not the state or gradient handed on
+                # split across ranks, each rank gets copies of its matrices; otherwise (one
+                # process, or a lone matrix every rank computes) the batch itself, whose memory
+                # is reused only if it is a temporary of ours, not the state or gradient handed on
                 return (newton_schulz(m, *args, scratch=m if x.owned or m is not mats else None),)
 
             items.append((part, [mats], like, float(r * r * c)))
