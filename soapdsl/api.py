@@ -55,13 +55,6 @@ def build(
     running on every rank. Every rank must build it, as every rank builds DDP; the state stays
     whole on every rank, and the numbers equal one process's.
     """
-    if distributed is not False and distributed is not None and distributed is not True:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and isinstance(distributed, dist.ProcessGroup)):
-            raise SoapArgumentError(
-                f"distributed must be True, False or a torch.distributed process group, got {distributed!r}"
-            )
     plan = compile(recipe, params, torch_compile=torch_compile, **args)
     return SoapOptimizer(plan, distributed=distributed)
 

@@ -40,6 +40,10 @@ class Splitter:
     """Splits batched matrix computations over the ranks of a process group."""
 
     def __init__(self, group: Any) -> None:
+        if group is not True and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
+            raise SoapArgumentError(
+                f"distributed must be True, False or a torch.distributed process group, got {group!r}"
+            )
         if not dist.is_available() or not dist.is_initialized():
             raise SoapArgumentError(
                 "distributed=True needs torch.distributed initialised first"
