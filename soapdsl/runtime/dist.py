@@ -85,16 +85,6 @@ class Splitter:
             owners.append(r)
         return owners
 
-    def map(
-        self,
-        fn: Callable[..., Sequence[torch.Tensor]],
-        xs: Sequence[torch.Tensor],
-        like: Sequence[Like],
-        cost: float,
-    ) -> list[torch.Tensor]:
-        """:meth:`map_many` of one batch."""
-        return self.map_many([(fn, xs, like, cost)])[0]
-
     def map_many(self, items: Sequence[Item]) -> list[list[torch.Tensor]]:
         """Each item's ``fn`` over the leading batch dim of its ``xs``, each matrix on one rank,
         every result on every rank. ``like`` gives each output's per-matrix shape and dtype;
