@@ -10,22 +10,18 @@ matrix products differently.
 
 from __future__ import annotations
 
-import datetime
-import traceback
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import soapdsl
-from soapdsl.errors import SoapArgumentError, SoapError
+from soapdsl.errors import SoapArgumentError
 from tests.conftest import train_step
+from tests.multiproc import WORLD
+from tests.multiproc import spawn as _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 
-WORLD = 2
 F32 = torch.float32
 # case -> recipe, build arguments and the model's dtype: short refresh periods, so that 10 steps
 # refresh a few times
@@ -67,28 +63,6 @@ def _net(seed: int = 0, width: int = 16, dtype: torch.dtype = F32) -> torch.nn.M
 def _batches(n: int, dtype: torch.dtype = F32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1)
     return [(torch.randn(32, 12, generator=g).to(dtype), torch.randint(0, 5, (32,), generator=g)) for _ in range(n)]
-
-
-def _spawn(fn, tmp_path: Path, *args) -> list[dict]:
-    """Run ``fn(rank, out_dir, *args)`` on two gloo ranks; each returns a dict, saved per rank."""
-    init = f"file://{tmp_path / 'store'}"
-    mp.spawn(_entry, args=(fn, init, tmp_path, args), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
-def _entry(rank: int, fn, init: str, out: Path, args: tuple) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        result = fn(rank, *args)
-    except SoapError as e:
-        result = {"error": type(e).__name__, "message": str(e)}
-    except Exception:  # reported to the test, which fails on it
-        result = {"error": "internal", "message": traceback.format_exc()}
-    torch.save(result, out / f"rank{rank}.pt")
-    dist.destroy_process_group()
 
 
 def _train_split(rank: int, recipes: dict[str, tuple[str, dict, torch.dtype]], steps: int) -> dict:

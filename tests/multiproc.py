@@ -1,0 +1,37 @@
+"""Two gloo ranks on the CPU, for the data-parallel and FSDP2 tests."""
+
+from __future__ import annotations
+
+import datetime
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from soapdsl.errors import SoapError
+
+WORLD = 2
+
+
+def spawn(fn, tmp_path: Path, *args) -> list[dict]:
+    """Run ``fn(rank, *args)`` on two gloo ranks, one thread each; each returns a dict, saved per rank."""
+    init = f"file://{tmp_path / 'store'}"
+    mp.spawn(_entry, args=(fn, init, tmp_path, args), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _entry(rank: int, fn, init: str, out: Path, args: tuple) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        result = fn(rank, *args)
+    except SoapError as e:
+        result = {"error": type(e).__name__, "message": str(e)}
+    except Exception:  # reported to the test, which fails on it
+        result = {"error": "internal", "message": traceback.format_exc()}
+    torch.save(result, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
