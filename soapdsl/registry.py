@@ -281,6 +281,13 @@ class Op:
         """True when the op combines values of all the route's parameters (a global norm)."""
         return False
 
+    def pointwise(self) -> bool:
+        """True when each element of the op's output, state and parameter depends only on the
+        same element of its input, gradient, state and parameter (its state is shaped like the
+        parameter): the op may run on any block of a parameter's rows, as it does on an FSDP2
+        shard (runtime/fsdp.py). False unless an op says so."""
+        return False
+
     def share_key(self, name: str) -> str:
         """Parameters with equal keys share this op's ``shared`` state (default: none share)."""
         return name

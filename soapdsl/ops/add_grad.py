@@ -38,6 +38,9 @@ class AddGrad(Op):
     name = "add_grad"
     Args = AddGradArgs
 
+    def pointwise(self) -> bool:
+        return True
+
     def apply(self, ctx: Ctx, x: Val) -> Val:
         if not self.args.enabled:  # type: ignore[attr-defined]
             return x

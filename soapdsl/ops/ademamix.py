@@ -74,6 +74,9 @@ class Ademamix(Op):
     def state(self, shape: tuple[int, ...]) -> dict[str, StateSpec]:
         return {"m1": StateSpec(shape), "m2": StateSpec(shape)}
 
+    def pointwise(self) -> bool:
+        return True
+
     def apply(self, ctx: Ctx, x: Val) -> Val:
         a: AdemamixArgs = self.args  # type: ignore[assignment]
         b1 = self.hp("beta1", ctx.group)

@@ -44,6 +44,9 @@ class BiasCorrect(Op):
     linear = True
     passes_quotient = True
 
+    def pointwise(self) -> bool:
+        return True
+
     def apply(self, ctx: Ctx, x: Val) -> Val:
         if not self.args.enabled:  # type: ignore[attr-defined]
             return x

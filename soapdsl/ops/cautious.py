@@ -40,6 +40,9 @@ class Cautious(Op):
     Args = CautiousArgs
     homogeneous = True  # the mask depends on signs: cautious(c x) = c cautious(x) for c > 0 only
 
+    def pointwise(self) -> bool:
+        return not self.args.rescale  # type: ignore[attr-defined]  # rescale takes a mean per parameter
+
     def apply(self, ctx: Ctx, x: Val) -> Val:
         a: CautiousArgs = self.args  # type: ignore[assignment]
         out = []

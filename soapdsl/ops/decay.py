@@ -43,6 +43,9 @@ class Decay(Op):
     linear = True
     passes_quotient = True
 
+    def pointwise(self) -> bool:
+        return True
+
     def apply(self, ctx: Ctx, x: Val) -> Val:
         wd = self.hp("weight_decay", ctx.group)
         if wd == 0:

@@ -36,6 +36,9 @@ class L2(Op):
     name = "l2"
     Args = L2Args
 
+    def pointwise(self) -> bool:
+        return True
+
     def apply(self, ctx: Ctx, x: Val) -> Val:
         wd = self.hp("weight_decay", ctx.group)
         if wd == 0:

@@ -32,6 +32,9 @@ class Lr(Op):
 
     passes_quotient = True
 
+    def pointwise(self) -> bool:
+        return True
+
     def apply(self, ctx: Ctx, x: Val) -> Val:
         alpha = -ctx.group["lr"] * ctx.scale
         if x.denom is not None:  # x / denom from rms_normalize: one fused addcdiv, as torch does

@@ -47,6 +47,9 @@ class Momentum(Op):
     def state(self, shape: tuple[int, ...]) -> dict[str, StateSpec]:
         return {"buf": StateSpec(shape)}
 
+    def pointwise(self) -> bool:
+        return True
+
     def apply(self, ctx: Ctx, x: Val) -> Val:
         a: MomentumArgs = self.args  # type: ignore[assignment]
         beta = self.hp("beta", ctx.group)

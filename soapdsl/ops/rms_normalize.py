@@ -67,6 +67,11 @@ class RmsNormalize(Op):
     def state(self, shape: tuple[int, ...]) -> dict[str, StateSpec]:
         return {"v": StateSpec(shape, basis="permute")}
 
+    def pointwise(self) -> bool:
+        # keep_norm rescales each parameter to a norm, when the power is not 1 (or may change)
+        a: RmsNormalizeArgs = self.args  # type: ignore[assignment]
+        return not a.keep_norm or (a.power == 1.0 and "power" not in self.dynamic)
+
     def apply(self, ctx: Ctx, x: Val) -> Val:
         a: RmsNormalizeArgs = self.args  # type: ignore[assignment]
         beta = self.hp("beta", ctx.group)

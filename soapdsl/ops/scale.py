@@ -32,6 +32,9 @@ class Scale(Op):
     linear = True
     passes_quotient = True
 
+    def pointwise(self) -> bool:
+        return True
+
     def apply(self, ctx: Ctx, x: Val) -> Val:
         ctx.scale *= self.hp("factor", ctx.group)
         return x

@@ -26,6 +26,9 @@ class Sign(Op):
     Args = OpArgs
     scale_invariant = True
 
+    def pointwise(self) -> bool:
+        return True
+
     def apply(self, ctx: Ctx, x: Val) -> Val:
         if x.owned:
             torch._foreach_sign_(x.ts)
