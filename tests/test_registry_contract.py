@@ -5,7 +5,8 @@ plus one test module tests/ops/test_<name>.py; its docstring has Math and a runn
 grammar names no operator; no op imports another op (shared kernels live in private modules).
 
 Op contract: batched (stacked same-shape parameters) == per-parameter; parameter dtypes are kept
-and state is at least fp32; step() never synchronises with the device.
+and state is at least fp32; step() never synchronises with the device; an op that says it is
+pointwise gives each block of a parameter's rows what the whole parameter gets.
 """
 
 from __future__ import annotations
@@ -43,7 +44,13 @@ EXTRA_STAGES = {
     "momentum": ["momentum(0.9, nesterov=true)", "momentum(0.8, kind=sgd)"],
     # form=gram: the 3 x 5 bucket takes the Gram form, the 4 x 6 one keeps the standard form
     "newton_schulz": ["newton_schulz(2, cleanup=1, eps_mode=clamp)", "newton_schulz(6, cleanup=1, form=gram)"],
-    "rms_normalize": ["rms_normalize(0.99, 1e-3, eps_at=raw)", "rms_normalize(0.9, correct=false)"],
+    "rms_normalize": [
+        "rms_normalize(0.99, 1e-3, eps_at=raw)",
+        "rms_normalize(0.9, correct=false)",
+        "rms_normalize(0.9, power=0.5)",
+        "rms_normalize(0.9, power=0.5, keep_norm=false)",
+    ],
+    "cautious": ["cautious(rescale=false)"],
     "scale": ["scale(-0.5)"],
     "adafactor": ["adafactor(0.9, 1e-3, correct=false)"],
     "add_grad": ["add_grad(-0.5)"],
@@ -334,6 +341,40 @@ def test_batched_equals_per_parameter(name: str, stage: str) -> None:
         assert opt_b.state[p].keys() == opt_s.state[q].keys()
         for key in opt_b.state[p]:
             torch.testing.assert_close(opt_b.state[p][key], opt_s.state[q][key], rtol=1e-12, atol=1e-14)
+
+
+def _pointwise_pipeline(name: str, stage: str) -> str:
+    """``stage`` after a momentum, so that the value it sees is not the gradient itself."""
+    return _pipeline(name, stage, None).replace("route default: ", "route default: momentum(0.9) |> ")
+
+
+def _all_pointwise(name: str, stage: str) -> bool:
+    recipe = _pointwise_pipeline(name, stage)
+    plan = soapdsl.compile(recipe, [("p", torch.empty(SHAPES[0], device="meta"))])
+    return all(op.pointwise() for op in walk_ops(plan.routes[0].ops))
+
+
+POINTWISE = [(name, stage) for name, stage in CASES if _all_pointwise(name, stage)]
+
+
+@pytest.mark.parametrize(("name", "stage"), POINTWISE, ids=[stage for _, stage in POINTWISE])
+def test_pointwise_ops_give_row_blocks_what_the_whole_gets(name: str, stage: str) -> None:
+    """Under FSDP2 a route of pointwise ops runs on each rank's rows (runtime/fsdp.py): each
+    block of rows must end as it does in the whole parameter, state included, exactly."""
+    grads = _grads(torch.float64, 4)
+    whole = _params(torch.float64)
+    blocks = [b.clone() for p in whole for b in (p[:2], p[2:])]
+    recipe = _pointwise_pipeline(name, stage)
+    opt_w = _run(recipe, whole, grads)
+    opt_b = _run(recipe, blocks, [[b for g in gs for b in (g[:2], g[2:])] for gs in grads])
+    for i, p in enumerate(whole):
+        top, bottom = blocks[2 * i], blocks[2 * i + 1]
+        assert torch.equal(p, torch.cat([top, bottom]))
+        for key, value in opt_w.state[p].items():
+            if value.dim() == 0:
+                assert torch.equal(value, opt_b.state[top][key]) and torch.equal(value, opt_b.state[bottom][key])
+            else:
+                assert torch.equal(value, torch.cat([opt_b.state[top][key], opt_b.state[bottom][key]])), key
 
 
 @pytest.mark.parametrize("batch", [None, True], ids=["elementwise", "stacked"])
