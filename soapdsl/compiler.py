@@ -384,7 +384,7 @@ def _unwrapped(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 _PARAM_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def is_dtensor(t: torch.Tensor) -> bool:
     """Whether ``t`` is a torch.distributed DTensor (its shape is the global one, its data a shard)."""
     if type(t) is torch.Tensor or type(t) is torch.nn.Parameter:
         return False
@@ -393,6 +393,21 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     except ImportError:  # a torch built without distributed support has none
         return False
     return isinstance(t, DTensor)
+
+
+def _placement_problem(t: Any) -> str | None:
+    """Why soapdsl cannot step the DTensor ``t``, or None: it steps FSDP2's layout only
+    (runtime/fsdp.py)."""
+    from torch.distributed.tensor import Shard
+
+    mesh = t.device_mesh
+    if mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        return (
+            f"is a DTensor placed {tuple(t.placements)} on a {mesh.ndim}-D device mesh; soapdsl steps"
+            " FSDP2's layout, Shard(0) on a 1-D mesh (torch.distributed.fsdp.fully_shard): tensor"
+            " parallelism and HSDP are not supported"
+        )
+    return None
 
 
 def named_parameters(params: Any) -> list[tuple[str, torch.Tensor]]:
@@ -547,12 +562,10 @@ def compile_plan(
                 f"parameter '{name}' is {str(t.dtype).removeprefix('torch.')}; soapdsl optimizes real"
                 " floating-point parameters only (float16, bfloat16, float32, float64)"
             )
-        if _is_dtensor(t):
-            raise SoapArgumentError(
-                f"parameter '{name}' is a DTensor (sharded by FSDP's fully_shard or tensor parallelism),"
-                " which soapdsl does not support yet: its stages need whole tensors. For data-parallel"
-                " training, wrap the model in DistributedDataParallel and build with distributed=True"
-            )
+        if is_dtensor(t):
+            problem = _placement_problem(t)
+            if problem is not None:
+                raise SoapArgumentError(f"parameter '{name}' {problem}")
         shape = tuple(t.shape)
         for rp in routes:
             if matches(rp.route.selector, name, shape, rp.hyper):

@@ -209,16 +209,18 @@ def _dtensor(rank: int) -> dict:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     mesh = init_device_mesh("cpu", (WORLD,))
-    w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+    w = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(1)]))
     soapdsl.build("adamw", [("w", w)])
     return {}
 
 
-def test_fsdp_sharded_parameters_are_refused_by_name(tmp_path):
-    """A DTensor's shape is the global one and its data a shard: stages would mix the two."""
+def test_dtensors_sharded_otherwise_than_fsdp2_are_refused_by_name(tmp_path):
+    """soapdsl steps FSDP2's layout (rows on a 1-D mesh, tests/test_fsdp.py); columns (tensor
+    parallelism) would need other exchanges."""
     for r in _spawn(_dtensor, tmp_path):
         assert r.get("error") == "SoapArgumentError", r
-        assert "parameter 'w' is a DTensor" in r["message"]
+        assert "parameter 'w' is a DTensor placed (Shard(dim=1),)" in r["message"]
+        assert "tensor parallelism and HSDP are not supported" in r["message"]
 
 
 def test_distributed_needs_an_initialised_process_group():

@@ -39,7 +39,14 @@ Item = tuple[Callable[..., Sequence[torch.Tensor]], Sequence[torch.Tensor], Sequ
 class Splitter:
     """Splits batched matrix computations over the ranks of a process group."""
 
-    def __init__(self, group: Any) -> None:
+    def __init__(self, group: Any, mode: str = "distributed=True") -> None:
+        """``mode`` names the kind of run in the errors: ``distributed=True`` (DDP) or ``FSDP2``."""
+        self.mode = mode
+        self.keeps = (
+            "DDP keeps them so); for other parallelism build without distributed=True"
+            if mode != "FSDP2"
+            else "FSDP keeps them so)"
+        )
         if group is not True and not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
             raise SoapArgumentError(
                 f"distributed must be True, False or a torch.distributed process group, got {group!r}"
@@ -70,10 +77,9 @@ class Splitter:
         for r, k in enumerate(keys):
             if int(k) != key:
                 raise SoapStateError(
-                    f"distributed=True: rank {self.rank} and rank {r} differ in the parameters with a"
+                    f"{self.mode}: rank {self.rank} and rank {r} differ in the parameters with a"
                     " gradient at this step, or in their shapes or step counts. The ranks would split"
-                    " different work: every rank must step the same parameters alike (DDP keeps them"
-                    " so); for other parallelism build without distributed=True"
+                    f" different work: every rank must step the same parameters alike ({self.keeps}"
                 )
         self.load = [0.0] * self.world
 
@@ -169,7 +175,6 @@ class Splitter:
         for r, other in enumerate(seen):
             if other != mine:
                 raise SoapStateError(
-                    f"distributed=True: rank {self.rank} and rank {r} differ in {what}. Every rank must"
-                    " build the optimizer for the same parameters and step them alike (DDP keeps them"
-                    " so); for other parallelism build without distributed=True"
+                    f"{self.mode}: rank {self.rank} and rank {r} differ in {what}. Every rank must"
+                    f" build the optimizer for the same parameters and step them alike ({self.keeps}"
                 )

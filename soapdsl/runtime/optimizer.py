@@ -23,13 +23,23 @@ from pydantic import ValidationError
 
 from soapdsl.check import _pydantic_message as pydantic_message
 from soapdsl.check import lr_problem
-from soapdsl.compiler import FORMAT_VERSION, Plan, RoutePlan, selector_names, state_dtype, walk_ops, walk_shaped
+from soapdsl.compiler import (
+    FORMAT_VERSION,
+    Plan,
+    RoutePlan,
+    is_dtensor,
+    selector_names,
+    state_dtype,
+    walk_ops,
+    walk_shaped,
+)
 from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapShapeError, SoapStateError
 from soapdsl.ir import const_text
 from soapdsl.registry import Op
 from soapdsl.runtime import fused
 from soapdsl.runtime.context import Bucket, Ctx, Val
 from soapdsl.runtime.dist import Splitter
+from soapdsl.runtime.fsdp import Sharded
 from soapdsl.runtime.state import OptimizerState
 
 __all__ = ["SoapOptimizer"]
@@ -146,6 +156,8 @@ def _identify(opt: Any, sd: dict[str, Any]) -> None:
         "fingerprint": opt.plan.fingerprint,
         "routes": [rp.selector for rp in opt._routes],
     }
+    if opt._shards is not None:
+        sd["soapdsl"]["shards"] = opt._shards.shards()
 
 
 def _fixed_state_error(key: str, saved: Any, built: Any, why: str) -> SoapStateError:
@@ -203,6 +215,7 @@ class SoapOptimizer(torch.optim.Optimizer):
     """A torch optimizer compiled from a soapdsl recipe. Build it with :func:`soapdsl.build`."""
 
     _split: Splitter | None  # data parallel: splits the matrix work across ranks (runtime/dist.py)
+    _shards: Sharded | None  # FSDP2: steps sharded parameters (runtime/fsdp.py)
 
     def __init__(self, plan: Plan, *, distributed: Any = False) -> None:
         """``distributed``: True (the default process group) or a process group splits the
@@ -218,22 +231,33 @@ class SoapOptimizer(torch.optim.Optimizer):
         except (ValueError, TypeError) as e:
             raise SoapArgumentError(str(e)) from None
         self._setup(plan)
-        if distributed is not False and distributed is not None:
-            split = self._split = Splitter(distributed)
-            split.agree(
-                "the parameters the optimizer was built for (their routes, names, shapes and dtypes)",
-                [
-                    (rp.index, e.name, tuple(t.shape), str(t.dtype))
-                    for rp in self._routes
-                    for e, t in zip(rp.params, rp.tensors, strict=True)
-                ],
-            )
-            # the values fixed at build decide which matrices are computed at which step (freq,
-            # max_dim, ns_steps...): ranks built with others would split mismatched work
-            split.agree(
-                "the recipe, the values it fixed at build (freq, max_dim, ...) or its route overrides",
-                (plan.fingerprint, self._fixed),
-            )
+        if any(is_dtensor(t) for rp in self._routes for t in rp.tensors):
+            if distributed is not False and distributed is not None and distributed is not True:
+                raise SoapArgumentError(
+                    "the parameters are FSDP2 DTensors, which carry their process group (their device"
+                    " mesh's): build without distributed=, or with distributed=True"
+                )
+            self._shards = Sharded(self, plan)
+        elif distributed is not False and distributed is not None:
+            self._split = Splitter(distributed)
+            self._agree(self._split)
+
+    def _agree(self, split: Splitter) -> None:
+        """Check that every rank built the optimizer alike, before pairing up their work."""
+        split.agree(
+            "the parameters the optimizer was built for (their routes, names, shapes and dtypes)",
+            [
+                (rp.index, e.name, tuple(t.shape), str(t.dtype))
+                for rp in self._routes
+                for e, t in zip(rp.params, rp.tensors, strict=True)
+            ],
+        )
+        # the values fixed at build decide which matrices are computed at which step (freq,
+        # max_dim, ns_steps...): ranks built with others would split mismatched work
+        split.agree(
+            "the recipe, the values it fixed at build (freq, max_dim, ...) or its route overrides",
+            (self.plan.fingerprint, self._fixed),
+        )
 
     def _setup(self, plan: Plan, fixed: list[tuple[tuple[str, Any], ...]] | None = None) -> None:
         """Everything derived from the plan (on construction, and again after a copy or unpickling,
@@ -248,6 +272,7 @@ class SoapOptimizer(torch.optim.Optimizer):
         self._sealed = True
         # a copy or an unpickled optimizer steps alone: its state is whole on every rank
         self._split = None
+        self._shards = None
         self._layouts: dict[int, _Layout] = {}
         self._steps: dict[int, int] = {}  # host mirror of each parameter's step count
         # the state mapping the layouts were built from (runtime/state.py): a step that finds
@@ -290,6 +315,12 @@ class SoapOptimizer(torch.optim.Optimizer):
             raise SoapStateError(
                 "this pickled soapdsl optimizer holds no plan (it was pickled by an older soapdsl):"
                 " save and load opt.state_dict() instead"
+            )
+        if any(is_dtensor(t) for rp in plan.routes for t in rp.tensors):
+            # each rank holds a share of the state, tied to the process group: a copy could not step
+            raise SoapStateError(
+                "a soapdsl optimizer of FSDP2-sharded parameters cannot be copied or unpickled: save"
+                " opt.state_dict() on each rank and load it into a new optimizer on the same rank"
             )
         had_flag = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
@@ -335,6 +366,9 @@ class SoapOptimizer(torch.optim.Optimizer):
                 f"this optimizer has {len(self._routes)} routes but now {len(self.param_groups)} param_groups:"
                 f" {_GROUPS_ARE_ROUTES}"
             )
+        if self._shards is not None:
+            self._shards.step()
+            return
         state = self.state
         if state is not self._seen or state.dirty:
             self._adopt_state()
@@ -445,15 +479,21 @@ class SoapOptimizer(torch.optim.Optimizer):
                 state_dict = result
         self._check_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
-        id_map: dict[Any, torch.Tensor] = {}
-        for saved, group in zip(saved_groups, self.param_groups, strict=True):
-            id_map.update(zip(saved["params"], group["params"], strict=True))
-        new_state = OptimizerState()
-        for key, value in state_dict["state"].items():
-            if key not in id_map:
-                raise SoapStateError(f"state dict holds state for parameter index {key!r}, which this optimizer lacks")
-            p = id_map[key]
-            new_state[p] = self._load_param_state(p, value)  # type: ignore[index]
+        new_state = None
+        if self._shards is not None:
+            self._shards.load(state_dict)  # into the inner optimizer; self.state shows it
+        else:
+            id_map: dict[Any, torch.Tensor] = {}
+            for saved, group in zip(saved_groups, self.param_groups, strict=True):
+                id_map.update(zip(saved["params"], group["params"], strict=True))
+            new_state = OptimizerState()
+            for key, value in state_dict["state"].items():
+                if key not in id_map:
+                    raise SoapStateError(
+                        f"state dict holds state for parameter index {key!r}, which this optimizer lacks"
+                    )
+                p = id_map[key]
+                new_state[p] = self._load_param_state(p, value)  # type: ignore[index]
         for saved, group, compared in zip(saved_groups, self.param_groups, self._compared, strict=True):
             skip = {"params", *compared}  # equal to the checkpoint's (checked): the build's objects stay
             for k, v in saved.items():
@@ -464,7 +504,8 @@ class SoapOptimizer(torch.optim.Optimizer):
             tuple((k, group.get(k, built)) for k, built in fixed)
             for fixed, group in zip(self._fixed, self.param_groups, strict=True)
         ]
-        self.state = new_state  # the next step builds its layouts from it
+        if new_state is not None:
+            self.state = new_state  # the next step builds its layouts from it
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -1,0 +1,373 @@
+"""FSDP2: parameters sharded by ``torch.distributed.fsdp.fully_shard``.
+
+Under FSDP2 every parameter is a DTensor placed ``Shard(0)`` on a 1-D device mesh: each rank
+holds a block of its rows and, after the backward's reduce-scatter, the same rows of its
+gradient. A soapdsl optimizer built for such parameters steps them in two ways, route by route:
+
+* a route whose stages are all pointwise (``Op.pointwise``: momentum, Adam's moments, bias
+  correction, weight decay, the step itself; Adam, AdamW, Lion-like and SGD pipelines) runs on
+  each rank's own rows, with state of their shape and no communication;
+* any other route (a matrix stage, a norm over a parameter, state shared between parameters)
+  gives each parameter one owner rank, chosen when the optimizer is built: the largest first,
+  each to the rank holding the fewest elements so far (the members of a share group, and the
+  parameters of a route that reduces over all of them, go together). At each step one
+  ``all_to_all`` brings every owned parameter's rows, and its gradient's, to its owner; the
+  owner runs the route's whole pipeline on the whole tensors, as one process would; a second
+  ``all_to_all`` sends every rank its rows of the new values. The state of such a parameter
+  lives on its owner only.
+
+The numbers equal one process's: a pointwise stage computes each element from the same
+elements wherever it runs, and a matrix is computed whole by the same kernels.
+
+The pipelines run in an inner :class:`SoapOptimizer` over plain tensors (``proxies``): a
+shard-local parameter's proxy aliases its rows (``set_`` at each step, so that it follows
+FSDP's storage), an owned parameter's proxy is a whole-size buffer on its owner. The outer
+optimizer's ``state`` shows each rank's share (refreshed after each step and load), so that
+``state_dict()`` holds it: a checkpoint is saved and loaded per rank, into the same sharding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from soapdsl.compiler import Plan, RoutePlan, is_dtensor, walk_ops, walk_shaped
+from soapdsl.errors import SoapArgumentError, SoapError, SoapStateError
+from soapdsl.runtime.dist import Splitter
+from soapdsl.runtime.state import OptimizerState
+
+if TYPE_CHECKING:
+    from soapdsl.runtime.optimizer import SoapOptimizer
+
+__all__ = ["Sharded", "shard_local"]
+
+
+def shard_local(rp: RoutePlan) -> bool:
+    """Whether the route can run on each rank's rows: every stage pointwise, no shared state."""
+    if not all(op.pointwise() for op in walk_ops(rp.ops)):
+        return False
+    return not any(
+        spec.shared for e in rp.params for op, seen in walk_shaped(rp.ops, e.shape) for spec in op.state(seen).values()
+    )
+
+
+@dataclasses.dataclass
+class _Owned:
+    """A parameter stepped whole on its owner."""
+
+    param: Any  # the DTensor
+    owner: int
+    rows: list[int]  # each rank's number of rows
+    row_bytes: int  # bytes of one row (of the value; the gradient has the same dtype)
+    proxy: torch.Tensor | None  # on the owner: the whole parameter, as the inner optimizer steps it
+
+
+class Sharded:
+    """Steps the parameters of an FSDP2 model for a :class:`SoapOptimizer` (see the module doc)."""
+
+    def __init__(self, opt: SoapOptimizer, plan: Plan) -> None:
+        dts: list[Any] = [t for rp in opt._routes for t in rp.tensors if is_dtensor(t)]
+        mesh = dts[0].device_mesh
+        if any(t.device_mesh != mesh for t in dts):
+            raise SoapArgumentError(
+                "the parameters are DTensors on different device meshes; soapdsl steps parameters"
+                " sharded over one mesh (fully_shard the model with one mesh)"
+            )
+        self.split = Splitter(mesh.get_group(), mode="FSDP2")
+        self.rank, self.world = self.split.rank, self.split.world
+        self.opt = opt
+        names = opt._names
+        opt._agree(self.split)  # every rank built alike, before their work is paired up
+        # each rank's rows of every DTensor (FSDP pads unevenly divided parameters; the last
+        # ranks may hold fewer rows, or none)
+        mine = [int(t.to_local().shape[0]) for t in dts]
+        seen: list[Any] = [None] * self.world
+        dist.all_gather_object(seen, mine, group=self.split.group)
+        rows = {id(t): [seen[r][i] for r in range(self.world)] for i, t in enumerate(dts)}
+        for t in dts:
+            if not t.to_local().is_contiguous():
+                raise SoapArgumentError(
+                    f"parameter '{names.get(id(t), '?')}' has non-contiguous local rows; soapdsl steps"
+                    " FSDP2's contiguous shards"
+                )
+        # the owners: every unit of the routes that cannot run on the rows, the largest first,
+        # each to the rank holding the fewest elements so far (the same choice on every rank)
+        units = [(rp, u) for rp in plan.routes if rp.tensors and not shard_local(rp) for u in _units(rp)]
+        units.sort(key=lambda ru: -sum(math.prod(ru[0].params[i].shape) for i in ru[1]))
+        load = [0] * self.world
+        owner_of: dict[int, int] = {}
+        for rp, unit in units:
+            if not any(is_dtensor(rp.tensors[i]) for i in unit):
+                continue  # plain tensors: every rank steps its own, as torch.optim does
+            owner = min(range(self.world), key=lambda r: (load[r], r))
+            load[owner] += sum(math.prod(rp.params[i].shape) for i in unit)
+            for i in unit:
+                owner_of[id(rp.tensors[i])] = owner
+        self.owned: list[_Owned] = []
+        #: (real parameter, proxy) of every parameter stepped here
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.local: list[tuple[Any, torch.Tensor]] = []  # (DTensor, proxy of its rows)
+        inner_routes = []
+        for rp in plan.routes:
+            local_route = bool(rp.tensors) and shard_local(rp)
+            keep: list[int] = []
+            proxies: list[torch.Tensor] = []
+            tensors: list[Any] = rp.tensors
+            for i, t in enumerate(tensors):
+                if not is_dtensor(t):
+                    proxy: torch.Tensor | None = t
+                elif local_route:
+                    rows_here = t.to_local().detach()
+                    proxy = torch.empty(0, dtype=t.dtype, device=rows_here.device).set_(rows_here)
+                    self.local.append((t, proxy))
+                else:
+                    owner = owner_of[id(t)]
+                    proxy = None
+                    if owner == self.rank:
+                        proxy = torch.zeros(tuple(t.shape), dtype=t.dtype, device=t.to_local().device)
+                    row_bytes = math.prod(t.shape[1:]) * t.dtype.itemsize
+                    self.owned.append(_Owned(t, owner, rows[id(t)], row_bytes, proxy))
+                if proxy is not None:
+                    keep.append(i)
+                    proxies.append(proxy)
+            new_index = {old: new for new, old in enumerate(keep)}
+            leaders = {k: new_index[i] for k, i in rp.leaders.items() if i in new_index}
+            inner_routes.append(
+                dataclasses.replace(rp, params=[rp.params[i] for i in keep], tensors=proxies, leaders=leaders)
+            )
+            self.pairs.extend((rp.tensors[i], p) for i, p in zip(keep, proxies, strict=True))
+        from soapdsl.runtime.optimizer import SoapOptimizer
+
+        inner_plan = dataclasses.replace(plan, routes=inner_routes)
+        self.inner: SoapOptimizer | None = SoapOptimizer(inner_plan) if any(rp.tensors for rp in inner_routes) else None
+        # outer param_group -> inner param_group (a route with nothing stepped here has none)
+        inner_index = {rp.index: j for j, rp in enumerate(r for r in inner_routes if r.tensors)}
+        self.groups = [(i, inner_index[rp.index]) for i, rp in enumerate(opt._routes) if rp.index in inner_index]
+        self.owners = [(names.get(id(o.param), "?"), o.owner) for o in self.owned]
+        self._mirror: OptimizerState | None = None
+        self.mirror()
+
+    # -- step ---------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        opt, inner = self.opt, self.inner
+        stepping = [o for o in self.owned if o.param.grad is not None]
+        if self.owned:  # the exchanges pair up the ranks' lists: they must agree (pointwise routes need nothing)
+            self.split.begin_step(hash(tuple(o.param.grad is not None for o in self.owned)))
+        if inner is not None:
+            if opt.state is not self._mirror or opt.state.dirty:
+                # the state was changed from outside (reset, replaced): the inner steps with it
+                inner.state = OptimizerState((proxy, dict(opt.state[p])) for p, proxy in self.pairs if opt.state.get(p))
+            for i, j in self.groups:
+                mine = inner.param_groups[j]
+                for k, v in opt.param_groups[i].items():
+                    if k != "params" and mine.get(k, _NONE) is not v:
+                        mine[k] = v
+            for p, proxy in self.local:
+                local = p.to_local()
+                if proxy.data_ptr() != local.data_ptr() or proxy.shape != local.shape:
+                    proxy.set_(local)
+                proxy.grad = None if p.grad is None else p.grad.to_local()
+        self._gather(stepping)
+        failure: BaseException | None = None
+        if inner is not None:
+            try:
+                inner._step()
+            except Exception as e:  # told to the other ranks by the scatter, then raised here
+                failure = e
+            finally:
+                for o in stepping:
+                    if o.proxy is not None:
+                        o.proxy.grad = None
+                for _, proxy in self.local:
+                    proxy.grad = None
+        self._scatter(stepping, failed=failure is not None)
+        self.mirror()
+        if failure is not None:
+            raise failure
+
+    def _gather(self, stepping: list[_Owned]) -> None:
+        """Every rank's rows of each stepping parameter and its gradient to the parameter's owner."""
+        if not stepping:
+            return
+        device = stepping[0].param.to_local().device
+        send_parts: list[list[torch.Tensor]] = [[] for _ in range(self.world)]
+        recv_sizes = [0] * self.world
+        for o in stepping:
+            local, grad = o.param.to_local(), o.param.grad.to_local()
+            if grad.dtype != local.dtype:
+                raise SoapArgumentError(
+                    f"parameter '{self.opt._names.get(id(o.param), '?')}' has a {grad.dtype} gradient"
+                    f" for {local.dtype} values; under FSDP2 soapdsl needs them alike"
+                )
+            send_parts[o.owner] += [_bytes(local), _bytes(grad)]
+            if o.owner == self.rank:
+                for r in range(self.world):
+                    recv_sizes[r] += 2 * o.rows[r] * o.row_bytes
+        send = [torch.cat(ps) if ps else torch.empty(0, dtype=torch.uint8, device=device) for ps in send_parts]
+        send_sizes = [int(s.numel()) for s in send]
+        out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(out, torch.cat(send), recv_sizes, send_sizes, group=self.split.group)
+        at = 0
+        mine = [o for o in stepping if o.owner == self.rank]
+        grads = {id(o): torch.empty_like(o.proxy) for o in mine}  # type: ignore[arg-type]
+        for r in range(self.world):
+            for o in mine:
+                first = sum(o.rows[:r])
+                n = o.rows[r] * o.row_bytes
+                for dest in (o.proxy, grads[id(o)]):
+                    _bytes(dest[first : first + o.rows[r]]).copy_(out[at : at + n])  # type: ignore[index]
+                    at += n
+        for o in mine:
+            o.proxy.grad = grads[id(o)]  # type: ignore[union-attr]
+
+    def _scatter(self, stepping: list[_Owned], failed: bool) -> None:
+        """Every rank's rows of the new values, from each parameter's owner.
+
+        Each rank's message to each rank ends with a status byte (1: its step failed), so that
+        a rank whose step raised does not leave the others waiting: they raise too, naming it,
+        and no rank writes values from a failed step."""
+        if not stepping:
+            return
+        device = stepping[0].param.to_local().device
+        status = torch.full((1,), int(failed), dtype=torch.uint8, device=device)
+        send_parts: list[list[torch.Tensor]] = [[] for _ in range(self.world)]
+        recv_sizes = [1] * self.world
+        for o in stepping:
+            if o.owner == self.rank:
+                first = 0
+                for r in range(self.world):
+                    send_parts[r].append(_bytes(o.proxy[first : first + o.rows[r]]))  # type: ignore[index]
+                    first += o.rows[r]
+            recv_sizes[o.owner] += o.rows[self.rank] * o.row_bytes
+        send = [torch.cat([*ps, status]) for ps in send_parts]
+        send_sizes = [int(s.numel()) for s in send]
+        out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(out, torch.cat(send), recv_sizes, send_sizes, group=self.split.group)
+        ends = [sum(recv_sizes[: r + 1]) - 1 for r in range(self.world)]
+        codes = out[ends].tolist()
+        if failed:
+            return  # this rank raises its own error
+        if any(codes):
+            r = codes.index(1)
+            raise SoapError(
+                f"FSDP2: rank {r} failed in its share of the step (its own error is raised there);"
+                " this rank stops too, instead of waiting for it, and the parameters that owners step keep their values"
+            )
+        at = [sum(recv_sizes[:r]) for r in range(self.world)]
+        for o in stepping:
+            n = o.rows[self.rank] * o.row_bytes
+            _bytes(o.param.to_local()).copy_(out[at[o.owner] : at[o.owner] + n])
+            at[o.owner] += n
+
+    # -- state --------------------------------------------------------------------------------
+
+    def mirror(self) -> None:
+        """Show this rank's share of the state in the outer optimizer's ``state``."""
+        inner = self.inner
+        held = [] if inner is None else [(p, inner.state[proxy]) for p, proxy in self.pairs if inner.state.get(proxy)]
+        self._mirror = self.opt.state = OptimizerState(held)
+        self._mirror.dirty = False
+
+    def shards(self) -> dict[str, Any]:
+        """What a checkpoint of this rank's share is for: the sharding, and which rank owns what."""
+        return {"world": self.world, "rank": self.rank, "owners": [[n, o] for n, o in self.owners]}
+
+    def load(self, sd: dict[str, Any]) -> None:
+        """Load this rank's share, saved by the same rank of the same sharding."""
+        meta = sd.get("soapdsl")
+        saved = _plain(meta.get("shards")) if isinstance(meta, dict) else None
+        how = "each rank loads the state dict that the same rank saved, under the same sharding and ranks"
+        if not isinstance(saved, dict):
+            raise SoapStateError(
+                "this state dict holds whole parameters' state (it was saved without FSDP), but this"
+                f" optimizer steps FSDP2-sharded parameters: {how}"
+            )
+        if saved != self.shards():
+            where = f"rank {saved.get('rank')} of {saved.get('world')}"
+            if (saved.get("rank"), saved.get("world")) == (self.rank, self.world):
+                where += ", with other owners of the parameters (another model or recipe)"
+            raise SoapStateError(
+                f"this state dict was saved by {where} under FSDP2, this is rank {self.rank} of {self.world}: {how}"
+            )
+        outer_index = _positions(self.opt.param_groups)
+        held = {outer_index[id(p)] for p, _ in self.pairs}
+        extra = sorted(set(sd["state"]) - held, key=str)
+        if extra:
+            raise SoapStateError(
+                f"this rank's state dict holds state for parameter index {extra[0]!r}, which another"
+                " rank steps under FSDP2 (or this optimizer lacks)"
+            )
+        inner = self.inner
+        if inner is not None:
+            # the checkpoint as the inner optimizer's own: its parameters' positions, its routes
+            inner_index = _positions(inner.param_groups)
+            state = {
+                inner_index[id(proxy)]: sd["state"][outer_index[id(p)]]
+                for p, proxy in self.pairs
+                if outer_index[id(p)] in sd["state"]
+            }
+            groups = [
+                {**sd["param_groups"][i], "params": [inner_index[id(q)] for q in inner.param_groups[j]["params"]]}
+                for i, j in self.groups
+            ]
+            inner_meta = {k: v for k, v in meta.items() if k != "shards"}  # type: ignore[union-attr]
+            inner_meta["routes"] = [g["route"] for g in inner.param_groups]
+            inner.load_state_dict({"state": state, "param_groups": groups, "soapdsl": inner_meta})
+        self.mirror()
+
+
+def _positions(groups: list[dict[str, Any]]) -> dict[int, int]:
+    """Each parameter's position in ``groups``: how a state dict names it."""
+    return {id(p): i for i, p in enumerate(p for g in groups for p in g["params"])}
+
+
+_NONE = object()
+
+
+def _plain(saved: Any) -> Any:
+    """A saved ``shards`` entry with its pairs as lists (a serializer may have made them tuples)."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("owners"), list | tuple):
+        return saved
+    return {**saved, "owners": [list(x) if isinstance(x, list | tuple) else x for x in saved["owners"]]}
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's bytes, as a flat uint8 view."""
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _units(rp: RoutePlan) -> list[list[int]]:
+    """The route's parameters in groups that one rank must step together: each alone, but the
+    members of a share group (state shared between them) together, and the whole route when a
+    stage reduces over all of its parameters."""
+    n = len(rp.params)
+    ops = list(walk_ops(rp.ops))
+    if any(op.reduces_over_route() for op in ops):
+        return [list(range(n))]
+    parent = list(range(n))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, str], int] = {}
+    for i, e in enumerate(rp.params):
+        for op, seen in walk_shaped(rp.ops, e.shape):
+            if not any(spec.shared for spec in op.state(seen).values()):
+                continue
+            key = (op.path, op.share_key(e.name))
+            if key in first:
+                parent[find(i)] = find(first[key])
+            else:
+                first[key] = i
+    units: dict[int, list[int]] = {}
+    for i in range(n):
+        units.setdefault(find(i), []).append(i)
+    return list(units.values())

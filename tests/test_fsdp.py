@@ -1,0 +1,383 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): two gloo ranks on the CPU.
+
+Each rank holds half of every parameter's rows. Pointwise routes (Adam's) step each rank's rows
+with state of their shape; every other route steps each parameter whole on its owner rank
+(runtime/fsdp.py). Given the same gradients, the parameters and the state must equal, bit for
+bit, one process stepping the whole model; the state of an owned parameter lives on its owner
+only. Every rank and the single process use one thread.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import soapdsl
+from tests.multiproc import WORLD, spawn
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+
+# case -> recipe and build arguments: short refresh periods, so that a few steps refresh
+CASES = {
+    "adamw": ("adamw", {}),
+    "muon": ("muon", {}),
+    "soap": ("soap", {"freq": 3}),
+    "soap_muon": ("soap_muon", {"freq": 3}),
+    # blocks 0-1 and 2-3 share an eigenbasis: each pair must go to one owner
+    "soap_muon_shared": ("soap_muon_shared", {"freq": 3}),
+    "shampoo": ("shampoo", {"freq": 3}),
+    # a route reducing over all its parameters goes whole to one owner
+    "clip over the route": (
+        "recipe clipped(lr=0.01):\n  route matrix: clip(1.0, per=route) |> momentum(0.9) |> newton_schulz(5) |> lr\n"
+        "  route default: adamw(0.9, 0.95, 1e-8, 0.1)\n",
+        {},
+    ),
+}
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.fc(x))
+
+
+class _Net(torch.nn.Module):
+    """Matrices of one shape (the blocks, which soap_muon_shared pairs up), others of their
+    own, rows that two ranks split unevenly (5) and a matrix of one row (rank 1 holds none)."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(12, width)
+        self.blocks = torch.nn.ModuleList(_Block(width) for _ in range(4))
+        self.out = torch.nn.Linear(width, 5)
+        self.tiny = torch.nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.inp(x))
+        for b in self.blocks:
+            h = b(h)
+        return self.out(h) + self.tiny(h)
+
+
+def _model(seed: int = 0) -> _Net:
+    torch.manual_seed(seed)
+    return _Net()
+
+
+def _sharded(seed: int = 0) -> _Net:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _model(seed)
+    for b in model.blocks:
+        fully_shard(b, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _grads(step: int, model: torch.nn.Module) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g) for p in model.parameters()]
+
+
+def _set_grads(step: int, model: torch.nn.Module) -> None:
+    """The same whole gradients on every rank, each rank given its rows."""
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    for p, g in zip(model.parameters(), _grads(step, model), strict=True):
+        p.grad = distribute_tensor(g, p.device_mesh, [Shard(0)]) if isinstance(p, DTensor) else g
+
+
+def _rows(p: torch.Tensor, rank: int) -> tuple[int, int]:
+    """The first row and the number of rows that ``rank`` holds of the DTensor ``p``."""
+    size = math.ceil(p.shape[0] / WORLD)
+    first = min(rank * size, p.shape[0])
+    return first, int(p.to_local().shape[0])
+
+
+def _train_sharded(rank: int, cases: dict, steps: int) -> dict:
+    out = {}
+    for case, (recipe, kw) in cases.items():
+        model = _sharded()
+        opt = soapdsl.build(recipe, model, **kw)
+        for step in range(steps):
+            _set_grads(step, model)
+            opt.step()
+            opt.zero_grad()
+        sd = opt.state_dict()
+        out[case] = {
+            "params": [p.full_tensor() for p in model.parameters()],
+            "rows": {n: _rows(p, rank) for n, p in model.named_parameters()},
+            "state": _by_name(model, opt, sd["state"]),
+            "owners": dict(sd["soapdsl"]["shards"]["owners"]),
+        }
+    return out
+
+
+def _by_name(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> dict:
+    """A state dict's state keyed by parameter name (it is keyed by position in the param_groups)."""
+    name = {id(p): n for n, p in model.named_parameters()}
+    order = [name[id(p)] for g in opt.param_groups for p in g["params"]]
+    return {order[i]: st for i, st in state.items()}
+
+
+def _train_whole(recipe: str, kw: dict, steps: int) -> tuple[_Net, dict]:
+    model = _model()
+    opt = soapdsl.build(recipe, model, **kw)
+    for step in range(steps):
+        for p, g in zip(model.parameters(), _grads(step, model), strict=True):
+            p.grad = g
+        opt.step()
+        opt.zero_grad()
+    return model, _by_name(model, opt, opt.state_dict()["state"])
+
+
+def test_sharded_parameters_step_as_one_process_bit_for_bit(tmp_path):
+    steps = 7
+    ranks = spawn(_train_sharded, tmp_path, CASES, steps)
+    assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for case, (recipe, kw) in CASES.items():
+            model, state = _train_whole(recipe, kw, steps)
+            names = [n for n, _ in model.named_parameters()]
+            for r in ranks:
+                for n, p, q in zip(names, model.parameters(), r[case]["params"], strict=True):
+                    assert torch.equal(p.detach(), q), (case, n)
+            owners = ranks[0][case]["owners"]
+            assert owners == ranks[1][case]["owners"]
+            for name in names:
+                if name in owners:  # stepped whole on its owner, which alone holds its state
+                    owner = owners[name]
+                    assert name not in ranks[1 - owner][case]["state"], (case, name)
+                    got = ranks[owner][case]["state"][name]
+                    assert got.keys() == state[name].keys(), (case, name)
+                    for key, value in state[name].items():
+                        assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(value)), (case, name, key)
+                else:  # stepped on each rank's rows, whose state has their shape
+                    for r in ranks:
+                        first, rows = r[case]["rows"][name]
+                        got = r[case]["state"][name]
+                        for key, value in state[name].items():
+                            if key == "step":
+                                assert float(got[key]) == float(value) == steps
+                            else:
+                                assert torch.equal(got[key], value[first : first + rows]), (case, name, key)
+            if case == "adamw":
+                assert owners == {}
+            elif case == "clip over the route":  # the route's matrices together, on one rank
+                assert {r for n, r in owners.items() if n.endswith("weight")} == {0}, owners
+            else:  # the matrices are spread over both ranks
+                assert set(owners.values()) == {0, 1}, (case, owners)
+            if case == "soap_muon_shared":
+                for a, b in ((0, 1), (2, 3)):
+                    assert owners[f"blocks.{a}.fc.weight"] == owners[f"blocks.{b}.fc.weight"], owners
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _real_backward(rank: int, steps: int) -> dict:
+    """FSDP's own forward and backward (its lazy initialisation moves each rank's rows into
+    new storage at the first forward, which the optimizer must follow). Each step's whole
+    gradients are recorded for the single process to replay."""
+    model = _sharded()
+    opt = soapdsl.build("soap_muon", model, freq=2)
+    g = torch.Generator().manual_seed(1)
+    grads = []
+    for _ in range(steps):
+        x, y = torch.randn(32, 12, generator=g), torch.randint(0, 5, (32,), generator=g)
+        loss = torch.nn.functional.cross_entropy(model(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank])
+        loss.backward()
+        grads.append([p.grad.full_tensor() for p in model.parameters()])
+        opt.step()
+        opt.zero_grad()
+    return {"params": [p.full_tensor() for p in model.parameters()], "grads": grads}
+
+
+def test_training_through_fsdp_steps_as_one_process(tmp_path):
+    """With FSDP's own gradients (reduce-scattered from the ranks' halves of each batch): one
+    process given the same gradients ends with the same parameters, bit for bit."""
+    ranks = spawn(_real_backward, tmp_path, 4)
+    assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _model()
+        opt = soapdsl.build("soap_muon", model, freq=2)
+        for grads in ranks[0]["grads"]:
+            for p, grad in zip(model.parameters(), grads, strict=True):
+                p.grad = grad
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.set_num_threads(threads)
+    start = _model()
+    for r in ranks:
+        for p, q, p0 in zip(model.parameters(), r["params"], start.parameters(), strict=True):
+            assert not torch.equal(q, p0)  # it trained
+            assert torch.equal(q, p.detach())
+
+
+def _checkpoint(rank: int, tmp: str) -> dict:
+    import os
+
+    path = os.path.join(tmp, f"opt{rank}.pt")
+    model = _sharded()
+    opt = soapdsl.build("soap_muon", model, freq=3)
+    for step in range(4):
+        _set_grads(step, model)
+        opt.step()
+        opt.zero_grad()
+    torch.save(opt.state_dict(), path)
+    rows = [p.to_local().clone() for p in model.parameters()]
+    dist.barrier()
+    for step in range(4, 8):
+        _set_grads(step, model)
+        opt.step()
+        opt.zero_grad()
+    out: dict = {"straight": [p.full_tensor() for p in model.parameters()]}
+    # each rank loads its own share into a new optimizer, for the model as it was, and goes on
+    model2 = _sharded()
+    with torch.no_grad():
+        for p, q in zip(model2.parameters(), rows, strict=True):
+            p.to_local().copy_(q)
+    opt2 = soapdsl.build("soap_muon", model2, freq=3)
+    opt2.load_state_dict(torch.load(path, weights_only=True))
+    for step in range(4, 8):
+        _set_grads(step, model2)
+        opt2.step()
+        opt2.zero_grad()
+    out["resumed"] = [p.full_tensor() for p in model2.parameters()]
+    # another rank's share, and a whole (unsharded) checkpoint, are refused
+    other = torch.load(os.path.join(tmp, f"opt{1 - rank}.pt"), weights_only=True)
+    for name, sd in (("other", other), ("whole", _whole_state_dict())):
+        try:
+            opt2.load_state_dict(sd)
+            out[name] = "loaded"
+        except soapdsl.SoapError as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _whole_state_dict() -> dict:
+    model = _model()
+    opt = soapdsl.build("soap_muon", model, freq=3)
+    for p, g in zip(model.parameters(), _grads(0, model), strict=True):
+        p.grad = g
+    opt.step()
+    return opt.state_dict()
+
+
+def test_each_rank_saves_and_loads_its_own_share(tmp_path):
+    ranks = spawn(_checkpoint, tmp_path, str(tmp_path))
+    assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
+    for r in ranks:
+        for a, b in zip(r["straight"], r["resumed"], strict=True):
+            assert torch.equal(a, b)
+        assert r["other"].startswith("SoapStateError: error: this state dict was saved by rank"), r["other"]
+        assert r["whole"].startswith("SoapStateError: error: this state dict holds whole parameters'"), r["whole"]
+
+
+def _lr_schedule(rank: int, steps: int) -> dict:
+    model = _sharded()
+    opt = soapdsl.build("muon", model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    for step in range(steps):
+        _set_grads(step, model)
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    return {"params": [p.full_tensor() for p in model.parameters()]}
+
+
+def test_a_scheduler_changes_the_sharded_steps(tmp_path):
+    """The routes read the outer optimizer's param_groups, which schedulers change."""
+    steps = 4
+    ranks = spawn(_lr_schedule, tmp_path, steps)
+    assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _model()
+        opt = soapdsl.build("muon", model)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        for step in range(steps):
+            for p, g in zip(model.parameters(), _grads(step, model), strict=True):
+                p.grad = g
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    finally:
+        torch.set_num_threads(threads)
+    for r in ranks:
+        for p, q in zip(model.parameters(), r["params"], strict=True):
+            assert torch.equal(p.detach(), q)
+
+
+def _with_group(rank: int) -> dict:
+    model = _sharded()
+    soapdsl.build("muon", model, distributed=dist.group.WORLD)
+    return {}
+
+
+def test_a_process_group_is_refused_for_fsdp_parameters(tmp_path):
+    """FSDP2's parameters carry their mesh's process group; another would pair up other ranks."""
+    for r in spawn(_with_group, tmp_path):
+        assert r.get("error") == "SoapArgumentError", r
+        assert "carry their process group" in r["message"]
+
+
+def _nan_on_the_owner(rank: int) -> dict:
+    """A gradient whose eigenbasis cannot be computed, on whichever rank owns the matrix."""
+    model = _sharded()
+    opt = soapdsl.build("soap", model)
+    _set_grads(0, model)
+    model.blocks[1].fc.weight.grad.to_local().fill_(float("nan"))
+    before = [p.full_tensor() for p in model.parameters()]
+    try:
+        opt.step()
+    except soapdsl.SoapError as e:
+        owner = dict(opt.state_dict()["soapdsl"]["shards"]["owners"])["blocks.1.fc.weight"]
+        after = [p.full_tensor() for p in model.parameters()]
+        unchanged = [
+            n for (n, _), a, b in zip(model.named_parameters(), before, after, strict=True) if torch.equal(a, b)
+        ]
+        return {"error": type(e).__name__, "message": str(e), "owner": owner, "unchanged": unchanged}
+    return {}
+
+
+def test_a_failure_on_the_owner_stops_every_rank(tmp_path):
+    """The owner raises the located error; the other rank learns of it in the exchange that
+    would have brought it the new values, instead of waiting for it, and writes none."""
+    ranks = spawn(_nan_on_the_owner, tmp_path)
+    owner = ranks[0]["owner"]
+    assert ranks[0]["owner"] == ranks[1]["owner"]
+    mine, other = ranks[owner], ranks[1 - owner]
+    assert mine["error"] == "SoapArgumentError" and "'blocks.1.fc.weight'" in mine["message"], mine
+    assert other["error"] == "SoapError", other
+    assert f"rank {owner} failed in its share of the step" in other["message"]
+    # no matrix stepped by an owner took a value from the failed step
+    assert "blocks.1.fc.weight" in other["unchanged"] and "inp.weight" in other["unchanged"], other
+
+
+def _copied(rank: int) -> dict:
+    import copy
+
+    model = _sharded()
+    opt = soapdsl.build("adamw", model)
+    copy.deepcopy(opt)
+    return {}
+
+
+def test_a_sharded_optimizer_is_not_copied(tmp_path):
+    for r in spawn(_copied, tmp_path):
+        assert r.get("error") == "SoapStateError", r
+        assert "cannot be copied or unpickled" in r["message"]
