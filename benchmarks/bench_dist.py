@@ -13,6 +13,13 @@ hits both alike; a round times one refresh period (10 steps) of each after a war
 report gives the median of the per-round ratios. A step's time is the slower rank's: the split
 step ends with both ranks holding every result.
 
+With ``--fsdp`` (the default) a third optimizer steps the same parameters sharded as FSDP2
+shards them (DTensors, each rank holding half of every parameter's rows, with the gradients'
+same rows): pointwise routes step each rank's rows, and each matrix route's parameter is
+stepped whole on its owner rank (runtime/fsdp.py). Its rounds interleave with the other two;
+the report gives its step time, its state per rank against the whole state every DDP rank
+keeps, and whether its parameters equal the unsplit ones bit for bit.
+
 After the timing, each rank compares its split and unsplit parameters; the report's last
 column says whether they are equal bit for bit on every rank.
 """
@@ -56,12 +63,21 @@ def _worker(rank: int, world: int, init: str, args: argparse.Namespace, out: Pat
         split_params, plain_params = pool.make_params(), pool.make_params()
         split = soapdsl.build(recipe, split_params, distributed=True, **kw)
         plain = soapdsl.build(recipe, plain_params, **kw)
+        # (name, optimizer, its parameters, what loads their gradients, untimed)
+        contenders: list[tuple[str, Any, Any, Any]] = [
+            ("split", split, split_params, pool.load),
+            ("plain", plain, plain_params, pool.load),
+        ]
+        if args.fsdp:
+            sharded_params, load_sharded = _sharded(pool, world)
+            sharded = soapdsl.build(recipe, sharded_params, **kw)
+            contenders.append(("fsdp", sharded, sharded_params, load_sharded))
         k = 0
 
-        def run(opt: Any, named: list[tuple[str, torch.nn.Parameter]], n: int, start: int) -> float:
+        def run(opt: Any, named: list[tuple[str, Any]], load: Any, n: int, start: int) -> float:
             total = 0.0
             for i in range(n):
-                pool.load(named, start + i)  # untimed
+                load(named, start + i)  # untimed
                 dist.barrier()
                 t0 = time.perf_counter()
                 opt.step()
@@ -69,24 +85,47 @@ def _worker(rank: int, world: int, init: str, args: argparse.Namespace, out: Pat
             return total
 
         # warm-up: the first step (skipped by the SOAP family) and a first refresh period
-        for opt, named in ((split, split_params), (plain, plain_params)):
-            run(opt, named, steps + 1, k)
+        for _, opt, named, load in contenders:
+            run(opt, named, load, steps + 1, k)
         k += steps + 1
         rounds = []
         for r in range(args.rounds):
-            order = ((split, split_params), (plain, plain_params))
-            if r % 2:
-                order = order[::-1]
             times = {}
-            for opt, named in order:
-                times[id(opt)] = run(opt, named, steps, k) / steps
+            for name, opt, named, load in contenders[r % len(contenders) :] + contenders[: r % len(contenders)]:
+                times[name] = run(opt, named, load, steps, k) / steps
             k += steps
-            rounds.append((times[id(split)], times[id(plain)]))
+            rounds.append(times)
         same = all(torch.equal(a, b) for (_, a), (_, b) in zip(split_params, plain_params, strict=True))
         computed = dict(split._split.computed)  # type: ignore[union-attr]
-        results[recipe] = {"rounds": rounds, "same": same, "computed": computed}
+        results[recipe] = {"rounds": rounds, "same": same, "computed": computed, "state": _state_bytes(plain)}
+        if args.fsdp:
+            results[recipe]["fsdp_state"] = _state_bytes(sharded)
+            results[recipe]["fsdp_same"] = all(
+                torch.equal(a.full_tensor(), b) for (_, a), (_, b) in zip(sharded_params, plain_params, strict=True)
+            )
     torch.save(results, out / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _sharded(pool: GradPool, world: int) -> tuple[list[tuple[str, Any]], Any]:
+    """The pool's parameters sharded as FSDP2 shards them, and a loader of its gradients' rows."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    named = [(n, torch.nn.Parameter(distribute_tensor(pool.init[n].clone(), mesh, [Shard(0)]))) for n, _ in pool.shapes]
+    grads = [{n: distribute_tensor(g[n], mesh, [Shard(0)]) for n, _ in pool.shapes} for g in pool.grads]
+
+    def load(params: list[tuple[str, Any]], k: int) -> None:
+        for n, p in params:
+            p.grad = grads[k % len(grads)][n]
+
+    return named, load
+
+
+def _state_bytes(opt: Any) -> int:
+    """Bytes of the optimizer state this rank holds."""
+    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--out", type=Path, help="write the report here (Markdown) as well")
+    parser.add_argument(
+        "--fsdp", action=argparse.BooleanOptionalAction, default=True, help="also time FSDP2-sharded parameters"
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -115,12 +157,27 @@ def main(argv: list[str] | None = None) -> int:
         " | split == repeated |",
         "|---|---|---|---|---|---|",
     ]
+    fsdp_lines = [
+        "",
+        "## FSDP2: each rank holds half of every parameter's rows",
+        "",
+        "| recipe | sharded ms/step | repeated ms/step | sharded / repeated | state per rank | DDP state per rank"
+        " | sharded == repeated |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for recipe in args.recipes:
-        per_round = list(
-            zip(*(r[recipe]["rounds"] for r in ranks), strict=True)
-        )  # per round: each rank's (split, plain)
-        split = [max(s for s, _ in rnd) * 1e3 for rnd in per_round]
-        plain = [max(p for _, p in rnd) * 1e3 for rnd in per_round]
+        per_round = list(zip(*(r[recipe]["rounds"] for r in ranks), strict=True))  # per round: each rank's times
+        split = [max(t["split"] for t in rnd) * 1e3 for rnd in per_round]
+        plain = [max(t["plain"] for t in rnd) * 1e3 for rnd in per_round]
+        if args.fsdp:
+            fsdp = [max(t["fsdp"] for t in rnd) * 1e3 for rnd in per_round]
+            fsdp_ratio = statistics.median(f / p for f, p in zip(fsdp, plain, strict=True))
+            mib = ", ".join(f"{r[recipe]['fsdp_state'] / 2**20:.1f}" for r in ranks)
+            fsdp_lines.append(
+                f"| {recipe} | {statistics.median(fsdp):.1f} | {statistics.median(plain):.1f} | {fsdp_ratio:.2f}x"
+                f" | {mib} MiB | {ranks[0][recipe]['state'] / 2**20:.1f} MiB"
+                f" | {'yes' if all(r[recipe]['fsdp_same'] for r in ranks) else 'NO'} |"
+            )
         ratio = statistics.median(s / p for s, p in zip(split, plain, strict=True))
         computed = ", ".join(str(r[recipe]["computed"]["here"]) for r in ranks)
         total = ranks[0][recipe]["computed"]["all"]
@@ -135,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         f" Each round times one refresh period ({STEPS} steps) of each optimizer, after a warm-up of as many;"
         " the ratio is the median over rounds of split / repeated, each the slower rank's time.",
     ]
+    if args.fsdp:
+        lines += fsdp_lines
     report = "\n".join(lines) + "\n"
     print(report)
     if args.out:
