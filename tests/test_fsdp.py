@@ -9,6 +9,7 @@ only. Every rank and the single process use one thread.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -256,24 +257,13 @@ def _checkpoint(rank: int, tmp: str) -> dict:
         opt2.step()
         opt2.zero_grad()
     out["resumed"] = [p.full_tensor() for p in model2.parameters()]
-    # another rank's share, and a whole (unsharded) checkpoint, are refused
-    other = torch.load(os.path.join(tmp, f"opt{1 - rank}.pt"), weights_only=True)
-    for name, sd in (("other", other), ("whole", _whole_state_dict())):
-        try:
-            opt2.load_state_dict(sd)
-            out[name] = "loaded"
-        except soapdsl.SoapError as e:
-            out[name] = f"{type(e).__name__}: {e}"
+    # another rank's share is refused
+    try:
+        opt2.load_state_dict(torch.load(os.path.join(tmp, f"opt{1 - rank}.pt"), weights_only=True))
+        out["other"] = "loaded"
+    except soapdsl.SoapError as e:
+        out["other"] = f"{type(e).__name__}: {e}"
     return out
-
-
-def _whole_state_dict() -> dict:
-    model = _model()
-    opt = soapdsl.build("soap_muon", model, freq=3)
-    for p, g in zip(model.parameters(), _grads(0, model), strict=True):
-        p.grad = g
-    opt.step()
-    return opt.state_dict()
 
 
 def test_each_rank_saves_and_loads_its_own_share(tmp_path):
@@ -283,7 +273,77 @@ def test_each_rank_saves_and_loads_its_own_share(tmp_path):
         for a, b in zip(r["straight"], r["resumed"], strict=True):
             assert torch.equal(a, b)
         assert r["other"].startswith("SoapStateError: error: this state dict was saved by rank"), r["other"]
-        assert r["whole"].startswith("SoapStateError: error: this state dict holds whole parameters'"), r["whole"]
+
+
+WHOLE = {"soap_muon": {"freq": 3}, "adamw": {}}
+
+
+def _whole(rank: int) -> dict:
+    """Whole checkpoints both ways: one process's, loaded by the sharded ranks; and the
+    sharded ranks' ``full_state_dict()``, against one process's."""
+    out = {}
+    for recipe, kw in WHOLE.items():
+        model = _model()
+        opt = soapdsl.build(recipe, model, **kw)
+        for step in range(8):
+            if step == 4:
+                at4 = [p.detach().clone() for p in model.parameters()]
+                sd4 = copy.deepcopy(opt.state_dict())  # its tensors are the live state
+            for p, g in zip(model.parameters(), _grads(step, model), strict=True):
+                p.grad = g
+            opt.step()
+            opt.zero_grad()
+        # one process's checkpoint after 4 steps, into the sharded ranks, then 4 more steps
+        sharded = _sharded()
+        with torch.no_grad():
+            for p, q in zip(sharded.parameters(), at4, strict=True):
+                p.to_local().copy_(q[slice(*_span(p, rank))])
+        resumed = soapdsl.build(recipe, sharded, **kw)
+        resumed.load_state_dict(sd4)
+        for step in range(4, 8):
+            _set_grads(step, sharded)
+            resumed.step()
+            resumed.zero_grad()
+        # the sharded ranks' whole checkpoint after 4 steps
+        fresh = _sharded()
+        opt4 = soapdsl.build(recipe, fresh, **kw)
+        for step in range(4):
+            _set_grads(step, fresh)
+            opt4.step()
+            opt4.zero_grad()
+        full = opt4.full_state_dict()
+        out[recipe] = {
+            "resumed": all(
+                torch.equal(p.full_tensor(), q.detach())
+                for p, q in zip(sharded.parameters(), model.parameters(), strict=True)
+            ),
+            "full": full,
+            "one": sd4,
+        }
+    return out
+
+
+def _span(p: torch.Tensor, rank: int) -> tuple[int, int]:
+    first, rows = _rows(p, rank)
+    return first, first + rows
+
+
+def test_whole_checkpoints_load_into_sharded_ranks_and_come_out_of_them(tmp_path):
+    """A checkpoint saved by one process loads into the sharded ranks (each takes its part),
+    and ``full_state_dict()`` gathers the ranks' shares into what one process saves."""
+    ranks = spawn(_whole, tmp_path)
+    assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
+    for r in ranks:
+        for recipe in WHOLE:
+            got = r[recipe]
+            assert got["resumed"], recipe
+            full, one = got["full"], got["one"]
+            assert full["param_groups"] == one["param_groups"] and full["soapdsl"] == one["soapdsl"]
+            assert full["state"].keys() == one["state"].keys(), recipe
+            for k, st in one["state"].items():
+                assert full["state"][k].keys() == st.keys()
+                for key, value in st.items():
+                    assert torch.equal(torch.as_tensor(full["state"][k][key]), torch.as_tensor(value)), (k, key)
 
 
 def _lr_schedule(rank: int, steps: int) -> dict:
@@ -369,8 +429,6 @@ def test_a_failure_on_the_owner_stops_every_rank(tmp_path):
 
 
 def _copied(rank: int) -> dict:
-    import copy
-
     model = _sharded()
     opt = soapdsl.build("adamw", model)
     copy.deepcopy(opt)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from soapdsl.compiler import Plan, RoutePlan, is_dtensor, walk_ops, walk_shaped
+from soapdsl.compiler import FORMAT_VERSION, Plan, RoutePlan, is_dtensor, walk_ops, walk_shaped
 from soapdsl.errors import SoapArgumentError, SoapError, SoapStateError
 from soapdsl.runtime.dist import Splitter
 from soapdsl.runtime.state import OptimizerState
@@ -111,6 +111,7 @@ class Sharded:
         #: (real parameter, proxy) of every parameter stepped here
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.local: list[tuple[Any, torch.Tensor]] = []  # (DTensor, proxy of its rows)
+        self.first_row: dict[int, int] = {}  # a pointwise route's DTensor -> this rank's first row
         inner_routes = []
         for rp in plan.routes:
             local_route = bool(rp.tensors) and shard_local(rp)
@@ -121,6 +122,7 @@ class Sharded:
                 if not is_dtensor(t):
                     proxy: torch.Tensor | None = t
                 elif local_route:
+                    self.first_row[id(t)] = sum(rows[id(t)][: self.rank])
                     rows_here = t.to_local().detach()
                     proxy = torch.empty(0, dtype=t.dtype, device=rows_here.device).set_(rows_here)
                     self.local.append((t, proxy))
@@ -278,47 +280,104 @@ class Sharded:
         return {"world": self.world, "rank": self.rank, "owners": [[n, o] for n, o in self.owners]}
 
     def load(self, sd: dict[str, Any]) -> None:
-        """Load this rank's share, saved by the same rank of the same sharding."""
+        """Load this rank's share: one saved by the same rank under the same sharding, or its part
+        of a whole state dict (saved by one process, or by :meth:`full_state_dict`)."""
         meta = sd.get("soapdsl")
         saved = _plain(meta.get("shards")) if isinstance(meta, dict) else None
-        how = "each rank loads the state dict that the same rank saved, under the same sharding and ranks"
-        if not isinstance(saved, dict):
-            raise SoapStateError(
-                "this state dict holds whole parameters' state (it was saved without FSDP), but this"
-                f" optimizer steps FSDP2-sharded parameters: {how}"
-            )
-        if saved != self.shards():
-            where = f"rank {saved.get('rank')} of {saved.get('world')}"
-            if (saved.get("rank"), saved.get("world")) == (self.rank, self.world):
-                where += ", with other owners of the parameters (another model or recipe)"
-            raise SoapStateError(
-                f"this state dict was saved by {where} under FSDP2, this is rank {self.rank} of {self.world}: {how}"
-            )
         outer_index = _positions(self.opt.param_groups)
-        held = {outer_index[id(p)] for p, _ in self.pairs}
-        extra = sorted(set(sd["state"]) - held, key=str)
-        if extra:
-            raise SoapStateError(
-                f"this rank's state dict holds state for parameter index {extra[0]!r}, which another"
-                " rank steps under FSDP2 (or this optimizer lacks)"
-            )
+        if saved is None:
+            state = self._share_of(sd["state"], outer_index)
+        else:
+            if saved != self.shards():
+                where = f"rank {saved.get('rank')} of {saved.get('world')}"
+                if (saved.get("rank"), saved.get("world")) == (self.rank, self.world):
+                    where += ", with other owners of the parameters (another model or recipe)"
+                raise SoapStateError(
+                    f"this state dict was saved by {where} under FSDP2, this is rank {self.rank} of"
+                    f" {self.world}: each rank loads the state dict that the same rank saved, under the"
+                    " same sharding and ranks, or a whole one (opt.full_state_dict())"
+                )
+            held = {outer_index[id(p)] for p, _ in self.pairs}
+            extra = sorted(set(sd["state"]) - held, key=str)
+            if extra:
+                raise SoapStateError(
+                    f"this rank's state dict holds state for parameter index {extra[0]!r}, which another"
+                    " rank steps under FSDP2 (or this optimizer lacks)"
+                )
+            state = sd["state"]
         inner = self.inner
         if inner is not None:
             # the checkpoint as the inner optimizer's own: its parameters' positions, its routes
             inner_index = _positions(inner.param_groups)
-            state = {
-                inner_index[id(proxy)]: sd["state"][outer_index[id(p)]]
+            mine = {
+                inner_index[id(proxy)]: state[outer_index[id(p)]]
                 for p, proxy in self.pairs
-                if outer_index[id(p)] in sd["state"]
+                if outer_index[id(p)] in state
             }
             groups = [
                 {**sd["param_groups"][i], "params": [inner_index[id(q)] for q in inner.param_groups[j]["params"]]}
                 for i, j in self.groups
             ]
-            inner_meta = {k: v for k, v in meta.items() if k != "shards"}  # type: ignore[union-attr]
-            inner_meta["routes"] = [g["route"] for g in inner.param_groups]
-            inner.load_state_dict({"state": state, "param_groups": groups, "soapdsl": inner_meta})
+            plan = self.opt.plan
+            inner_meta = {
+                "format": FORMAT_VERSION,
+                "recipe": plan.recipe.name,
+                "fingerprint": plan.fingerprint,
+                "routes": [g["route"] for g in inner.param_groups],
+            }
+            inner.load_state_dict({"state": mine, "param_groups": groups, "soapdsl": inner_meta})
         self.mirror()
+
+    def _share_of(self, whole: dict[Any, Any], outer_index: dict[int, int]) -> dict[Any, Any]:
+        """This rank's part of a whole state dict's state: an owned parameter's state if this rank
+        owns it, and this rank's rows of a pointwise route's state (shaped like the parameter)."""
+        out = {}
+        for p, proxy in self.pairs:
+            k = outer_index[id(p)]
+            st = whole.get(k)
+            if id(p) in self.first_row and isinstance(st, dict):
+                first, n = self.first_row[id(p)], proxy.shape[0]
+                name = self.opt._names.get(id(p), "?")
+                rows = {}
+                for key, v in st.items():
+                    if torch.is_tensor(v) and v.dim() > 0:
+                        if tuple(v.shape) != tuple(p.shape):
+                            raise SoapStateError(
+                                f"state '{key}' of parameter '{name}' has shape {list(v.shape)}, expected"
+                                f" {list(p.shape)}"
+                            )
+                        v = v[first : first + n]
+                    rows[key] = v
+                st = rows
+            if st is not None:
+                out[k] = st
+        return out
+
+    def full_state_dict(self) -> dict[str, Any]:
+        """The whole state dict, as one process stepping the whole model would save it, on every
+        rank (a collective: every rank calls it); its tensors are on the CPU."""
+        sd = self.opt.state_dict()
+        pos = _positions(self.opt.param_groups)
+        state = sd["state"]
+        owned = {pos[id(o.param)] for o in self.owned if o.owner == self.rank}
+        rows = {pos[id(p)] for p, _ in self.local}
+        mine = {k: {key: _cpu(v) for key, v in st.items()} for k, st in state.items() if k in owned or k in rows}
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, mine, group=self.split.group)
+        whole: dict[Any, Any] = {k: {key: _cpu(v) for key, v in st.items()} for k, st in state.items()}
+        for r, part in enumerate(everyone):
+            for k, st in part.items():
+                if k not in rows:
+                    whole[k] = st  # its owner's
+                elif r == 0:
+                    whole[k] = dict(st)
+                else:  # a pointwise route's state: the ranks' rows, in rank order
+                    whole[k] = {
+                        key: torch.cat([whole[k][key], v]) if torch.is_tensor(v) and v.dim() > 0 else whole[k][key]
+                        for key, v in st.items()
+                    }
+        meta = {k: v for k, v in sd["soapdsl"].items() if k != "shards"}
+        return {"state": dict(sorted(whole.items())), "param_groups": sd["param_groups"], "soapdsl": meta}
 
 
 def _positions(groups: list[dict[str, Any]]) -> dict[int, int]:
@@ -334,6 +393,10 @@ def _plain(saved: Any) -> Any:
     if not isinstance(saved, dict) or not isinstance(saved.get("owners"), list | tuple):
         return saved
     return {**saved, "owners": [list(x) if isinstance(x, list | tuple) else x for x in saved["owners"]]}
+
+
+def _cpu(v: Any) -> Any:
+    return v.detach().cpu() if torch.is_tensor(v) else v
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

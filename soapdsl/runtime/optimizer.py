@@ -471,6 +471,17 @@ class SoapOptimizer(torch.optim.Optimizer):
             loc,
         )
 
+    def full_state_dict(self) -> dict[str, Any]:
+        """The whole state dict, as one process stepping every parameter whole saves it.
+
+        ``state_dict()`` itself, except under FSDP2, where ``state_dict()`` holds this rank's
+        share and this gathers every rank's (a collective: every rank calls it; the tensors come
+        on the CPU). It loads into an optimizer built with or without FSDP2, on any number of
+        ranks."""
+        if self._shards is not None:
+            return self._shards.full_state_dict()
+        return self.state_dict()
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = state_dict.copy()  # as torch's: the hooks may change its keys, not the caller's
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
