@@ -337,6 +337,43 @@ def test_distributed_split_on_one_nccl_rank_equals_the_plain_optimizer(recipe: s
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("recipe", ["adamw", "soap", "soap_muon", "muon"])
+def test_fsdp_on_one_nccl_rank_equals_the_plain_optimizer(recipe: str, tmp_path) -> None:
+    """FSDP2 over NCCL (runtime/fsdp.py): the exchanges' buffers live on the GPU. One rank owns
+    every matrix and holds every row, so the result must equal the plain optimizer's bit for
+    bit (two ranks: tests/test_fsdp.py, on gloo)."""
+    import torch.distributed as dist
+
+    if not dist.is_nccl_available():
+        pytest.skip("needs NCCL")
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        from tests.test_fsdp import _grads, _model
+
+        kw = {} if recipe in ("adamw", "muon") else {"freq": 3}
+        mesh = init_device_mesh("cuda", (1,))
+        sharded, plain = _model().to(CUDA), _model().to(CUDA)
+        for block in sharded.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        opt_s = soapdsl.build(recipe, sharded, **kw)
+        opt_p = soapdsl.build(recipe, plain, **kw)
+        for step in range(6):
+            for p, q, g in zip(sharded.parameters(), plain.parameters(), _grads(step, plain), strict=True):
+                p.grad = distribute_tensor(g.to(CUDA), mesh, [Shard(0)])
+                q.grad = g.to(CUDA)
+            opt_s.step()
+            opt_p.step()
+        for p, q in zip(sharded.parameters(), plain.parameters(), strict=True):
+            assert torch.equal(p.full_tensor(), q)
+    finally:
+        dist.destroy_process_group()
+
+
 # -- torch.compile on CUDA -------------------------------------------------------------------------
 
 # torch 2.11's inductor asserts (FusedSchedulerNode.reorder_loops_by_dep_pair) on muon's and
