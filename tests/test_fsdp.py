@@ -439,3 +439,42 @@ def test_a_sharded_optimizer_is_not_copied(tmp_path):
     for r in spawn(_copied, tmp_path):
         assert r.get("error") == "SoapStateError", r
         assert "cannot be copied or unpickled" in r["message"]
+
+
+def _partly_sharded() -> _Net:
+    """Only the blocks sharded: the other parameters stay plain tensors, whole on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _model()
+    for b in model.blocks:
+        fully_shard(b, mesh=mesh)
+    return model
+
+
+def _misuses(rank: int) -> dict:
+    """Each misuse on every rank, with the error (or the lack of one) it met."""
+    out = {}
+
+    def attempt(case: str, fn) -> None:
+        try:
+            fn()
+            out[case] = "no error"
+        except soapdsl.SoapError as e:
+            out[case] = f"{type(e).__name__}: {e}"
+
+    # a route clipped by its global norm, over sharded blocks and plain matrices: the owner
+    # would step them all, every other rank its plain ones alone (with another norm)
+    clipped = CASES["clip over the route"][0]
+    attempt("sharded and plain stepped together", lambda: soapdsl.build(clipped, _partly_sharded()))
+    return out
+
+
+def test_misuses_are_refused_on_every_rank(tmp_path):
+    ranks = spawn(_misuses, tmp_path)
+    assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
+    for r in ranks:
+        got = r["sharded and plain stepped together"]
+        assert got.startswith("SoapArgumentError: error: parameters 'blocks.0.fc.weight' (FSDP2-sharded) and"), got
+        assert "(not sharded) of route 'matrix' must be stepped together" in got, got

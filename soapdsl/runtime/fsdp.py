@@ -101,8 +101,17 @@ class Sharded:
         load = [0] * self.world
         owner_of: dict[int, int] = {}
         for rp, unit in units:
-            if not any(is_dtensor(rp.tensors[i]) for i in unit):
+            plain = [i for i in unit if not is_dtensor(rp.tensors[i])]
+            if len(plain) == len(unit):
                 continue  # plain tensors: every rank steps its own, as torch.optim does
+            if plain:  # the owner would step them with the rest, every other rank without it
+                sharded = next(i for i in unit if is_dtensor(rp.tensors[i]))
+                raise SoapArgumentError(
+                    f"parameters '{rp.params[sharded].name}' (FSDP2-sharded) and '{rp.params[plain[0]].name}'"
+                    f" (not sharded) of route '{rp.selector}' must be stepped together (they share state,"
+                    " or a stage reduces over the route): fully_shard the modules that hold either, or"
+                    " none of them"
+                )
             owner = min(range(self.world), key=lambda r: (load[r], r))
             load[owner] += sum(math.prod(rp.params[i].shape) for i in unit)
             for i in unit:
