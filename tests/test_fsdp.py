@@ -468,6 +468,19 @@ def _misuses(rank: int) -> dict:
     # would step them all, every other rank its plain ones alone (with another norm)
     clipped = CASES["clip over the route"][0]
     attempt("sharded and plain stepped together", lambda: soapdsl.build(clipped, _partly_sharded()))
+    # the outer param_groups changed after building: the inner optimizer must not miss it
+    for case in ("a key deleted", "a parameter added"):
+        model = _sharded()
+        opt = soapdsl.build("adamw", model)
+        _set_grads(0, model)
+        opt.step()
+        if case == "a key deleted":
+            del opt.param_groups[0]["weight_decay"]
+        else:
+            extra = torch.nn.Parameter(torch.zeros(3, 3))
+            extra.grad = torch.ones(3, 3)
+            opt.param_groups[0]["params"].append(extra)
+        attempt(case, opt.step)
     return out
 
 
@@ -478,3 +491,7 @@ def test_misuses_are_refused_on_every_rank(tmp_path):
         got = r["sharded and plain stepped together"]
         assert got.startswith("SoapArgumentError: error: parameters 'blocks.0.fc.weight' (FSDP2-sharded) and"), got
         assert "(not sharded) of route 'matrix' must be stepped together" in got, got
+        got = r["a key deleted"]
+        assert got == "SoapArgumentError: error: param_group of route 'default' lost its key 'weight_decay'", got
+        got = r["a parameter added"]
+        assert got.startswith("SoapArgumentError: error: param_group['params'] of route 'default' no longer"), got

@@ -174,10 +174,12 @@ class Sharded:
                 # the state was changed from outside (reset, replaced): the inner steps with it
                 inner.state = OptimizerState((proxy, dict(opt.state[p])) for p, proxy in self.pairs if opt.state.get(p))
             for i, j in self.groups:
-                mine = inner.param_groups[j]
-                for k, v in opt.param_groups[i].items():
+                theirs, mine = opt.param_groups[i], inner.param_groups[j]
+                for k, v in theirs.items():
                     if k != "params" and mine.get(k, _NONE) is not v:
                         mine[k] = v
+                for k in mine.keys() - theirs.keys() - {"params"}:
+                    del mine[k]  # a key deleted from the outer group: the inner's check names it
             for p, proxy in self.local:
                 local = p.to_local()
                 if proxy.data_ptr() != local.data_ptr() or proxy.shape != local.shape:

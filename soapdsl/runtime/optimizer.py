@@ -367,6 +367,15 @@ class SoapOptimizer(torch.optim.Optimizer):
                 f" {_GROUPS_ARE_ROUTES}"
             )
         if self._shards is not None:
+            # the inner optimizer steps the parameters each group was built with: a change
+            # to a group's list would go unnoticed there
+            for rp, group in zip(self._routes, self.param_groups, strict=True):
+                members = self._members[rp.index]
+                if len(group["params"]) != len(members) or {id(p) for p in group["params"]} != members:
+                    raise SoapArgumentError(
+                        f"param_group['params'] of route '{rp.selector}' no longer holds the parameters the"
+                        f" optimizer was built with: {_GROUPS_ARE_ROUTES}"
+                    )
             self._shards.step()
             return
         state = self.state
