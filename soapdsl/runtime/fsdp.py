@@ -17,7 +17,11 @@ gradient. A soapdsl optimizer built for such parameters steps them in two ways, 
   lives on its owner only.
 
 The numbers equal one process's: a pointwise stage computes each element from the same
-elements wherever it runs, and a matrix is computed whole by the same kernels.
+elements wherever it runs, and a matrix is computed whole by the same kernels. Not where a
+stage's arithmetic depends on which parameters step beside it: ``shape_scale`` folds its factor
+into the step size when the parameters stepping together share one, and multiplies the update
+when they do not, so an owner whose share of a Muon route has one factor where the whole route
+has several rounds the last bits differently.
 
 The pipelines run in an inner :class:`SoapOptimizer` over plain tensors (``proxies``): a
 shard-local parameter's proxy aliases its rows (``set_`` at each step, so that it follows
