@@ -25,7 +25,8 @@ has several rounds the last bits differently.
 
 The pipelines run in an inner :class:`SoapOptimizer` over plain tensors (``proxies``): a
 shard-local parameter's proxy aliases its rows (``set_`` at each step, so that it follows
-FSDP's storage), an owned parameter's proxy is a whole-size buffer on its owner. The outer
+FSDP's storage), an owned parameter's proxy is a whole-size buffer on its owner, whose memory
+is held during a step only. The outer
 optimizer's ``state`` shows each rank's share (refreshed after each step and load), so that
 ``state_dict()`` holds it: a checkpoint is saved and loaded per rank, into the same sharding.
 """
@@ -67,7 +68,9 @@ class _Owned:
     owner: int
     rows: list[int]  # each rank's number of rows
     row_bytes: int  # bytes of one row (of the value; the gradient has the same dtype)
-    proxy: torch.Tensor | None  # on the owner: the whole parameter, as the inner optimizer steps it
+    #: on the owner: the whole parameter, as the inner optimizer steps it (its memory is held
+    #: during a step only)
+    proxy: torch.Tensor | None
 
 
 class Sharded:
@@ -144,6 +147,7 @@ class Sharded:
                     proxy = None
                     if owner == self.rank:
                         proxy = torch.zeros(tuple(t.shape), dtype=t.dtype, device=t.to_local().device)
+                        _release(proxy)  # its memory is held during a step only
                     row_bytes = math.prod(t.shape[1:]) * t.dtype.itemsize
                     self.owned.append(_Owned(t, owner, rows[id(t)], row_bytes, proxy))
                 if proxy is not None:
@@ -202,7 +206,12 @@ class Sharded:
                         o.proxy.grad = None
                 for _, proxy in self.local:
                     proxy.grad = None
-        self._scatter(stepping, failed=failure is not None)
+        try:
+            self._scatter(stepping, failed=failure is not None)
+        finally:
+            for o in stepping:
+                if o.proxy is not None:
+                    _release(o.proxy)
         self.mirror()
         if failure is not None:
             raise failure
@@ -231,6 +240,8 @@ class Sharded:
         dist.all_to_all_single(out, torch.cat(send), recv_sizes, send_sizes, group=self.split.group)
         at = 0
         mine = [o for o in stepping if o.owner == self.rank]
+        for o in mine:
+            _hold(o.proxy)  # type: ignore[arg-type]
         grads = {id(o): torch.empty_like(o.proxy) for o in mine}  # type: ignore[arg-type]
         for r in range(self.world):
             for o in mine:
@@ -408,6 +419,18 @@ def _plain(saved: Any) -> Any:
     if not isinstance(saved, dict) or not isinstance(saved.get("owners"), list | tuple):
         return saved
     return {**saved, "owners": [list(x) if isinstance(x, list | tuple) else x for x in saved["owners"]]}
+
+
+def _hold(t: torch.Tensor) -> None:
+    """Give an owner's whole-size stand-in its memory back, for a step (contents undefined)."""
+    storage = t.untyped_storage()
+    if storage.nbytes() < t.numel() * t.element_size():
+        storage.resize_(t.numel() * t.element_size())
+
+
+def _release(t: torch.Tensor) -> None:
+    """Free an owner's whole-size stand-in between steps (its shape stays; its data is gone)."""
+    t.untyped_storage().resize_(0)
 
 
 def _cpu(v: Any) -> Any:
