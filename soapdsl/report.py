@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from soapdsl import ir, registry
 from soapdsl.compiler import FORMAT_VERSION, RoutePlan, op_state_bytes, state_dtype, walk_ops
+from soapdsl.runtime.fsdp import how_sharded
 
 if TYPE_CHECKING:
     from soapdsl.compiler import Plan
@@ -109,6 +110,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "state_bytes": sum(p.state_bytes for p in rp.params),
                 "share_groups": share_groups(rp),
                 "shared_savings_bytes": shared_savings(rp),
+                "fsdp2": dict(zip(("steps", "why"), how_sharded(rp), strict=True)),
             }
         )
     pb, sb = plan.param_bytes(), plan.state_bytes()
@@ -203,6 +205,9 @@ def plan_to_text(plan: Plan) -> str:
             out.extend(f"    {', '.join(g)}" for g in members)
         if groups:
             out.append(f"  sharing saves {human_bytes(shared_savings(rp))} of state")
+        how, why = how_sharded(rp)
+        where = "each rank steps its own rows" if how == "rows" else "each parameter is stepped whole on one owner rank"
+        out.append(f"  under FSDP2: {where} ({why})")
     params = plan.params
     if params:
         out.append("")

@@ -48,7 +48,7 @@ from soapdsl.runtime.state import OptimizerState
 if TYPE_CHECKING:
     from soapdsl.runtime.optimizer import SoapOptimizer
 
-__all__ = ["Sharded", "shard_local"]
+__all__ = ["Sharded", "how_sharded", "shard_local"]
 
 
 def shard_local(rp: RoutePlan) -> bool:
@@ -58,6 +58,18 @@ def shard_local(rp: RoutePlan) -> bool:
     return not any(
         spec.shared for e in rp.params for op, seen in walk_shaped(rp.ops, e.shape) for spec in op.state(seen).values()
     )
+
+
+def how_sharded(rp: RoutePlan) -> tuple[str, str]:
+    """How the route steps FSDP2-sharded parameters, and why: ("rows", ...) or ("owner", ...)
+    (``soapdsl compile`` reports it per route)."""
+    ops = list(walk_ops(rp.ops))
+    whole = next((op for op in ops if not op.pointwise()), None)
+    if whole is not None:
+        return "owner", f"'{whole.name}' needs whole parameters"
+    if not shard_local(rp):
+        return "owner", "state shared between parameters"
+    return "rows", "every stage pointwise"
 
 
 @dataclasses.dataclass
