@@ -358,6 +358,32 @@ def _lr_schedule(rank: int, steps: int) -> dict:
     return {"params": [p.full_tensor() for p in model.parameters()]}
 
 
+def _state_view(rank: int) -> dict:
+    """``opt.state`` kept across steps shows this rank's share after each one, and a state it
+    is given (a reset) reaches the steps."""
+    model = _sharded()
+    opt = soapdsl.build("muon", model)
+    view = opt.state
+    out = {"sizes": []}
+    for step in range(3):
+        _set_grads(step, model)
+        opt.step()
+        out["sizes"].append(sorted(float(st["step"]) for st in view.values()))
+    view.clear()  # every parameter starts afresh at the next step
+    _set_grads(3, model)
+    opt.step()
+    out["after reset"] = sorted({float(st["step"]) for st in opt.state.values()})
+    out["same mapping"] = opt.state is view
+    return out
+
+
+def test_opt_state_kept_across_steps_shows_the_share(tmp_path):
+    for r in spawn(_state_view, tmp_path):
+        assert "error" not in r, r.get("message")
+        assert [set(s) for s in r["sizes"]] == [{1.0}, {2.0}, {3.0}] and all(r["sizes"]), r
+        assert r["after reset"] == [1.0] and r["same mapping"], r
+
+
 def test_a_scheduler_changes_the_sharded_steps(tmp_path):
     """The routes read the outer optimizer's param_groups, which schedulers change."""
     steps = 4

@@ -310,8 +310,14 @@ class Sharded:
         """Show this rank's share of the state in the outer optimizer's ``state``."""
         inner = self.inner
         held = [] if inner is None else [(p, inner.state[proxy]) for p, proxy in self.pairs if inner.state.get(proxy)]
-        self._mirror = self.opt.state = OptimizerState(held)
-        self._mirror.dirty = False
+        mirror = self._mirror
+        if mirror is None or self.opt.state is not mirror:
+            mirror = self._mirror = self.opt.state = OptimizerState()
+        # refilled in place: a reference to opt.state kept across steps stays current
+        dict.clear(mirror)
+        for p, st in held:
+            dict.__setitem__(mirror, p, mirror._own(dict(st)))
+        mirror.dirty = False
 
     def shards(self) -> dict[str, Any]:
         """What a checkpoint of this rank's share is for: the sharding, and which rank owns what."""
