@@ -26,9 +26,10 @@ has several rounds the last bits differently.
 The pipelines run in an inner :class:`SoapOptimizer` over plain tensors (``proxies``): a
 shard-local parameter's proxy aliases its rows (``set_`` at each step, so that it follows
 FSDP's storage), an owned parameter's proxy is a whole-size buffer on its owner, whose memory
-is held during a step only. The outer
-optimizer's ``state`` shows each rank's share (refreshed after each step and load), so that
-``state_dict()`` holds it: a checkpoint is saved and loaded per rank, into the same sharding.
+is held during a step only. The outer optimizer's ``state`` shows each rank's share (refilled
+after each step and load), so that ``state_dict()`` holds it: a rank's checkpoint loads into
+the same rank of the same sharding. ``full_state_dict()`` gathers the shares into what one
+process would save, and such a whole state dict loads as each rank's part.
 """
 
 from __future__ import annotations
