@@ -521,3 +521,48 @@ def test_misuses_are_refused_on_every_rank(tmp_path):
         assert got == "SoapArgumentError: error: param_group of route 'default' lost its key 'weight_decay'", got
         got = r["a parameter added"]
         assert got.startswith("SoapArgumentError: error: param_group['params'] of route 'default' no longer"), got
+
+
+def _faulty_whole(rank: int) -> dict:
+    """Whole state dicts with a fault, each loaded by both ranks: the fault in the state of a
+    parameter that one rank owns, or an entry for a parameter the optimizer lacks."""
+    model = _model()
+    one = soapdsl.build("muon", model)
+    for p, g in zip(model.parameters(), _grads(0, model), strict=True):
+        p.grad = g
+    one.step()
+    good = one.state_dict()
+    sharded = _sharded()
+    opt = soapdsl.build("muon", sharded)
+    names = [n for g in opt.param_groups for p in g["params"] for n, q in sharded.named_parameters() if q is p]
+    owners = dict(opt.state_dict()["soapdsl"]["shards"]["owners"])
+    out: dict = {}
+    for case in ("owned by rank 0", "owned by rank 1", "an extra index"):
+        sd = copy.deepcopy(good)
+        if case == "an extra index":
+            sd["state"][len(names)] = sd["state"][0]
+        else:
+            k = names.index(next(n for n, r in owners.items() if r == int(case[-1])))
+            buf = next(key for key in sd["state"][k] if "momentum" in key)
+            sd["state"][k][buf] = torch.zeros(3, 3)
+        try:
+            opt.load_state_dict(sd)
+            out[case] = "loaded"
+        except soapdsl.SoapError as e:
+            out[case] = f"{type(e).__name__}: {e}"
+    opt.load_state_dict(good)  # the ranks are still in step
+    _set_grads(1, sharded)
+    opt.step()
+    return out
+
+
+def test_a_faulty_whole_state_dict_is_refused_on_every_rank(tmp_path):
+    """Every rank checks all of a whole state dict: a fault that only a parameter's owner would
+    find would leave the other rank waiting for it at the next step."""
+    ranks = spawn(_faulty_whole, tmp_path)
+    assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
+    assert ranks[0] == ranks[1], ranks
+    for case, got in ranks[0].items():
+        assert got.startswith("SoapStateError: error: "), (case, got)
+    assert "has shape [3, 3], expected" in ranks[0]["owned by rank 1"]
+    assert "parameter index 14, which this optimizer lacks" in ranks[0]["an extra index"]

@@ -331,6 +331,16 @@ class Sharded:
         saved = _plain(meta.get("shards")) if isinstance(meta, dict) else None
         outer_index = _positions(self.opt.param_groups)
         if saved is None:
+            # a whole state dict: every rank checks all of it, as one process would, so that a
+            # fault stops every rank here (found by a parameter's owner alone, it would leave the
+            # other ranks waiting for the owner at the next step)
+            by_index = dict(enumerate(p for g in self.opt.param_groups for p in g["params"]))
+            for k, st in sd["state"].items():
+                if k not in by_index:
+                    raise SoapStateError(
+                        f"state dict holds state for parameter index {k!r}, which this optimizer lacks"
+                    )
+                self.opt._load_param_state(by_index[k], st, check=True)
             state = self._share_of(sd["state"], outer_index)
         else:
             if saved != self.shards():

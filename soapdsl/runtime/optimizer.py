@@ -619,7 +619,9 @@ class SoapOptimizer(torch.optim.Optimizer):
                     key, theirs, mine, " (the route selectors read it when the optimizer is built)"
                 )
 
-    def _load_param_state(self, p: torch.Tensor, saved: Any) -> dict[str, Any]:
+    def _load_param_state(self, p: torch.Tensor, saved: Any, *, check: bool = False) -> dict[str, Any]:
+        """``p``'s state as loaded from ``saved``, or with ``check`` only the errors loading it
+        would raise (its tensors are then the saved ones, not copies)."""
         rp = self._route_of(p)
         expected = self._state_specs(rp, p)
         out: dict[str, Any] = {}
@@ -641,7 +643,7 @@ class SoapOptimizer(torch.optim.Optimizer):
                         f"state '{key}' of parameter '{name}' has shape {list(value.shape)}, expected {list(shape)}"
                     )
                 # laid out as a fresh state would be, whatever the saving model's layout was
-                out[key] = self._new_state(rp, p, shape, dtype).copy_(value.detach())
+                out[key] = value if check else self._new_state(rp, p, shape, dtype).copy_(value.detach())
             elif torch.is_tensor(value):
                 raise SoapStateError(f"state dict holds unknown state '{key}' for parameter '{name}'")
             else:
