@@ -525,7 +525,8 @@ def test_misuses_are_refused_on_every_rank(tmp_path):
 
 def _faulty_whole(rank: int) -> dict:
     """Whole state dicts with a fault, each loaded by both ranks: the fault in the state of a
-    parameter that one rank owns, or an entry for a parameter the optimizer lacks."""
+    parameter that one rank owns, or an entry for a parameter the optimizer lacks; and a rank's
+    share where a whole state dict is needed."""
     model = _model()
     one = soapdsl.build("muon", model)
     for p, g in zip(model.parameters(), _grads(0, model), strict=True):
@@ -553,6 +554,18 @@ def _faulty_whole(rank: int) -> dict:
     opt.load_state_dict(good)  # the ranks are still in step
     _set_grads(1, sharded)
     opt.step()
+    # this rank's share, into an optimizer of parameters that are not sharded (shampoo's
+    # parameters all go whole to one rank or the other: loaded as a whole state dict, those of
+    # the other rank would start afresh)
+    sharded = _sharded()
+    opt = soapdsl.build("shampoo", sharded)
+    _set_grads(0, sharded)
+    opt.step()
+    try:
+        soapdsl.build("shampoo", _model()).load_state_dict(opt.state_dict())
+        out["a rank's share, unsharded"] = "loaded"
+    except soapdsl.SoapError as e:
+        out["a rank's share, unsharded"] = f"{type(e).__name__}: {e}".replace(f"rank {rank} of", "rank r of")
     return out
 
 
@@ -566,3 +579,4 @@ def test_a_faulty_whole_state_dict_is_refused_on_every_rank(tmp_path):
         assert got.startswith("SoapStateError: error: "), (case, got)
     assert "has shape [3, 3], expected" in ranks[0]["owned by rank 1"]
     assert "parameter index 14, which this optimizer lacks" in ranks[0]["an extra index"]
+    assert "the share of the state of rank r of 2 under FSDP2" in ranks[0]["a rank's share, unsharded"]

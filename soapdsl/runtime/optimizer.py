@@ -589,6 +589,16 @@ class SoapOptimizer(torch.optim.Optimizer):
                 f"state dict has routes with {theirs} parameters, this optimizer has {mine}:"
                 " it was saved for a different model"
             )
+        shards = meta.get("shards")
+        if self._shards is None and isinstance(shards, dict) and shards.get("world") != 1:
+            # one rank's share (of one rank, the whole): loaded as a whole, the parameters that
+            # other ranks own would start afresh
+            raise SoapStateError(
+                f"this state dict holds the share of the state of rank {shards.get('rank')} of"
+                f" {shards.get('world')} under FSDP2 (a sharded optimizer's opt.state_dict()); an optimizer"
+                " of parameters that are not sharded loads a whole one: save opt.full_state_dict(),"
+                " called on every rank"
+            )
 
     def _identity_from_groups(self, groups: Any) -> dict[str, Any] | None:
         """The top-level entry as the param_groups record it: each group holds its route and
