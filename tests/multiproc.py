@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import gc
 import traceback
 from pathlib import Path
 
@@ -34,4 +35,9 @@ def _entry(rank: int, fn, init: str, out: Path, args: tuple) -> None:
     except Exception:  # reported to the test, which fails on it
         result = {"error": "internal", "message": traceback.format_exc()}
     torch.save(result, out / f"rank{rank}.pt")
+    del result
+    # objects in reference cycles (an optimizer and its helpers) may hold the process groups:
+    # freed by the interpreter's finalisation instead, a gloo group can abort the process
+    # ("terminate called without an active exception")
+    gc.collect()
     dist.destroy_process_group()
