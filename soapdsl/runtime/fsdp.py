@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -101,7 +102,9 @@ class Sharded:
             )
         self.split = Splitter(mesh.get_group(), mode="FSDP2")
         self.rank, self.world = self.split.rank, self.split.world
-        self.opt = opt
+        # a weak reference: no cycle keeps the optimizer and its process group alive past its
+        # last use (a gloo group freed by the interpreter's finalisation can abort the process)
+        self.opt: SoapOptimizer = weakref.proxy(opt)  # type: ignore[assignment]
         names = opt._names
         opt._agree(self.split)  # every rank built alike, before their work is paired up
         # each rank's rows of every DTensor (FSDP pads unevenly divided parameters; the last
