@@ -52,26 +52,18 @@ from soapdsl.runtime.state import OptimizerState
 if TYPE_CHECKING:
     from soapdsl.runtime.optimizer import SoapOptimizer
 
-__all__ = ["Sharded", "how_sharded", "shard_local"]
-
-
-def shard_local(rp: RoutePlan) -> bool:
-    """Whether the route can run on each rank's rows: every stage pointwise, no shared state."""
-    if not all(op.pointwise() for op in walk_ops(rp.ops)):
-        return False
-    return not any(
-        spec.shared for e in rp.params for op, seen in walk_shaped(rp.ops, e.shape) for spec in op.state(seen).values()
-    )
+__all__ = ["Sharded", "how_sharded"]
 
 
 def how_sharded(rp: RoutePlan) -> tuple[str, str]:
-    """How the route steps FSDP2-sharded parameters, and why: ("rows", ...) or ("owner", ...)
-    (``soapdsl compile`` reports it per route)."""
-    ops = list(walk_ops(rp.ops))
-    whole = next((op for op in ops if not op.pointwise()), None)
+    """How the route steps FSDP2-sharded parameters, and why: ("rows", ...) when every stage
+    is pointwise and no state is shared, else ("owner", ...) (``soapdsl compile`` reports it)."""
+    whole = next((op for op in walk_ops(rp.ops) if not op.pointwise()), None)
     if whole is not None:
         return "owner", f"'{whole.name}' needs whole parameters"
-    if not shard_local(rp):
+    if any(
+        spec.shared for e in rp.params for op, seen in walk_shaped(rp.ops, e.shape) for spec in op.state(seen).values()
+    ):
         return "owner", "state shared between parameters"
     return "rows", "every stage pointwise"
 
@@ -121,7 +113,8 @@ class Sharded:
                 )
         # the owners: every unit of the routes that cannot run on the rows, the largest first,
         # each to the rank holding the fewest elements so far (the same choice on every rank)
-        units = [(rp, u) for rp in plan.routes if rp.tensors and not shard_local(rp) for u in _units(rp)]
+        local_routes = {rp.index for rp in plan.routes if rp.tensors and how_sharded(rp)[0] == "rows"}
+        units = [(rp, u) for rp in plan.routes if rp.tensors and rp.index not in local_routes for u in _units(rp)]
         units.sort(key=lambda ru: -sum(math.prod(ru[0].params[i].shape) for i in ru[1]))
         load = [0] * self.world
         owner_of: dict[int, int] = {}
@@ -148,7 +141,7 @@ class Sharded:
         self.first_row: dict[int, int] = {}  # a pointwise route's DTensor -> this rank's first row
         inner_routes = []
         for rp in plan.routes:
-            local_route = bool(rp.tensors) and shard_local(rp)
+            local_route = rp.index in local_routes
             keep: list[int] = []
             proxies: list[torch.Tensor] = []
             tensors: list[Any] = rp.tensors
@@ -252,10 +245,7 @@ class Sharded:
             if o.owner == self.rank:
                 for r in range(self.world):
                     recv_sizes[r] += 2 * o.rows[r] * o.row_bytes
-        send = [torch.cat(ps) if ps else torch.empty(0, dtype=torch.uint8, device=device) for ps in send_parts]
-        send_sizes = [int(s.numel()) for s in send]
-        out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
-        dist.all_to_all_single(out, torch.cat(send), recv_sizes, send_sizes, group=self.split.group)
+        out = self._exchange(send_parts, recv_sizes, device)
         at = 0
         mine = [o for o in stepping if o.owner == self.rank]
         for o in mine:
@@ -290,10 +280,7 @@ class Sharded:
                     send_parts[r].append(_bytes(o.proxy[first : first + o.rows[r]]))  # type: ignore[index]
                     first += o.rows[r]
             recv_sizes[o.owner] += o.rows[self.rank] * o.row_bytes
-        send = [torch.cat([*ps, status]) for ps in send_parts]
-        send_sizes = [int(s.numel()) for s in send]
-        out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
-        dist.all_to_all_single(out, torch.cat(send), recv_sizes, send_sizes, group=self.split.group)
+        out = self._exchange([[*ps, status] for ps in send_parts], recv_sizes, device)
         ends = [sum(recv_sizes[: r + 1]) - 1 for r in range(self.world)]
         codes = out[ends].tolist()
         if failed:
@@ -309,6 +296,15 @@ class Sharded:
             n = o.rows[self.rank] * o.row_bytes
             _bytes(o.param.to_local()).copy_(out[at[o.owner] : at[o.owner] + n])
             at[o.owner] += n
+
+    def _exchange(self, parts: list[list[torch.Tensor]], recv_sizes: list[int], device: torch.device) -> torch.Tensor:
+        """One ``all_to_all``: ``parts[r]`` (byte tensors) to rank ``r``; ``recv_sizes[r]`` bytes
+        from rank ``r``, in rank order."""
+        send = [torch.cat(ps) if ps else torch.empty(0, dtype=torch.uint8, device=device) for ps in parts]
+        out = torch.empty(sum(recv_sizes), dtype=torch.uint8, device=device)
+        sizes = [int(t.numel()) for t in send]
+        dist.all_to_all_single(out, torch.cat(send), recv_sizes, sizes, group=self.split.group)
+        return out
 
     # -- state --------------------------------------------------------------------------------
 
