@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,6 +16,18 @@ import torch.multiprocessing as mp
 from soapdsl.errors import SoapError
 
 WORLD = 2
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread here, as on every rank (restored after): a single-process reference
+    with a thread count of its own could round the matrix products differently."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def spawn(fn, tmp_path: Path, *args) -> list[dict]:

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import soapdsl
 from soapdsl.errors import SoapArgumentError
 from tests.conftest import train_step
-from tests.multiproc import WORLD
+from tests.multiproc import WORLD, one_thread
 from tests.multiproc import spawn as _spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
@@ -85,9 +85,7 @@ def test_split_matrix_work_equals_one_process_bit_for_bit(tmp_path):
     steps = 10
     ranks = _spawn(_train_split, tmp_path, RECIPES, steps)
     assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for case, (recipe, kw, dtype) in RECIPES.items():
             model = _net(dtype=dtype)
             opt = soapdsl.build(recipe, model, **kw)
@@ -110,8 +108,6 @@ def test_split_matrix_work_equals_one_process_bit_for_bit(tmp_path):
                 assert total == 0 and everywhere[0] > 0, (case, total, everywhere)
             else:
                 assert min(here) > 0 and sum(here) == total > 0, (case, here, total)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _mismatch(rank: int, what: str) -> dict:

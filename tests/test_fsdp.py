@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import soapdsl
-from tests.multiproc import WORLD, spawn
+from tests.multiproc import WORLD, one_thread, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 
@@ -144,9 +144,7 @@ def test_sharded_parameters_step_as_one_process_bit_for_bit(tmp_path):
     steps = 7
     ranks = spawn(_train_sharded, tmp_path, CASES, steps)
     assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         for case, (recipe, kw) in CASES.items():
             model, state = _train_whole(recipe, kw, steps)
             names = [n for n, _ in model.named_parameters()]
@@ -181,8 +179,6 @@ def test_sharded_parameters_step_as_one_process_bit_for_bit(tmp_path):
             if case == "soap_muon_shared":
                 for a, b in ((0, 1), (2, 3)):
                     assert owners[f"blocks.{a}.fc.weight"] == owners[f"blocks.{b}.fc.weight"], owners
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _real_backward(rank: int, steps: int) -> dict:
@@ -208,9 +204,7 @@ def test_training_through_fsdp_steps_as_one_process(tmp_path):
     process given the same gradients ends with the same parameters, bit for bit."""
     ranks = spawn(_real_backward, tmp_path, 4)
     assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         model = _model()
         opt = soapdsl.build("soap_muon", model, freq=2)
         for grads in ranks[0]["grads"]:
@@ -218,8 +212,6 @@ def test_training_through_fsdp_steps_as_one_process(tmp_path):
                 p.grad = grad
             opt.step()
             opt.zero_grad()
-    finally:
-        torch.set_num_threads(threads)
     start = _model()
     for r in ranks:
         for p, q, p0 in zip(model.parameters(), r["params"], start.parameters(), strict=True):
@@ -389,9 +381,7 @@ def test_a_scheduler_changes_the_sharded_steps(tmp_path):
     steps = 4
     ranks = spawn(_lr_schedule, tmp_path, steps)
     assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         model = _model()
         opt = soapdsl.build("muon", model)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
@@ -401,8 +391,6 @@ def test_a_scheduler_changes_the_sharded_steps(tmp_path):
             opt.step()
             opt.zero_grad()
             sched.step()
-    finally:
-        torch.set_num_threads(threads)
     for r in ranks:
         for p, q in zip(model.parameters(), r["params"], strict=True):
             assert torch.equal(p.detach(), q)
