@@ -43,6 +43,7 @@ import torch.multiprocessing as mp
 import soapdsl
 from benchmarks import peers
 from benchmarks.params import GradPool
+from benchmarks.runner import tensor_state_bytes
 
 #: recipe -> its arguments, as bench_step gives them (SOAP's freq 10 and max_dim 2048 for both
 #: SOAP recipes, so that the embedding and the head are rotated on their model side only)
@@ -97,9 +98,10 @@ def _worker(rank: int, world: int, init: str, args: argparse.Namespace, out: Pat
             rounds.append(times)
         same = all(torch.equal(a, b) for (_, a), (_, b) in zip(split_params, plain_params, strict=True))
         computed = dict(split._split.computed)  # type: ignore[union-attr]
-        results[recipe] = {"rounds": rounds, "same": same, "computed": computed, "state": _state_bytes(plain)}
+        state = tensor_state_bytes(plain.state)
+        results[recipe] = {"rounds": rounds, "same": same, "computed": computed, "state": state}
         if args.fsdp:
-            results[recipe]["fsdp_state"] = _state_bytes(sharded)
+            results[recipe]["fsdp_state"] = tensor_state_bytes(sharded.state)
             results[recipe]["fsdp_same"] = all(
                 torch.equal(a.full_tensor(), b) for (_, a), (_, b) in zip(sharded_params, plain_params, strict=True)
             )
@@ -121,11 +123,6 @@ def _sharded(pool: GradPool, world: int) -> tuple[list[tuple[str, Any]], Any]:
             p.grad = grads[k % len(grads)][n]
 
     return named, load
-
-
-def _state_bytes(opt: Any) -> int:
-    """Bytes of the optimizer state this rank holds."""
-    return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
 
 
 def main(argv: list[str] | None = None) -> int:
