@@ -37,7 +37,7 @@ from soapdsl.syntax.printer import format_selector
 SELECTOR_NAMES = ("default", "scalar", "vector", "matrix", "tensor")
 SELECTOR_QUANTITIES = ("ndim", "numel", "max_dim", "min_dim", "aspect")
 #: reserved route settings that configure the runtime rather than a param_group key
-ROUTE_OPTIONS = ("batch", "compile", "fused")
+ROUTE_OPTIONS = ("batch", "compile", "cuda_graph", "fused")
 
 
 @dataclass
@@ -633,6 +633,13 @@ def check_recipe(recipe: A.Recipe, macros: MacroTable, extra_params: Mapping[str
             if s.name in ROUTE_OPTIONS and not isinstance(value.evaluate(defaults), bool):
                 raise SoapRouteError(f"route option '{s.name}' takes true or false", s.value.loc)
             settings.append((s.name, value))
+        on = {name: value for name, value in settings if name in ROUTE_OPTIONS and value.evaluate(defaults) is True}
+        if "compile" in on and "cuda_graph" in on:
+            raise SoapRouteError(
+                "a route takes compile=true or cuda_graph=true, not both: a compiled pipeline runs"
+                " under torch.compile, which captures CUDA graphs of its own (mode='reduce-overhead')",
+                on["cuda_graph"].loc,
+            )
         route_text = format_selector(r.selector)
         for name, value in settings:
             if name not in ROUTE_OPTIONS:

@@ -17,7 +17,16 @@ import torch
 import soapdsl
 from tests import references as R
 from tests import references_variants as RV
-from tests.conftest import batches, eager_and_compiled, make_net, muon_vs_torch, race, train_step
+from tests.conftest import (
+    batches,
+    eager_and_compiled,
+    lockstep,
+    make_net,
+    muon_vs_torch,
+    race,
+    train_step,
+    twin_params,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -309,12 +318,14 @@ def test_model_moved_after_its_first_steps_trains_as_if_saved_and_loaded(recipe:
                     assert value.device == p.device, key
 
 
-@pytest.mark.parametrize("recipe", ["soap", "soap_muon", "muon"])
-def test_distributed_split_on_one_nccl_rank_equals_the_plain_optimizer(recipe: str, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("recipe", "graphs"), [("soap", False), ("soap_muon", False), ("muon", False), ("soap_muon", True), ("muon", True)]
+)
+def test_distributed_split_on_one_nccl_rank_equals_the_plain_optimizer(recipe: str, graphs: bool, tmp_path) -> None:
     """``distributed=True`` over NCCL, whose collectives take CUDA tensors only (the split's
     buffers live on the GPU). One rank computes every matrix and gathers them from itself, so
     the result must equal the plain optimizer's bit for bit (two ranks: tests/test_distributed.py,
-    on gloo)."""
+    on gloo); with ``cuda_graphs=True`` too, where the split's share of each batch is graphed."""
     import torch.distributed as dist
 
     if not dist.is_nccl_available():
@@ -325,7 +336,7 @@ def test_distributed_split_on_one_nccl_rank_equals_the_plain_optimizer(recipe: s
 
         kw = {} if recipe == "muon" else {"freq": 3}
         a, b = _net().to(CUDA), _net().to(CUDA)
-        opt_a = soapdsl.build(recipe, a, distributed=True, **kw)
+        opt_a = soapdsl.build(recipe, a, distributed=True, cuda_graphs=graphs, **kw)
         opt_b = soapdsl.build(recipe, b, **kw)
         for x, y in _batches(8):
             train_step(a, opt_a, (x.to(CUDA), y.to(CUDA)))
@@ -333,15 +344,20 @@ def test_distributed_split_on_one_nccl_rank_equals_the_plain_optimizer(recipe: s
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(p, q)
         assert opt_a._split is not None and opt_a._split.computed["all"] > 0
+        assert not graphs or sum(c.replays for c in opt_a._graphs.values()) > 0
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("recipe", ["adamw", "soap", "soap_muon", "muon"])
-def test_fsdp_on_one_nccl_rank_equals_the_plain_optimizer(recipe: str, tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("recipe", "graphs"),
+    [("adamw", False), ("soap", False), ("soap_muon", False), ("muon", False), ("soap_muon", True), ("muon", True)],
+)
+def test_fsdp_on_one_nccl_rank_equals_the_plain_optimizer(recipe: str, graphs: bool, tmp_path) -> None:
     """FSDP2 over NCCL (runtime/fsdp.py): the exchanges' buffers live on the GPU. One rank owns
     every matrix and holds every row, so the result must equal the plain optimizer's bit for
-    bit (two ranks: tests/test_fsdp.py, on gloo)."""
+    bit (two ranks: tests/test_fsdp.py, on gloo); with ``cuda_graphs=True`` too, where the
+    owner replays its Newton-Schulz iterations."""
     import torch.distributed as dist
 
     if not dist.is_nccl_available():
@@ -360,7 +376,7 @@ def test_fsdp_on_one_nccl_rank_equals_the_plain_optimizer(recipe: str, tmp_path)
         for block in sharded.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(sharded, mesh=mesh)
-        opt_s = soapdsl.build(recipe, sharded, **kw)
+        opt_s = soapdsl.build(recipe, sharded, cuda_graphs=graphs, **kw)
         opt_p = soapdsl.build(recipe, plain, **kw)
         for step in range(6):
             for p, q, g in zip(sharded.parameters(), plain.parameters(), _grads(step, plain), strict=True):
@@ -370,6 +386,9 @@ def test_fsdp_on_one_nccl_rank_equals_the_plain_optimizer(recipe: str, tmp_path)
             opt_p.step()
         for p, q in zip(sharded.parameters(), plain.parameters(), strict=True):
             assert torch.equal(p.full_tensor(), q)
+        if graphs:
+            assert opt_s._shards is not None
+            assert sum(c.replays for c in opt_s._shards.inner._graphs.values()) > 0
     finally:
         dist.destroy_process_group()
 
@@ -399,3 +418,123 @@ def test_compiled_route_matches_eager_on_cuda(recipe: str) -> None:
     eager_p, compiled_p = eager_and_compiled(recipe, shapes, 8, device=CUDA, **kw)
     for n in shapes:
         torch.testing.assert_close(compiled_p[n], eager_p[n], rtol=1e-5, atol=1e-6)
+
+
+# -- CUDA graphs (runtime/graphs.py) ---------------------------------------------------------------
+
+# wide, tall, square twice (one batch of two), a conv kernel, a vector, and a 32 x 96 matrix on
+# which the Gram form runs
+GRAPH_SHAPES = {
+    "wide": (12, 40),
+    "tall": (40, 12),
+    "sq1": (24, 24),
+    "sq2": (24, 24),
+    "conv": (8, 3, 3, 3),
+    "long": (32, 96),
+    "vector": (24,),
+}
+UNBATCHED = """
+recipe unbatched(lr=0.02):
+  route ndim >= 2 [batch=false, cuda_graph=GRAPHS]: momentum(0.95, nesterov=true) |> newton_schulz(5) |> lr
+  route default: sign |> lr
+"""
+
+
+def _eager_and_graphed(recipe: str, steps: int = 12, **kw):
+    eager_p, graphed_p = twin_params(GRAPH_SHAPES, device=CUDA)
+    if recipe == "unbatched":
+        eager = soapdsl.build(UNBATCHED.replace("GRAPHS", "false"), list(eager_p.items()))
+        graphed = soapdsl.build(UNBATCHED.replace("GRAPHS", "true"), list(graphed_p.items()))
+    else:
+        eager = soapdsl.build(recipe, list(eager_p.items()), **kw)
+        graphed = soapdsl.build(recipe, list(graphed_p.items()), cuda_graphs=True, **kw)
+    lockstep([eager, graphed], [eager_p, graphed_p], GRAPH_SHAPES, steps, device=CUDA)
+    return eager_p, graphed_p, graphed
+
+
+@pytest.mark.parametrize(
+    ("recipe", "kw"),
+    [
+        ("muon", {}),
+        ("muon", {"ns_dtype": "bf16"}),
+        ("muon", {"ns_form": "gram"}),
+        ("soap_muon", {"freq": 3}),
+        ("soap_muon", {"freq": 3, "ns_form": "gram"}),
+        ("unbatched", {}),
+    ],
+    ids=["muon", "muon-bf16", "muon-gram", "soap_muon", "soap_muon-gram", "unbatched"],
+)
+def test_cuda_graphs_replay_the_eager_numbers_bit_for_bit(recipe: str, kw: dict) -> None:
+    """The same kernels on the same shapes: every parameter equals the eager optimizer's bit
+    for bit, after steps that replayed graphs (and, in soap_muon, basis refreshes between them).
+    The unbatched route runs one graph per matrix, same-shape ones included, each result still
+    in use while the next graph replays."""
+    eager_p, graphed_p, graphed = _eager_and_graphed(recipe, **kw)
+    for n in GRAPH_SHAPES:
+        assert torch.equal(graphed_p[n], eager_p[n]), n
+    caches = list(graphed._graphs.values())
+    assert caches and sum(c.replays for c in caches) > 0
+    assert sum(c.captures for c in caches) == sum(len(c) for c in caches)  # captured once each
+
+
+def test_graph_cache_captures_on_the_second_call_and_regrows_its_arena() -> None:
+    from soapdsl.ops._linalg import newton_schulz
+    from soapdsl.runtime.graphs import GraphCache
+
+    coeffs = (3.4445, -4.7750, 2.0315)
+    cache = GraphCache()
+    small, large = torch.randn(2, 8, 16, device=CUDA), torch.randn(3, 16, 40, device=CUDA)
+
+    def ns(x: torch.Tensor) -> torch.Tensor:
+        def fn(inp: torch.Tensor) -> torch.Tensor:
+            return newton_schulz(inp, 5, coeffs, scratch=inp)
+
+        return cache.run(tuple(x.shape), fn, x, lambda: newton_schulz(x, 5, coeffs))
+
+    want_small, want_large = newton_schulz(small, 5, coeffs), newton_schulz(large, 5, coeffs)
+    assert torch.equal(ns(small), want_small) and cache.captures == 0  # eager: the first call
+    assert torch.equal(ns(small), want_small) and cache.captures == 1
+    assert torch.equal(ns(large), want_large) and cache.captures == 1
+    assert torch.equal(ns(large), want_large) and cache.captures == 2  # a larger arena: small's graph dropped
+    assert torch.equal(ns(small), want_small) and cache.captures == 3
+    assert torch.equal(ns(large), want_large) and torch.equal(ns(small), want_small)
+    assert cache.captures == 3 and cache.replays == 5
+    assert torch.equal(small, small.clone()) and torch.equal(ns(small), want_small)  # the input is left alone
+
+
+def test_graph_cache_runs_eagerly_inside_a_users_capture_and_after_a_failed_one() -> None:
+    from soapdsl.ops._linalg import newton_schulz
+    from soapdsl.runtime.graphs import GraphCache
+
+    coeffs = (3.4445, -4.7750, 2.0315)
+    cache = GraphCache()
+    x = torch.randn(2, 8, 16, device=CUDA)
+    want = newton_schulz(x, 5, coeffs)
+
+    def fn(inp: torch.Tensor) -> torch.Tensor:
+        return newton_schulz(inp, 5, coeffs, scratch=inp)
+
+    # a user capturing a step that holds a graphed call: no nested capture, the call is captured
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        cache.run("user", fn, x, lambda: newton_schulz(x, 5, coeffs))
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cache.run("user", fn, x, lambda: newton_schulz(x, 5, coeffs))
+    graph.replay()
+    assert torch.equal(out, want) and cache.captures == 0
+
+    # a function that synchronises cannot be captured: a warning, then the eager numbers
+    def syncing(inp: torch.Tensor) -> torch.Tensor:
+        return fn(inp) * float(inp.abs().max() > 0)
+
+    cache.run("sync", syncing, x, lambda: newton_schulz(x, 5, coeffs))
+    with pytest.warns(RuntimeWarning, match="could not be captured"):
+        got = cache.run("sync", syncing, x, lambda: newton_schulz(x, 5, coeffs))
+    assert torch.equal(got, want)
+    assert torch.equal(cache.run("sync", syncing, x, lambda: newton_schulz(x, 5, coeffs)), want)
+    assert torch.equal(cache.run("after", fn, x, lambda: newton_schulz(x, 5, coeffs)), want)
+    assert torch.equal(cache.run("after", fn, x, lambda: newton_schulz(x, 5, coeffs)), want)
+    assert cache.captures == 1

@@ -113,16 +113,28 @@ class NewtonSchulz(Op):
         a: NewtonSchulzArgs = self.args  # type: ignore[assignment]
         args = (a.steps, a.coeffs, a.cleanup, a.eps, a.eps_mode, a.dtype, a.norm, a.power_iters, a.form, a.restart)
         items = []
-        for t in x.ts:
+        graphs = ctx.graphs
+        for i, t in enumerate(x.ts):
             mats = as_matrices(t)
             r, c = sorted(mats.shape[1:])
             like = [(tuple(mats.shape[1:]), mats.dtype)]
 
-            def part(m: torch.Tensor, mats: torch.Tensor = mats) -> tuple[torch.Tensor]:
+            def part(m: torch.Tensor, mats: torch.Tensor = mats, i: int = i) -> tuple[torch.Tensor]:
                 # split across ranks, each rank gets copies of its matrices; otherwise (one
                 # process, or a lone matrix every rank computes) the batch itself, whose memory
                 # is reused only if it is a temporary of ours, not the state or gradient handed on
-                return (newton_schulz(m, *args, scratch=m if x.owned or m is not mats else None),)
+                spare = m if x.owned or m is not mats else None
+                if graphs is None:
+                    return (newton_schulz(m, *args, scratch=spare),)
+                # a CUDA graph's input is its own copy of m, free to overwrite
+                return (
+                    graphs.run(
+                        (self.path, i),
+                        lambda inp: newton_schulz(inp, *args, scratch=inp),
+                        m,
+                        eager=lambda: newton_schulz(m, *args, scratch=spare),
+                    ),
+                )
 
             items.append((part, [mats], like, float(r * r * c)))
         out = [res.view(t.shape) for (res,), t in zip(ctx.per_matrix_many(items), x.ts, strict=True)]

@@ -18,6 +18,7 @@ import torch
 if TYPE_CHECKING:
     from soapdsl.registry import Op
     from soapdsl.runtime.dist import Item, Like, Splitter
+    from soapdsl.runtime.graphs import GraphCache
 
 
 @dataclass
@@ -66,6 +67,7 @@ class Ctx:
     scratch: dict[Any, Any] = field(default_factory=dict)  # per-step notes between hooks
     probes: dict[int, Any] = field(default_factory=dict)  # recorded reference values (graft)
     split: Splitter | None = None  # data parallel: splits matrix work across ranks (runtime/dist.py)
+    graphs: GraphCache | None = None  # the route's CUDA graphs (route option cuda_graph; runtime/graphs.py)
     _param_slabs: list[torch.Tensor] | None = field(default=None, repr=False)
     _host_writes: dict[str, Any] = field(default_factory=dict, repr=False)
 

@@ -40,6 +40,7 @@ from soapdsl.runtime import fused
 from soapdsl.runtime.context import Bucket, Ctx, Val
 from soapdsl.runtime.dist import Splitter
 from soapdsl.runtime.fsdp import Sharded
+from soapdsl.runtime.graphs import GraphCache
 from soapdsl.runtime.state import OptimizerState
 
 __all__ = ["SoapOptimizer"]
@@ -284,6 +285,11 @@ class SoapOptimizer(torch.optim.Optimizer):
         self._runners: dict[int, Callable[..., Val]] = {
             rp.index: torch.compile(run_ops, dynamic=True) if rp.options.get("compile") else run_ops
             for rp in self._routes
+        }
+        # routes with the `cuda_graph` option replay their Newton-Schulz iterations from CUDA
+        # graphs (runtime/graphs.py); a copy captures its own
+        self._graphs: dict[int, GraphCache] = {
+            rp.index: GraphCache() for rp in self._routes if rp.options.get("cuda_graph")
         }
         # Adam-shaped routes run through torch's fused kernel where it applies (runtime/fused.py)
         self._fused: dict[int, fused.FusedAdam | None] = {rp.index: rp.fused for rp in self._routes}
@@ -851,7 +857,17 @@ class SoapOptimizer(torch.optim.Optimizer):
                 grads.append(g if g.dtype == dtype else g.to(dtype))
         t = cohort.t + 1
         split = None if rp.options.get("compile") else self._split
-        ctx = Ctx(group, t, cohort.buckets, grads, cohort.states, run_ops, host=cohort.host, split=split)
+        ctx = Ctx(
+            group,
+            t,
+            cohort.buckets,
+            grads,
+            cohort.states,
+            run_ops,
+            host=cohort.host,
+            split=split,
+            graphs=self._graphs.get(rp.index),
+        )
         ops = list(walk_ops(rp.ops))
         proceed = [op.before(ctx) for op in ops]  # every op sees the step, even when one skips it
         if all(proceed):
