@@ -55,9 +55,9 @@ from benchmarks.runner import Entry, Group, Result, run_group  # noqa: E402
 FREQ, MAX_DIM = peers.SOAP_FREQ, peers.SOAP_MAX_DIM
 
 
-def _soapdsl(recipe: str, *, compiled: bool = False, **args: Any):
+def _soapdsl(recipe: str, *, compiled: bool = False, graphs: bool = False, **args: Any):
     def make(named):
-        return soapdsl.build(recipe, named, torch_compile=compiled, **args)
+        return soapdsl.build(recipe, named, torch_compile=compiled, cuda_graphs=graphs, **args)
 
     return make
 
@@ -98,6 +98,9 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
     if has_hb:
         b.append(Entry("heavyball Muon fp32", peers.make_heavyball_muon_fp32, note=f"NS patched to fp32; {hb_note}"))
     gpu = device != "cpu"
+    graphs_note = "cuda_graphs=True: Newton-Schulz replayed from CUDA graphs, the eager numbers"
+    if gpu:  # CUDA graphs exist on a GPU only
+        b.insert(1, Entry("soapdsl muon graphs", _soapdsl("muon", graphs=True), model.muon_state, note=graphs_note))
     if gpu:  # bf16 Newton-Schulz as shipped: fast on a GPU, so timed with the rest
         b.append(Entry("soapdsl muon bf16", _soapdsl("muon", ns_dtype="bf16"), model.muon_state, note="ns_dtype=bf16"))
         b.append(Entry("torch Muon bf16 (as shipped)", peers.make_torch_muon))
@@ -127,6 +130,16 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
             note="ns_form=gram: opt-in Gram Newton-Schulz, not the reference's rounding",
         ),
     ]
+    if gpu:
+        d.insert(
+            1,
+            Entry(
+                "soapdsl soap_muon graphs",
+                _soapdsl("soap_muon", graphs=True, **soap_args),
+                model.soap_muon_state,
+                note=graphs_note,
+            ),
+        )
     if compiled:
         d.insert(
             1,
@@ -165,6 +178,8 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
             [
                 ("soapdsl muon", "torch Muon fp32"),
                 ("soapdsl muon", "heavyball Muon fp32"),
+                ("soapdsl muon graphs", "torch Muon fp32"),
+                ("soapdsl muon graphs", "soapdsl muon"),
                 ("soapdsl muon compiled", "torch Muon fp32"),
                 ("soapdsl muon gram", "torch Muon fp32"),
                 ("soapdsl muon gram", "soapdsl muon"),
@@ -198,6 +213,8 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
             r(6),
             [
                 ("soapdsl soap_muon", "soapdsl soap"),
+                ("soapdsl soap_muon graphs", "soapdsl soap"),
+                ("soapdsl soap_muon graphs", "soapdsl soap_muon"),
                 ("soapdsl soap_muon compiled", "soapdsl soap"),
                 ("soapdsl soap_muon gram", "soapdsl soap"),
             ],
@@ -229,6 +246,8 @@ def profiles(quick: bool, device: str = "cpu") -> list[profiling.Profile]:
         ("soapdsl soap", _soapdsl("soap", **soap_args), "all", 1 + FREQ),
         ("soapdsl soap_muon", _soapdsl("soap_muon", **soap_args), "all", 1 + FREQ),
     ]
+    if device != "cpu":
+        todo.append(("soapdsl soap_muon graphs", _soapdsl("soap_muon", graphs=True, **soap_args), "all", 1 + FREQ))
     return [
         profiling.profile_optimizer(label, make, subset, 2 if quick else warm, steps, device=device)
         for label, make, subset, warm in todo

@@ -54,6 +54,22 @@ TARGETS = [
         None,
     ),
     (
+        "muon cuda_graphs=True step time vs torch Muon fp32 (GPU runs only, not a target)",
+        "soapdsl muon graphs",
+        "b",
+        "torch Muon fp32",
+        "median",
+        None,
+    ),
+    (
+        "soap_muon cuda_graphs=True amortised vs soap (GPU runs only, the 0.8x target's GPU lever)",
+        "soapdsl soap_muon graphs",
+        "d",
+        "soapdsl soap",
+        "amortised",
+        None,
+    ),
+    (
         "muon (bf16 NS) step time vs torch Muon as shipped (GPU runs only, not a target)",
         "soapdsl muon bf16",
         "b",
