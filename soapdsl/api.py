@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from soapdsl import library
-from soapdsl.compiler import Plan, compile_plan, state_dtype, walk_ops, walk_shaped
+from soapdsl.compiler import Plan, compile_plan, mark_routes, state_dtype, walk_ops, walk_shaped
 from soapdsl.errors import SoapArgumentError
 from soapdsl.runtime.context import Bucket, Ctx, Val
 from soapdsl.runtime.optimizer import SoapOptimizer, run_ops
@@ -36,24 +36,9 @@ def compile(
         if not isinstance(flag, bool):
             # a truthy string such as "no" must not switch it on
             raise SoapArgumentError(f"{name} must be True or False, got {flag!r}")
-    if torch_compile and cuda_graphs:
-        raise SoapArgumentError(
-            "torch_compile=True and cuda_graphs=True: choose one (torch.compile captures CUDA graphs"
-            " of its own, with mode='reduce-overhead')"
-        )
     ir_recipe = library.resolve(recipe, args)
     plan = compile_plan(ir_recipe, params, args)
-    for rp in plan.routes:
-        if torch_compile:
-            rp.options["compile"] = True
-        if cuda_graphs:
-            rp.options["cuda_graph"] = True
-        if rp.options.get("compile") and rp.options.get("cuda_graph"):
-            raise SoapArgumentError(
-                f"route '{rp.selector}' would run under torch.compile ([compile=true]) and with CUDA"
-                " graphs ([cuda_graph=true] or cuda_graphs=True): choose one"
-                " (torch.compile captures CUDA graphs of its own, with mode='reduce-overhead')"
-            )
+    mark_routes(plan, torch_compile=torch_compile, cuda_graphs=cuda_graphs)
     return plan
 
 

@@ -9,6 +9,9 @@ Schema (the top level may also be a whole training config with an ``optimizer:``
         where: "matrix"          # ... and/or a selector expression (both must hold)
         recipe: adamw            # what those parameters get
         args: {lr: 0.001}
+    distributed: false           # optional, as build()'s distributed=, torch_compile=, cuda_graphs=
+    torch_compile: false
+    cuda_graphs: false
 
 Only ``yaml.safe_load`` semantics are used. Every error names the config file, line and
 column of the offending key or value.
@@ -26,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, field_v
 
 from soapdsl import library
 from soapdsl.check import check_selector
-from soapdsl.compiler import bind_args, compile_plan
+from soapdsl.compiler import bind_args, compile_plan, mark_routes
 from soapdsl.errors import SOURCES, Loc, SoapConfigError, SoapError, SoapNameError, did_you_mean
 from soapdsl.ir import Ref
 from soapdsl.runtime.optimizer import SoapOptimizer
@@ -62,6 +65,10 @@ class OptimizerConfig(BaseModel):
     routes: list[RouteOverride] = []
     #: data-parallel training: split the matrix work across the ranks (build(distributed=True))
     distributed: StrictBool = False
+    #: build(torch_compile=True): every route's pipeline through torch.compile
+    torch_compile: StrictBool = False
+    #: build(cuda_graphs=True): Newton-Schulz iterations replayed from CUDA graphs on CUDA
+    cuda_graphs: StrictBool = False
 
 
 #: a duplicate key: the path of the key, where its second occurrence is, the line of its first
@@ -78,6 +85,8 @@ _FIELD_TYPES = {
     "arg": "must be a number, a boolean, a name, or a list of them",
     "key": "must be a name (a string)",
     "distributed": "must be true or false: true splits the matrix work across the ranks of a data-parallel run",
+    "torch_compile": "must be true or false: true runs every route's pipeline through torch.compile",
+    "cuda_graphs": "must be true or false: true replays Newton-Schulz iterations from CUDA graphs on CUDA",
 }
 
 
@@ -339,6 +348,11 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
             check_selector(selector, values, {k: Ref(k) for k in values})
             overrides.append((selector, sub, sub_args))
         plan = compile_plan(main, model, args, overrides)
+        try:
+            mark_routes(plan, torch_compile=parsed.torch_compile, cuda_graphs=parsed.cuda_graphs)
+        except SoapError as e:
+            key = "cuda_graphs" if parsed.cuda_graphs else "torch_compile"
+            raise SoapConfigError(e.message, _loc(file, marks, (*prefix, key))) from None
     except SoapError as e:
         if e.loc is None:
             e.at(_loc(file, marks, (*prefix, "recipe")))

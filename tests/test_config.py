@@ -183,6 +183,16 @@ def test_an_empty_config(tmp_path):
             "distributed: must be true or false: true splits the matrix work across the ranks of a data-parallel run",
             (2, 1),
         ),
+        (
+            "recipe: adamw\ncuda_graphs: 'yes'\n",
+            "cuda_graphs: must be true or false: true replays Newton-Schulz iterations from CUDA graphs on CUDA",
+            (2, 1),
+        ),
+        (
+            "recipe: adamw\ntorch_compile: 1\n",
+            "torch_compile: must be true or false: true runs every route's pipeline through torch.compile",
+            (2, 1),
+        ),
     ],
 )
 def test_schema_errors_in_plain_words(text, message, where):
@@ -233,3 +243,24 @@ def test_distributed_key_builds_as_build_does():
     assert soapdsl.from_config(torch.nn.Linear(2, 2), "recipe: adamw\ndistributed: false")._split is None
     with pytest.raises(SoapArgumentError, match=r"needs torch\.distributed initialised first"):
         soapdsl.from_config(torch.nn.Linear(2, 2), "recipe: adamw\ndistributed: true")
+
+
+def test_torch_compile_and_cuda_graphs_keys_mark_routes_as_build_does():
+    model = torch.nn.Linear(4, 4)
+    graphed = soapdsl.from_config(model, "optimizer:\n  recipe: muon\n  cuda_graphs: true\n")
+    assert all(rp.options == {"cuda_graph": True} for rp in graphed.plan.routes)
+    assert sorted(graphed._graphs) == [rp.index for rp in graphed._routes]
+    compiled = soapdsl.from_config(model, {"recipe": "adamw", "torch_compile": True})
+    assert all(rp.options == {"compile": True} for rp in compiled.plan.routes)
+    plain = soapdsl.from_config(model, "recipe: muon\ncuda_graphs: false\ntorch_compile: false\n")
+    assert all(rp.options == {} for rp in plain.plan.routes) and not plain._graphs
+
+
+def test_torch_compile_with_cuda_graphs_is_refused_at_the_key():
+    err = config_error("optimizer:\n  recipe: muon\n  torch_compile: true\n  cuda_graphs: true\n")
+    assert "torch_compile=True and cuda_graphs=True: choose one" in err.message
+    assert (err.loc.line, err.loc.col) == (4, 3)
+    text = "recipe: 'recipe r(lr=0.1):\n  route default [compile=true]: sign |> lr'\ncuda_graphs: true\n"
+    err = config_error(text)
+    assert "route 'default' would run under torch.compile" in err.message
+    assert (err.loc.line, err.loc.col) == (3, 1)

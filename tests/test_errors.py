@@ -457,7 +457,7 @@ CONFIGS = [
         "unknown-key",
         "optimizer:\n  recipe: adamw\n  argz: {lr: 1}\n",
         SoapConfigError,
-        r"optimizer\.argz: unknown key \(allowed: recipe, args, routes, distributed\)",
+        r"optimizer\.argz: unknown key \(allowed: recipe, args, routes, distributed, torch_compile, cuda_graphs\)",
         "3:3",
     ),
     ("missing-recipe", "args: {lr: 1}\n", SoapConfigError, r"recipe: is required", None),
