@@ -538,3 +538,23 @@ def test_graph_cache_runs_eagerly_inside_a_users_capture_and_after_a_failed_one(
     assert torch.equal(cache.run("after", fn, x, lambda: newton_schulz(x, 5, coeffs)), want)
     assert torch.equal(cache.run("after", fn, x, lambda: newton_schulz(x, 5, coeffs)), want)
     assert cache.captures == 1
+
+
+def test_cuda_graphs_follow_autocast() -> None:
+    """A training loop may call ``step()`` inside ``torch.autocast``. The step turns autocast off,
+    eager or graphed, so the graphs captured outside replay inside (the cache's key would tell
+    them apart if the kernels differed), and the graphed optimizer equals the eager one through
+    steps outside, inside, and outside again."""
+    eager_p, graphed_p = twin_params(GRAPH_SHAPES, device=CUDA)
+    eager = soapdsl.build("muon", list(eager_p.items()))
+    graphed = soapdsl.build("muon", list(graphed_p.items()), cuda_graphs=True)
+    pair = ([eager, graphed], [eager_p, graphed_p], GRAPH_SHAPES)
+    lockstep(*pair, 3, seed=1, device=CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        lockstep(*pair, 3, seed=2, device=CUDA)
+    lockstep(*pair, 2, seed=3, device=CUDA)
+    for n in GRAPH_SHAPES:
+        assert torch.equal(graphed_p[n], eager_p[n]), n
+    cache = graphed._graphs[graphed._routes[0].index]  # the route of the matrices
+    batches = len({s for s in GRAPH_SHAPES.values() if len(s) >= 2})  # one per shape
+    assert cache.replays == 7 * batches and cache.captures == batches  # steps 2-8 replay

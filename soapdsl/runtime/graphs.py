@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 
-# (the caller's key, the input's shape, dtype, device and strides, the fp32 matmul precision)
-_Key = tuple[Hashable, tuple[int, ...], torch.dtype, torch.device, tuple[int, ...], str]
+# (the caller's key, the input's shape, dtype, device and strides, and what else decides which
+# kernels run: the fp32 matmul precision, and autocast's dtype where a step runs under autocast)
+_Key = tuple[Hashable, tuple[int, ...], torch.dtype, torch.device, tuple[int, ...], str, torch.dtype | None]
 
 
 @dataclass
@@ -78,7 +79,8 @@ class GraphCache:
         still needs."""
         if not usable(x):
             return eager()
-        k: _Key = (key, tuple(x.shape), x.dtype, x.device, x.stride(), torch.get_float32_matmul_precision())
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        k: _Key = (key, tuple(x.shape), x.dtype, x.device, x.stride(), torch.get_float32_matmul_precision(), autocast)
         entry = self._entries.get(k)
         if entry is None:
             if k in self._failed:
