@@ -558,3 +558,26 @@ def test_cuda_graphs_follow_autocast() -> None:
     cache = graphed._graphs[graphed._routes[0].index]  # the route of the matrices
     batches = len({s for s in GRAPH_SHAPES.values() if len(s) >= 2})  # one per shape
     assert cache.replays == 7 * batches and cache.captures == batches  # steps 2-8 replay
+
+
+def test_cuda_graphs_of_a_model_moved_off_the_gpu_are_freed_and_captured_again_on_return() -> None:
+    """``model.cpu()`` after graphed steps: the route's graphs, input buffer and pool on the GPU
+    are dropped when its layout is rebuilt; back on the GPU they are captured afresh, and the
+    numbers equal an eager twin's throughout."""
+    a, b = make_net(), make_net()
+    a.to(CUDA)
+    b.to(CUDA)
+    graphed, eager = soapdsl.build("muon", a, cuda_graphs=True), soapdsl.build("muon", b)
+    data = batches(12)
+    for device, chunk in ((CUDA, data[:4]), ("cpu", data[4:8]), (CUDA, data[8:])):
+        a.to(device)
+        b.to(device)
+        for x, y in chunk:
+            train_step(a, graphed, (x.to(device), y.to(device)))
+            train_step(b, eager, (x.to(device), y.to(device)))
+        (cache,) = [graphed._graphs[rp.index] for rp in graphed._routes if rp.selector == "ndim >= 2"]
+        on_gpu = device == CUDA
+        assert bool(cache._arenas) == on_gpu and bool(cache._pools) == on_gpu and (len(cache) > 0) == on_gpu
+        for p, q in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.equal(p, q)
+    assert cache.captures == 2 * len(cache)  # once per stay on the GPU

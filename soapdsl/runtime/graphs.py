@@ -127,6 +127,18 @@ class GraphCache:
         self._entries[key] = entry
         return entry
 
+    def keep_only(self, devices: set[torch.device]) -> None:
+        """Drop the graphs, arena and pool of every device not in ``devices`` (the route's
+        parameters moved away from it); what was seen there is forgotten too."""
+        for d in [d for d in self._arenas.keys() | self._pools.keys() if d not in devices]:
+            self._arenas.pop(d, None)
+            self._pools.pop(d, None)
+            self._streams.pop(d, None)
+        for table in (self._entries, self._seen):
+            for k in [k for k in table if k[3] not in devices]:
+                del table[k]
+        self._failed = {k for k in self._failed if k[3] in devices}
+
     def _abandon(self, device: torch.device) -> None:
         """After a failed capture: torch's capture_end raises before it ends the allocator's
         recording into the pool, and a later capture into that pool, or on that stream, would

@@ -763,6 +763,9 @@ class SoapOptimizer(torch.optim.Optimizer):
         cohorts = [self._cohort(rp, t, dict(host), ps) for (t, host), ps in sorted(by_step.items(), key=_key)]
         layout = _Layout(signature, cohorts)
         self._layouts[rp.index] = layout
+        graphs = self._graphs.get(rp.index)
+        if graphs is not None:
+            graphs.keep_only(set(signature[3]))  # a model moved off a GPU frees its graphs there
         return layout
 
     def _cohort(self, rp: RoutePlan, t: int, host: dict[str, Any], params: list[torch.Tensor]) -> _Cohort:
