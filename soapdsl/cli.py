@@ -162,6 +162,8 @@ def cmd_race(ns: argparse.Namespace) -> int:
         eval_every=ns.eval_every,
         eval_batches=ns.eval_batches,
         threads=ns.threads,
+        device=ns.device,
+        cuda_graphs=ns.cuda_graphs,
         progress=not ns.quiet,
         plot=not ns.no_plot,
     )
@@ -240,6 +242,12 @@ def make_parser() -> argparse.ArgumentParser:
         default=0,
         metavar="N",
         help="torch CPU threads; 0 (the default) takes torch's default, at most 8, or 1 when the machine is busy",
+    )
+    r.add_argument("--device", default="cpu", help="where to train: cpu (the default), cuda or cuda:N")
+    r.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="build every optimizer with cuda_graphs=True (Newton-Schulz replayed from CUDA graphs; same numbers)",
     )
     r.set_defaults(func=cmd_race)
     return p

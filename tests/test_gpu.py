@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -581,3 +583,23 @@ def test_cuda_graphs_of_a_model_moved_off_the_gpu_are_freed_and_captured_again_o
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.equal(p, q)
     assert cache.captures == 2 * len(cache)  # once per stay on the GPU
+
+
+def test_race_on_cuda_with_cuda_graphs(tmp_path) -> None:
+    """``soapdsl race --device cuda --cuda-graphs``: the same initial weights and batches as on the
+    CPU (drawn there), trained on the GPU; every run finishes with finite losses near the CPU's."""
+    import json
+
+    from soapdsl.race import run_race
+
+    tiny = dict(steps=6, batch=4, context=32, d_model=32, n_layers=1, n_heads=2, eval_every=3, eval_batches=1)
+    recipes = ["adamw", "muon", "soap_muon:freq=2"]
+    gpu = run_race(recipes, **tiny, device=CUDA, cuda_graphs=True, out=tmp_path, progress=False, plot=False)
+    cpu = run_race(recipes, **tiny, threads=1, out=None, progress=False)
+    for g, c in zip(gpu.rows, cpu.rows, strict=True):
+        assert not g.best.diverged and math.isfinite(g.best.final_val)
+        assert g.best.val_loss[0] == pytest.approx(c.best.val_loss[0], rel=1e-5)  # the same initial weights
+        assert g.best.final_val == pytest.approx(c.best.final_val, rel=0.05)
+    data = json.loads((tmp_path / "race.json").read_text())
+    assert data["config"]["device"] == CUDA and data["config"]["cuda_graphs"] is True
+    assert data["task"]["device"].startswith("cuda (")

@@ -314,3 +314,31 @@ def test_errors_are_soap_errors():
         tiny_race(["adamw"], steps=0)
     with pytest.raises(SoapError):
         tiny_race(["adamw"], d_model=30, n_heads=4)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--device", "tpu"], "race device must be cpu, cuda or cuda:N, got 'tpu'"),
+        (["--device", "cuda:x"], "race device must be cpu, cuda or cuda:N, got 'cuda:x'"),
+        (["--cuda-graphs"], "race cuda_graphs needs a CUDA device (--device cuda)"),
+    ],
+)
+def test_cli_bad_device_options_fail_before_training(tmp_path, capsys, monkeypatch, option, message):
+    monkeypatch.setattr("soapdsl.race.runner._train", no_training)
+    assert main(["race", "adamw", "--out", str(tmp_path / "o"), *TINY_CLI, *option]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cuda_device_without_cuda_is_refused(monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SoapArgumentError, match="race device 'cuda': CUDA is not available here"):
+        tiny_race(["adamw"], device="cuda")
+
+
+def test_the_device_is_recorded(tmp_path):
+    tiny_race(["adamw"], out=tmp_path, device="cpu")
+    data = json.loads((tmp_path / "race.json").read_text())
+    assert data["config"]["device"] == "cpu" and data["config"]["cuda_graphs"] is False
+    assert data["task"]["device"] == "cpu" and data["task"]["cuda_graphs"] is False

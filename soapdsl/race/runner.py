@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import torch
 
 from soapdsl import ir
-from soapdsl.compiler import compile_plan
+from soapdsl.compiler import compile_plan, mark_routes
 from soapdsl.errors import SoapArgumentError
 from soapdsl.race.data import Corpus, load_charlm
 from soapdsl.race.model import CharTransformer, ModelConfig
@@ -59,6 +59,8 @@ class RaceConfig:
     seed: int = 0
     ema: float = EMA_BETA
     threads: int = 0  # 0: min(torch's default, MAX_THREADS)
+    device: str = "cpu"  # where the model, data and optimizer state live ("cuda", "cuda:1", ...)
+    cuda_graphs: bool = False  # build(cuda_graphs=True): Newton-Schulz replayed from CUDA graphs
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -75,6 +77,23 @@ class RaceConfig:
             raise SoapArgumentError(f"race d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if not 0 <= self.ema < 1:
             raise SoapArgumentError(f"race ema must be in [0, 1), got {self.ema}")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise SoapArgumentError(f"race device must be cpu, cuda or cuda:N, got {self.device!r}") from None
+        if device.type not in ("cpu", "cuda"):
+            raise SoapArgumentError(f"race device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise SoapArgumentError(f"race device {self.device!r}: CUDA is not available here")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise SoapArgumentError(
+                    f"race device {self.device!r}: there are {torch.cuda.device_count()} CUDA devices"
+                )
+        if not isinstance(self.cuda_graphs, bool):
+            raise SoapArgumentError(f"race cuda_graphs must be True or False, got {self.cuda_graphs!r}")
+        if self.cuda_graphs and device.type != "cuda":
+            raise SoapArgumentError("race cuda_graphs needs a CUDA device (--device cuda): off CUDA it changes nothing")
 
     @property
     def eval_interval(self) -> int:
@@ -227,10 +246,12 @@ class _Job:
 
 
 class _Task:
-    """The charlm task: data, fixed batches, the initial weights."""
+    """The charlm task: data, fixed batches, the initial weights. Everything is drawn on the CPU,
+    so every device starts from the same weights and sees the same batches."""
 
     def __init__(self, cfg: RaceConfig) -> None:
         self.cfg = cfg
+        self.device = torch.device(cfg.device)
         self.corpus: Corpus = load_charlm()
         self.model_cfg = ModelConfig(
             vocab=len(self.corpus.vocab),
@@ -254,7 +275,7 @@ class _Task:
         # a fixed set of held-out sequences
         n_eval = cfg.eval_batches * cfg.batch
         eval_starts = torch.randint(0, len(valid) - T - 1, (n_eval,), generator=g)
-        self.eval_x, self.eval_y = self._window(valid, eval_starts)
+        self.eval_x, self.eval_y = (t.to(self.device) for t in self._window(valid, eval_starts))
         self._init_val: float | None = None
 
     def _window(self, data: torch.Tensor, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,12 +284,13 @@ class _Task:
         return seq[:, :-1].contiguous(), seq[:, 1:].contiguous()
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._window(self.corpus.train, self.starts[step])
+        x, y = self._window(self.corpus.train, self.starts[step])
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def model(self) -> CharTransformer:
         m = CharTransformer(self.model_cfg)
         m.load_state_dict(self.init_state)
-        return m
+        return m.to(self.device)
 
     @torch.no_grad()
     def evaluate(self, model: CharTransformer) -> float:
@@ -313,6 +335,7 @@ def _train(task: _Task, job: _Job, grid: Sequence[float] | None, progress: bool,
     cfg = task.cfg
     model = task.model()
     plan = compile_plan(job.recipe, model, job.args)
+    mark_routes(plan, cuda_graphs=cfg.cuda_graphs)
     opt = SoapOptimizer(plan)
     train_loss: list[float] = []
     smooth: list[float] = []
@@ -376,6 +399,10 @@ def _train(task: _Task, job: _Job, grid: Sequence[float] | None, progress: bool,
     return result
 
 
+def _device_name(device: torch.device) -> str:
+    return "the CPU" if device.type == "cpu" else torch.cuda.get_device_name(device)
+
+
 def _rank(run: RunResult) -> float:
     v = run.final_val
     return v if math.isfinite(v) else math.inf
@@ -397,6 +424,8 @@ def run_race(
     eval_every: int = 0,
     eval_batches: int = DEFAULT_EVAL_BATCHES,
     threads: int = 0,
+    device: str = "cpu",
+    cuda_graphs: bool = False,
     progress: bool = True,
     stream: TextIO | None = None,
     plot: bool = True,
@@ -424,6 +453,8 @@ def run_race(
         lr_grid=grid,
         seed=seed,
         threads=threads,
+        device=device,
+        cuda_graphs=cuda_graphs,
     )
     cfg.validate()
     specs = parse_specs(recipes)
@@ -440,7 +471,7 @@ def run_race(
             recipe = spec.resolve()
             for m in grid or [1.0]:
                 args = scaled_lrs(recipe, spec.overrides, m)
-                compile_plan(recipe, probe, args)
+                mark_routes(compile_plan(recipe, probe, args), cuda_graphs=cfg.cuda_graphs)
                 jobs.append(_Job(spec, recipe, m, args))
         if out is not None:
             from soapdsl.race.report import prepare_out
@@ -451,14 +482,19 @@ def run_race(
                 print(f"note: {spec.label} has no lr parameter; the grid repeats one run", file=stream or sys.stderr)
         del probe
         threads_how = "given" if cfg.threads else "default"
-        if not cfg.threads and n_threads > 1 and _one_thread_is_faster(state, n_threads):
+        on_cpu = state.device.type == "cpu"
+        if on_cpu and not cfg.threads and n_threads > 1 and _one_thread_is_faster(state, n_threads):
             n_threads, threads_how = 1, "auto: the machine is busy"
             torch.set_num_threads(1)
         if progress:
             print(
                 f"race: {cfg.task}, {state.n_params / 1e6:.2f}M parameters, {cfg.steps} steps of"
                 f" {cfg.batch}x{cfg.context} characters, {len(jobs)} run{'s' * (len(jobs) != 1)},"
-                f" {n_threads} thread{'s' * (n_threads != 1)} ({threads_how})",
+                + (
+                    f" {n_threads} thread{'s' * (n_threads != 1)} ({threads_how})"
+                    if on_cpu
+                    else f" on {_device_name(state.device)}" + (", CUDA graphs" if cfg.cuda_graphs else "")
+                ),
                 file=stream or sys.stderr,
                 flush=True,
             )
@@ -488,6 +524,8 @@ def run_race(
         "n_params": state.n_params,
         "params": [[n, list(s)] for n, s in state.param_shapes],
         "threads": n_threads,
+        "device": str(state.device) if on_cpu else f"{state.device} ({_device_name(state.device)})",
+        "cuda_graphs": cfg.cuda_graphs,
         "threads_choice": threads_how,
         "eval_every": cfg.eval_interval,
         "eval_sequences": cfg.eval_batches * cfg.batch,
