@@ -101,3 +101,24 @@ def test_copies_capture_graphs_of_their_own(how: str) -> None:
     lockstep([opt, opt2], [params, params2], SHAPES, 3)
     for n in SHAPES:
         assert torch.equal(params[n], params2[n])
+
+
+def test_graph_inputs_keep_a_dense_layout_and_pack_any_other() -> None:
+    """A graph's input is a view of the route's arena: with the caller's strides where they are a
+    dense layout (a transposed batch stays transposed, so the captured kernels are the eager
+    ones), row-major where the caller's tensor overlaps itself or skips memory."""
+    from soapdsl.runtime.graphs import _dense
+
+    base = torch.zeros(2, 4, 6)
+    assert _dense(base) and _dense(base.mT) and _dense(base.permute(2, 0, 1)) and _dense(torch.zeros(2, 1, 3))
+    assert not _dense(torch.zeros(3).expand(2, 4, 3)) and not _dense(base[:, :, :3])
+    cache = GraphCache()
+    for x, stride in [
+        (base.mT, base.mT.stride()),
+        (torch.zeros(6).expand(2, 4, 6), (24, 6, 1)),
+        (base[:, :, :3], (12, 3, 1)),
+    ]:
+        inp = cache._input(x)
+        assert inp.shape == x.shape and inp.stride() == stride
+        inp.copy_(x)  # writable: no two elements share memory
+    assert cache._arenas[base.device].numel() == base.numel() * base.element_size()

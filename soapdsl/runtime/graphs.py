@@ -86,7 +86,7 @@ class GraphCache:
             if k in self._failed:
                 return eager()
             if k not in self._seen:
-                self._seen[k] = _extent(x) * x.element_size()
+                self._seen[k] = x.numel() * x.element_size()
                 return eager()
             entry = self._capture(k, fn, x)
             if entry is None:
@@ -157,7 +157,10 @@ class GraphCache:
         """A view of ``x``'s device's arena, shaped and strided like ``x``. Growing an arena
         moves it, and so drops every graph captured over the old one on that device (each is
         captured again on its next call)."""
-        nbytes = _extent(x) * x.element_size()
+        # x's own layout where it is a dense one (the eager call sees it, and a transposed operand
+        # can take other kernels); row-major where x overlaps itself (an expanded tensor) or skips
+        stride = x.stride() if _dense(x) else torch.empty(x.shape, device="meta").stride()
+        nbytes = x.numel() * x.element_size()
         arena = self._arenas.get(x.device)
         if arena is None or arena.numel() < nbytes:
             # as large as every input seen so far needs, so that it grows once, not once per key
@@ -166,14 +169,18 @@ class GraphCache:
             for k in [k for k in self._entries if k[3] == x.device]:
                 del self._entries[k]
         # aligned for any dtype: the arena starts at an allocator block, 512-byte aligned
-        return arena[:nbytes].view(x.dtype).as_strided(x.shape, x.stride())
+        return arena[:nbytes].view(x.dtype).as_strided(x.shape, stride)
 
 
-def _extent(x: torch.Tensor) -> int:
-    """Elements spanned by ``x``'s strides from its first element (its numel when contiguous)."""
-    if x.numel() == 0:
-        return 0
-    return 1 + sum((n - 1) * s for n, s in zip(x.shape, x.stride(), strict=True))
+def _dense(x: torch.Tensor) -> bool:
+    """Whether ``x``'s elements fill a block of memory, each once, in some order of its dims."""
+    dims = sorted((s, n) for n, s in zip(x.shape, x.stride(), strict=True) if n != 1)
+    expected = 1
+    for s, n in dims:
+        if s != expected:
+            return False
+        expected *= n
+    return True
 
 
 def usable(x: torch.Tensor) -> bool:
