@@ -97,6 +97,11 @@ class GraphCache:
         return entry.out.clone()
 
     def _capture(self, key: _Key, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> _Entry | None:
+        # on x's GPU, whichever is current (a route may hold parameters on several)
+        with torch.cuda.device(x.device):
+            return self._capture_here(key, fn, x)
+
+    def _capture_here(self, key: _Key, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> _Entry | None:
         inp = self._input(x)
         if x.device not in self._streams:
             self._streams[x.device] = torch.cuda.Stream(x.device)
