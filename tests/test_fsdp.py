@@ -104,6 +104,8 @@ def _rows(p: torch.Tensor, rank: int) -> tuple[int, int]:
 
 
 def _train_sharded(rank: int, cases: dict, steps: int) -> dict:
+    from torch.distributed.tensor import DTensor
+
     out = {}
     for case, (recipe, kw) in cases.items():
         model = _sharded()
@@ -113,13 +115,27 @@ def _train_sharded(rank: int, cases: dict, steps: int) -> dict:
             opt.step()
             opt.zero_grad()
         sd = opt.state_dict()
+        state = _by_name(model, opt, sd["state"])
         out[case] = {
             "params": [p.full_tensor() for p in model.parameters()],
             "rows": {n: _rows(p, rank) for n, p in model.named_parameters()},
-            "state": _by_name(model, opt, sd["state"]),
+            "state": {n: {k: _local(v) for k, v in st.items()} for n, st in state.items()},
+            # which state tensors the state dict holds as DTensors, sharded as their parameter
+            "sharded": {
+                n: sorted(k for k, v in st.items() if isinstance(v, DTensor) and v.placements == p.placements)
+                for n, st in state.items()
+                for p in [dict(model.named_parameters())[n]]
+            },
             "owners": dict(sd["soapdsl"]["shards"]["owners"]),
         }
     return out
+
+
+def _local(v):
+    """A state value as this rank holds it: a DTensor's local rows."""
+    from torch.distributed.tensor import DTensor
+
+    return v.to_local() if isinstance(v, DTensor) else v
 
 
 def _by_name(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) -> dict:
@@ -156,7 +172,8 @@ def test_sharded_parameters_step_as_one_process_bit_for_bit(tmp_path):
             for name in names:
                 if name in owners:  # stepped whole on its owner, which alone holds its state
                     owner = owners[name]
-                    assert name not in ranks[1 - owner][case]["state"], (case, name)
+                    assert ranks[1 - owner][case]["state"][name] == {}, (case, name)  # an empty entry
+                    assert ranks[owner][case]["sharded"][name] == [], (case, name)
                     got = ranks[owner][case]["state"][name]
                     assert got.keys() == state[name].keys(), (case, name)
                     for key, value in state[name].items():
@@ -165,6 +182,8 @@ def test_sharded_parameters_step_as_one_process_bit_for_bit(tmp_path):
                     for r in ranks:
                         first, rows = r[case]["rows"][name]
                         got = r[case]["state"][name]
+                        # a checkpointer (torch.distributed.checkpoint) sees rows of a sharded tensor
+                        assert r[case]["sharded"][name] == sorted(k for k in got if k != "step"), (case, name)
                         for key, value in state[name].items():
                             if key == "step":
                                 assert float(got[key]) == float(value) == steps
@@ -568,3 +587,93 @@ def test_a_faulty_whole_state_dict_is_refused_on_every_rank(tmp_path):
     assert "has shape [3, 3], expected" in ranks[0]["owned by rank 1"]
     assert "parameter index 14, which this optimizer lacks" in ranks[0]["an extra index"]
     assert "the share of the state of rank r of 2 under FSDP2" in ranks[0]["a rank's share, unsharded"]
+
+
+# -- torch.distributed.checkpoint ----------------------------------------------------------------
+
+
+def _dcp_round_trip(rank: int, ckpt: str, recipe: str, kw: dict) -> dict:
+    """Train, save model and optimizer with torch.distributed.checkpoint, load both into a new
+    model and optimizer (built from other weights), and train both on: they must stay equal."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = _sharded()
+    opt = soapdsl.build(recipe, model, **kw)
+    for step in range(3):
+        _set_grads(step, model)
+        opt.step()
+        opt.zero_grad()
+    share = get_optimizer_state_dict(model, opt)
+    dcp.save({"model": get_model_state_dict(model), "optim": share}, checkpoint_id=ckpt)
+    saved = opt.full_state_dict()
+    try:  # a share handed as it is to an optimizer of whole parameters: its rows are not the whole
+        whole = _model()
+        set_optimizer_state_dict(whole, soapdsl.build(recipe, whole, **kw), share)
+        refused = ""
+    except soapdsl.SoapStateError as e:
+        refused = str(e)
+    model2 = _sharded(seed=1)
+    opt2 = soapdsl.build(recipe, model2, **kw)
+    sd = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(model2, sd["model"])
+    set_optimizer_state_dict(model2, opt2, sd["optim"])
+    loaded = opt2.full_state_dict()
+    for step in range(3, 6):
+        for m, o in ((model, opt), (model2, opt2)):
+            _set_grads(step, m)
+            o.step()
+            o.zero_grad()
+    return {
+        "saved": saved,
+        "loaded": loaded,
+        "refused": refused,
+        "equal": [
+            torch.equal(p.full_tensor(), q.full_tensor())
+            for p, q in zip(model.parameters(), model2.parameters(), strict=True)
+        ],
+    }
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # dcp.load(no_dist=True)
+@pytest.mark.parametrize(("recipe", "kw"), [("soap_muon", {"freq": 2}), ("adamw", {})])
+def test_distributed_checkpoint_saves_and_loads_shares_and_loads_whole_in_one_process(tmp_path, recipe, kw):
+    """torch.distributed.checkpoint (get_/set_optimizer_state_dict with dcp.save/load), as FSDP2
+    training scripts checkpoint: each rank's rows of a pointwise route's state are saved as
+    the shards of a DTensor, each owner's whole state by its owner. Loaded into a new sharded
+    optimizer, training goes on bit for bit; loaded into one process's optimizer of the whole
+    model (dcp.load(no_dist=True)), the state equals what the ranks' full_state_dict() gave."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    ckpt = str(tmp_path / "ckpt")
+    ranks = spawn(_dcp_round_trip, tmp_path, ckpt, recipe, kw)
+    assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
+    for r in ranks:
+        assert all(r["equal"]), r["equal"]
+        _assert_same_state(r["loaded"], r["saved"])
+        assert "is a DTensor sharded over 2 ranks (an FSDP2 rank's share)" in r["refused"]
+    model = _model(seed=1)
+    opt = soapdsl.build(recipe, model, **kw)
+    sd = {"optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=ckpt, no_dist=True)
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    _assert_same_state(opt.state_dict(), ranks[0]["saved"])
+
+
+def _assert_same_state(got: dict, want: dict) -> None:
+    assert got["state"].keys() == want["state"].keys()
+    for k, st in want["state"].items():
+        assert got["state"][k].keys() == st.keys(), k
+        for key, v in st.items():
+            a = got["state"][k][key]
+            if torch.is_tensor(v):
+                assert torch.equal(torch.as_tensor(a).cpu(), v), (k, key)
+            else:
+                assert a == v, (k, key)

@@ -321,6 +321,63 @@ class Sharded:
             dict.__setitem__(mirror, p, mirror._own(dict(st)))
         mirror.dirty = False
 
+    def for_checkpointers(self, sd: dict[str, Any]) -> None:
+        """In a state dict of this rank's share: a pointwise route's state tensors, this rank's
+        rows, as DTensors sharded as their parameter is. torch.distributed.checkpoint then saves
+        each rank's rows, and loads them back (or whole, into an optimizer of whole parameters),
+        as it does for torch's optimizers under FSDP2; the owners' state stays whole tensors,
+        each held by one rank."""
+        from torch.distributed.tensor import DTensor
+
+        pos = _positions(self.opt.param_groups)
+        # an empty entry for each parameter another rank owns: torch.distributed.checkpoint's
+        # set_optimizer_state_dict wants an entry for every parameter (strict), and an empty
+        # one loads as nothing, here and in torch's optimizers
+        for k in pos.values():
+            sd["state"].setdefault(k, {})
+        sd["state"] = dict(sorted(sd["state"].items()))
+        for p, proxy in self.local:
+            st = sd["state"].get(pos[id(p)])
+            if not isinstance(st, dict):
+                continue
+            for key, v in st.items():
+                if torch.is_tensor(v) and not is_dtensor(v) and v.dim() > 0 and v.shape == proxy.shape:
+                    st[key] = DTensor.from_local(
+                        v, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                    )
+
+    def _rows_of(self, p: Any, proxy: torch.Tensor, st: dict[str, Any], whole: bool = True) -> dict[str, Any]:
+        """A pointwise route's saved state for ``p`` as this rank's rows: a DTensor's local rows
+        (a share saved by this rank, or filled by torch.distributed.checkpoint), this rank's
+        slice of a whole tensor, or (``whole=False``: a share saved before shares held DTensors)
+        the rows themselves."""
+        first, n = self.first_row[id(p)], proxy.shape[0]
+        name = self.opt._names.get(id(p), "?")
+        rows = {}
+        for key, v in st.items():
+            if is_dtensor(v):
+                local = v.to_local()
+                if tuple(v.shape) != tuple(p.shape) or local.shape != proxy.shape:
+                    raise SoapStateError(
+                        f"state '{key}' of parameter '{name}' is sharded as {list(v.shape)} with"
+                        f" {list(local.shape)} on this rank, expected {list(p.shape)} with {list(proxy.shape)}"
+                    )
+                v = local
+            elif torch.is_tensor(v) and v.dim() > 0 and not whole:
+                if v.shape != proxy.shape:
+                    raise SoapStateError(
+                        f"state '{key}' of parameter '{name}' has shape {list(v.shape)}, expected this"
+                        f" rank's rows, {list(proxy.shape)}"
+                    )
+            elif torch.is_tensor(v) and v.dim() > 0:
+                if tuple(v.shape) != tuple(p.shape):
+                    raise SoapStateError(
+                        f"state '{key}' of parameter '{name}' has shape {list(v.shape)}, expected {list(p.shape)}"
+                    )
+                v = v[first : first + n]
+            rows[key] = v
+        return rows
+
     def shards(self) -> dict[str, Any]:
         """What a checkpoint of this rank's share is for: the sharding, and which rank owns what."""
         return {"world": self.world, "rank": self.rank, "owners": [[n, o] for n, o in self.owners]}
@@ -331,6 +388,15 @@ class Sharded:
         meta = sd.get("soapdsl")
         saved = _plain(meta.get("shards")) if isinstance(meta, dict) else None
         outer_index = _positions(self.opt.param_groups)
+        # the state by position, whatever the param_groups name the parameters by: positions
+        # (torch's state_dict), or names (torch.distributed.checkpoint's set_optimizer_state_dict)
+        names = [k for g in sd["param_groups"] for k in g["params"]]
+        position = {k: i for i, k in enumerate(names)}
+        unknown = sorted((k for k in sd["state"] if k not in position), key=str)
+        if unknown:
+            what = "parameter index" if isinstance(unknown[0], int) else "parameter"
+            raise SoapStateError(f"state dict holds state for {what} {unknown[0]!r}, which this optimizer lacks")
+        sd = {**sd, "state": {position[k]: st for k, st in sd["state"].items()}}
         if saved is None:
             # a whole state dict: every rank checks all of it, as one process would, so that a
             # fault stops every rank here (found by a parameter's owner alone, it would leave the
@@ -353,14 +419,21 @@ class Sharded:
                     f" {self.world}: each rank loads the state dict that the same rank saved, under the"
                     " same sharding and ranks, or a whole one (opt.full_state_dict())"
                 )
+            by_index = dict(enumerate(p for g in self.opt.param_groups for p in g["params"]))
             held = {outer_index[id(p)] for p, _ in self.pairs}
-            extra = sorted(set(sd["state"]) - held, key=str)
+            extra = sorted({k for k, st in sd["state"].items() if st != {}} - held, key=str)
             if extra:
                 raise SoapStateError(
                     f"this rank's state dict holds state for parameter index {extra[0]!r}, which another"
                     " rank steps under FSDP2 (or this optimizer lacks)"
                 )
-            state = sd["state"]
+            local = {id(p): proxy for p, proxy in self.local}
+            state = {
+                k: self._rows_of(by_index[k], local[id(by_index[k])], st, whole=False)
+                if id(by_index.get(k)) in local and isinstance(st, dict)
+                else st
+                for k, st in sd["state"].items()
+            }
         inner = self.inner
         if inner is not None:
             # the checkpoint as the inner optimizer's own: its parameters' positions, its routes
@@ -392,19 +465,12 @@ class Sharded:
             k = outer_index[id(p)]
             st = whole.get(k)
             if id(p) in self.first_row and isinstance(st, dict):
-                first, n = self.first_row[id(p)], proxy.shape[0]
-                name = self.opt._names.get(id(p), "?")
-                rows = {}
-                for key, v in st.items():
-                    if torch.is_tensor(v) and v.dim() > 0:
-                        if tuple(v.shape) != tuple(p.shape):
-                            raise SoapStateError(
-                                f"state '{key}' of parameter '{name}' has shape {list(v.shape)}, expected"
-                                f" {list(p.shape)}"
-                            )
-                        v = v[first : first + n]
-                    rows[key] = v
-                st = rows
+                st = self._rows_of(p, proxy, st)
+            elif isinstance(st, dict) and any(is_dtensor(v) for v in st.values()):
+                raise SoapStateError(
+                    f"the state of parameter '{self.opt._names.get(id(p), '?')}' is sharded (DTensors),"
+                    " but one rank steps it whole under FSDP2: it was saved by another recipe or sharding"
+                )
             if st is not None:
                 out[k] = st
         return out
@@ -464,6 +530,9 @@ def _release(t: torch.Tensor) -> None:
 
 
 def _cpu(v: Any) -> Any:
+    """A state value on the CPU; of a DTensor, this rank's rows."""
+    if is_dtensor(v):
+        v = v.to_local()
     return v.detach().cpu() if torch.is_tensor(v) else v
 
 

@@ -159,6 +159,7 @@ def _identify(opt: Any, sd: dict[str, Any]) -> None:
     }
     if opt._shards is not None:
         sd["soapdsl"]["shards"] = opt._shards.shards()
+        opt._shards.for_checkpointers(sd)
 
 
 def _fixed_state_error(key: str, saved: Any, built: Any, why: str) -> SoapStateError:
@@ -648,6 +649,15 @@ class SoapOptimizer(torch.optim.Optimizer):
             if key == "step":
                 out[key] = _load_step(name, value)
                 continue
+            if is_dtensor(value) and not is_dtensor(p):
+                # an FSDP2 rank's rows: whole only where the mesh is one rank
+                if value.device_mesh.size() != 1:
+                    raise SoapStateError(
+                        f"state '{key}' of parameter '{name}' is a DTensor sharded over"
+                        f" {value.device_mesh.size()} ranks (an FSDP2 rank's share): load it into the"
+                        " sharded optimizer, or save opt.full_state_dict() on every rank instead"
+                    )
+                value = value.to_local()
             if key in expected and not torch.is_tensor(value):
                 raise SoapStateError(
                     f"state '{key}' of parameter '{name}' is a {type(value).__name__}, expected a tensor"
