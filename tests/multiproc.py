@@ -30,17 +30,18 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def spawn(fn, tmp_path: Path, *args) -> list[dict]:
-    """Run ``fn(rank, *args)`` on two gloo ranks, one thread each; each returns a dict, saved per rank."""
-    init = f"file://{tmp_path / 'store'}"
-    mp.spawn(_entry, args=(fn, init, tmp_path, args), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def spawn(fn, tmp_path: Path, *args, world: int = WORLD) -> list[dict]:
+    """Run ``fn(rank, *args)`` on ``world`` gloo ranks (two by default), one thread each; each
+    returns a dict, saved per rank."""
+    init = f"file://{tmp_path / f'store{world}'}"
+    mp.spawn(_entry, args=(fn, init, tmp_path, args, world), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def _entry(rank: int, fn, init: str, out: Path, args: tuple) -> None:
+def _entry(rank: int, fn, init: str, out: Path, args: tuple, world: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=init, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
     try:
         result = fn(rank, *args)

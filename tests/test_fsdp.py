@@ -71,11 +71,11 @@ def _model(seed: int = 0) -> _Net:
     return _Net()
 
 
-def _sharded(seed: int = 0) -> _Net:
+def _sharded(seed: int = 0, world: int = WORLD) -> _Net:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (WORLD,))
+    mesh = init_device_mesh("cpu", (world,))
     model = _model(seed)
     for b in model.blocks:
         fully_shard(b, mesh=mesh)
@@ -665,6 +665,32 @@ def test_distributed_checkpoint_saves_and_loads_shares_and_loads_whole_in_one_pr
     dcp.load(sd, checkpoint_id=ckpt, no_dist=True)
     set_optimizer_state_dict(model, opt, sd["optim"])
     _assert_same_state(opt.state_dict(), ranks[0]["saved"])
+
+
+def _dcp_load_on_one_rank(rank: int, ckpt: str, recipe: str, kw: dict) -> dict:
+    """A new job of one rank loads a two-rank checkpoint: every parameter's owner and all of
+    every row are now here."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    model = _sharded(seed=1, world=1)
+    opt = soapdsl.build(recipe, model, **kw)
+    sd = {"optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_optimizer_state_dict(model, opt, sd["optim"])
+    return {"loaded": opt.full_state_dict()}
+
+
+def test_a_distributed_checkpoint_of_two_ranks_loads_into_one_sharded_rank(tmp_path):
+    """Resharding through torch.distributed.checkpoint: saved by two FSDP2 ranks, loaded by one
+    (its rows are the whole parameters and it owns every matrix), the state is the same."""
+    recipe, kw = "soap_muon", {"freq": 2}
+    ckpt = str(tmp_path / "ckpt")
+    ranks = spawn(_dcp_round_trip, tmp_path, ckpt, recipe, kw)
+    assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
+    (one,) = spawn(_dcp_load_on_one_rank, tmp_path, ckpt, recipe, kw, world=1)
+    assert "error" not in one, one.get("message")
+    _assert_same_state(one["loaded"], ranks[0]["saved"])
 
 
 def _assert_same_state(got: dict, want: dict) -> None:
