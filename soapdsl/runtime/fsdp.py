@@ -499,7 +499,10 @@ class Sharded:
                         for key, v in st.items()
                     }
         meta = {k: v for k, v in sd["soapdsl"].items() if k != "shards"}
-        return {"state": dict(sorted(whole.items())), "param_groups": sd["param_groups"], "soapdsl": meta}
+        # the empty entries of other ranks' parameters (for_checkpointers) have their owners'
+        # state now; one left empty belongs to a parameter no rank has stepped
+        state = {k: st for k, st in sorted(whole.items()) if st != {}}
+        return {"state": state, "param_groups": sd["param_groups"], "soapdsl": meta}
 
 
 def _positions(groups: list[dict[str, Any]]) -> dict[int, int]:
