@@ -128,6 +128,11 @@ def _mismatch(rank: int, what: str) -> dict:
             model[2].weight.grad = None  # rank 1 would step one matrix fewer
         if what == "frozen":
             model[2].weight.grad = None  # on every rank: they still agree
+        if what == "lr" and rank == 1:
+            opt.param_groups[1]["lr"] = 0.5  # a scheduler stepped on rank 1 only, say
+        if what == "same extras":  # the same values everywhere, and an object whose text differs
+            opt.param_groups[1]["note"] = ("warm", 3)
+            opt.param_groups[1]["hook"] = object()
         opt.step()
     return {}
 
@@ -139,6 +144,7 @@ def _mismatch(rank: int, what: str) -> dict:
         ("grads", r"differ in the parameters with a gradient at this step"),
         ("steps", r"or in their shapes or step counts"),
         ("freq", r"differ in the recipe, the values it fixed at build"),
+        ("lr", r"route 'default' has lr="),
     ],
 )
 def test_ranks_that_would_split_different_work_get_one_clear_error(tmp_path, what, message):
@@ -153,6 +159,19 @@ def test_a_parameter_without_a_gradient_on_every_rank_is_no_mismatch(tmp_path):
     """The per-step check hashes ints only (in Python 3.11 the hash of None differs between
     processes)."""
     assert _spawn(_mismatch, tmp_path, "frozen") == [{}, {}]
+
+
+def test_hyperparameters_that_differ_between_ranks_are_named_on_every_rank(tmp_path):
+    """Under the split each rank updates its parameters with its own lr while the matrices are
+    shared: ranks with different values would drift apart silently."""
+    ranks = _spawn(_mismatch, tmp_path, "lr")
+    here_there = [("0.004", "0.5"), ("0.5", "0.004")]
+    for rank, (r, (here, there)) in enumerate(zip(ranks, here_there, strict=True)):
+        assert f"has lr={here} on rank {rank} and lr={there} on rank {1 - rank}" in r["message"], r
+
+
+def test_equal_extra_param_group_values_and_unprintable_ones_are_no_mismatch(tmp_path):
+    assert _spawn(_mismatch, tmp_path, "same extras") == [{}, {}]
 
 
 def _nan_grad(rank: int) -> dict:

@@ -703,3 +703,21 @@ def _assert_same_state(got: dict, want: dict) -> None:
                 assert torch.equal(torch.as_tensor(a).cpu(), v), (k, key)
             else:
                 assert a == v, (k, key)
+
+
+def _lr_on_one_rank(rank: int) -> dict:
+    model = _sharded()
+    opt = soapdsl.build("muon", model)
+    if rank == 1:
+        opt.param_groups[0]["lr"] = 0.5
+    _set_grads(0, model)
+    opt.step()
+    return {}
+
+
+def test_hyperparameters_that_differ_between_ranks_stop_every_rank(tmp_path):
+    """An owner steps a whole matrix with its own lr, every rank its own rows with its own:
+    ranks with different values would hold a model of mixed updates."""
+    for rank, r in enumerate(spawn(_lr_on_one_rank, tmp_path)):
+        assert r.get("error") == "SoapStateError", r
+        assert r["message"].startswith("error: FSDP2: route ") and f"on rank {rank} and lr=" in r["message"], r

@@ -20,6 +20,7 @@ the 2-core CPU, benchmarks/bench_dist.py) to move 48 MB a step for soap and to s
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pickle
 from collections.abc import Callable, Sequence
@@ -34,6 +35,51 @@ from soapdsl.errors import SoapArgumentError, SoapError, SoapStateError
 Like = tuple[tuple[int, ...], torch.dtype]
 #: one batch of a split computation: (fn, its batched inputs, its outputs' Like, one matrix's flops)
 Item = tuple[Callable[..., Sequence[torch.Tensor]], Sequence[torch.Tensor], Sequence[Like], float]
+
+
+def hyperparameters(groups: Sequence[dict[str, Any]]) -> list[list[tuple[str, Any]]]:
+    """The param_groups' values that every rank must share: numbers, booleans, strings and
+    tuples of them (a tensor by its shape and dtype, whose value would need a device read;
+    other objects not at all, as their text may hold an address)."""
+    out = []
+    for g in groups:
+        values = [(k, _plain_value(g[k])) for k in sorted(g) if k != "params"]
+        out.append([(k, v) for k, v in values if v is not _SKIP])
+    return out
+
+
+_SKIP = object()
+
+
+def _plain_value(v: Any) -> Any:
+    if v is None or isinstance(v, bool | int | float | str):
+        return v
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), str(v.dtype))
+    if isinstance(v, list | tuple):
+        items = [_plain_value(x) for x in v]
+        return _SKIP if any(x is _SKIP for x in items) else tuple(items)
+    return _SKIP
+
+
+def _digest(values: Any) -> int:
+    """A hash of ``values`` that is the same in every process (Python's hash of a string is not)."""
+    return int.from_bytes(hashlib.blake2b(repr(values).encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _differences(mine: list[list[tuple[str, Any]]], other: list[list[tuple[str, Any]]]) -> list[tuple[Any, ...]]:
+    """(route, key, my value, the other's value) of each hyperparameter that differs."""
+    out = []
+    for g, h in zip(mine, other, strict=False):
+        a, b = dict(g), dict(h)
+        route = a.get("route", b.get("route", "?"))
+        for k in sorted(a.keys() | b.keys()):
+            if a.get(k, _MISSING) != b.get(k, _MISSING):
+                out.append((route, k, a.get(k, "(none)"), b.get(k, "(none)")))
+    return out
+
+
+_MISSING = object()
 
 
 class Splitter:
@@ -68,19 +114,34 @@ class Splitter:
         nccl = "nccl" in str(dist.get_backend(self.group)).lower()
         self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
-    def begin_step(self, key: int) -> None:
+    def begin_step(self, key: int, groups: Sequence[dict[str, Any]] = ()) -> None:
         """Check that every rank is about to take the same step (``key``: a hash of what it
-        steps), then assign this step's matrices afresh, in the same order on every rank."""
-        mine = torch.tensor([key], dtype=torch.int64, device=self.device)
+        steps) with the same hyperparameters (``groups``: the param_groups), then assign this
+        step's matrices afresh, in the same order on every rank."""
+        values = hyperparameters(groups)
+        mine = torch.tensor([key, _digest(values)], dtype=torch.int64, device=self.device)
         keys = [torch.empty_like(mine) for _ in range(self.world)]
         dist.all_gather(keys, mine, group=self.group)
-        for r, k in enumerate(keys):
-            if int(k) != key:
+        theirs = [k.tolist() for k in keys]
+        for r, (k, _) in enumerate(theirs):
+            if k != key:
                 raise SoapStateError(
                     f"{self.mode}: rank {self.rank} and rank {r} differ in the parameters with a"
                     " gradient at this step, or in their shapes or step counts. The ranks would split"
                     f" different work: every rank must step the same parameters alike ({self.keeps}"
                 )
+        if any(d != theirs[self.rank][1] for _, d in theirs):
+            # every rank sees the difference: all of them gather the values, to name it
+            everyone: list[Any] = [None] * self.world
+            dist.all_gather_object(everyone, values, group=self.group)
+            r, (route, name, here, there) = next(
+                (r, diff) for r, other in enumerate(everyone) for diff in _differences(values, other)
+            )
+            raise SoapStateError(
+                f"{self.mode}: route '{route}' has {name}={here!r} on rank {self.rank} and {name}={there!r}"
+                f" on rank {r}: every rank must step with the same hyperparameters (a scheduler or"
+                " a change to opt.param_groups on some ranks only?)"
+            )
         self.load = [0.0] * self.world
 
     def _assign(self, count: int, cost: float) -> list[int]:

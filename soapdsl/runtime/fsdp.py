@@ -187,7 +187,7 @@ class Sharded:
         opt, inner = self.opt, self.inner
         stepping = [o for o in self.owned if o.param.grad is not None]
         if self.owned:  # the exchanges pair up the ranks' lists: they must agree (pointwise routes need nothing)
-            self.split.begin_step(hash(tuple(o.param.grad is not None for o in self.owned)))
+            self.split.begin_step(hash(tuple(o.param.grad is not None for o in self.owned)), opt.param_groups)
         if inner is not None:
             if opt.state is not self._mirror or opt.state.dirty:
                 # the state was changed from outside (reset, replaced): the inner steps with it

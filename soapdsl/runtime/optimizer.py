@@ -389,7 +389,7 @@ class SoapOptimizer(torch.optim.Optimizer):
         if state is not self._seen or state.dirty:
             self._adopt_state()
         if self._split is not None:
-            self._split.begin_step(self._split_key())
+            self._split.begin_step(self._split_key(), self.param_groups)
         for i, (rp, group) in enumerate(zip(self._routes, self.param_groups, strict=True)):
             values = self._hyperparameters(i, rp, group)
             for cohort in self._layout(rp, group).cohorts:
