@@ -330,9 +330,13 @@ class Sharded:
         from torch.distributed.tensor import DTensor
 
         pos = _positions(self.opt.param_groups)
-        # an empty entry for each parameter another rank owns: torch.distributed.checkpoint's
-        # set_optimizer_state_dict wants an entry for every parameter (strict), and an empty
-        # one loads as nothing, here and in torch's optimizers
+        # an entry for every parameter, as torch.distributed.checkpoint's set_optimizer_state_dict
+        # wants (strict): one naming the owner for each parameter another rank owns (it loads as
+        # nothing into a sharded optimizer, and is refused by name by one of whole parameters),
+        # an empty one for a parameter of this rank that has no state yet
+        for o in self.owned:
+            if o.owner != self.rank:
+                sd["state"].setdefault(pos[id(o.param)], {OWNER_KEY: o.owner})
         for k in pos.values():
             sd["state"].setdefault(k, {})
         sd["state"] = dict(sorted(sd["state"].items()))
@@ -407,7 +411,8 @@ class Sharded:
                     raise SoapStateError(
                         f"state dict holds state for parameter index {k!r}, which this optimizer lacks"
                     )
-                self.opt._load_param_state(by_index[k], st, check=True)
+                if not placeholder(st):  # (another rank's parameter, in a torch.distributed.checkpoint)
+                    self.opt._load_param_state(by_index[k], st, check=True)
             state = self._share_of(sd["state"], outer_index)
         else:
             if saved != self.shards():
@@ -421,7 +426,7 @@ class Sharded:
                 )
             by_index = dict(enumerate(p for g in self.opt.param_groups for p in g["params"]))
             held = {outer_index[id(p)] for p, _ in self.pairs}
-            extra = sorted({k for k, st in sd["state"].items() if st != {}} - held, key=str)
+            extra = sorted({k for k, st in sd["state"].items() if not placeholder(st)} - held, key=str)
             if extra:
                 raise SoapStateError(
                     f"this rank's state dict holds state for parameter index {extra[0]!r}, which another"
@@ -501,8 +506,17 @@ class Sharded:
         meta = {k: v for k, v in sd["soapdsl"].items() if k != "shards"}
         # the empty entries of other ranks' parameters (for_checkpointers) have their owners'
         # state now; one left empty belongs to a parameter no rank has stepped
-        state = {k: st for k, st in sorted(whole.items()) if st != {}}
+        state = {k: st for k, st in sorted(whole.items()) if not placeholder(st)}
         return {"state": state, "param_groups": sd["param_groups"], "soapdsl": meta}
+
+
+#: the one key of a rank share's entry for a parameter another rank owns: its owner's rank
+OWNER_KEY = "soapdsl.fsdp2_owner"
+
+
+def placeholder(st: Any) -> bool:
+    """Whether a saved entry holds no state: empty, or naming another rank as the owner."""
+    return isinstance(st, dict) and set(st) <= {OWNER_KEY}
 
 
 def _positions(groups: list[dict[str, Any]]) -> dict[int, int]:

@@ -39,7 +39,7 @@ from soapdsl.registry import Op
 from soapdsl.runtime import fused
 from soapdsl.runtime.context import Bucket, Ctx, Val
 from soapdsl.runtime.dist import Splitter
-from soapdsl.runtime.fsdp import Sharded
+from soapdsl.runtime.fsdp import OWNER_KEY, Sharded
 from soapdsl.runtime.graphs import GraphCache
 from soapdsl.runtime.state import OptimizerState
 
@@ -645,6 +645,12 @@ class SoapOptimizer(torch.optim.Optimizer):
         name = self._names.get(id(p), "?")
         if not isinstance(saved, dict):
             raise SoapStateError(f"the state of parameter '{name}' is a {type(saved).__name__}, not a dict")
+        if OWNER_KEY in saved:
+            raise SoapStateError(
+                f"the state of parameter '{name}' is held by rank {saved[OWNER_KEY]!r} under FSDP2: this"
+                " state dict is one rank's share. Load it into the sharded optimizer, go through"
+                " torch.distributed.checkpoint's dcp.save and dcp.load, or save opt.full_state_dict()"
+            )
         for key, value in saved.items():
             if key == "step":
                 out[key] = _load_step(name, value)
