@@ -96,6 +96,14 @@ def _set_grads(step: int, model: torch.nn.Module) -> None:
         p.grad = distribute_tensor(g, p.device_mesh, [Shard(0)]) if isinstance(p, DTensor) else g
 
 
+def _steps(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    """Step ``opt`` at each step of ``steps`` on that step's gradients (_grads)."""
+    for step in steps:
+        _set_grads(step, model)
+        opt.step()
+        opt.zero_grad()
+
+
 def _rows(p: torch.Tensor, rank: int) -> tuple[int, int]:
     """The first row and the number of rows that ``rank`` holds of the DTensor ``p``."""
     size = math.ceil(p.shape[0] / WORLD)
@@ -110,10 +118,7 @@ def _train_sharded(rank: int, cases: dict, steps: int) -> dict:
     for case, (recipe, kw) in cases.items():
         model = _sharded()
         opt = soapdsl.build(recipe, model, **kw)
-        for step in range(steps):
-            _set_grads(step, model)
-            opt.step()
-            opt.zero_grad()
+        _steps(model, opt, range(steps))
         sd = opt.state_dict()
         state = _by_name(model, opt, sd["state"])
         out[case] = {
@@ -245,17 +250,11 @@ def _checkpoint(rank: int, tmp: str) -> dict:
     path = os.path.join(tmp, f"opt{rank}.pt")
     model = _sharded()
     opt = soapdsl.build("soap_muon", model, freq=3)
-    for step in range(4):
-        _set_grads(step, model)
-        opt.step()
-        opt.zero_grad()
+    _steps(model, opt, range(4))
     torch.save(opt.state_dict(), path)
     rows = [p.to_local().clone() for p in model.parameters()]
     dist.barrier()
-    for step in range(4, 8):
-        _set_grads(step, model)
-        opt.step()
-        opt.zero_grad()
+    _steps(model, opt, range(4, 8))
     out: dict = {"straight": [p.full_tensor() for p in model.parameters()]}
     # each rank loads its own share into a new optimizer, for the model as it was, and goes on
     model2 = _sharded()
@@ -264,10 +263,7 @@ def _checkpoint(rank: int, tmp: str) -> dict:
             p.to_local().copy_(q)
     opt2 = soapdsl.build("soap_muon", model2, freq=3)
     opt2.load_state_dict(torch.load(path, weights_only=True))
-    for step in range(4, 8):
-        _set_grads(step, model2)
-        opt2.step()
-        opt2.zero_grad()
+    _steps(model2, opt2, range(4, 8))
     out["resumed"] = [p.full_tensor() for p in model2.parameters()]
     # another rank's share is refused
     try:
@@ -312,17 +308,11 @@ def _whole(rank: int) -> dict:
                 p.to_local().copy_(q[slice(*_span(p, rank))])
         resumed = soapdsl.build(recipe, sharded, **kw)
         resumed.load_state_dict(sd4)
-        for step in range(4, 8):
-            _set_grads(step, sharded)
-            resumed.step()
-            resumed.zero_grad()
+        _steps(sharded, resumed, range(4, 8))
         # the sharded ranks' whole checkpoint after 4 steps
         fresh = _sharded()
         opt4 = soapdsl.build(recipe, fresh, **kw)
-        for step in range(4):
-            _set_grads(step, fresh)
-            opt4.step()
-            opt4.zero_grad()
+        _steps(fresh, opt4, range(4))
         full = opt4.full_state_dict()
         out[recipe] = {
             "resumed": all(
@@ -606,10 +596,7 @@ def _dcp_round_trip(rank: int, ckpt: str, recipe: str, kw: dict) -> dict:
 
     model = _sharded()
     opt = soapdsl.build(recipe, model, **kw)
-    for step in range(3):
-        _set_grads(step, model)
-        opt.step()
-        opt.zero_grad()
+    _steps(model, opt, range(3))
     share = get_optimizer_state_dict(model, opt)
     dcp.save({"model": get_model_state_dict(model), "optim": share}, checkpoint_id=ckpt)
     saved = opt.full_state_dict()
