@@ -386,31 +386,21 @@ class Sharded:
         """What a checkpoint of this rank's share is for: the sharding, and which rank owns what."""
         return {"world": self.world, "rank": self.rank, "owners": [[n, o] for n, o in self.owners]}
 
-    def load(self, sd: dict[str, Any]) -> None:
+    def load(self, sd: dict[str, Any], id_map: dict[Any, torch.Tensor]) -> None:
         """Load this rank's share: one saved by the same rank under the same sharding, or its part
-        of a whole state dict (saved by one process, or by :meth:`full_state_dict`)."""
+        of a whole state dict (saved by one process, or by :meth:`full_state_dict`). ``id_map``:
+        each saved state key's parameter (every key has one)."""
         meta = sd.get("soapdsl")
         saved = _plain(meta.get("shards")) if isinstance(meta, dict) else None
         outer_index = _positions(self.opt.param_groups)
-        # the state by position, whatever the param_groups name the parameters by: positions
-        # (torch's state_dict), or names (torch.distributed.checkpoint's set_optimizer_state_dict)
-        names = [k for g in sd["param_groups"] for k in g["params"]]
-        position = {k: i for i, k in enumerate(names)}
-        unknown = sorted((k for k in sd["state"] if k not in position), key=str)
-        if unknown:
-            what = "parameter index" if isinstance(unknown[0], int) else "parameter"
-            raise SoapStateError(f"state dict holds state for {what} {unknown[0]!r}, which this optimizer lacks")
-        sd = {**sd, "state": {position[k]: st for k, st in sd["state"].items()}}
+        # the state by position, as this optimizer's state_dict keys it
+        sd = {**sd, "state": {outer_index[id(id_map[k])]: st for k, st in sd["state"].items()}}
+        by_index = dict(enumerate(p for g in self.opt.param_groups for p in g["params"]))
         if saved is None:
             # a whole state dict: every rank checks all of it, as one process would, so that a
             # fault stops every rank here (found by a parameter's owner alone, it would leave the
             # other ranks waiting for the owner at the next step)
-            by_index = dict(enumerate(p for g in self.opt.param_groups for p in g["params"]))
             for k, st in sd["state"].items():
-                if k not in by_index:
-                    raise SoapStateError(
-                        f"state dict holds state for parameter index {k!r}, which this optimizer lacks"
-                    )
                 if not placeholder(st):  # (another rank's parameter, in a torch.distributed.checkpoint)
                     self.opt._load_param_state(by_index[k], st, check=True)
             state = self._share_of(sd["state"], outer_index)
@@ -424,7 +414,6 @@ class Sharded:
                     f" {self.world}: each rank loads the state dict that the same rank saved, under the"
                     " same sharding and ranks, or a whole one (opt.full_state_dict())"
                 )
-            by_index = dict(enumerate(p for g in self.opt.param_groups for p in g["params"]))
             held = {outer_index[id(p)] for p, _ in self.pairs}
             extra = sorted({k for k, st in sd["state"].items() if not placeholder(st)} - held, key=str)
             if extra:
@@ -435,7 +424,7 @@ class Sharded:
             local = {id(p): proxy for p, proxy in self.local}
             state = {
                 k: self._rows_of(by_index[k], local[id(by_index[k])], st, whole=False)
-                if id(by_index.get(k)) in local and isinstance(st, dict)
+                if id(by_index[k]) in local and isinstance(st, dict)
                 else st
                 for k, st in sd["state"].items()
             }

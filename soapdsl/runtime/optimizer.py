@@ -506,19 +506,21 @@ class SoapOptimizer(torch.optim.Optimizer):
                 state_dict = result
         self._check_state_dict(state_dict)
         saved_groups = state_dict["param_groups"]
+        # the saved state's keys as the saved groups name the parameters: positions (torch's
+        # state_dict), or names (torch.distributed.checkpoint's set_optimizer_state_dict)
+        id_map: dict[Any, torch.Tensor] = {}
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            id_map.update(zip(saved["params"], group["params"], strict=True))
+        for key in state_dict["state"]:
+            if key not in id_map:
+                what = "parameter index" if isinstance(key, int) else "parameter"
+                raise SoapStateError(f"state dict holds state for {what} {key!r}, which this optimizer lacks")
         new_state = None
         if self._shards is not None:
-            self._shards.load(state_dict)  # into the inner optimizer; self.state shows it
+            self._shards.load(state_dict, id_map)  # into the inner optimizer; self.state shows it
         else:
-            id_map: dict[Any, torch.Tensor] = {}
-            for saved, group in zip(saved_groups, self.param_groups, strict=True):
-                id_map.update(zip(saved["params"], group["params"], strict=True))
             new_state = OptimizerState()
             for key, value in state_dict["state"].items():
-                if key not in id_map:
-                    raise SoapStateError(
-                        f"state dict holds state for parameter index {key!r}, which this optimizer lacks"
-                    )
                 p = id_map[key]
                 new_state[p] = self._load_param_state(p, value)  # type: ignore[index]
         for saved, group, compared in zip(saved_groups, self.param_groups, self._compared, strict=True):
