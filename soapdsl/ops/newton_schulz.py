@@ -124,17 +124,14 @@ class NewtonSchulz(Op):
                 # process, or a lone matrix every rank computes) the batch itself, whose memory
                 # is reused only if it is a temporary of ours, not the state or gradient handed on
                 spare = m if x.owned or m is not mats else None
+
+                def eager() -> torch.Tensor:
+                    return newton_schulz(m, *args, scratch=spare)
+
                 if graphs is None:
-                    return (newton_schulz(m, *args, scratch=spare),)
+                    return (eager(),)
                 # a CUDA graph's input is its own copy of m, free to overwrite
-                return (
-                    graphs.run(
-                        (self.path, i),
-                        lambda inp: newton_schulz(inp, *args, scratch=inp),
-                        m,
-                        eager=lambda: newton_schulz(m, *args, scratch=spare),
-                    ),
-                )
+                return (graphs.run((self.path, i), lambda inp: newton_schulz(inp, *args, scratch=inp), m, eager),)
 
             items.append((part, [mats], like, float(r * r * c)))
         out = [res.view(t.shape) for (res,), t in zip(ctx.per_matrix_many(items), x.ts, strict=True)]
