@@ -114,6 +114,17 @@ def worst_rel_err(ours, theirs) -> float:
     return max(float((ours[n] - theirs[n]).detach().abs().max() / theirs[n].detach().abs().max()) for n in theirs)
 
 
+def worst_moved_err(ours, theirs, start) -> float:
+    """Largest over the parameters (dicts by name) of max|ours - theirs| / max|theirs - start|: the error as a
+    fraction of how far the reference moved each parameter (a parameter that did not move is skipped)."""
+    errs = [0.0]
+    for n in theirs:
+        moved = float((theirs[n] - start[n]).detach().abs().max())
+        if moved > 0:
+            errs.append(float((ours[n] - theirs[n]).detach().abs().max()) / moved)
+    return max(errs)
+
+
 def race(recipe, kw, ref_cls, ref_kw, shapes, steps=60, dtype=torch.float64, seed=1, device="cpu"):
     """Run a recipe and a reference optimizer on identical gradients for ``steps`` steps.
 

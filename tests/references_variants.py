@@ -31,9 +31,7 @@ from tests.references import (
     SoapMuonRef,
     SoapV1Ref,
     _eigh_desc_plain,
-    _eigh_desc_soap,
     _newton_schulz_soap_muon,
-    _qr_refresh,
     _SoapBase,
     at_least_fp32,
     frob,
@@ -323,28 +321,37 @@ class PSoapRef(SoapV1Ref):
 # --------------------------------------------------------------------------------------------------------------
 
 
-class SoapSoapRef(_SoapBase):
-    """SOAP-SOAP (3.7): two one-sided SOAP whitenings in sequence, for 2-D params m x n.
+class SoapSoapRef(torch.optim.Optimizer):
+    """SOAP-SOAP, iterative whitening: soapsoap.py (class SOAPSOAP2) as the report's runs used it, with
+    projection_type "std" (configs/sweeps/soapsoap.yaml). ALGORITHMS.md 3.7 gives the idea; the facts below were
+    read off that file.
 
-    Basis 1 on the LEFT (GG1 m x m, EMA of G G^T), basis 2 on the RIGHT (GG2 n x n, EMA of G1^T G1 where G1 is the
-    gradient after the first whitening); both with beta = betas[1] if shampoo_beta < 0. exp_avg m lives in the
-    original space (SOAP v1).
-      first step: GG1 update with G; Q1 = eigh_desc(GG1 + 1e-30 I) (fp64 retry); no update.
-      later:  Gr1 = Q1^T G; t += 1; m = b1 m + (1-b1) G; v1 = b2 v1 + (1-b2) Gr1^2; d1 = sqrt(v1) + eps;
-              G1 = Gr1 / d1; X = (Q1^T m) / d1;
-              if basis 2 does not exist yet: GG2 = lerp(0, G1^T G1, 1-beta); Q2 = eigh_desc(GG2 + 1e-30 I)
-              (and GG2 has then taken this step's statistics);
-              Gr2 = G1 Q2; v2 = b2 v2 + (1-b2) Gr2^2; d2 = sqrt(v2) + eps; Y = ((X Q2) / d2) Q2^T; U = Q1 Y;
-              p -= lr sqrt(1-b2^t)/(1-b1^t) U; p -= lr wd p (if wd > 0);
-              GG1 update with G; GG2 update with G1 (unless just initialised);
-              t % f == 0: refresh basis 1 (permute v1 rows); t % f == f // 2: refresh basis 2 (permute v2 columns).
-    v2 is not touched by a basis-1 refresh, and GG2 is not re-expressed when basis 1 changes.
+    Sides, per param G of shape m x n (resolved at every step, always the same):
+      1-D -> "identity";  m > n -> "right" first;  m < n -> "left" first;  m == n -> "right" first.
+      Then, for 2-D: m > max_precond_dim -> "only_right"; n > max_precond_dim -> "only_left"; both -> "identity".
+      Basis 1 is the first side (R: n x n, EMA of G^T G; L: m x m, EMA of G G^T); for "left"/"right" basis 2 is the
+      other side, fed with G1 (below) instead of G; "only_*" have basis 1 only, "identity" none.
+    project1(X) = Q_L^T X (left first) or X Q_R (right first); project2 the other side (identity for only_* and
+    identity); back(X) = Q_L X Q_R^T with the missing sides the identity. (The file stores Q_R as rows, B = Q_R^T.)
 
-    Interpretation choices:
-    - Params that are not 2-D, and 2-D params with a dim > max_precond_dim, are plain SOAP v1 (factors per 2.3,
-      no merge_dims, no precondition_1d).
-    - GG1, GG2, Q1, Q2 are in at_least_fp32(param.dtype); G1 is cast to that dtype for the GG2 update.
-    - When both refreshes are due at the same t (f == 1), basis 1 is refreshed first (they are independent).
+    First call of a param: every factor the param has is started from the RAW gradient (basis 2 too:
+    GG2 = lerp(0, G^T G or G G^T, 1-beta)), each basis = eigh of its factor in float64, columns flipped to
+    descending, cast back (no jitter); no update, no moment update, t stays 0.
+    Later calls:
+      Gp1 = project1(G); t += 1; m = b1 m + (1-b1) G (original space);
+      v1 = b2 v1 + (1-b2) Gp1^2;  d1 = sqrt(v1) + eps;  G1 = Gp1 / d1;  X1 = project1(m) / d1;
+      G2 = project2(G1);  v2 = b2 v2 + (1-b2) G2^2;  d2 = sqrt(v2) + eps;  U = back(project2(X1) / d2);
+      (only_* and identity divide twice: U = back(X1 / d2), v2 the EMA of G1^2.)
+      p -= lr sqrt(1-b2^t)/(1-b1^t) U;  if wd > 0: p -= lr wd p.
+      maintenance: basis-1 factor updated with G; if t % f == 0, basis 1 refreshed: est = diag(Q^T GG Q),
+      idx = argsort(est, descending), Q = qr(GG Q[:, idx]).Q, and v2 -- not v1 -- permuted by idx along
+      basis 1's dim (the file permutes exp_avg_sq[num] with num=1, and v1 is exp_avg_sq[0]).
+      Then (left/right only) basis-2 factor updated with G1; if t % f == f // 2, basis 2 refreshed the same way,
+      permuting exp_avg_sq[2], a buffer nothing reads: v2 keeps its order.
+    beta = shampoo_beta, or betas[1] when shampoo_beta < 0. Exact ties of est are broken by index (stable sort).
+
+    ``permute_all=True`` (not the file's): every second moment a refresh reorders is permuted, v1 and v2 along
+    basis 1's dim by basis 1's refresh, v2 along basis 2's dim by basis 2's.
     """
 
     def __init__(
@@ -357,7 +364,9 @@ class SoapSoapRef(_SoapBase):
         weight_decay: float = 0.01,
         precondition_frequency: int = 10,
         max_precond_dim: int = 10000,
+        permute_all: bool = False,
     ) -> None:
+        self.permute_all = permute_all
         defaults = dict(
             lr=lr,
             betas=betas,
@@ -366,101 +375,105 @@ class SoapSoapRef(_SoapBase):
             weight_decay=weight_decay,
             precondition_frequency=precondition_frequency,
             max_precond_dim=max_precond_dim,
-            merge_dims=False,
-            precondition_1d=False,
-            normalize_grads=False,
-            correct_bias=True,
         )
-        torch.optim.Optimizer.__init__(self, params, defaults)
+        super().__init__(params, defaults)
 
     @staticmethod
-    def _is_soapsoap(p: torch.Tensor, group: dict) -> bool:
-        return p.ndim == 2 and max(p.shape) <= group["max_precond_dim"]
+    def sides(shape: tuple[int, ...], max_dim: int) -> tuple[str | None, str | None]:
+        """(first side, second side), each "L", "R" or None."""
+        if len(shape) != 2:
+            return None, None
+        m, n = shape
+        first, second = ("L", "R") if m < n else ("R", "L")
+        size = {"L": m, "R": n}
+        if size[first] > max_dim:
+            return None, None
+        if size[second] > max_dim:
+            return first, None
+        return first, second
 
-    def _v1_step(self, p: torch.Tensor, group: dict) -> None:
-        """Plain SOAP v1 for one param (the SoapV1Ref step body)."""
-        b1, b2 = group["betas"]
-        if self._first_seen(p, group):
-            return
-        state = self.state[p]
-        g = p.grad
-        gr = self._rot(g, state)
-        state["step"] += 1
-        t = state["step"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.mul_(b1).add_(g, alpha=1 - b1)
-        exp_avg_sq.mul_(b2).add_(gr.square(), alpha=1 - b2)
-        denom = exp_avg_sq.sqrt().add(group["eps"])
-        mr = self._rot(exp_avg, state)
-        ss = self._step_size(group, t)
-        u = self._unrot(mr / denom, state)
-        self._apply(p, u, ss, group)
-        self._update_gg(g, state)
-        if t % state["precondition_frequency"] == 0:
-            self._refresh(state)
+    @staticmethod
+    def _stats(x: torch.Tensor, side: str) -> torch.Tensor:
+        return x @ x.T if side == "L" else x.T @ x
 
-    def _soapsoap_step(self, p: torch.Tensor, group: dict) -> None:
+    @staticmethod
+    def _project(x: torch.Tensor, q: torch.Tensor | None, side: str | None) -> torch.Tensor:
+        if side is None or q is None:
+            return x
+        return q.T @ x if side == "L" else x @ q
+
+    @staticmethod
+    def _back(x: torch.Tensor, q: torch.Tensor | None, side: str | None) -> torch.Tensor:
+        if side is None or q is None:
+            return x
+        return q @ x if side == "L" else x @ q.T
+
+    @staticmethod
+    def _eigh(gg: torch.Tensor) -> torch.Tensor:
+        _, q = torch.linalg.eigh(gg.to(torch.float64))
+        return torch.flip(q, [1]).to(gg.dtype)
+
+    def _step_param(self, p: torch.Tensor, group: dict) -> None:
         b1, b2 = group["betas"]
         g = p.grad
         state = self.state[p]
         fdtype = at_least_fp32(p.dtype)
-        m_rows, n_cols = p.shape
+        first, second = self.sides(tuple(p.shape), group["max_precond_dim"])
         if len(state) == 0:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(g)
-            state["exp_avg_sq"] = torch.zeros_like(g)  # v1, in basis 1
-            state["exp_avg_sq2"] = torch.zeros_like(g)  # v2, in basis 2
             sb = group["shampoo_beta"]
-            state["shampoo_beta"] = sb if sb >= 0 else b2
-            state["precondition_frequency"] = group["precondition_frequency"]
-            state["GG1"] = torch.zeros(m_rows, m_rows, dtype=fdtype, device=p.device)
-            state["GG2"] = torch.zeros(n_cols, n_cols, dtype=fdtype, device=p.device)
-            state["Q2"] = None
-        beta = state["shampoo_beta"]
-        f = state["precondition_frequency"]
-        if "Q1" not in state:
+            state.update(step=0, exp_avg=torch.zeros_like(g), v1=torch.zeros_like(g), v2=torch.zeros_like(g))
+            state["beta"] = sb if sb >= 0 else b2
+            for which, side in (("1", first), ("2", second)):
+                if side is not None:
+                    d = p.shape[0] if side == "L" else p.shape[1]
+                    state["GG" + which] = torch.zeros(d, d, dtype=fdtype, device=p.device)
+                    state["Q" + which] = None
+        beta = state["beta"]
+        f = group["precondition_frequency"]
+        if "started" not in state:
             gf = g.to(fdtype)
-            state["GG1"].lerp_(gf @ gf.T, 1 - beta)
-            state["Q1"] = _eigh_desc_soap(state["GG1"])
-            return  # first step: no update
+            for which, side in (("1", first), ("2", second)):
+                if side is not None:
+                    state["GG" + which].lerp_(self._stats(gf, side), 1 - beta)
+                    state["Q" + which] = self._eigh(state["GG" + which])
+            state["started"] = True
+            return  # first call: no update
 
-        q1 = state["Q1"]
-        gr1 = rotate(g, [q1, None])  # Q1^T G
+        q1, q2 = state.get("Q1"), state.get("Q2")
+        gp1 = self._project(g, q1, first)
         state["step"] += 1
         t = state["step"]
-        exp_avg, v1, v2 = state["exp_avg"], state["exp_avg_sq"], state["exp_avg_sq2"]
-        exp_avg.mul_(b1).add_(g, alpha=1 - b1)
-        v1.mul_(b2).add_(gr1.square(), alpha=1 - b2)
+        m, v1, v2 = state["exp_avg"], state["v1"], state["v2"]
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v1.mul_(b2).add_(gp1.square(), alpha=1 - b2)
         d1 = v1.sqrt().add(group["eps"])
-        g1 = gr1 / d1
-        x = rotate(exp_avg, [q1, None]) / d1
-        gg2_fresh = False
-        if state["Q2"] is None:
-            g1f = g1.to(fdtype)
-            state["GG2"].lerp_(g1f.T @ g1f, 1 - beta)
-            state["Q2"] = _eigh_desc_soap(state["GG2"])
-            gg2_fresh = True
-        q2 = state["Q2"]
-        gr2 = rotate(g1, [None, q2])  # G1 Q2
-        v2.mul_(b2).add_(gr2.square(), alpha=1 - b2)
+        g1 = gp1 / d1
+        x1 = self._project(m, q1, first) / d1
+        g2 = self._project(g1, q2, second)
+        v2.mul_(b2).add_(g2.square(), alpha=1 - b2)
         d2 = v2.sqrt().add(group["eps"])
-        y = unrotate(rotate(x, [None, q2]) / d2, [None, q2])  # ((X Q2) / d2) Q2^T
-        u = unrotate(y, [q1, None])  # Q1 Y
+        u = self._back(self._back(self._project(x1, q2, second) / d2, q2, second), q1, first)
         ss = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t)
         p.add_(u, alpha=-ss)
         if group["weight_decay"] > 0:
             p.add_(p, alpha=-group["lr"] * group["weight_decay"])
 
-        # maintenance, after the update
-        gf = g.to(fdtype)
-        state["GG1"].lerp_(gf @ gf.T, 1 - beta)
-        if not gg2_fresh:
-            g1f = g1.to(fdtype)
-            state["GG2"].lerp_(g1f.T @ g1f, 1 - beta)
-        if t % f == 0:
-            state["Q1"], state["exp_avg_sq"] = _qr_refresh(state["GG1"], state["Q1"], state["exp_avg_sq"], 0)
-        if t % f == f // 2:
-            state["Q2"], state["exp_avg_sq2"] = _qr_refresh(state["GG2"], state["Q2"], state["exp_avg_sq2"], 1)
+        # maintenance, after the update: basis 1 from G, then basis 2 from G1
+        for which, side, src, due in (("1", first, g, t % f == 0), ("2", second, g1, t % f == f // 2)):
+            if side is None:
+                continue
+            gg, q = state["GG" + which], state["Q" + which]
+            gg.lerp_(self._stats(src.to(fdtype), side), 1 - beta)
+            if not due:
+                continue
+            est = torch.diag(q.T @ gg @ q)
+            idx = torch.argsort(est, descending=True, stable=True)
+            dim = 0 if side == "L" else 1
+            if which == "1" or self.permute_all:
+                state["v2"] = state["v2"].index_select(dim, idx)
+            if which == "1" and self.permute_all:
+                state["v1"] = state["v1"].index_select(dim, idx)
+            state["Q" + which], _ = torch.linalg.qr(gg @ q[:, idx])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
@@ -470,12 +483,8 @@ class SoapSoapRef(_SoapBase):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if self._is_soapsoap(p, group):
-                    self._soapsoap_step(p, group)
-                else:
-                    self._v1_step(p, group)
+                if p.grad is not None:
+                    self._step_param(p, group)
         return loss
 
 

@@ -8,7 +8,7 @@ import torch
 
 import soapdsl
 from tests import references_variants as V
-from tests.conftest import race
+from tests.conftest import lockstep, race, twin_params, worst_moved_err
 
 MATS = {"square": (6, 6), "tall": (10, 4), "wide": (4, 10)}
 ALL = {**MATS, "vector": (7,), "over_max_dim": (12, 5), "conv": (3, 2, 3, 3)}
@@ -92,14 +92,62 @@ def test_psoap_survives_all_zero_gradients(p):
         assert torch.isfinite(w[n]).all() and not torch.equal(w[n], ref[n]), n
 
 
-def test_soap_soap_equals_reference():
-    """Square, well-conditioned matrices: a rectangular G1^T G1 is rank-deficient, so its
-    null-space eigenvectors (and the second basis) are not unique in any implementation."""
-    shapes = {"a": (6, 6), "b": (8, 8), "vector": (7,), "over_max_dim": (12, 5)}
-    for freq in (4, 5):
-        kw = {"freq": freq, "max_dim": 8}
-        ref = {"precondition_frequency": freq, "max_precond_dim": 8}
-        assert race("soap_soap", kw, V.SoapSoapRef, ref, shapes) < 1e-9
+SOAPSOAP = {
+    "square": (6, 6),
+    "tall": (8, 6),
+    "wide": (6, 8),
+    "vector": (7,),
+    "tall_over": (12, 5),
+    "wide_over": (5, 12),
+    "both_over": (12, 11),
+}
+
+
+@pytest.mark.parametrize("freq", [1, 4, 5])
+def test_soap_soap_equals_reference(freq):
+    """soapsoap.py's sides (the smaller first, the right one of a square), both bases started from
+    the raw gradient, its permutations, and the double division where a side is over max_dim.
+
+    The second basis of a rectangular matrix starts from the larger side's factor of one
+    gradient, which is rank-deficient: its null-space eigenvectors are arbitrary, in the file as
+    anywhere. After the first step the test checks that factor and basis, then hands our basis to
+    the reference, so that the 59 steps after compare everything else."""
+    ours, theirs = twin_params(SOAPSOAP, torch.float64)
+    start = {n: t.detach().clone() for n, t in theirs.items()}
+    opt = soapdsl.build("soap_soap", list(ours.items()), freq=freq, max_dim=10)
+    ref = V.SoapSoapRef(list(theirs.values()), precondition_frequency=freq, max_precond_dim=10)
+    lockstep([opt, ref], [ours, theirs], SOAPSOAP, 1, seed=1, dtype=torch.float64)
+    for n, p in ours.items():
+        st, rst = opt.state[p], ref.state[theirs[n]]
+        first, second = V.SoapSoapRef.sides(tuple(p.shape), 10)
+        dims = {"L": 0, "R": 1}
+        assert [k for k in st if k.endswith(".Q0") or k.endswith(".Q1")] == [
+            f"{scope}.Q{dims[side]}" for scope, side in (("1.rotate", first), ("1.1.rotate", second)) if side
+        ], n
+        if second is None:
+            continue
+        gg, q = st[f"1.1.rotate.GG{dims[second]}"], st[f"1.1.rotate.Q{dims[second]}"]
+        scale = float(gg.abs().max())
+        torch.testing.assert_close(gg, rst["GG2"], rtol=0, atol=1e-14 * scale)  # (1 - beta) of the raw G's factor
+        lam = torch.diagonal(q.T @ gg @ q)
+        torch.testing.assert_close(q.T @ gg @ q, torch.diag(lam), rtol=0, atol=1e-14 * scale)
+        assert bool((lam[:-1] >= lam[1:] - 1e-14 * scale).all()), n
+        rst["Q2"] = q.clone()
+    lockstep([opt, ref], [ours, theirs], SOAPSOAP, 59, seed=2, dtype=torch.float64)
+    assert worst_moved_err(ours, theirs, start) < 1e-9
+
+
+@pytest.mark.parametrize("freq", [3, 4])
+def test_soap_soap_can_permute_every_second_moment(freq):
+    """permute1=all, permute2=all: a refresh permutes every second moment its basis reorders, as
+    soap does, unlike soapsoap.py (the reference's permute_all). Square matrices and matrices with
+    one side over max_dim, whose first bases are unique."""
+    shapes = {"a": (6, 6), "b": (8, 8), "tall_over": (12, 5), "wide_over": (5, 12)}
+    kw = {"freq": freq, "max_dim": 10, "permute1": "all", "permute2": "all"}
+    ref = {"precondition_frequency": freq, "max_precond_dim": 10, "permute_all": True}
+    assert race("soap_soap", kw, V.SoapSoapRef, ref, shapes) < 1e-10
+    # and the file's permutations are another optimizer
+    assert race("soap_soap", kw, V.SoapSoapRef, {**ref, "permute_all": False}, shapes) > 1e-3
 
 
 SHARED = {

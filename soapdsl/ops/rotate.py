@@ -32,6 +32,7 @@ class RotateArgs(OpArgs):
     data_format: Literal["channels_first", "channels_last"] = "channels_first"
     share: str = ""
     share_size: Int = Field(2, ge=0)
+    permute: Literal["all", "nested", "none"] = "all"
 
     @field_validator("freq")
     @classmethod
@@ -77,6 +78,16 @@ class RotateArgs(OpArgs):
         return v
 
 
+def _descendants(op: Op) -> list[Op]:
+    """The ops nested in ``op`` (scope bodies, pipeline-valued arguments), depth first."""
+    out: list[Op] = []
+    for child in op.children():
+        for inner in child:
+            out.append(inner)
+            out.extend(_descendants(inner))
+    return out
+
+
 def period(freq: Any, t: int) -> int:
     """The refresh period in force at step ``t`` of a frequency or a schedule."""
     if isinstance(freq, int):
@@ -107,7 +118,8 @@ class Rotate(Op):
         inside:  X -> X x_k Q_k^T (Q_L^T X Q_R for a matrix);  after the block: X -> X x_k Q_k
         shared (share=...): GG_k sums the statistics of every member of the group; one Q_k
         every `freq` steps (t % freq == offset), after the update: sort Q_k's columns by
-        diag(Q_k^T GG_k Q_k) descending, permute the block's second moments the same way,
+        diag(Q_k^T GG_k Q_k) descending, permute the block's second moments the same way
+        (those of rotates nested in it too: dim k of their state is in this basis),
         then Q_k <- qr(GG_k Q_k).Q  (one power iteration)
         The factors are updated after the update, so the current gradient never shapes the
         basis it is rotated with.
@@ -131,7 +143,9 @@ class Rotate(Op):
             a 50 x 100 matrix becomes one dim of 5000).
         precondition_1d: give vectors a full d x d factor (otherwise they are not rotated).
         skip_first: the first step only initialises the factors and the basis, and no stage
-            updates anything (the SOAP and SOAP-Muon references' first step).
+            updates anything (the SOAP and SOAP-Muon references' first step). Rotates nested
+            in the block start their factors and bases on that step too, from the raw
+            gradient (SOAP-SOAP's second basis, in soapsoap.py).
         jitter: added to the diagonal before the first eigendecomposition (SOAP: 1e-30).
         source: statistics of the raw gradient ("grad", SOAP) or of the value entering the
             scope ("input": iterative whitening, a second basis fed by the first's output; the
@@ -148,6 +162,11 @@ class Rotate(Op):
             steps, so it adds nothing and holds nothing. Empty: no sharing.
         share_size: how many consecutive indices form a group (2: adjacent blocks); 0 puts
             every index in one group (all the experts of a layer).
+        permute: which second moments a refresh permutes: "all" (the block's own and those of
+            rotates nested in it), "nested" (only the nested rotates'), "none" (they keep the
+            old order). First moments are re-rotated exactly whatever this says. soapsoap.py
+            permutes with its first basis only the second moment of the second (nested) one,
+            and with the second basis nothing: "nested" and "none" reproduce it.
 
     State:
         GG{k}, Q{k}: a d_k x d_k factor and basis per factored dim k (one per share group,
@@ -330,10 +349,13 @@ class Rotate(Op):
         a = self._args()
         if not a.skip_first or ctx.get_host(self, "ready"):
             return True
-        # skip_first: the first step only starts the factors and the basis, from the raw gradient
-        self._update_factors(ctx, self._grad_sources(ctx))
-        self._init_bases(ctx)
-        ctx.scratch[(self.path, "factors_done")] = True
+        # skip_first: the first step only starts the factors and the bases, this rotate's and
+        # those nested in it, from the raw gradient
+        nested = [op for op in _descendants(self) if isinstance(op, Rotate)]
+        for rot in (self, *nested):
+            if not ctx.get_host(rot, "ready"):
+                rot._update_factors(ctx, rot._grad_sources(ctx))
+                rot._init_bases(ctx)
         return False
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
@@ -385,12 +407,28 @@ class Rotate(Op):
         if ctx.t % every == a.offset % every:
             self._refresh(ctx)
 
+    def _moved_state(self, shape: tuple[int, ...], k: int) -> list[tuple[Op, tuple[int, ...], bool]]:
+        """The ops whose state a refresh of dim ``k`` moves, each with the shape it sees and
+        whether it sits in a rotate nested in this one. The walk enters a nested rotate only
+        where dim k of its state is in this basis: the nested rotate does not factor dim k
+        itself and sees the same shape (merged dims would renumber them)."""
+        out: list[tuple[Op, tuple[int, ...], bool]] = []
+
+        def walk(ops: list[Op], inner: tuple[int, ...], nested: bool) -> None:
+            for op in ops:
+                out.append((op, inner, nested))
+                for branch in getattr(op, "branches", {}).values():
+                    walk(branch, inner, nested)
+                body = getattr(op, "body", None)
+                if body and isinstance(op, Rotate) and op.inner_shape(inner) == inner and k not in op.factored(inner):
+                    walk(body, inner, True)
+
+        walk(list(self.body), self.inner_shape(shape), False)  # type: ignore[attr-defined]
+        return out
+
     def _refresh(self, ctx: Ctx) -> None:
         st = ctx.state(self)
-        inner_ops = list(self.body)  # type: ignore[attr-defined]
-        for op in list(inner_ops):
-            for branch in getattr(op, "branches", {}).values():
-                inner_ops.extend(branch)
+        permute = self._args().permute
         # every factor's new basis first (split across ranks, one batch's results travelling
         # while the next is computed), then the state moved into them
         jks = [(j, k) for j, b in enumerate(ctx.buckets) for k in self.factored(b.shape)]
@@ -401,14 +439,13 @@ class Rotate(Op):
             items.append((la.refresh_basis, [st[f"GG{k}"][j], q], like, float(d) ** 3))
         bases = dict(zip(jks, ctx.per_matrix_many(items), strict=True))
         for j, b in enumerate(ctx.buckets):
-            inner = self.inner_shape(b.shape)
             for k in self.factored(b.shape):
                 q_group = st[f"Q{k}"][j]
                 q_new_group, idx_group = bases[(j, k)]
                 q_old = self._members(ctx, j, q_group)
                 q_new = self._members(ctx, j, q_new_group)
                 idx = self._members(ctx, j, idx_group)
-                for op in inner_ops:
+                for op, inner, nested in self._moved_state(b.shape, k):
                     specs = op.state(inner)
                     for name, tensors in ctx.state(op).items():
                         spec = specs.get(name)
@@ -420,7 +457,8 @@ class Rotate(Op):
                             continue
                         dim = axes.index(k)
                         if spec.basis == "permute":
-                            t.copy_(la.permute_dim(t, idx, dim))
+                            if permute == "all" or (permute == "nested" and nested):
+                                t.copy_(la.permute_dim(t, idx, dim))
                         else:
                             t.copy_(la.mode_mul(la.mode_mul(t, q_old, dim), q_new.mT, dim))
                 q_group.copy_(q_new_group)
