@@ -11,7 +11,7 @@ import torch
 import soapdsl
 from tests import references as R
 from tests import references_variants as V
-from tests.conftest import lockstep, muon_vs_torch, race, twin_params, worst_rel_err
+from tests.conftest import lockstep, muon_vs_torch, race, twin_params, worst_moved_err
 
 MATS = {"square": (6, 6), "tall": (10, 4), "wide": (4, 10)}
 ALL = {**MATS, "vector": (7,), "over_max_dim": (12, 5), "conv": (3, 2, 3, 3)}
@@ -42,11 +42,11 @@ def test_soap_equals_both_historical_forms(ref_cls, options):
         {"precondition_frequency": 5, "max_precond_dim": 8, **ref_kw},
         ALL,
     )
-    assert err < 1e-9
+    assert err < 1e-10
 
 
 def test_soap_fp32_square_and_vector():
-    """In fp32 the well-conditioned shapes agree to 1e-5 too.
+    """In fp32 the well-conditioned shapes agree to 5e-4 of the movement (7.6e-5 seen).
 
     (Tall and wide SOAP is rounding-sensitive in any fp32 implementation: the larger factor
     starts rank-deficient, so its null-space basis is arbitrary; the float64 tests above are the
@@ -60,7 +60,7 @@ def test_soap_fp32_square_and_vector():
         {"square": (8, 8), "vector": (7,)},
         dtype=torch.float32,
     )
-    assert err < 1e-5
+    assert err < 5e-4
 
 
 def test_soap_with_max_dim_zero_is_adam_with_soap_conventions():
@@ -144,6 +144,7 @@ def test_beta2_change_mid_run_keeps_the_factor_decay(recipe, kw, ref_cls, ref_kw
     first step, so the Kronecker factors keep decaying with 0.95 while Adam's second moment
     follows the new beta2. The references cache it so."""
     ours, theirs = twin_params(shapes, torch.float64)
+    start = {n: t.detach().clone() for n, t in theirs.items()}
     opt = soapdsl.build(recipe, list(ours.items()), **kw)
     ref = ref_cls(list(theirs.values()), **(ref_kw(theirs) if callable(ref_kw) else ref_kw))
     lockstep([opt, ref], [ours, theirs], shapes, 12, seed=1, dtype=torch.float64)
@@ -152,7 +153,7 @@ def test_beta2_change_mid_run_keeps_the_factor_decay(recipe, kw, ref_cls, ref_kw
     for group in ref.param_groups:
         group["betas"] = (group["betas"][0], 0.99, *group["betas"][2:])
     lockstep([opt, ref], [ours, theirs], shapes, 18, seed=2, dtype=torch.float64)
-    assert worst_rel_err(ours, theirs) < 1e-9
+    assert worst_moved_err(ours, theirs, start) < 1e-10
 
 
 # -- SOAP-Muon --------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_soap_muon_equals_reference(options):
     if "beta1" in options:
         ref_kw["betas"] = (options["beta1"], options["beta2"])
     err = race("soap_muon", {"freq": 5, **options}, R.SoapMuonRef, ref_kw, MATS)
-    assert err < 1e-9
+    assert err < 1e-10
 
 
 def test_soap_muon_over_max_dim_branch():
@@ -188,7 +189,7 @@ def test_soap_muon_over_max_dim_branch():
         {"precondition_frequency": 5, "max_precond_dim": 8},
         {"big": (12, 5), "square": (6, 6)},
     )
-    assert err < 1e-9
+    assert err < 1e-10
 
 
 OVER = {"wide": (9, 10), "tall": (11, 9), "square": (9, 9), "one_over": (12, 5), "small": (6, 6)}
@@ -216,19 +217,19 @@ def test_soap_muon_rotates_the_smaller_side_whatever_its_size(recipe, ref_cls, r
     def kw(ps):
         return {"precondition_frequency": 5, "max_precond_dim": 8, **(ref_kw(ps) if callable(ref_kw) else ref_kw)}
 
-    assert race(recipe, {"freq": 5, "max_dim": 8}, ref_cls, kw, shapes) < 1e-9
+    assert race(recipe, {"freq": 5, "max_dim": 8}, ref_cls, kw, shapes) < 1e-10
 
 
 def test_soap_muon_at_full_width_equals_reference():
     """Newton-Schulz by halves (from 256 rows on a CPU) inside SOAP-Muon, in float64."""
     mats = {"wide": (256, 320), "tall": (384, 256)}
     err = race("soap_muon", {"freq": 3}, R.SoapMuonRef, {"precondition_frequency": 3}, mats, steps=7)
-    assert err < 1e-9
+    assert err < 1e-10
 
 
 def test_soap_muon_fp32():
     err = race("soap_muon", {"freq": 5}, R.SoapMuonRef, {"precondition_frequency": 5}, MATS, dtype=torch.float32)
-    assert err < 1e-5
+    assert err < 1e-5  # 1.0e-6 seen
 
 
 def test_soap_muon_routes_vectors_embeddings_and_head_to_adam():
@@ -269,7 +270,7 @@ def test_soap_muon_routes_vectors_embeddings_and_head_to_adam():
 def test_muon_equals_fp32_loop_reference(adjust):
     kw = {"weight_decay": 0.1, **({"adjust_lr": adjust} if adjust else {})}
     err = race("muon", kw, R.MuonRef, {"weight_decay": 0.1, "adjust_lr_fn": adjust}, MATS, dtype=torch.float32)
-    assert err < 1e-5
+    assert err < 1e-5  # 1.4e-6 seen
 
 
 def test_muon_at_full_width_equals_fp32_loop_reference():
@@ -277,7 +278,7 @@ def test_muon_at_full_width_equals_fp32_loop_reference():
     loop's iteration. Two same-shape wide matrices share a batch; the tall one is transposed."""
     mats = {"wide": (256, 320), "wide2": (256, 320), "tall": (384, 256)}
     kw = {"weight_decay": 0.1}
-    assert race("muon", kw, R.MuonRef, kw, mats, steps=8, dtype=torch.float32) < 1e-5
+    assert race("muon", kw, R.MuonRef, kw, mats, steps=8, dtype=torch.float32) < 5e-5  # 6.1e-6 seen
 
 
 def test_muon_float64_is_exact():
@@ -290,12 +291,12 @@ def test_muon_gram_form_equals_the_loop_reference():
     exact in float64, and at the standard form's fp32 level against the fp32 loop."""
     assert race("muon", {"ns_form": "gram"}, R.MuonRef, {"ns_dtype": torch.float64}, MATS) < 1e-12
     kw = {"weight_decay": 0.1}
-    assert race("muon", {"ns_form": "gram", **kw}, R.MuonRef, kw, MATS, dtype=torch.float32) < 1e-5
+    assert race("muon", {"ns_form": "gram", **kw}, R.MuonRef, kw, MATS, dtype=torch.float32) < 1e-5  # 9.4e-7 seen
 
 
 def test_soap_muon_gram_form_equals_reference():
     ref_kw = {"precondition_frequency": 5}
-    assert race("soap_muon", {"freq": 5, "ns_form": "gram"}, R.SoapMuonRef, ref_kw, MATS) < 1e-9
+    assert race("soap_muon", {"freq": 5, "ns_form": "gram"}, R.SoapMuonRef, ref_kw, MATS) < 1e-10
 
 
 def test_muon_bf16_within_the_noise_between_independent_implementations():
@@ -365,7 +366,7 @@ def test_shampoo_equals_reference(options, ref_options):
         ref_options,
         {**MATS, "vector": (7,), "conv": (3, 2, 3, 3), "over_max_dim": (12, 5)},
     )
-    assert err < 1e-9
+    assert err < 1e-10
 
 
 # -- the card ---------------------------------------------------------------------------------

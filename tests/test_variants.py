@@ -18,21 +18,21 @@ ALL = {**MATS, "vector": (7,), "over_max_dim": (12, 5), "conv": (3, 2, 3, 3)}
 def test_ademamix_equals_reference(warmups):
     kw = {"lr": 1e-2, "alpha": 5.0, "weight_decay": 0.1, "beta3": 0.999, **warmups}
     ref = {"lr": 1e-2, "alpha": 5.0, "weight_decay": 0.1, "betas": (0.9, 0.999, 0.999), **warmups}
-    assert race("ademamix", kw, V.AdEMAMixRef, ref, ALL) < 1e-9
+    assert race("ademamix", kw, V.AdEMAMixRef, ref, ALL) < 1e-10
 
 
 @pytest.mark.parametrize("warmups", [{}, {"alpha_warmup": 30, "beta3_warmup": 40}], ids=["no-warmup", "warmups"])
 def test_soap_ademamix_equals_reference(warmups):
     kw = {"freq": 5, "max_dim": 8, **warmups}
     ref = {"precondition_frequency": 5, "max_precond_dim": 8, **warmups}
-    assert race("soap_ademamix", kw, V.SoapAdEMAMixRef, ref, ALL) < 1e-9
+    assert race("soap_ademamix", kw, V.SoapAdEMAMixRef, ref, ALL) < 1e-10
 
 
 @pytest.mark.parametrize("p", [0.5, 1.3])
 def test_psoap_equals_reference(p):
     kw = {"freq": 5, "max_dim": 8, "p": p}
     ref = {"precondition_frequency": 5, "max_precond_dim": 8, "power": p}
-    assert race("psoap", kw, V.PSoapRef, ref, ALL) < 1e-9
+    assert race("psoap", kw, V.PSoapRef, ref, ALL) < 1e-10
 
 
 def test_psoap_power_needs_every_dim_below_max_dim():
@@ -43,7 +43,7 @@ def test_psoap_power_needs_every_dim_below_max_dim():
     shapes = {"at_max_dim": (8, 8), "tensor_at_max_dim": (8, 3, 3), "below": (7, 7), "over": (12, 5)}
     kw = {"freq": 5, "max_dim": 8, "p": 0.5}
     ref = {"precondition_frequency": 5, "max_precond_dim": 8, "power": 0.5}
-    assert race("psoap", kw, V.PSoapRef, ref, shapes) < 1e-9
+    assert race("psoap", kw, V.PSoapRef, ref, shapes) < 1e-10
     params = [(n, torch.nn.Parameter(torch.zeros(s))) for n, s in shapes.items()]
     routes = {e.name: e.route for e in soapdsl.build("psoap", params, max_dim=8).plan.params}
     assert routes == {"at_max_dim": 1, "tensor_at_max_dim": 1, "below": 0, "over": 1}
@@ -134,7 +134,7 @@ def test_soap_soap_equals_reference(freq):
         assert bool((lam[:-1] >= lam[1:] - 1e-14 * scale).all()), n
         rst["Q2"] = q.clone()
     lockstep([opt, ref], [ours, theirs], SOAPSOAP, 59, seed=2, dtype=torch.float64)
-    assert worst_moved_err(ours, theirs, start) < 1e-9
+    assert worst_moved_err(ours, theirs, start) < 1e-10
 
 
 @pytest.mark.parametrize("freq", [3, 4])
@@ -170,7 +170,7 @@ def _groups(ps):
 
 
 def test_soap_muon_shared_equals_reference():
-    assert race("soap_muon_shared", {"freq": 5}, V.SharedSoapMuonRef, _groups, SHARED) < 1e-9
+    assert race("soap_muon_shared", {"freq": 5}, V.SharedSoapMuonRef, _groups, SHARED) < 1e-10
 
 
 def test_shared_basis_is_the_eigenbasis_of_the_summed_statistics():
@@ -218,13 +218,13 @@ def test_sharing_needs_every_member_to_step():
 def test_refresh_schedule_equals_reference(schedule):
     kw = {"freq": schedule, "max_dim": 8}
     ref = {"freq_schedule": [*schedule], "max_precond_dim": 8}
-    assert race("soap", kw, V.SoapScheduleRef, ref, ALL) < 1e-9
+    assert race("soap", kw, V.SoapScheduleRef, ref, ALL) < 1e-10
 
 
 def test_cautious_adamw_equals_reference():
     text = "recipe c(lr=1e-2, wd=0.05) = decay(wd) |> adam(0.9, 0.999, 1e-8) |> cautious |> lr"
     ref = {"lr": 1e-2, "weight_decay": 0.05}
-    assert race(text, {}, V.CautiousAdamRef, ref, ALL) < 1e-9
+    assert race(text, {}, V.CautiousAdamRef, ref, ALL) < 1e-10
 
 
 @pytest.mark.parametrize("recipe", ["ademamix", "soap_ademamix", "psoap", "soap_soap", "soap_muon_shared"])
