@@ -482,9 +482,27 @@ def _expand(macro: A.Macro, call: A.Stage, scope: _Scope, used: bool = True) -> 
 # -- recipes --------------------------------------------------------------------------------
 
 
-def check_params(params: tuple[A.Param, ...], what: str) -> dict[str, Any]:
+#: param_group keys a recipe parameter may not take: the optimizer's own ("params", and the
+#: route and recipe it records per group) and the one torch's LR schedulers write ("initial_lr")
+RESERVED_PARAMS = ("params", "route", "recipe", "initial_lr")
+
+
+def reserved_param_problem(name: str) -> str | None:
+    """Why a recipe parameter may not be called ``name``, or None."""
+    if name in RESERVED_PARAMS:
+        return (
+            f"parameter name '{name}' is reserved: param_groups hold the optimizer's own '{name}' under it"
+            f" (reserved: {', '.join(RESERVED_PARAMS)})"
+        )
+    return None
+
+
+def check_params(params: tuple[A.Param, ...], what: str, recipe: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in params:
+        problem = reserved_param_problem(p.name) if recipe else None
+        if problem:
+            raise SoapNameError(problem, p.loc)
         if p.name in out:
             raise SoapNameError(f"parameter '{p.name}' of {what} is declared twice", p.loc)
         value = None if p.default is None else constant(p.default)
@@ -596,8 +614,11 @@ def check_pipeline_route(pipeline: ir.Pipeline, loc: Loc) -> ir.Pipeline:
 
 def check_recipe(recipe: A.Recipe, macros: MacroTable, extra_params: Mapping[str, Any] | None = None) -> ir.Recipe:
     """Check one recipe; ``extra_params`` declares header parameters of an inline pipeline."""
-    params = check_params(recipe.params, f"recipe '{recipe.name}'")
+    params = check_params(recipe.params, f"recipe '{recipe.name}'", recipe=True)
     for k, v in (extra_params or {}).items():
+        problem = reserved_param_problem(k)
+        if problem:
+            raise SoapNameError(problem, recipe.loc)
         params.setdefault(k, v)
     if "lr" not in params:
         raise SoapRecipeError(

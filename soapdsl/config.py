@@ -28,7 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, field_validator
 
 from soapdsl import library
-from soapdsl.check import check_selector
+from soapdsl.check import check_selector, reserved_param_problem
 from soapdsl.compiler import bind_args, compile_plan, mark_routes
 from soapdsl.errors import SOURCES, Loc, SoapConfigError, SoapError, SoapNameError, did_you_mean
 from soapdsl.ir import Ref
@@ -313,6 +313,15 @@ def _in_yaml(
     return e
 
 
+def _check_reserved(args: Mapping[str, Any], file: str, marks: Any, path: tuple[Any, ...]) -> None:
+    """Refuse an argument with a reserved name where it is written (before an inline pipeline
+    declares it as a parameter)."""
+    for k in args:
+        problem = reserved_param_problem(k)
+        if problem:
+            raise SoapNameError(problem, _loc(file, marks, (*path, k)))
+
+
 def _check_args(recipe: Any, args: Mapping[str, Any], file: str, marks: Any, path: tuple[Any, ...]) -> None:
     known = recipe.defaults()
     for k, v in args.items():
@@ -333,11 +342,13 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
     parsed, file, marks, prefix = load(cfg)
     try:
         args = _args(parsed.args)
+        _check_reserved(args, file, marks, (*prefix, "args"))
         main = library.resolve(parsed.recipe, args)
         _check_args(main, args, file, marks, (*prefix, "args"))
         overrides = []
         for i, o in enumerate(parsed.routes):
             sub_args = _args(o.args)
+            _check_reserved(sub_args, file, marks, (*prefix, "routes", i, "args"))
             try:
                 sub = library.resolve(o.recipe, sub_args)
             except SoapError as e:

@@ -204,6 +204,20 @@ SOURCES = [
         "1:16",
     ),
     (
+        "reserved-param",
+        "recipe r(lr=1, params=()) = sign |> lr",
+        SoapNameError,
+        r"parameter name 'params' is reserved",
+        "1:16",
+    ),
+    (
+        "reserved-param-route",
+        "recipe r(lr=1, route=0.5) = scale(route) |> lr",
+        SoapNameError,
+        r"parameter name 'route' is reserved",
+        "1:16",
+    ),
+    (
         "macro-recursion",
         "macro a(x=1) = b\nmacro b(x=1) = a\nrecipe r(lr=1) = a\n",
         SoapRecipeError,
@@ -463,6 +477,13 @@ CONFIGS = [
     ("missing-recipe", "args: {lr: 1}\n", SoapConfigError, r"recipe: is required", None),
     ("not-a-mapping", "- adamw\n", SoapConfigError, r"is a mapping", None),
     ("unknown-arg", "recipe: adamw\nargs: {lrr: 1}\n", SoapNameError, r"has no parameter 'lrr'", "2:8"),
+    (
+        "reserved-arg",
+        'recipe: "momentum(0.9) |> sign |> lr"\nargs: {lr: 0.01, params: []}\n',
+        SoapNameError,
+        r"parameter name 'params' is reserved",
+        "2:18",
+    ),
     (
         "route-needs-selector",
         "recipe: adamw\nroutes:\n  - recipe: adam\n",
