@@ -314,6 +314,10 @@ def test_errors_are_soap_errors():
         tiny_race(["adamw"], steps=0)
     with pytest.raises(SoapError):
         tiny_race(["adamw"], d_model=30, n_heads=4)
+    with pytest.raises(SoapError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        tiny_race(["adamw"], seed=10**23)  # overflowed torch's generator
+    with pytest.raises(SoapError, match="more than 4x this machine's"):
+        tiny_race(["adamw"], threads=10_000)  # ran for minutes
 
 
 @pytest.mark.parametrize(

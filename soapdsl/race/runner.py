@@ -9,6 +9,7 @@ recorded at every step; validation loss on a fixed set of held-out sequences eve
 from __future__ import annotations
 
 import math
+import os
 import platform
 import sys
 import time
@@ -73,6 +74,15 @@ class RaceConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise SoapArgumentError(f"race {name} must be a positive integer or 0 ({zero}), got {v!r}")
+        cores = os.cpu_count() or 1
+        if self.threads > 4 * cores:
+            raise SoapArgumentError(
+                f"race threads {self.threads} is more than 4x this machine's {cores} cores: each step would"
+                " spend its time switching threads (0 takes torch's default, at most"
+                f" {MAX_THREADS})"
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            raise SoapArgumentError(f"race seed must be an integer in [0, 2**63), got {self.seed!r}")
         if self.d_model % self.n_heads:
             raise SoapArgumentError(f"race d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
         if not 0 <= self.ema < 1:
