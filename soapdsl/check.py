@@ -395,6 +395,10 @@ def _label_loc(s: A.Stage) -> Loc:
 #: which also recurses over expressions (parser.MAX_DEPTH): 100 stays far inside Python's
 #: default recursion limit and far above any real recipe library.
 MAX_MACRO_DEPTH = 100
+#: How many stages one macro use may expand into, scope bodies included. Macros that each use
+#: the one before twice double at every level: without a bound 40 short lines took minutes to
+#: check. Real pipelines have tens of stages.
+MAX_MACRO_STAGES = 1000
 #: the macro uses an error lists, innermost first
 _MAX_MACRO_NOTES = 8
 
@@ -473,6 +477,13 @@ def _expand(macro: A.Macro, call: A.Stage, scope: _Scope, used: bool = True) -> 
         e.args = (e.format(),)
         raise
     stages = list(body.stages)
+    size = len(ir.Pipeline(tuple(stages)).walk())
+    if size > MAX_MACRO_STAGES:
+        raise SoapRecipeError(
+            f"macro '{macro.name}' expands into {size} stages; a macro use may expand into at most"
+            f" {MAX_MACRO_STAGES} (do its macros each use the one before more than once?)",
+            call.loc,
+        )
     if call.label is not None and stages:
         last = stages[-1]
         stages[-1] = ir.Stage(last.op, last.args, last.body, call.label, last.implicit, last.via, last.loc)

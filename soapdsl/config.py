@@ -183,6 +183,8 @@ def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mar
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             loc = Loc(file, mark.line + 1, mark.column + 1, mark.line + 1, mark.column + 2) if mark else None
             raise SoapConfigError(f"invalid YAML: {problem}", loc) from None
+        except RecursionError:
+            raise SoapConfigError("invalid YAML: nested too deeply to read", Loc(file, 1, 1, 1, 2)) from None
         if node is not None:
             _marks(node, (), marks, dups)
     elif isinstance(cfg, Mapping):

@@ -257,6 +257,14 @@ class Op:
         """
         return {}
 
+    def host_problem(self, name: str, value: Any, initial: Any) -> str | None:
+        """Why ``value`` cannot be host value ``name`` (loaded from a state dict), or None.
+        ``initial`` is its value in a fresh state: a bool must stay a bool; an op with other
+        host values says what they may hold."""
+        if isinstance(initial, bool) and not isinstance(value, bool):
+            return f"is a {type(value).__name__}, expected a bool"
+        return None
+
     def inner_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of a parameter as the stages inside this scope see it."""
         return shape

@@ -218,6 +218,15 @@ SOURCES = [
         "1:16",
     ),
     (
+        "macro-doubling",
+        "macro m0 = sign\n"
+        + "".join(f"macro m{i} = m{i - 1} |> m{i - 1}\n" for i in range(1, 12))
+        + "recipe r(lr=1) = m11 |> lr\n",
+        SoapRecipeError,
+        r"macro 'm10' expands into 1024 stages; a macro use may expand into at most 1000",
+        "11:1",
+    ),
+    (
         "macro-recursion",
         "macro a(x=1) = b\nmacro b(x=1) = a\nrecipe r(lr=1) = a\n",
         SoapRecipeError,
@@ -523,6 +532,62 @@ def test_state_dict_of_another_recipe():
     b = soapdsl.build("adamw", model)
     with pytest.raises(SoapStateError, match="saved by recipe 'adam'"):
         b.load_state_dict(a.state_dict())
+
+
+def _stepped_soap():
+    model = torch.nn.Linear(6, 4)
+    opt = soapdsl.build("soap", model, freq=1)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize(
+    ("value", "pattern"),
+    [
+        (5.0, r"state '0\.rotate\.beta' of parameter 'weight' is 5\.0, outside \[0, 1\)"),
+        (float("nan"), r"is nan, outside \[0, 1\)"),
+        ("x", r"is a str, expected the factors' decay"),
+        (torch.tensor(0.5), r"is a tensor, expected a number"),
+    ],
+)
+def test_loaded_host_values_are_checked(value, pattern):
+    """A loaded factor decay outside [0, 1) made the factors grow without bound (5.0) or NaN."""
+    opt = _stepped_soap()
+    sd = opt.state_dict()
+    sd["state"][0] = {**sd["state"][0], "0.rotate.beta": value}
+    with pytest.raises(SoapStateError, match=pattern):
+        opt.load_state_dict(sd)
+    sd["state"][0] = {**sd["state"][0], "0.rotate.beta": 0.95, "0.rotate.ready": torch.tensor(True)}
+    with pytest.raises(SoapStateError, match=r"'0\.rotate\.ready' of parameter 'weight' is a tensor, expected a bool"):
+        opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize(
+    ("bad", "pattern"),
+    [
+        (None, r"takes the dict that state_dict\(\) returned, not a NoneType"),
+        ("ckpt.pt", r"not a str \(load the file with torch.load first\)"),
+        ({"state": [], "param_groups": []}, r"'state' is a list, not a dict"),
+    ],
+)
+def test_load_state_dict_of_something_else(bad, pattern):
+    with pytest.raises(SoapStateError, match=pattern):
+        _stepped_soap().load_state_dict(bad)
+
+
+@pytest.mark.parametrize("plan", [None, "adamw"])
+def test_soap_optimizer_needs_a_plan(plan):
+    with pytest.raises(SoapArgumentError, match="SoapOptimizer takes a compiled Plan"):
+        soapdsl.SoapOptimizer(plan)
+
+
+def test_deeply_nested_yaml_is_a_config_error():
+    text = "model: " + "[" * 500 + "1" + "]" * 500 + "\noptimizer: {recipe: adamw}\n"
+    with pytest.raises(SoapConfigError, match="nested too deeply"):
+        soapdsl.from_config(torch.nn.Linear(2, 2), text)
 
 
 def test_error_format_has_file_line_col_source_and_caret():

@@ -249,6 +249,15 @@ class Rotate(Op):
     def host_state(self, shape: tuple[int, ...]) -> dict[str, Any]:
         return {"ready": False, "beta": None}
 
+    def host_problem(self, name: str, value: Any, initial: Any) -> str | None:
+        if name != "beta" or value is None:
+            return super().host_problem(name, value, initial)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"is a {type(value).__name__}, expected the factors' decay (a number in [0, 1)) or None"
+        if not 0.0 <= value < 1.0:
+            return f"is {value!r}, outside [0, 1): the factors' decay"
+        return None
+
     # -- helpers --------------------------------------------------------------------------
 
     def _to_inner(self, t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:

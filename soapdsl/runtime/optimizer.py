@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -222,6 +223,11 @@ class SoapOptimizer(torch.optim.Optimizer):
     def __init__(self, plan: Plan, *, distributed: Any = False) -> None:
         """``distributed``: True (the default process group) or a process group splits the
         matrix work of a data-parallel run across its ranks (runtime/dist.py)."""
+        if not isinstance(plan, Plan):
+            raise SoapArgumentError(
+                f"SoapOptimizer takes a compiled Plan, not a {type(plan).__name__}: build the optimizer with"
+                " soapdsl.build(recipe, model) (soapdsl.compile(recipe, model) returns a Plan)"
+            )
         routes = [rp for rp in plan.routes if rp.tensors]
         recipe = f"{plan.recipe.name} {plan.fingerprint}"
         groups = [{"params": list(rp.tensors), **rp.hyper, "route": rp.selector, "recipe": recipe} for rp in routes]
@@ -499,6 +505,11 @@ class SoapOptimizer(torch.optim.Optimizer):
         return self.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict):
+            raise SoapStateError(
+                f"load_state_dict takes the dict that state_dict() returned, not a {type(state_dict).__name__}"
+                + (" (load the file with torch.load first)" if isinstance(state_dict, str | os.PathLike) else "")
+            )
         state_dict = state_dict.copy()  # as torch's: the hooks may change its keys, not the caller's
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -549,6 +560,8 @@ class SoapOptimizer(torch.optim.Optimizer):
     def _check_state_dict(self, sd: Any) -> None:
         if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
             raise SoapStateError("not an optimizer state dict (needs 'state' and 'param_groups')")
+        if not isinstance(sd["state"], dict):
+            raise SoapStateError(f"the state dict's 'state' is a {type(sd['state']).__name__}, not a dict")
         meta = sd.get("soapdsl")
         if meta is None:
             meta = self._identity_from_groups(sd["param_groups"])
@@ -643,6 +656,11 @@ class SoapOptimizer(torch.optim.Optimizer):
         would raise (its tensors are then the saved ones, not copies)."""
         rp = self._route_of(p)
         expected = self._state_specs(rp, p)
+        hosts = {
+            op.state_key(k): (op, k, initial)
+            for op, shape in walk_shaped(rp.ops, tuple(p.shape))
+            for k, initial in op.host_state(shape).items()
+        }
         out: dict[str, Any] = {}
         name = self._names.get(id(p), "?")
         if not isinstance(saved, dict):
@@ -678,6 +696,14 @@ class SoapOptimizer(torch.optim.Optimizer):
                     )
                 # laid out as a fresh state would be, whatever the saving model's layout was
                 out[key] = value if check else self._new_state(rp, p, shape, dtype).copy_(value.detach())
+            elif key in hosts:
+                op, host, initial = hosts[key]
+                problem = op.host_problem(host, value, initial)
+                if torch.is_tensor(value):
+                    problem = f"is a tensor, expected a {type(initial).__name__ if initial is not None else 'number'}"
+                if problem:
+                    raise SoapStateError(f"state '{key}' of parameter '{name}' {problem}")
+                out[key] = value
             elif torch.is_tensor(value):
                 raise SoapStateError(f"state dict holds unknown state '{key}' for parameter '{name}'")
             else:
