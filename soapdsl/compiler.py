@@ -28,6 +28,7 @@ from soapdsl.errors import (
     SoapShapeError,
     did_you_mean,
 )
+from soapdsl.registry import walk_ops as walk_ops  # defined beside Op.children; callers import it from here
 from soapdsl.runtime.fused import FusedAdam
 from soapdsl.runtime.fused import match as fused_match
 from soapdsl.syntax import ast as A
@@ -126,14 +127,6 @@ class Plan:
         from soapdsl.report import plan_to_text
 
         return plan_to_text(self)
-
-
-def walk_ops(ops: Iterable[registry.Op]) -> Iterable[registry.Op]:
-    """Every op, depth first: scope bodies and pipeline-valued arguments included."""
-    for op in ops:
-        yield op
-        for child in op.children():
-            yield from walk_ops(child)
 
 
 def walk_shaped(ops: Iterable[registry.Op], shape: tuple[int, ...]) -> Iterable[tuple[registry.Op, tuple[int, ...]]]:

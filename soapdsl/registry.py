@@ -22,7 +22,7 @@ import inspect
 import math
 import re
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, get_origin
 
@@ -333,6 +333,14 @@ class Op:
     def first_step_fields(cls) -> frozenset[str]:
         """Dynamic fields read once per parameter, at its first step (typed ``FirstStepHyper``)."""
         return frozenset(n for n, f in public_fields(cls.Args).items() if any(m is FIRST_STEP for m in f.metadata))
+
+
+def walk_ops(ops: Iterable[Op]) -> Iterator[Op]:
+    """Every op, depth first: scope bodies and pipeline-valued arguments included."""
+    for op in ops:
+        yield op
+        for child in op.children():
+            yield from walk_ops(child)
 
 
 _REGISTRY: dict[str, type[Op]] = {}

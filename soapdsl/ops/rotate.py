@@ -11,7 +11,7 @@ from pydantic import Field, field_validator
 
 from soapdsl.errors import SoapArgumentError
 from soapdsl.ops import _linalg as la
-from soapdsl.registry import FirstStepHyper, Float, Int, Op, OpArgs, StateSpec, register
+from soapdsl.registry import FirstStepHyper, Float, Int, Op, OpArgs, StateSpec, register, walk_ops
 from soapdsl.runtime.context import Ctx, Val
 
 Schedule = tuple[Union[tuple[int, int], int], ...]
@@ -76,16 +76,6 @@ class RotateArgs(OpArgs):
             if pattern.groups != 1:
                 raise ValueError("needs exactly one capturing group (the layer or expert index)")
         return v
-
-
-def _descendants(op: Op) -> list[Op]:
-    """The ops nested in ``op`` (scope bodies, pipeline-valued arguments), depth first."""
-    out: list[Op] = []
-    for child in op.children():
-        for inner in child:
-            out.append(inner)
-            out.extend(_descendants(inner))
-    return out
 
 
 def period(freq: Any, t: int) -> int:
@@ -360,7 +350,7 @@ class Rotate(Op):
             return True
         # skip_first: the first step only starts the factors and the bases, this rotate's and
         # those nested in it, from the raw gradient
-        nested = [op for op in _descendants(self) if isinstance(op, Rotate)]
+        nested = [op for op in walk_ops(self.body) if isinstance(op, Rotate)]  # type: ignore[attr-defined]
         for rot in (self, *nested):
             if not ctx.get_host(rot, "ready"):
                 rot._update_factors(ctx, rot._grad_sources(ctx))

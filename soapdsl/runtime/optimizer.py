@@ -698,9 +698,12 @@ class SoapOptimizer(torch.optim.Optimizer):
                 out[key] = value if check else self._new_state(rp, p, shape, dtype).copy_(value.detach())
             elif key in hosts:
                 op, host, initial = hosts[key]
-                problem = op.host_problem(host, value, initial)
                 if torch.is_tensor(value):
-                    problem = f"is a tensor, expected a {type(initial).__name__ if initial is not None else 'number'}"
+                    problem: str | None = (
+                        f"is a tensor, expected a {type(initial).__name__ if initial is not None else 'number'}"
+                    )
+                else:
+                    problem = op.host_problem(host, value, initial)
                 if problem:
                     raise SoapStateError(f"state '{key}' of parameter '{name}' {problem}")
                 out[key] = value
