@@ -3,13 +3,13 @@
 * torch.optim.AdamW (foreach and fused) and torch.optim.Muon. torch's Muon runs Newton-Schulz
   in bfloat16, which on a CPU is about 60x slower than fp32 matmul, so the comparison uses
   ``torch_muon_fp32``: the same optimizer with ``torch.optim._muon._zeropower_via_newtonschulz``
-  replaced, for the duration of its ``step()`` only, by a faithful fp32 copy (same math; a
-  fresh fp32 copy of the update instead of ``.bfloat16()``).
+  replaced, for the duration of its ``step()`` only, by a wrapper that calls torch's own function
+  on a view of the update whose ``.bfloat16()`` is an fp32 copy (``torch_ns_in_input_dtype``).
 * heavyball's SOAP and Muon (the optional ``bench`` extra). heavyball compiles its kernels with
   torch.compile by default (``heavyball.utils.compile_mode``); ``heavyball_eager()`` turns that
   off for smoke runs. heavyball's Muon rounds its Newton-Schulz input to bfloat16
-  (``stochastic_round_``); ``heavyball_muon_fp32`` swaps in an fp32 copy of its
-  ``zeropower_via_newtonschulz5`` the same way.
+  (``stochastic_round_``); ``heavyball_muon_fp32`` replaces that rounding, during its step,
+  by the identity, so heavyball's own iteration runs in fp32. No peer code is copied here.
 * pytorch_optimizer's SOAP (the ``bench`` extra).
 * ``SoapV2Ref``: the per-parameter loop reference of SOAP's HEAD form from the test suite.
 
@@ -80,34 +80,38 @@ def make_torch_adamw(named: Named, *, foreach: bool = False, fused: bool = False
     return torch.optim.AdamW(_params(named), lr=1e-3, weight_decay=0.01, foreach=foreach or None, fused=fused or None)
 
 
-def _zeropower_via_newtonschulz_fp32(
+class _NoBf16Cast(torch.Tensor):
+    """A tensor whose ``.bfloat16()`` returns a plain copy in its own dtype (see ``torch_ns_in_input_dtype``)."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    def bfloat16(self, *args: Any, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        return self.as_subclass(torch.Tensor).clone()
+
+
+def torch_ns_in_input_dtype(
     grad: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float
 ) -> torch.Tensor:
-    """torch 2.13's ``torch.optim._muon._zeropower_via_newtonschulz``, line for line, in fp32.
+    """torch's own ``torch.optim._muon._zeropower_via_newtonschulz``, run in ``grad``'s dtype.
 
-    The only change: ``grad.bfloat16()`` (a fresh bf16 copy) becomes a fresh fp32 copy.
+    torch's function starts with a fresh bf16 copy, ``grad.bfloat16()``; handed a view of ``grad``
+    whose ``bfloat16()`` is a fresh copy in grad's dtype, everything after it (the transpose, the
+    normalisation, the addmm iteration) is torch's code unchanged, in fp32 (or fp64).
     """
-    if ns_steps >= 100:
-        raise ValueError("Number of steps must be less than 100 for computational efficiency")
-    if len(grad.shape) != 2:
-        raise ValueError("Input tensor gradient must be a 2D matrix")
-    if len(ns_coefficients) != 3:
-        raise ValueError("Coefficients must be a tuple of exactly 3 values")
-    a, b, c = ns_coefficients
-    ortho_grad = grad.to(torch.float32, copy=True)
-    if grad.size(0) > grad.size(1):
-        ortho_grad = ortho_grad.T
-    # Ensure spectral norm is at most 1
-    ortho_grad.div_(ortho_grad.norm().clamp(min=eps))
-    # Perform the NS iterations
-    for _ in range(ns_steps):
-        gram_matrix = ortho_grad @ ortho_grad.T
-        gram_update = torch.addmm(gram_matrix, gram_matrix, gram_matrix, beta=b, alpha=c)
-        ortho_grad = torch.addmm(ortho_grad, gram_update, ortho_grad, beta=a)
+    return _TORCH_NS(grad.as_subclass(_NoBf16Cast), ns_coefficients, ns_steps, eps)
 
-    if grad.size(0) > grad.size(1):
-        ortho_grad = ortho_grad.T
-    return ortho_grad
+
+def _torch_muon_module() -> Any:
+    import torch.optim._muon as tm
+
+    return tm
+
+
+_TORCH_NS = _torch_muon_module()._zeropower_via_newtonschulz
+
+
+# (module, attribute, replacement) for ``Patched``: torch.optim.Muon with its Newton-Schulz in the update's dtype
+TORCH_NS_PATCH = (_torch_muon_module(), "_zeropower_via_newtonschulz", torch_ns_in_input_dtype)
 
 
 def make_torch_muon(named: Named) -> torch.optim.Optimizer:
@@ -116,9 +120,7 @@ def make_torch_muon(named: Named) -> torch.optim.Optimizer:
 
 
 def make_torch_muon_fp32(named: Named) -> Patched:
-    import torch.optim._muon as tm
-
-    return Patched(make_torch_muon(named), tm, "_zeropower_via_newtonschulz", _zeropower_via_newtonschulz_fp32)
+    return Patched(make_torch_muon(named), *TORCH_NS_PATCH)
 
 
 # -- heavyball --------------------------------------------------------------------------------
@@ -174,48 +176,30 @@ def make_heavyball_muon(named: Named) -> torch.optim.Optimizer:
     return heavyball.Muon(_params(named), lr=0.02, betas=(0.95, 0.95), weight_decay=0.0, nesterov=True)
 
 
-_HB_NS_FP32: Callable[..., torch.Tensor] | None = None
+def _heavyball_keep_fp32(ref: torch.Tensor, source: torch.Tensor | None = None) -> torch.Tensor:
+    """heavyball's ``stochastic_round_`` without the rounding to bf16 of a lone argument.
+
+    heavyball's ``zeropower_via_newtonschulz5`` calls ``stochastic_round_(G)`` (one argument: round
+    to bf16) on its normalised input; with this in its place the iteration runs in G's dtype and
+    everything else is heavyball's code. Called with a target (copying into a bf16 parameter), it
+    is heavyball's own.
+    """
+    if source is None:
+        return ref
+    assert _HB_STOCHASTIC_ROUND is not None
+    return _HB_STOCHASTIC_ROUND(ref, source)
 
 
-def _heavyball_ns_fp32() -> Callable[..., torch.Tensor]:
-    """heavyball 3.2's ``zeropower_via_newtonschulz5`` without the bf16 stochastic rounding,
-    wrapped in heavyball's own compile decorator like the original."""
-    global _HB_NS_FP32
-    if _HB_NS_FP32 is None:
-        import heavyball.utils as hu
-
-        def zeropower_via_newtonschulz5(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-            assert G.ndim >= 2
-            assert steps == 5
-            G = G / G.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
-            x = G  # heavyball: `G if G.dtype == torch.float64 else stochastic_round_(G)` (bf16)
-            if G.size(-2) > G.size(-1):
-                x = x.mT
-            for a, b, c in [
-                (4.0848, -6.8946, 2.9270),
-                (3.9505, -6.3029, 2.6377),
-                (3.7418, -5.5913, 2.3037),
-                (2.8769, -3.1427, 1.2046),
-                (2.8366, -3.0525, 1.2012),
-            ]:
-                s = x @ x.mT
-                y = c * s
-                y.diagonal(dim1=-2, dim2=-1).add_(b)
-                y = y @ s
-                y.diagonal(dim1=-2, dim2=-1).add_(a)
-                x = y @ x
-            if G.size(-2) > G.size(-1):
-                x = x.mT
-            return x.to(G.dtype)
-
-        _HB_NS_FP32 = hu.decorator_knowngood(zeropower_via_newtonschulz5)
-    return _HB_NS_FP32
+_HB_STOCHASTIC_ROUND: Callable[..., torch.Tensor] | None = None  # heavyball's own, kept on first use
 
 
 def make_heavyball_muon_fp32(named: Named) -> Patched:
+    global _HB_STOCHASTIC_ROUND
     import heavyball.utils as hu
 
-    return Patched(make_heavyball_muon(named), hu, "zeropower_via_newtonschulz5", _heavyball_ns_fp32())
+    if hu.stochastic_round_ is not _heavyball_keep_fp32:
+        _HB_STOCHASTIC_ROUND = hu.stochastic_round_
+    return Patched(make_heavyball_muon(named), hu, "stochastic_round_", _heavyball_keep_fp32)
 
 
 # -- pytorch_optimizer ------------------------------------------------------------------------
