@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import soapdsl
+from benchmarks import peers
 from tests import references as R
 from tests import references_variants as V
 from tests.conftest import lockstep, muon_vs_torch, race, twin_params, worst_moved_err
@@ -307,6 +308,49 @@ def test_muon_bf16_within_the_noise_between_independent_implementations():
     ours = muon_vs_torch(lambda ps: soapdsl.build("muon", ps, lr=0.02, weight_decay=0.1, ns_dtype="bf16"))
     assert noise < 2e-3  # observed ~1e-3: the size of bf16 rounding differences
     assert ours < 2e-3
+
+
+def _torch_muon_ns_in_input_dtype(params, **kw):
+    """torch.optim.Muon itself, its Newton-Schulz run in the update's dtype (torch's code, not a copy)."""
+    return peers.Patched(torch.optim.Muon(params, **kw), *peers.TORCH_NS_PATCH)
+
+
+TORCH_MUON_OPTIONS = [
+    ({}, {}),
+    ({"weight_decay": 0.1}, {"weight_decay": 0.1}),
+    ({"nesterov": False, "momentum": 0.9}, {"nesterov": False, "momentum": 0.9}),
+    ({"ns_steps": 3, "lr": 0.05}, {"ns_steps": 3, "lr": 0.05}),
+    ({"adjust_lr": "match_rms_adamw", "weight_decay": 0.1}, {"adjust_lr_fn": "match_rms_adamw", "weight_decay": 0.1}),
+]
+
+
+@pytest.mark.parametrize(("ours", "theirs"), TORCH_MUON_OPTIONS, ids=["defaults", "wd", "no_nesterov", "ns3", "rms"])
+def test_muon_equals_torch_muon_in_float64(ours, theirs):
+    """Against torch.optim.Muon itself (not a reference written here), with torch's Newton-Schulz
+    run in float64: the momentum, the Nesterov look-ahead, the order of decay and update, the
+    shape rule and ns_steps all have to be torch's for the two to agree to rounding."""
+    theirs = {"lr": 0.02, "weight_decay": 0.0, **theirs}
+    err = race("muon", ours, _torch_muon_ns_in_input_dtype, theirs, MATS, steps=30)
+    assert err < 1e-10  # 3.6e-15 seen
+
+
+def test_muon_equals_torch_muon_in_float32():
+    """The same in fp32, at full width: our batched (and, from 256 rows, halved) iteration against
+    torch's per-matrix addmm iteration in fp32."""
+    mats = {"wide": (256, 320), "wide2": (256, 320), "tall": (384, 256), "small": (24, 10)}
+    kw = {"lr": 0.02, "weight_decay": 0.1}
+    assert race("muon", kw, _torch_muon_ns_in_input_dtype, kw, mats, steps=8, dtype=torch.float32) < 5e-5  # 6.3e-6 seen
+
+
+def test_muon_torch_patch_changes_only_the_dtype():
+    """The patch the comparisons above rely on: torch's function on the patched view equals the bf16
+    original up to bf16 rounding, and runs in fp64 when handed fp64."""
+    g = torch.randn(12, 7, dtype=torch.float64)
+    coeffs = (3.4445, -4.7750, 2.0315)
+    ours = peers.torch_ns_in_input_dtype(g, coeffs, 5, 1e-7)
+    bf16 = torch.optim._muon._zeropower_via_newtonschulz(g, coeffs, 5, 1e-7)
+    assert ours.dtype == torch.float64 and type(ours) is torch.Tensor and bf16.dtype == torch.bfloat16
+    assert 0 < float((ours - bf16.double()).abs().max()) < 0.05
 
 
 def test_muon_routes():
