@@ -453,7 +453,7 @@ def inverse_root(m: torch.Tensor, exponent: float, eps: float) -> torch.Tensor:
 
 
 def merge_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
-    """SOAP's merge_dims: merge consecutive dims while their product stays <= ``max_dim``."""
+    """SOAP's merge_dims (ALGORITHMS.md 2.3): merge consecutive dims while their product stays <= ``max_dim``."""
     out: list[int] = []
     acc = 1
     for s in shape:
