@@ -192,6 +192,25 @@ def test_a_failed_decomposition_is_raised_on_every_rank(tmp_path):
         assert "'2.weight'" in r["message"] and "eigenbasis" in r["message"], r["message"]
 
 
+def _nan_grad_before_a_refresh(rank: int) -> dict:
+    model = _net()
+    opt = soapdsl.build("soap", model, distributed=True, freq=2)
+    for step, (x, y) in enumerate(_batches(3)):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        if step == 1:
+            model[2].weight.grad[0, 0] = float("nan")  # reaches the factor; the QR refresh at t = 2 reads it
+        opt.step()
+        opt.zero_grad()
+    return {}
+
+
+def test_a_non_finite_factor_at_a_refresh_is_raised_on_every_rank(tmp_path):
+    ranks = _spawn(_nan_grad_before_a_refresh, tmp_path)
+    for r in ranks:
+        assert r.get("error") == "SoapArgumentError", r
+        assert "'2.weight'" in r["message"] and "non-finite" in r["message"], r["message"]
+
+
 def _fails_on_rank_1(rank: int) -> dict:
     """Rank 1's Newton-Schulz raises (as running out of memory would) on its share of a step."""
     import soapdsl.ops.newton_schulz as ns

@@ -452,6 +452,30 @@ def test_a_failure_on_the_owner_stops_every_rank(tmp_path):
     assert "blocks.1.fc.weight" in other["unchanged"] and "inp.weight" in other["unchanged"], other
 
 
+def _nan_before_a_refresh(rank: int) -> dict:
+    """A non-finite gradient after the first basis: the owner's QR refresh at t = 2 finds it."""
+    model = _sharded()
+    opt = soapdsl.build("soap", model, freq=2)
+    try:
+        for step in range(3):
+            _set_grads(step, model)
+            if step == 1:
+                model.blocks[1].fc.weight.grad.to_local().fill_(float("inf"))
+            opt.step()
+    except soapdsl.SoapError as e:
+        return {"error": type(e).__name__, "message": str(e), "step": step}
+    return {}
+
+
+def test_a_non_finite_factor_at_a_refresh_stops_every_rank(tmp_path):
+    ranks = spawn(_nan_before_a_refresh, tmp_path)
+    assert {r.get("step") for r in ranks} == {2}, ranks
+    errors = sorted(r.get("error") for r in ranks)
+    assert errors == ["SoapArgumentError", "SoapError"], ranks
+    mine = next(r for r in ranks if r["error"] == "SoapArgumentError")
+    assert "'blocks.1.fc.weight'" in mine["message"] and "non-finite" in mine["message"], mine
+
+
 def _copied(rank: int) -> dict:
     model = _sharded()
     opt = soapdsl.build("adamw", model)

@@ -316,6 +316,35 @@ def test_two_tensors_under_one_name_are_refused():
         soapdsl.build("adamw", [("x", a), ("x", b)])
 
 
+@pytest.mark.parametrize(
+    ("recipe", "line"),
+    [
+        ("soap", "recipes/soap.soap:14:5"),
+        ("soap_muon", "recipes/soap_muon.soap:21:5"),
+        ("soap_soap", "recipes/soap_soap.soap:21:8"),
+    ],
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_after_the_first_basis_is_named_at_the_next_refresh(recipe, line, bad):
+    """The first basis's eigh fails on a NaN; later refreshes use QR, which passed NaN and inf on
+    into every basis after without a word. On a CPU the refresh now reads the factors (no device
+    synchronisation there) and names the parameter, as the first step and shampoo do."""
+    torch.manual_seed(0)
+    w, v = torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(5, 5))
+    opt = soapdsl.build(recipe, [("fc.weight", w), ("ok.weight", v)], freq=3)
+    for step in range(3):  # t = 0 (the skipped first step), 1, 2
+        w.grad, v.grad = torch.randn(6, 4), torch.randn(5, 5)
+        if step == 2:
+            w.grad[1, 2] = bad
+        opt.step()
+    w.grad, v.grad = torch.randn(6, 4), torch.randn(5, 5)
+    with pytest.raises(SoapArgumentError) as info:
+        opt.step()  # the refresh at t = 3
+    message = str(info.value)
+    assert line in message and "cannot compute the eigenbasis of parameter 'fc.weight'" in message, message
+    assert "'ok.weight'" not in message and "non-finite values" in message
+
+
 def test_tied_weights_of_a_module_are_optimized_once():
     class Tied(torch.nn.Module):
         def __init__(self) -> None:

@@ -422,7 +422,13 @@ def refresh_basis(gg: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torc
     One matmul: ``P = GG Q`` gives both the estimates ``diag(Q^T GG Q)`` (as the column sums
     of ``Q * P``) and the power step of the sorted basis (``GG Q[:, idx] = P[:, idx]``), where
     the reference spends three.
+
+    On a CPU a factor holding NaN or inf raises ``torch.linalg.LinAlgError`` (the ops turn it
+    into a located error) where QR would pass the NaN on into every later basis: reading the
+    values there costs no device synchronisation. On a GPU nothing is read (see docs/recipes.md).
     """
+    if gg.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(gg).all()):
+        raise torch.linalg.LinAlgError("the preconditioner factor holds non-finite values")
     power = gg @ q
     est = (q * power).sum(dim=-2)
     idx = torch.argsort(est, dim=-1, descending=True)

@@ -322,12 +322,30 @@ class Rotate(Op):
         Only here, after a failure, are the factors read on the host: the normal path never
         synchronises (a NaN gradient fails ``eigh`` on a CPU; see docs/recipes.md for a GPU).
         """
+        names = self._nonfinite_names(ctx, j, gg)
+        finite = not names  # then the solver itself failed, on every member alike
+        return la.decomposition_error(
+            self.name, "the eigenbasis", names or list(ctx.buckets[j].names), finite, getattr(self, "loc", None)
+        )
+
+    def _refresh_error(self, ctx: Ctx, jks: list[tuple[int, int]]) -> SoapArgumentError:
+        """The error for a refresh that failed, naming every parameter whose factors hold non-finite values."""
+        st = ctx.state(self)
+        names: list[str] = []
+        for j, k in jks:
+            names += [n for n in self._nonfinite_names(ctx, j, st[f"GG{k}"][j]) if n not in names]
+        if not names:  # refresh_basis raises for non-finite factors only; kept honest all the same
+            j, k = jks[0]
+            return self._eigh_error(ctx, j, st[f"GG{k}"][j])
+        return la.decomposition_error(self.name, "the eigenbasis", names, False, getattr(self, "loc", None))
+
+    def _nonfinite_names(self, ctx: Ctx, j: int, gg: torch.Tensor) -> list[str]:
+        """The parameters of bucket ``j`` whose factors (``gg``, per member or per share group) hold NaN or inf."""
         b = ctx.buckets[j]
         bad = la.nonfinite(gg)
         gidx = b.groups.get(self.path)
         slots = list(range(b.size)) if gidx is None else gidx.tolist()
-        names = [n for n, slot in zip(b.names, slots, strict=True) if not bad or slot in bad]
-        return la.decomposition_error(self.name, "the eigenbasis", names, not bad, getattr(self, "loc", None))
+        return [n for n, slot in zip(b.names, slots, strict=True) if slot in bad]
 
     def _grad_sources(self, ctx: Ctx) -> list[torch.Tensor]:
         return [self._to_inner(g, b.shape) for g, b in zip(ctx.g, ctx.buckets, strict=True)]
@@ -436,7 +454,10 @@ class Rotate(Op):
             q, d = st[f"Q{k}"][j], st[f"Q{k}"][j].size(-1)
             like = [((d, d), q.dtype), ((d,), torch.int64)]
             items.append((la.refresh_basis, [st[f"GG{k}"][j], q], like, float(d) ** 3))
-        bases = dict(zip(jks, ctx.per_matrix_many(items), strict=True))
+        try:
+            bases = dict(zip(jks, ctx.per_matrix_many(items), strict=True))
+        except torch.linalg.LinAlgError:  # a factor turned non-finite (CPU): name its parameters
+            raise self._refresh_error(ctx, jks) from None
         for j, b in enumerate(ctx.buckets):
             for k in self.factored(b.shape):
                 q_group = st[f"Q{k}"][j]
