@@ -559,6 +559,88 @@ def test_card_means_what_it_says():
     torch.testing.assert_close(p.detach(), expected, rtol=1e-10, atol=1e-12)
 
 
+def _card_reference(params, grads_by_step, lr, gg, q, t0=1, freq=40, beta=0.95):
+    """The card as a per-parameter float64 loop from step ``t0``: left factor EMA ``gg`` (by
+    name), first basis by eigh (a name missing from ``q``), SOAP's QR refresh every ``freq``
+    steps after the update, and inside the basis the signed square root (norm restored), 5
+    quintic Newton-Schulz steps and the norm grafted back."""
+    for t, grads in enumerate(grads_by_step, start=t0):
+        for n, p in params.items():
+            g = grads[n].reshape(grads[n].shape[0], -1)
+            first = n not in q
+            if first:
+                gg[n] = (1 - beta) * g @ g.T
+                q[n] = torch.linalg.eigh(gg[n] + 1e-30 * torch.eye(len(g), dtype=g.dtype))[1].flip(-1)
+            x = q[n].T @ g
+            y = x.sign() * x.abs().sqrt()
+            y = y * x.norm() / y.norm()
+            tall = y.shape[0] > y.shape[1]
+            z = y.T if tall else y
+            z = z / (z.norm() + 1e-7)
+            for _ in range(5):
+                a = z @ z.T
+                z = 3.4445 * z + (-4.7750 * a + 2.0315 * a @ a) @ z
+            z = z.T if tall else z
+            z = z * y.norm() / (z.norm() + 1e-16)
+            p.sub_(lr * (q[n] @ z).reshape(p.shape))
+            if not first:
+                gg[n] = beta * gg[n] + (1 - beta) * g @ g.T
+            if t % freq == 0:
+                est = torch.diagonal(q[n].T @ gg[n] @ q[n])
+                order = torch.argsort(est, descending=True, stable=True)
+                q[n] = torch.linalg.qr(gg[n] @ q[n][:, order]).Q
+
+
+CARD_GRADS = [
+    {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
+    for g, shapes in [(torch.Generator().manual_seed(1), {"wide": (6, 10), "square": (5, 5), "conv": (4, 3, 2, 2)})]
+    for _ in range(100)
+]
+
+
+def test_card_over_many_steps_equals_a_loop():
+    """100 steps (refreshes at t = 40 and 80) on shapes whose left factor is full rank from the
+    first gradient (wide, square, a conv kernel as [4, 12]), float64."""
+    shapes = {n: tuple(t.shape) for n, t in CARD_GRADS[0].items()}
+    ours, theirs = twin_params(shapes, torch.float64)
+    start = {n: t.detach().clone() for n, t in theirs.items()}
+    opt = soapdsl.build("card", list(ours.items()), lr=0.05)
+    for grads in CARD_GRADS:
+        for n, p in ours.items():
+            p.grad = grads[n].clone()
+        opt.step()
+    with torch.no_grad():
+        _card_reference(theirs, CARD_GRADS, lr=0.05, gg={}, q={})
+    assert worst_moved_err(ours, theirs, start) < 1e-10
+
+
+def test_card_on_a_tall_matrix_after_its_first_step_equals_a_loop():
+    """A tall matrix's left factor of one gradient is rank-deficient: the null-space columns of
+    its first basis are arbitrary, and the square root lifts the rounding noise the gradient
+    leaves in them (~1e-17) to ~1e-8 in the first update. So after step 1 the test checks the
+    factor and the basis, hands the reference our parameter and basis, and compares 99 steps."""
+    g = torch.Generator().manual_seed(2)
+    steps = [{"tall": torch.randn(10, 4, generator=g, dtype=torch.float64)} for _ in range(100)]
+    p = torch.nn.Parameter(torch.randn(10, 4, generator=g, dtype=torch.float64))
+    opt = soapdsl.build("card", [("tall", p)], lr=0.05)
+    p.grad = steps[0]["tall"].clone()
+    opt.step()
+    gg, q = opt.state[p]["0.rotate.GG0"].clone(), opt.state[p]["0.rotate.Q0"].clone()
+    g0 = steps[0]["tall"]
+    torch.testing.assert_close(gg, 0.05 * g0 @ g0.T, rtol=0, atol=1e-15)
+    torch.testing.assert_close(q.T @ q, torch.eye(10, dtype=q.dtype), rtol=0, atol=1e-13)
+    lam = torch.diagonal(q.T @ gg @ q)
+    torch.testing.assert_close(q.T @ gg @ q, torch.diag(lam), rtol=0, atol=1e-13)
+    assert bool((lam[:-1] >= lam[1:] - 1e-13).all())
+    theirs = {"tall": p.detach().clone()}
+    start = theirs["tall"].clone()
+    for grads in steps[1:]:
+        p.grad = grads["tall"].clone()
+        opt.step()
+    _card_reference(theirs, steps[1:], lr=0.05, gg={"tall": gg}, q={"tall": q}, t0=2)
+    assert worst_moved_err({"tall": p}, theirs, {"tall": start}) < 1e-10
+
+
 def test_card_pipeline_compiles_verbatim():
     plan = soapdsl.compile(
         "rotate(left, freq=40) |> sqrt_whiten |> newton_schulz(5) |> graft(norm)", [("w", torch.empty(8, 4))]
