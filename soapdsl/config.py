@@ -20,6 +20,7 @@ column of the offending key or value.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -249,14 +250,14 @@ def _selector(
         globs = [override.match] if isinstance(override.match, str) else override.match
         parts.append(A.SelOr(tuple(A.SelPattern(g) for g in globs)) if len(globs) > 1 else A.SelPattern(globs[0]))
     if override.where is not None:
-        name = f"{file}:routes[{index}].where"
+        name = _text_name(file, (*path, "where"))
         try:
             module = parse(f"{_WHERE_PREFIX}{override.where}: lr\n", name)
             routes = [r for recipe in module.recipes for r in recipe.routes]
             selector = routes[0].selector
             check_selector(selector, {"lr": 1}, {"lr": Ref("lr")})
         except SoapError as e:
-            raise _in_yaml(e, file, marks, (*path, "where"), override.where) from None
+            raise _in_yaml(e, file, marks, (*path, "where"), override.where, name, _WHERE_PREFIX) from None
         extra = routes[0].settings or len(routes) > 1 or len(module.recipes) > 1 or module.macros
         if extra or [s.name for s in routes[0].pipeline.stages] != ["lr"]:
             # `matrix [lr=0.5]` parses, and the setting would be dropped
@@ -273,44 +274,100 @@ def _selector(
     return parts[0] if len(parts) == 1 else A.SelAnd(tuple(parts))
 
 
-def _in_yaml(
-    e: SoapError, file: str, marks: Mapping[tuple[Any, ...], yaml.Mark], path: tuple[Any, ...], text: str
-) -> SoapError:
-    """Move an error inside a `where:` selector to its place in the YAML file.
+def _text_name(file: str, path: tuple[Any, ...]) -> str:
+    """The source name a text value of the config (a recipe, a `where:`) is parsed under."""
+    return f"{file}[{_dotted(path)}]"
 
-    The selector was parsed inside a synthetic recipe (``_WHERE_PREFIX``); its line ``k`` is
-    the ``where`` text's line ``k - 2``. A one-line value and a literal block (``|``) map
-    column for column where the source holds the text as parsed; any other value (folded, with
-    escapes, or a plain or quoted scalar spread over lines) points at the start of the value.
+
+#: what YAML does to a value's text that keeps it from being mapped back line for line
+_REWRITTEN = {
+    ">": "a folded block (>), whose lines YAML joins",
+    '"': "a quoted value that YAML rewrote (escapes, or lines joined)",
+    "'": "a quoted value that YAML rewrote (doubled quotes, or lines joined)",
+    "": "a plain value over several lines, which YAML joins",
+    "|": "a literal block whose line is not in the file as YAML read it",
+}
+
+
+def _in_yaml(
+    e: SoapError,
+    file: str,
+    marks: Mapping[tuple[Any, ...], yaml.Mark],
+    path: tuple[Any, ...],
+    text: str,
+    name: str,
+    before: str = "",
+) -> SoapError:
+    """Move the positions of an error in ``text``, the config's value at ``path`` parsed as
+    source ``name`` after the synthetic ``before``, to their places in the YAML file.
+
+    A literal block (``|``) keeps its lines as written, after the block's indentation, and a
+    value on the line of its key is written as parsed up to the error (plain, or quoted before
+    any escape): those map line for line and column for column. Any other value (folded, or
+    rewritten by YAML) cannot be mapped: the error points at the start of the value, and a note
+    gives its place in the text as YAML read it. Positions quoted in the message and notes
+    (``first at ...``) are moved alike.
     """
     mark = marks.get(path)
-    if e.loc is None or mark is None:
+    if mark is None:
         return e
     source = SOURCES.get(file) or ""
     lines = text.split("\n")
-    k = e.loc.line - 2
-    offset = e.loc.col - 1 - (len(_WHERE_PREFIX.split("\n")[1]) if k == 0 else 0)
-    width = max(1, e.loc.end_col - e.loc.col) if e.loc.end_line == e.loc.line else 1
-    line, col = mark.line + 1, mark.column + 1
-    if not (0 <= k < len(lines) and 0 <= offset <= len(lines[k])):
-        width = 1
-    elif len(lines) == 1:
-        quoted = 1 if source[mark.index : mark.index + 1] in ("'", '"') else 0
-        if source[mark.index + quoted : mark.index + quoted + len(text)] == text:
-            col += offset + quoted
-        else:  # escapes, or a plain scalar folded from several lines
-            width = 1
-    elif source[mark.index : mark.index + 1] == "|":
-        # a literal block keeps its lines as written, after the block's indentation
-        src = source.splitlines()
-        written = src[mark.line + 1 + k] if mark.line + 1 + k < len(src) else ""
-        if lines[k] and written.endswith(lines[k]):
-            line, col = mark.line + 2 + k, len(written) - len(lines[k]) + offset + 1
-        else:
-            width = 1
-    else:
-        width = 1
-    e.loc = Loc(file, line, col, line, col + width, SOURCES.get(file))
+    shift_lines, shift_col = before.count("\n"), len(before.split("\n")[-1])
+
+    def in_text(line: int, col: int) -> tuple[int, int] | None:
+        k = line - 1 - shift_lines
+        offset = col - 1 - (shift_col if k == 0 else 0)
+        ok = 0 <= k < len(lines) and 0 <= offset <= len(lines[k])
+        return (k, offset) if ok else None
+
+    def in_file(k: int, offset: int, width: int) -> tuple[int, int] | None:
+        head = source[mark.index : mark.index + 1]
+        if head == "|":
+            src = source.split("\n")
+            at = mark.line + 1 + k
+            written = src[at].removesuffix("\r") if at < len(src) else ""
+            if lines[k] and written.endswith(lines[k]):
+                return at + 1, len(written) - len(lines[k]) + offset + 1
+            return None
+        if k != 0 or head == ">":
+            return None
+        start = mark.index + (1 if head in ("'", '"') else 0)
+        shown = lines[0][: offset + width]
+        if source[start : start + len(shown)] == shown:
+            return mark.line + 1, mark.column + 1 + (start - mark.index) + offset
+        return None
+
+    def moved(m: re.Match[str]) -> str:
+        pos = in_text(int(m.group(1)), int(m.group(2)))
+        if pos is None:
+            return m.group(0)
+        at = in_file(*pos, 1)
+        return f"{file}:{at[0]}:{at[1]}" if at else f"{name}:{pos[0] + 1}:{pos[1] + 1}"
+
+    quoted = re.compile(re.escape(name) + r":(\d+):(\d+)")
+    e.message = quoted.sub(moved, e.message)
+    e.notes = tuple(quoted.sub(moved, n) for n in e.notes)
+    if e.loc is not None and e.loc.file == name:
+        pos = in_text(e.loc.line, e.loc.col)
+        width = e.loc.end_col - e.loc.col if e.loc.end_line == e.loc.line else 1
+        if pos is not None:
+            width = max(1, min(width, len(lines[pos[0]]) - pos[1]))
+        at = in_file(*pos, width) if pos is not None else None
+        if at is None:  # the start of the value, and where in the text YAML read
+            at, width = (mark.line + 1, mark.column + 1), 1
+            if pos is not None:
+                head = source[mark.index : mark.index + 1]
+                advice = (
+                    "" if head == "|" else "; a literal block (|) keeps the lines as written, so errors point into them"
+                )
+                e.notes = (
+                    f"{_dotted(path)} is {_REWRITTEN.get(head, _REWRITTEN[''])}: the error is at line {pos[0] + 1},"
+                    f" column {pos[1] + 1} of the text YAML read, {lines[pos[0]].strip()!r}{advice}",
+                    *e.notes,
+                )
+        e.loc = Loc(file, at[0], at[1], at[0], at[1] + width, SOURCES.get(file))
+        e.source = None
     e.args = (e.format(),)
     return e
 
@@ -342,17 +399,25 @@ def _check_args(recipe: Any, args: Mapping[str, Any], file: str, marks: Any, pat
 
 def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
     parsed, file, marks, prefix = load(cfg)
+    # recipe text held in the config: errors inside it are moved to their place in the file
+    texts: dict[str, tuple[tuple[Any, ...], str]] = {}
+
+    def recipe(spec: str, args: Mapping[str, Any], path: tuple[Any, ...]) -> Any:
+        name = _text_name(file, path)
+        texts[name] = (path, spec)
+        return library.resolve(spec, args, name)
+
     try:
         args = _args(parsed.args)
         _check_reserved(args, file, marks, (*prefix, "args"))
-        main = library.resolve(parsed.recipe, args)
+        main = recipe(parsed.recipe, args, (*prefix, "recipe"))
         _check_args(main, args, file, marks, (*prefix, "args"))
         overrides = []
         for i, o in enumerate(parsed.routes):
             sub_args = _args(o.args)
             _check_reserved(sub_args, file, marks, (*prefix, "routes", i, "args"))
             try:
-                sub = library.resolve(o.recipe, sub_args)
+                sub = recipe(o.recipe, sub_args, (*prefix, "routes", i, "recipe"))
             except SoapError as e:
                 raise e.at(_loc(file, marks, (*prefix, "routes", i, "recipe"))) from None
             _check_args(sub, sub_args, file, marks, (*prefix, "routes", i, "args"))
@@ -367,9 +432,11 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
             key = "cuda_graphs" if parsed.cuda_graphs else "torch_compile"
             raise SoapConfigError(e.message, _loc(file, marks, (*prefix, key))) from None
     except SoapError as e:
+        for name, (path, text) in texts.items():
+            _in_yaml(e, file, marks, path, text, name)
         if e.loc is None:
             e.at(_loc(file, marks, (*prefix, "recipe")))
-        elif e.loc.file != file:
+        elif e.loc.file != file and not e.loc.file.startswith(f"{file}["):
             e.notes = (*e.notes, f"from the optimizer config {file}")
             e.args = (e.format(),)
         raise

@@ -129,10 +129,11 @@ def _unknown_recipe(name: str) -> SoapNameError:
     )
 
 
-def resolve(spec: str | Path, params: Mapping[str, Any] | None = None) -> ir.Recipe:
+def resolve(spec: str | Path, params: Mapping[str, Any] | None = None, file: str = "<inline>") -> ir.Recipe:
     """Resolve a recipe argument (shipped name, ``.soap`` path, or inline text) to checked IR.
 
     ``params`` are the user's arguments; for an inline pipeline they declare its parameters.
+    ``file`` is the name errors in inline text point into.
     """
     params = dict(params or {})
     if isinstance(spec, Path):
@@ -146,7 +147,7 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None) -> ir.Rec
         if registry.get(text) is None and text not in library().macros.macros:
             raise _unknown_recipe(text)
     if "\n" in text:
-        return _from_text(spec, params)
+        return _from_text(spec, params, file)
     path_part, sep, name = text.partition("::")
     if path_part.endswith(".soap") or os.path.isfile(path_part):
         return _from_file(text, params)
@@ -162,7 +163,7 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None) -> ir.Rec
             )
         return shipped(path_part)
     try:
-        return _from_text(spec, params)
+        return _from_text(spec, params, file)
     except SoapSyntaxError as e:
         if _PATHLIKE.match(text) and ("/" in text or "." in text):
             # `my_recipe.sop`, `recipes/muon`: a mistyped path was read as recipe text
@@ -179,7 +180,7 @@ def _from_file(text: str, params: Mapping[str, Any]) -> ir.Recipe:
     return _pick(module, recipes, macros, name.strip() or None, params, default=Path(path_part).stem)
 
 
-def _from_text(spec: str, params: Mapping[str, Any]) -> ir.Recipe:
-    module = parse(spec, "<inline>")
+def _from_text(spec: str, params: Mapping[str, Any], file: str = "<inline>") -> ir.Recipe:
+    module = parse(spec, file)
     recipes, macros = check_module(module)
     return _pick(module, recipes, macros, None, params)

@@ -6,7 +6,16 @@ import pytest
 import torch
 
 import soapdsl
-from soapdsl import SoapArgumentError, SoapConfigError, SoapError, SoapNameError, SoapRouteError
+from soapdsl import (
+    SoapArgumentError,
+    SoapConfigError,
+    SoapError,
+    SoapNameError,
+    SoapRecipeError,
+    SoapRouteError,
+    SoapShapeError,
+    SoapSyntaxError,
+)
 from tests.conftest import batches, make_net, max_rel_err, train_step
 
 
@@ -222,6 +231,86 @@ def test_a_multiline_where_points_into_the_yaml():
     # a folded value cannot be mapped column by column: the error points at the value
     err = config_error(text.replace("|", ">"), SoapRouteError)
     assert (err.loc.file, err.loc.line, err.loc.col) == ("<config>", 3, 12)
+
+
+# recipe text held in the config: (YAML, error class, line:col in the file, caret width)
+INLINE_RECIPES = [
+    # a literal block keeps its lines: line for line, after the block's indentation
+    (
+        "recipe: |\n  recipe r(lr=0.1):\n    route default:\n      momentum(0.9) |> sgn |> lr\n",
+        SoapNameError,
+        "4:24",
+        3,
+    ),
+    ("recipe: |2\n    momentum(0.9) |> sgn\n", SoapNameError, "2:22", 3),
+    ("optimizer:\n  recipe: |\n    momentum(0.9) |>\n", SoapSyntaxError, "3:21", 1),
+    ("optimizer:\r\n  recipe: |\r\n    momentum(0.9)\r\n    |> sgn |> lr\r\n", SoapNameError, "4:8", 3),
+    # a value on its key's line: column for column, after the quote
+    ("recipe: momentum(0.9) |> |> lr\n", SoapSyntaxError, "1:26", 2),
+    ("optimizer:\n  recipe: 'momentum(0.9) |> sgn |> lr'\n", SoapNameError, "2:29", 3),
+    ('optimizer: {recipe: "momentum(0.9) |> sgn |> lr"}\n', SoapNameError, "1:39", 3),
+    # an escape after the error does not move it
+    ('recipe: "momentum(0.9) |> sgn |> \\u006cr"\n', SoapNameError, "1:27", 3),
+    # an error found when the plan is compiled, in a route override's recipe
+    (
+        "recipe: adamw\nroutes:\n  - match: '*'\n    recipe: |\n      sign |> newton_schulz(5)\n",
+        SoapShapeError,
+        "5:15",
+        13,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "cls", "where", "width"),
+    INLINE_RECIPES,
+    ids=["block", "block-indent", "block-end", "block-crlf", "plain", "quoted", "flow", "escape-after", "override"],
+)
+def test_an_error_in_recipe_text_points_into_the_yaml(text, cls, where, width):
+    """It pointed at `<inline>:LINE:COL` of the text, with the file only in a note."""
+    err = config_error(text, cls)
+    assert err.loc.file == "<config>" and f"{err.loc.line}:{err.loc.col}" == where, str(err)
+    assert err.loc.end_col - err.loc.col == width
+    line = text.split("\n")[err.loc.line - 1].removesuffix("\r")
+    assert f"{err.loc.line:>5} | {line}\n" in str(err)
+    assert "<inline>" not in str(err) and not any("YAML" in n or "optimizer config" in n for n in err.notes)
+
+
+def test_an_error_in_recipe_text_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("model: {width: 8}\noptimizer:\n  recipe: |\n    momentum(0.9) as a |> sign as a |> lr\n")
+    err = config_error(path, SoapRecipeError)
+    # a position quoted in the message moves too
+    assert err.message == f"label 'a' is given twice in this pipeline (first at {path}:4:22)"
+    assert (err.loc.file, err.loc.line, err.loc.col) == (str(path), 4, 35)
+    assert str(err).splitlines()[1:] == [
+        "    4 |     momentum(0.9) as a |> sign as a |> lr",
+        "      |                                   ^",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "what"),
+    [
+        ("recipe: >\n  momentum(0.9)\n  |> sgn |> lr\n", "a folded block (>), whose lines YAML joins"),
+        ('recipe: "momentum(0.9) |> \\u0073gn |> lr"\n', "a quoted value that YAML rewrote (escapes, or lines joined)"),
+        ("recipe: momentum(0.9)\n  |> sgn |> lr\n", "a plain value over several lines, which YAML joins"),
+    ],
+    ids=["folded", "escaped", "plain-over-lines"],
+)
+def test_recipe_text_that_yaml_rewrote_points_at_its_start_and_says_so(text, what):
+    err = config_error(text, SoapNameError)
+    assert (err.loc.line, err.loc.col, err.loc.end_col) == (1, 9, 10)
+    assert err.notes == (
+        f"recipe is {what}: the error is at line 1, column 18 of the text YAML read,"
+        " 'momentum(0.9) |> sgn |> lr'; a literal block (|) keeps the lines as written, so errors point into them",
+    )
+
+
+def test_an_error_in_recipe_text_of_a_dict_names_the_key():
+    err = config_error({"optimizer": {"recipe": "momentum(0.9) |> sgn |> lr"}}, SoapNameError)
+    assert str(err.loc) == "<config>[optimizer.recipe]:1:18" and not err.notes
+    assert "    1 | momentum(0.9) |> sgn |> lr\n" in str(err)
 
 
 @pytest.mark.parametrize(
