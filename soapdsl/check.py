@@ -51,7 +51,7 @@ class MacroTable:
         seen: dict[str, A.Macro] = {}
         for m in module.macros:
             if m.name in seen:
-                raise SoapNameError(f"macro '{m.name}' is defined twice (first at line {seen[m.name].loc.line})", m.loc)
+                raise SoapNameError(f"macro '{m.name}' is defined twice (first at {seen[m.name].loc})", m.loc)
             if registry.get(m.name) is not None:
                 raise SoapNameError(f"macro '{m.name}' has the name of a primitive operator", m.loc)
             seen[m.name] = m
@@ -688,12 +688,12 @@ def check_recipe(recipe: A.Recipe, macros: MacroTable, extra_params: Mapping[str
             if prev.selector == r.selector:
                 raise SoapRouteError(
                     f"route '{ir.Route(r.selector, (), ir.Pipeline(())).selector_text()}' duplicates the"
-                    f" route at line {prev.loc.line}; it can never match",
+                    f" route at {prev.loc}; it can never match",
                     r.loc,
                 )
             if always_true(prev.selector):
                 raise SoapRouteError(
-                    f"route is unreachable: the route at line {prev.loc.line} matches every parameter",
+                    f"route is unreachable: the route at {prev.loc} matches every parameter",
                     r.loc,
                 )
         pipeline = _pipeline(r.pipeline, _Scope(names, env, macros))

@@ -66,7 +66,7 @@ def check_module(module: A.Module) -> tuple[list[ir.Recipe], MacroTable]:
     out = []
     for r in module.recipes:
         if r.name in seen:
-            raise SoapNameError(f"recipe '{r.name}' is defined twice (first at line {seen[r.name].loc.line})", r.loc)
+            raise SoapNameError(f"recipe '{r.name}' is defined twice (first at {seen[r.name].loc})", r.loc)
         seen[r.name] = r
         out.append(check_recipe(r, macros))
     return out, macros

@@ -289,6 +289,14 @@ def test_an_error_in_recipe_text_in_a_file_names_the_file(tmp_path):
     ]
 
 
+def test_a_route_in_recipe_text_names_the_first_by_its_place_in_the_file():
+    """'the route at line 2' counted lines of the text, not of the config file."""
+    text = "optimizer:\n  recipe: |\n    recipe r(lr=0.1):\n      route vector: sign\n      route vector: lr\n"
+    err = config_error(text, SoapRouteError)
+    assert err.message == "route 'vector' duplicates the route at <config>:4:7; it can never match"
+    assert (err.loc.line, err.loc.col) == (5, 7)
+
+
 @pytest.mark.parametrize(
     ("text", "what"),
     [
