@@ -19,7 +19,7 @@ from soapdsl.check import MacroTable, check_macro, check_recipe
 from soapdsl.errors import SoapError, SoapNameError, SoapSyntaxError, did_you_mean
 from soapdsl.resources import recipe_files
 from soapdsl.syntax import ast as A
-from soapdsl.syntax.parser import MISSING_PIPE, parse, parse_file
+from soapdsl.syntax.parser import BOM, MISSING_PIPE, parse, parse_file
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # text that reads as a file path (no spaces, brackets or operators)
@@ -140,6 +140,7 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None, file: str
         return _from_file(str(spec), params)
     if not isinstance(spec, str):
         raise SoapError(f"a recipe is a name, a path or recipe text, got {type(spec).__name__}")
+    spec = spec.removeprefix(BOM)  # text read from a file that an editor began with one
     text = spec.strip()
     if _IDENT.match(text):
         if text in library().recipes:

@@ -8,7 +8,7 @@ import torch
 
 import soapdsl
 from soapdsl import library
-from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapNameError
+from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapNameError, SoapSyntaxError
 
 
 def params():
@@ -84,6 +84,23 @@ def test_a_byte_order_mark_is_skipped(tmp_path):
     path.write_bytes("\ufeffrecipe r(lr=1e-3) = signn |> lr\n".encode())
     err = raises(SoapNameError, soapdsl.compile, path, params())
     assert (err.loc.line, err.loc.col) == (1, 21)
+
+
+def test_a_byte_order_mark_at_the_start_of_recipe_text_is_skipped(tmp_path):
+    """Text read from such a file by the user's own code (`open(path).read()`) kept the mark,
+    which was a syntax error, `unexpected character '\\ufeff'`, under an invisible character."""
+    assert soapdsl.compile("\ufeffmomentum(0.9) |> sign |> lr", params()).recipe.name == "inline"
+    assert soapdsl.compile("\ufeffadamw", params()).recipe.name == "adamw"
+    assert soapdsl.parse("\ufeffrecipe r(lr=1e-3) = sign").recipes[0].name == "r"
+    err = raises(SoapNameError, soapdsl.compile, "\ufeffrecipe r(lr=1e-3) = signn |> lr", params())
+    assert (err.loc.line, err.loc.col) == (1, 21)
+    assert "    1 | recipe r(lr=1e-3) = signn |> lr\n" in str(err)
+
+
+def test_a_byte_order_mark_inside_the_text_is_named():
+    err = raises(SoapSyntaxError, soapdsl.compile, "momentum(0.9) |> \ufeffsign |> lr", params())
+    assert err.message == "unexpected character '\\ufeff'" and (err.loc.line, err.loc.col) == (1, 18)
+    assert err.notes == ("U+FEFF is a byte-order mark, which most editors do not show: delete it",)
 
 
 def test_a_path_object_is_always_a_file(tmp_path):

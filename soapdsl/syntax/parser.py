@@ -64,6 +64,9 @@ def _acceptable(e: lark.UnexpectedToken) -> set[str]:
 
 _ENDS = {"$END", "RBRACE"}  # what may follow a complete pipeline, at the top level and in a block
 
+#: a byte-order mark (U+FEFF), which some editors write at the start of a UTF-8 file
+BOM = "\ufeff"
+
 #: the note for a stage that follows another without '|>' (here, and in library._pick)
 MISSING_PIPE = "two stages in a row need '|>' between them"
 
@@ -83,16 +86,21 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
     """Parse soapdsl source text into a :class:`~soapdsl.syntax.ast.Module`.
 
     Raises :class:`~soapdsl.errors.SoapSyntaxError` with the location of the first error.
+    A UTF-8 byte-order mark at the start, which text read from a file written by some Windows
+    editors begins with, is not part of the text (as in :func:`parse_file`).
     """
     if not isinstance(text, str):
         raise SoapSyntaxError(f"recipe text must be a str, got {type(text).__name__}")
+    text = text.removeprefix(BOM)
     SOURCES[file] = text
     try:
         tree = _parser().parse(text)
     except lark.UnexpectedCharacters as e:
         ch = text[e.pos_in_stream] if e.pos_in_stream is not None and e.pos_in_stream < len(text) else "?"
         loc = Loc(file, e.line, e.column, e.line, e.column + 1, text)
-        raise SoapSyntaxError(f"unexpected character {ch!r}", loc) from None
+        # invisible in an editor: say what it is
+        notes = ("U+FEFF is a byte-order mark, which most editors do not show: delete it",) if ch == BOM else ()
+        raise SoapSyntaxError(f"unexpected character {ch!r}", loc, notes=notes) from None
     except lark.UnexpectedToken as e:
         tok = e.token
         if tok.type == "$END":
