@@ -121,7 +121,13 @@ def literal(text: str, file: str, shown: str, col: int, what: str) -> Any:
         args = module.pipeline.stages[0].args
         if len(args) != 1 or args[0].name is not None:
             raise SoapArgumentError(f"{what}: expected one value, got {text.strip()!r}")
-        return constant(args[0].value, f"the value of {what}")
+        expr = args[0].value
+        # `inf`, `-nan`: names to soapdsl, which fail to negate or are no number for any stage
+        value = None if _spells_nonfinite(expr) else constant(expr, f"the value of {what}")
+        if value is None or not is_finite(value):
+            got = text.strip() if value is None else f"{text.strip()}, which is {ir.const_text(value)}"
+            raise SoapArgumentError(finite_problem(what, got), expr.loc)
+        return value
     except SoapError as e:
         loc = e.loc
         if loc is not None and loc.file == file and loc.line == 1:
@@ -133,6 +139,16 @@ def literal(text: str, file: str, shown: str, col: int, what: str) -> Any:
             e.loc = Loc(file, 1, start, 1, max(start + 1, min(end, len(shown) + 1)), shown)
             e.args = (e.format(),)
         raise
+
+
+def _spells_nonfinite(e: A.Expr) -> bool:
+    """Whether ``e`` spells a non-finite number as Python would read it: a name such as
+    ``inf`` or ``NaN``, negated or in a tuple."""
+    if isinstance(e, A.Name):
+        return e.id.lower() in registry.NONFINITE_NAMES
+    if isinstance(e, A.Neg):
+        return _spells_nonfinite(e.operand)
+    return isinstance(e, A.Tuple) and any(map(_spells_nonfinite, e.items))
 
 
 # -- stages ---------------------------------------------------------------------------------
@@ -517,7 +533,7 @@ def check_params(params: tuple[A.Param, ...], what: str, recipe: bool = False) -
         if p.name in out:
             raise SoapNameError(f"parameter '{p.name}' of {what} is declared twice", p.loc)
         value = None if p.default is None else constant(p.default)
-        if p.default is not None and not _finite(value):
+        if p.default is not None and not is_finite(value):
             raise SoapArgumentError(
                 f"invalid {p.name}={ir.const_text(value)} for {what}: must be finite", p.default.loc
             )
@@ -525,11 +541,20 @@ def check_params(params: tuple[A.Param, ...], what: str, recipe: bool = False) -
     return out
 
 
-def _finite(value: Any) -> bool:
+def is_finite(value: Any) -> bool:
     """False for a float that is inf or nan (a literal too large, an overflow), also in a tuple."""
     if isinstance(value, tuple):
-        return all(_finite(v) for v in value)
+        return all(is_finite(v) for v in value)
     return not isinstance(value, float) or math.isfinite(value)
+
+
+def finite_problem(what: str, value: str) -> str:
+    """The message for a value given from outside the recipe (``--set``, a config) that is inf
+    or nan: every stage refuses it, but where it reads it, far from where it was given."""
+    return (
+        f"{what} must be a finite number, got {value}: soapdsl has no inf or nan;"
+        " give a finite value, or leave it out for the recipe's default"
+    )
 
 
 def lr_problem(lr: Any) -> str | None:
@@ -576,7 +601,7 @@ def check_selector(sel: A.Selector, env: Mapping[str, Any], names: Mapping[str, 
         value = bound.evaluate(env)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SoapRouteError(f"'{sel.name} {sel.op}' needs a number, got {ir.const_text(value)}", sel.value.loc)
-        if not _finite(value):
+        if not is_finite(value):
             raise SoapRouteError(
                 f"'{sel.name} {sel.op}' needs a finite number, got {ir.const_text(value)}", sel.value.loc
             )
@@ -677,7 +702,7 @@ def check_recipe(recipe: A.Recipe, macros: MacroTable, extra_params: Mapping[str
             if name not in ROUTE_OPTIONS:
                 unbound = any(defaults.get(r) is None for r in value.refs())
                 env[name] = None if unbound else value.evaluate(defaults)
-                if not _finite(env[name]):
+                if not is_finite(env[name]):
                     raise SoapArgumentError(
                         f"invalid {name}={ir.const_text(env[name])} in route '{route_text}': must be finite",
                         value.loc,

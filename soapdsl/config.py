@@ -28,10 +28,18 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, field_validator
 
-from soapdsl import library
-from soapdsl.check import check_selector, reserved_param_problem
+from soapdsl import ir, library
+from soapdsl.check import check_selector, finite_problem, is_finite, reserved_param_problem
 from soapdsl.compiler import bind_args, compile_plan, mark_routes
-from soapdsl.errors import SOURCES, Loc, SoapConfigError, SoapError, SoapNameError, did_you_mean
+from soapdsl.errors import (
+    SOURCES,
+    Loc,
+    SoapArgumentError,
+    SoapConfigError,
+    SoapError,
+    SoapNameError,
+    did_you_mean,
+)
 from soapdsl.ir import Ref
 from soapdsl.runtime.optimizer import SoapOptimizer
 from soapdsl.syntax import ast as A
@@ -372,13 +380,28 @@ def _in_yaml(
     return e
 
 
-def _check_reserved(args: Mapping[str, Any], file: str, marks: Any, path: tuple[Any, ...]) -> None:
-    """Refuse an argument with a reserved name where it is written (before an inline pipeline
-    declares it as a parameter)."""
-    for k in args:
+def _check_given(args: Mapping[str, Any], file: str, marks: Any, path: tuple[Any, ...]) -> None:
+    """Refuse an argument with a reserved name, or that is inf or nan, where it is written
+    (before an inline pipeline declares it as a parameter; the stage that would refuse inf
+    reads it in the recipe, away from the config)."""
+    for k, v in args.items():
         problem = reserved_param_problem(k)
         if problem:
             raise SoapNameError(problem, _loc(file, marks, (*path, k)))
+        if not all(map(_finite_text, v if isinstance(v, tuple) else (v,))):
+            shown = v if isinstance(v, str) else ir.const_text(v)
+            raise SoapArgumentError(finite_problem(f"argument {k}", shown), _loc(file, marks, (*path, k)))
+
+
+def _finite_text(v: Any) -> bool:
+    """False for inf or nan, also as text that a numeric parameter would read as one (YAML
+    1.1 reads `nan`, `inf` and `1e999` as strings)."""
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            return True
+    return is_finite(v)
 
 
 def _check_args(recipe: Any, args: Mapping[str, Any], file: str, marks: Any, path: tuple[Any, ...]) -> None:
@@ -409,13 +432,13 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
 
     try:
         args = _args(parsed.args)
-        _check_reserved(args, file, marks, (*prefix, "args"))
+        _check_given(args, file, marks, (*prefix, "args"))
         main = recipe(parsed.recipe, args, (*prefix, "recipe"))
         _check_args(main, args, file, marks, (*prefix, "args"))
         overrides = []
         for i, o in enumerate(parsed.routes):
             sub_args = _args(o.args)
-            _check_reserved(sub_args, file, marks, (*prefix, "routes", i, "args"))
+            _check_given(sub_args, file, marks, (*prefix, "routes", i, "args"))
             try:
                 sub = recipe(o.recipe, sub_args, (*prefix, "routes", i, "recipe"))
             except SoapError as e:

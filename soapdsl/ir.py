@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Any, Union
 
 from soapdsl.errors import Loc, SoapArgumentError
+from soapdsl.registry import NONFINITE_NAMES
 from soapdsl.syntax import ast as A
 from soapdsl.syntax.printer import format_selector
 
@@ -98,6 +99,11 @@ class Neg:
 
     def evaluate(self, env: Mapping[str, Any]) -> Any:
         v = self.operand.evaluate(env)
+        if isinstance(v, str) and v.lower() in NONFINITE_NAMES:  # `-inf`: Python's float would read it
+            raise SoapArgumentError(
+                f"cannot negate {v}: soapdsl has no inf or nan ('{v}' is a name here); write a finite number",
+                self.loc,
+            )
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise SoapArgumentError(f"cannot negate {_const_text(v)}", self.loc)
         return -v

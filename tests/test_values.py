@@ -194,16 +194,65 @@ def test_a_python_string_is_no_number_for_a_parameter_without_a_default():
         soapdsl.build("recipe r(lr=1e-3, f) = scale(f)", _model(), f="0.5")
 
 
-def test_set_on_the_command_line(capsys):
-    code = main(["compile", "adamw", "--set", "weight_decay=inf", "--shapes", "w=4x3"])
+FINITE = ": soapdsl has no inf or nan; give a finite value, or leave it out for the recipe's default"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("inf", "inf"),
+        ("-inf", "-inf"),
+        ("NaN", "NaN"),
+        ("-nan", "-nan"),
+        ("1e999", "1e999, which is inf"),
+        ("(0.9, inf)", "(0.9, inf)"),
+        ("-(inf)", "-(inf)"),
+    ],
+)
+def test_set_on_the_command_line_is_refused_at_the_value(value, shown, capsys):
+    """`-inf` was `cannot negate inf`, and `inf` was refused far from the --set, in the recipe."""
+    code = main(["compile", "adamw", "--set", f"weight_decay={value}", "--shapes", "w=4x3"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "invalid weight_decay=inf for 'decay': must be finite" in err
+    assert err.splitlines() == [
+        f"<--set weight_decay>:1:14: error: --set weight_decay must be a finite number, got {shown}{FINITE}",
+        f"    1 | weight_decay={value}",
+        "      |              " + "^" * len(value),
+    ]
 
 
-def test_yaml_infinity_is_refused_and_yaml_number_text_still_works():
-    with pytest.raises(SoapArgumentError, match=r"invalid weight_decay=inf for 'decay': must be finite"):
-        soapdsl.from_config(_model(), "recipe: adamw\nargs: {lr: 1.0e-3, weight_decay: .inf}\n")
+def test_negating_inf_in_recipe_text_says_there_is_no_inf():
+    with pytest.raises(SoapArgumentError) as info:
+        library.resolve("momentum(0.9) |> scale(-inf) |> lr")
+    assert (
+        info.value.message
+        == "cannot negate inf: soapdsl has no inf or nan ('inf' is a name here); write a finite number"
+    )
+    assert (info.value.loc.line, info.value.loc.col) == (1, 24)
+
+
+@pytest.mark.parametrize(
+    ("yaml_value", "shown"),
+    [
+        (".inf", "inf"),
+        ("-.inf", "-inf"),
+        (".nan", "nan"),
+        ("nan", "nan"),
+        ("inf", "inf"),
+        ("1e999", "1e999"),
+        ("[0.9, .nan]", "(0.9, nan)"),
+    ],
+)
+@pytest.mark.parametrize("recipe", ["adamw", "momentum(weight_decay) |> sign |> lr"], ids=["shipped", "inline"])
+def test_yaml_infinity_is_refused_at_its_key(yaml_value, shown, recipe):
+    """It was refused by the stage that reads it, in the recipe, away from the config."""
+    with pytest.raises(SoapArgumentError) as info:
+        soapdsl.from_config(_model(), f"recipe: {recipe}\nargs:\n  lr: 1.0e-3\n  weight_decay: {yaml_value}\n")
+    assert info.value.message == f"argument weight_decay must be a finite number, got {shown}{FINITE}"
+    assert (info.value.loc.file, info.value.loc.line, info.value.loc.col) == ("<config>", 4, 3)
+
+
+def test_yaml_number_text_still_works():
     # YAML 1.1 reads 3e-4 as text: a numeric recipe parameter takes it as the number it spells
     opt = soapdsl.from_config(_model(), "recipe: adamw\nargs: {lr: 3e-4, weight_decay: 1e-2}\n")
     assert opt.param_groups[0]["lr"] == 3e-4
