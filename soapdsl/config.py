@@ -19,6 +19,7 @@ column of the offending key or value.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -244,7 +245,29 @@ def _loc(file: str, marks: Mapping[tuple[Any, ...], yaml.Mark], path: tuple[Any,
 
 
 def _args(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return {k: tuple(map(_number, v)) if isinstance(v, list) else _number(v) for k, v in raw.items()}
+
+
+#: a number with an exponent, as YAML 1.2 reads one; YAML 1.1 (PyYAML) needs a dot and a signed
+#: exponent, and reads `1e-3` or `1.0e3` as a string
+_EXPONENT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)[eE][-+]?[0-9]+")
+
+
+def _number(v: Any) -> Any:
+    """An argument PyYAML read as the string of a number with an exponent, as that number.
+
+    A recipe parameter with a numeric default reads such text itself, but an inline pipeline's
+    parameters (declared by the arguments), a required parameter and the items of a list have
+    no default to say that a number is meant: `beta: 9e-1` reached the stage as text. Such a
+    string can be no name, so it is always the number. ``1e3`` is an int, as a numeric
+    parameter reads it; a value with a dot or a negative exponent is a float.
+    """
+    if not isinstance(v, str) or not _EXPONENT.fullmatch(v):
+        return v
+    number = float(v)
+    if not math.isfinite(number):  # 1e999: refused as written, by _check_given
+        return v
+    return int(number) if "." not in v and number.is_integer() else number
 
 
 _WHERE_PREFIX = "recipe _(lr=1):\n  route "

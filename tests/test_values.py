@@ -259,6 +259,33 @@ def test_yaml_number_text_still_works():
     assert opt.param_groups[0]["weight_decay"] == 1e-2
 
 
+@pytest.mark.parametrize(
+    "recipe",
+    ["momentum(beta) |> scale(f) |> lr"],  # an inline pipeline: the arguments declare its parameters
+    ids=["inline"],
+)
+def test_yaml_number_text_is_a_number_without_a_default_too(recipe):
+    """`beta: 9e-1` reached the stage as the string "9e-1" (`expected a number, got a string`)
+    where no numeric default said a number was meant."""
+    text = f"recipe: '{recipe}'\nargs: {{lr: 1e-3, beta: 9e-1, f: 2.5e0}}\n"
+    group = soapdsl.from_config(_model(), text).param_groups[0]
+    assert (group["lr"], group["beta"], group["f"]) == (1e-3, 0.9, 2.5)
+    assert isinstance(group["beta"], float)
+
+
+def test_yaml_number_text_in_a_list_and_quoted_is_a_number():
+    from soapdsl.config import _args
+
+    assert _args({"a": ["1e-3", "2.0e3", "-.5E+1", 0.5], "b": "1e3", "c": "3e-4", "d": "left"}) == {
+        "a": (1e-3, 2000.0, -5.0, 0.5),
+        "b": 1000,  # an int, as a numeric parameter with an int default reads it
+        "c": 3e-4,
+        "d": "left",
+    }
+    group = soapdsl.from_config(_model(), "recipe: soap\nargs: {freq: 1e1, eps: '1e-6'}\n").param_groups[0]
+    assert (group["freq"], group["eps"]) == (10, 1e-6) and isinstance(group["freq"], int)
+
+
 def test_a_param_group_value_that_becomes_infinite_is_refused_at_the_next_step():
     model = _model()
     opt = soapdsl.build("adamw", model, lr=1e-3)
