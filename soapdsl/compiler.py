@@ -155,8 +155,9 @@ def _python_value(v: Any) -> Any:
     return v
 
 
-def bind_args(recipe: ir.Recipe, args: Mapping[str, Any]) -> dict[str, Any]:
-    """Header parameter values: the defaults, overridden by ``args``."""
+def bind_args(recipe: ir.Recipe, args: Mapping[str, Any], partial: bool = False) -> dict[str, Any]:
+    """Header parameter values: the defaults, overridden by ``args``; ``partial`` checks the
+    arguments given only, leaving a required parameter unset (None)."""
     values = recipe.defaults()
     for k, v in args.items():
         if k not in values:
@@ -181,7 +182,7 @@ def bind_args(recipe: ir.Recipe, args: Mapping[str, Any]) -> dict[str, Any]:
             v = int(number) if isinstance(default, int) and number.is_integer() and "." not in v else number
         values[k] = v
     missing = [k for k, v in values.items() if v is None]
-    if missing:
+    if missing and not partial:
         raise SoapArgumentError(f"recipe '{recipe.name}' needs argument '{missing[0]}'", recipe.loc)
     return values
 

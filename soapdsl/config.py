@@ -438,7 +438,7 @@ def _check_args(recipe: Any, args: Mapping[str, Any], file: str, marks: Any, pat
                 _loc(file, marks, (*path, k)),
             )
         try:
-            bind_args(recipe, {k: v})
+            bind_args(recipe, {k: v}, partial=True)  # a required parameter may come in a later key
         except SoapError as e:
             raise e.at(_loc(file, marks, (*path, k))) from None
 

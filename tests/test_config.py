@@ -85,6 +85,16 @@ def test_override_where_selector_and_state_dict_identity():
     assert a.plan.fingerprint != b.plan.fingerprint
 
 
+def test_a_recipe_with_required_parameters_builds_from_a_config():
+    """Each argument was checked on its own, as if it were the only one given, so every other
+    required parameter was missing: `recipe 'r' needs argument 'beta'` with beta in args."""
+    text = "recipe: 'recipe r(lr, beta) = momentum(beta) |> lr'\nargs: {lr: 0.1, beta: 0.8}\n"
+    group = soapdsl.from_config(make_net(), text).param_groups[0]
+    assert (group["lr"], group["beta"]) == (0.1, 0.8)
+    err = config_error(text.replace(", beta: 0.8", ""), SoapArgumentError)
+    assert err.message == "recipe 'r' needs argument 'beta'" and (err.loc.line, err.loc.col) == (1, 10)
+
+
 # -- bad configs: one plain error, located -------------------------------------------------------
 
 

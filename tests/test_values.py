@@ -261,8 +261,11 @@ def test_yaml_number_text_still_works():
 
 @pytest.mark.parametrize(
     "recipe",
-    ["momentum(beta) |> scale(f) |> lr"],  # an inline pipeline: the arguments declare its parameters
-    ids=["inline"],
+    [
+        "momentum(beta) |> scale(f) |> lr",  # an inline pipeline: the arguments declare its parameters
+        "recipe r(lr, beta, f) = momentum(beta) |> scale(f) |> lr",  # required parameters: no default
+    ],
+    ids=["inline", "required"],
 )
 def test_yaml_number_text_is_a_number_without_a_default_too(recipe):
     """`beta: 9e-1` reached the stage as the string "9e-1" (`expected a number, got a string`)
