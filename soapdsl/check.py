@@ -321,7 +321,8 @@ def _pydantic_message(err: Mapping[str, Any]) -> str:
 
 def _pipeline(p: A.Pipeline, scope: _Scope) -> ir.Pipeline:
     out: list[ir.Stage] = []
-    labels: dict[str, Loc] = {}  # label -> where it is written, for this pipeline's stages
+    # label -> where it is written, and the macro use that gave it, for this pipeline's stages
+    labels: dict[str, tuple[Loc, str]] = {}
     stages = list(p.stages)
     i = 0
     while i < len(stages):
@@ -375,15 +376,31 @@ def _pipeline(p: A.Pipeline, scope: _Scope) -> ir.Pipeline:
             # the stage's own `as NAME`, or one inside the macro it expands to
             own = j == len(out) - 1 and stage.label == s.label
             where = _label_loc(s) if own else stage.loc
+            use = "" if own else f"in macro '{s.name}' used at {s.loc}"
             if stage.label in labels:
+                first, first_use = labels[stage.label]
+                notes = [use] if use else []
+                if use and first_use and first == where:  # the same macro's label, from two uses
+                    notes.append(_relabel_hint(s.name, stage.label, last=j == len(out) - 1))
                 raise SoapRecipeError(
-                    f"label '{stage.label}' is given twice in this pipeline (first at {labels[stage.label]})",
+                    f"label '{stage.label}' is given twice in this pipeline"
+                    f" (first at {first}{', ' + first_use if first_use else ''})",
                     where,
-                    notes=() if own else [f"in macro '{s.name}' used at {s.loc}"],
+                    notes=notes,
                 )
-            labels[stage.label] = where
+            labels[stage.label] = (where, use)
         i += 1
     return ir.Pipeline(tuple(out), p.loc)
+
+
+def _relabel_hint(macro: str, label: str, last: bool) -> str:
+    """How to use twice, in one pipeline, a macro that labels one of its stages."""
+    fix = (
+        f"give one use a label of its own (`{macro} as {label}2`), which replaces it"
+        if last
+        else "use it once per pipeline (a scope's block is a pipeline of its own)"
+    )
+    return f"each use of macro '{macro}' labels a stage '{label}', and a label names one stage: {fix}"
 
 
 def _label_loc(s: A.Stage) -> Loc:

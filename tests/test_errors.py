@@ -652,6 +652,30 @@ def test_a_label_inside_a_macro_twice_notes_the_use():
     assert info.value.notes == ("in macro 'm' used at <inline>:2:40",)
 
 
+def test_a_macro_that_labels_a_stage_used_twice_says_so():
+    """The error said `first at` the very place it pointed at: both uses label the stage the
+    macro's body writes."""
+    source = "macro m = momentum(0.9) as s\nrecipe r(lr=1) = m |> sign |> m\n"
+    with pytest.raises(SoapRecipeError) as info:
+        library.resolve(source)
+    err = info.value
+    assert (
+        err.message
+        == "label 's' is given twice in this pipeline (first at <inline>:1:11, in macro 'm' used at <inline>:2:18)"
+    )
+    assert (err.loc.line, err.loc.col) == (1, 11)
+    assert err.notes == (
+        "in macro 'm' used at <inline>:2:31",
+        "each use of macro 'm' labels a stage 's', and a label names one stage: give one use a label of its own"
+        " (`m as s2`), which replaces it",
+    )
+    library.resolve(source.replace("|> m\n", "|> m as s2\n"))
+    # a label inside the expansion cannot be replaced
+    with pytest.raises(SoapRecipeError) as info:
+        library.resolve("macro m = momentum(0.9) as s |> sign\nrecipe r(lr=1) = m |> m\n")
+    assert info.value.notes[-1].endswith("use it once per pipeline (a scope's block is a pipeline of its own)")
+
+
 def test_an_inner_label_may_shadow_an_outer_one():
     library.resolve("sign as m |> rotate(left) { momentum(0.9) as m |> sign |> graft(norm, from=m) }")
 
