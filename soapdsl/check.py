@@ -70,6 +70,8 @@ class _Scope:
     #: inside a scope's body: "" outside any, "block" in a ``scope(...) { ... }``, "bare" in a
     #: scope that runs to the end of its pipeline
     in_scope_body: str = ""
+    #: labels of earlier stages of the pipelines around this one, where each is written
+    labels: Mapping[str, Loc] = field(default_factory=dict)
 
 
 # -- values ---------------------------------------------------------------------------------
@@ -329,20 +331,23 @@ def _pipeline(p: A.Pipeline, scope: _Scope) -> ir.Pipeline:
         s = stages[i]
         before = len(out)
         cls = registry.get(s.name)
+        visible = {**scope.labels, **{k: where for k, (where, _) in labels.items()}}
         if cls is not None:
             args = _bind(cls, s, scope)
+            _check_label_names(cls, s, scope, visible)
             validate_args(cls, args, scope.env, s.loc, scope.names)
             body = None
             if cls.kind == "scope":
                 if s.block is not None:
-                    body = _pipeline(s.block, _Scope(scope.names, scope.env, scope.macros, scope.stack, "block"))
+                    inside = _Scope(scope.names, scope.env, scope.macros, scope.stack, "block", visible)
+                    body = _pipeline(s.block, inside)
                 else:  # bare form: the scope runs to the end of the pipeline
                     rest = stages[i + 1 :]
                     if not rest:
                         raise SoapRecipeError(f"scope '{s.name}' has nothing inside it", s.loc)
                     body = _pipeline(
                         A.Pipeline(tuple(rest), rest[0].loc),
-                        _Scope(scope.names, scope.env, scope.macros, scope.stack, "bare"),
+                        _Scope(scope.names, scope.env, scope.macros, scope.stack, "bare", visible),
                     )
                     i = len(stages)
             elif s.block is not None:
@@ -364,7 +369,7 @@ def _pipeline(p: A.Pipeline, scope: _Scope) -> ir.Pipeline:
                 )
             out.append(ir.Stage(cls.__dict__.get("name", s.name), args, body, s.label, False, scope.stack, s.loc))
         elif s.name in scope.macros.macros:
-            out.extend(_expand(scope.macros.macros[s.name], s, scope))
+            out.extend(_expand(scope.macros.macros[s.name], s, scope, labels=visible))
         else:
             candidates = list(registry.all_ops()) + list(scope.macros.macros)
             raise SoapNameError(
@@ -401,6 +406,39 @@ def _relabel_hint(macro: str, label: str, last: bool) -> str:
         else "use it once per pipeline (a scope's block is a pipeline of its own)"
     )
     return f"each use of macro '{macro}' labels a stage '{label}', and a label names one stage: {fix}"
+
+
+def _check_label_names(cls: type[registry.Op], s: A.Stage, scope: _Scope, labels: Mapping[str, Loc]) -> None:
+    """Refuse an argument that names a stage's label (graft's ``from=m``) with a name that is
+    also a parameter in scope: the name is read as the parameter, so the label cannot be
+    reached, and the parameter's value (a number, mostly) was refused as no label."""
+    fields = list(registry.public_fields(cls.Args))
+    positional = iter(fields)
+    for a in s.args:
+        fname = a.name if a.name is not None else next(positional, None)
+        e = a.value
+        if fname is None or not isinstance(e, A.Name) or e.id not in scope.names or e.id not in labels:
+            continue
+        if not _takes_text(_annotation(cls, fname)):
+            continue
+        bound = scope.names[e.id]
+        known = not isinstance(bound, ir.PipeVal) and all(scope.env.get(r) is not None for r in bound.refs())
+        value = f" (= {ir.const_text(bound.evaluate(scope.env))})" if known else ""
+        raise SoapNameError(
+            f"{fname}={e.id} reads the parameter '{e.id}'{value}, not the stage labelled '{e.id}'"
+            f" at {labels[e.id]}: a name in an argument is a parameter first; rename the label"
+            " (or the parameter)",
+            e.loc,
+        )
+
+
+def _takes_text(annotation: Any) -> bool:
+    """Whether a field takes free text (a label), not only a choice among words."""
+    if annotation is str:
+        return True
+    if get_origin(annotation) in (Union, UnionType, Annotated):
+        return any(_takes_text(a) for a in get_args(annotation))
+    return False
 
 
 def _label_loc(s: A.Stage) -> Loc:
@@ -453,9 +491,12 @@ def _recipe_hint(name: str) -> list[str]:
     ]
 
 
-def _expand(macro: A.Macro, call: A.Stage, scope: _Scope, used: bool = True) -> list[ir.Stage]:
+def _expand(
+    macro: A.Macro, call: A.Stage, scope: _Scope, used: bool = True, labels: Mapping[str, Loc] | None = None
+) -> list[ir.Stage]:
     """The stages a macro call stands for; ``used`` is False when a macro is checked on its
-    own, where it is defined (errors then get no "used at" note: there is no use)."""
+    own, where it is defined (errors then get no "used at" note: there is no use). ``labels``
+    are those its stages see, before the call."""
     if macro.name in scope.stack:
         chain = " -> ".join((*scope.stack[scope.stack.index(macro.name) :], macro.name))
         raise SoapRecipeError(f"macro '{macro.name}' expands into itself ({chain})", call.loc)
@@ -493,7 +534,7 @@ def _expand(macro: A.Macro, call: A.Stage, scope: _Scope, used: bool = True) -> 
                 raise SoapArgumentError(f"macro '{macro.name}' needs argument '{p.name}'", call.loc)
             bound[p.name] = ir.Const(constant(p.default), p.loc)
     # substituted values refer to the recipe's parameters, so validation keeps the recipe's env
-    inner = _Scope(bound, scope.env, scope.macros, (*scope.stack, macro.name), scope.in_scope_body)
+    inner = _Scope(bound, scope.env, scope.macros, (*scope.stack, macro.name), scope.in_scope_body, labels or {})
     try:
         body = _pipeline(macro.body, inner)
     except SoapError as e:

@@ -374,6 +374,22 @@ SOURCES = [
         r"label 'a' is given twice in this pipeline \(first at <inline>:2:23\)",
         "2:33",
     ),
+    # a name in an argument is a parameter first: a label of the same name cannot be read by it
+    (
+        "label-named-like-a-parameter",
+        R + "  route default: momentum(beta) as beta |> sign |> graft(norm, from=beta)\n",
+        SoapNameError,
+        r"^from=beta reads the parameter 'beta' \(= 0\.9\), not the stage labelled 'beta' at <inline>:2:36:"
+        r" a name in an argument is a parameter first; rename the label \(or the parameter\)$",
+        "2:69",
+    ),
+    (
+        "label-named-like-a-macro-parameter",
+        "macro m(b=0.9) = momentum(b) as b |> rotate(left) { sign |> graft(norm, from=b) }\nrecipe r(lr=1) = m\n",
+        SoapNameError,
+        r"^from=b reads the parameter 'b' \(= 0\.9\), not the stage labelled 'b' at <inline>:1:33:",
+        "1:78",
+    ),
 ]
 
 
@@ -674,6 +690,16 @@ def test_a_macro_that_labels_a_stage_used_twice_says_so():
     with pytest.raises(SoapRecipeError) as info:
         library.resolve("macro m = momentum(0.9) as s |> sign\nrecipe r(lr=1) = m |> m\n")
     assert info.value.notes[-1].endswith("use it once per pipeline (a scope's block is a pipeline of its own)")
+
+
+def test_a_label_named_like_a_parameter_is_fine_while_no_argument_names_it():
+    library.resolve(R + "  route default: momentum(beta) as beta |> sign |> lr\n")
+
+
+def test_a_label_named_like_a_required_parameter_shows_no_value():
+    with pytest.raises(SoapNameError) as info:
+        library.resolve("recipe r(lr=1, m) = momentum(0.9) as m |> graft(norm, from=m)")
+    assert info.value.message.startswith("from=m reads the parameter 'm', not the stage labelled 'm' at <inline>:1:38:")
 
 
 def test_an_inner_label_may_shadow_an_outer_one():
