@@ -87,8 +87,9 @@ def _pick(
     name: str | None,
     params: Mapping[str, Any],
     default: str | None = None,
+    text: bool = False,
 ) -> ir.Recipe:
-    """The recipe a source stands for.
+    """The recipe a source stands for (``text``: recipe text, not a file).
 
     ``name`` is the one the user asked for (``file.soap::NAME``): it must be defined, even
     when the file holds a single recipe. Without it a single recipe (or a bare pipeline) is
@@ -118,6 +119,11 @@ def _pick(
         return recipes[0]
     if default in names:
         return recipes[names.index(default)]
+    if text:  # no path to put '::NAME' after
+        raise SoapNameError(
+            f"{module.file} defines several recipes ({', '.join(names)}); recipe text stands for one:"
+            " keep one, or save them in a .soap file and name one as 'FILE.soap::NAME'"
+        )
     raise SoapNameError(
         f"{module.file} defines several recipes ({', '.join(names)}); name one as '{module.file}::NAME'"
     )
@@ -184,4 +190,4 @@ def _from_file(text: str, params: Mapping[str, Any]) -> ir.Recipe:
 def _from_text(spec: str, params: Mapping[str, Any], file: str = "<inline>") -> ir.Recipe:
     module = parse(spec, file)
     recipes, macros = check_module(module)
-    return _pick(module, recipes, macros, None, params)
+    return _pick(module, recipes, macros, None, params, text=True)

@@ -64,6 +64,15 @@ def test_a_shipped_name_with_a_recipe_name():
     assert err.message.startswith("unknown recipe 'adamww'; did you mean 'adamw'?")
 
 
+def test_recipe_text_with_several_recipes_is_not_told_to_name_one_after_a_path():
+    """It was told to `name one as '<inline>::NAME'`, which no recipe argument can spell."""
+    err = raises(SoapNameError, soapdsl.compile, "recipe fast(lr=1) = sign\nrecipe slow(lr=1) = sign\n", params())
+    assert err.message == (
+        "<inline> defines several recipes (fast, slow); recipe text stands for one: keep one, or save them"
+        " in a .soap file and name one as 'FILE.soap::NAME'"
+    )
+
+
 # -- directories and byte-order marks ------------------------------------------------------------
 
 
