@@ -333,8 +333,17 @@ def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(param_dtype, torch.float32)
 
 
+def is_empty(shape: tuple[int, ...]) -> bool:
+    """Whether a parameter of ``shape`` has no elements (a zero-size dimension): it has nothing
+    to update, so the runtime never steps it and it keeps no state (torch's optimizers step
+    one as a no-op); a 0-d parameter is not empty."""
+    return 0 in shape
+
+
 def op_state_bytes(ops: Iterable[registry.Op], shape: tuple[int, ...], dtype: torch.dtype, leads: Any = None) -> int:
     """State bytes of one parameter; ``leads(op)`` says whether it holds the op's shared state."""
+    if is_empty(shape):
+        return 0
     total = 0
     for op, seen in walk_shaped(ops, shape):
         for spec in op.state(seen).values():
@@ -601,6 +610,8 @@ def compile_plan(
                     notes=[f"it was routed by 'route {rp.selector}' (route {rp.index})"],
                 )
             notes += op.notes(seen)
+        if is_empty(shape):
+            notes = ["empty: never stepped, no state"]
         rp.params.append(ParamEntry(name, shape, t.dtype, rp.index, 0, notes))
         rp.tensors.append(t)
     for rp in routes:

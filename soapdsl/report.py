@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from soapdsl import ir, registry
-from soapdsl.compiler import FORMAT_VERSION, RoutePlan, op_state_bytes, state_dtype, walk_ops
+from soapdsl.compiler import FORMAT_VERSION, RoutePlan, is_empty, op_state_bytes, state_dtype, walk_ops
 from soapdsl.runtime.fsdp import how_sharded
 
 if TYPE_CHECKING:
@@ -58,7 +58,8 @@ def _stage_json(path: str, stage: ir.Stage) -> dict[str, Any]:
 
 def _state_rows(rp: RoutePlan) -> list[tuple[str, str]]:
     rows = []
-    shape = rp.params[0].shape if rp.params else None
+    # the state of the route's first parameter that keeps any (an empty one keeps none)
+    shape = next((e.shape for e in rp.params if not is_empty(e.shape)), None)
     for op in walk_ops(rp.ops):
         if shape is None:
             continue
@@ -76,6 +77,8 @@ def share_groups(rp: RoutePlan) -> dict[str, list[list[str]]]:
             continue
         groups: dict[str, list[str]] = {}
         for e in rp.params:
+            if is_empty(e.shape):
+                continue  # never stepped: it shares nothing
             groups.setdefault(op.share_key(e.name), []).append(e.name)
         shared = [members for members in groups.values() if len(members) > 1]
         if shared:
@@ -93,6 +96,8 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     for rp in plan.routes:
         buckets: dict[str, int] = {}
         for p in rp.params:
+            if is_empty(p.shape):
+                continue  # never stepped, so in no batch
             buckets[str(list(p.shape))] = buckets.get(str(list(p.shape)), 0) + 1
         routes.append(
             {

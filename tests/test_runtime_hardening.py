@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import re
+import zlib
 
 import numpy as np
 import pytest
@@ -372,6 +374,104 @@ def test_parameters_of_other_than_real_float_dtypes_are_refused(dtype):
         soapdsl.build("adam", [("w", w)])
     with pytest.raises(SoapArgumentError, match="real floating-point parameters only"):
         soapdsl.apply("newton_schulz", torch.ones(3, 3).to(dtype))
+
+
+# -- empty parameters ------------------------------------------------------------------------------
+
+#: square, tall and wide matrices and a vector, in two blocks (soap_muon_shared shares a basis
+#: between them), and empty ones among them: a zero-size dimension anywhere, two empty ones in
+#: one share group
+_FULL = {
+    "blocks.0.fc.weight": (6, 4),
+    "blocks.1.fc.weight": (6, 4),
+    "blocks.0.proj.weight": (4, 6),
+    "blocks.0.sq.weight": (5, 5),
+    "blocks.0.fc.bias": (4,),
+}
+_EMPTY = {
+    "blocks.0.conv.weight": (3, 0, 2),
+    "blocks.0.head.weight": (0, 5),
+    "blocks.1.head.weight": (0, 5),
+    "blocks.0.tall.weight": (5, 0),
+    "blocks.0.gate.bias": (0,),
+}
+
+
+def _with_empties(empty: bool) -> list[tuple[str, torch.nn.Parameter]]:
+    g = torch.Generator().manual_seed(0)
+    full = [(n, torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64))) for n, s in _FULL.items()]
+    if not empty:
+        return full
+    empties = [(n, torch.nn.Parameter(torch.zeros(s, dtype=torch.float64))) for n, s in _EMPTY.items()]
+    return [item for pair in zip(empties, full, strict=True) for item in pair]  # one before each
+
+
+def _steps(params: list[tuple[str, torch.nn.Parameter]], opt: torch.optim.Optimizer, steps: range) -> None:
+    for k in steps:
+        for name, p in params:
+            g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{k}".encode()))
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+        opt.step()
+
+
+@pytest.mark.parametrize("recipe", soapdsl.library.shipped_names())
+def test_empty_parameters_are_stepped_as_a_no_op_beside_the_others(recipe):
+    """A zero-size dimension crashed the first step of the rotating recipes, shampoo and muon
+    inside their matrix work (reshape, eigh). torch's optimizers step an empty parameter as a
+    no-op: here it takes no part in the step and keeps no state, the other parameters move
+    exactly as without it, and a checkpoint taken mid-run continues bit for bit."""
+    args = {"freq": 2} if "freq" in soapdsl.library.shipped(recipe).defaults() else {}
+    plain, mixed = _with_empties(False), _with_empties(True)
+    opt_plain, opt_mixed = soapdsl.build(recipe, plain, **args), soapdsl.build(recipe, mixed, **args)
+    _steps(plain, opt_plain, range(3))
+    _steps(mixed, opt_mixed, range(3))
+    sd = opt_mixed.state_dict()
+    empties = {name: p for name, p in mixed if p.numel() == 0}
+    assert not any(p in opt_mixed.state for p in empties.values())
+    by_index = [p for g in opt_mixed.param_groups for p in g["params"]]  # the state dict's keys
+    assert sorted(sd["state"]) == [i for i, p in enumerate(by_index) if p.numel()]
+    resumed = [(n, torch.nn.Parameter(p.detach().clone())) for n, p in mixed]
+    opt_resumed = soapdsl.build(recipe, resumed, **args)
+    opt_resumed.load_state_dict(copy.deepcopy(sd))
+    _steps(plain, opt_plain, range(3, 6))
+    _steps(mixed, opt_mixed, range(3, 6))
+    _steps(resumed, opt_resumed, range(3, 6))
+    moved = dict(plain)
+    for name, p in mixed:
+        if name in empties:
+            assert p.shape == _EMPTY[name]
+        else:
+            assert torch.equal(p, moved[name]), name
+            assert not torch.equal(p, dict(_with_empties(False))[name]), name
+    for (name, p), (_, q) in zip(mixed, resumed, strict=True):
+        assert torch.equal(p, q), name
+    assert opt_resumed.state_dict()["state"].keys() == opt_mixed.state_dict()["state"].keys()
+
+
+def test_the_plan_gives_an_empty_parameter_no_state_and_says_so():
+    plan = soapdsl.compile("soap", [(n, torch.empty(s, device="meta")) for n, s in {**_FULL, **_EMPTY}.items()])
+    entries = {e.name: e for e in plan.params}
+    for name in _EMPTY:
+        assert entries[name].state_bytes == 0 and entries[name].notes == ["empty: never stepped, no state"]
+    assert all(entries[name].state_bytes > 0 for name in _FULL)
+    (route,) = plan.to_dict()["routes"]
+    assert route["buckets"] == {"[6, 4]": 2, "[4, 6]": 1, "[5, 5]": 1, "[4]": 1}
+    # the state rows show the first parameter that keeps any
+    assert re.search(r"0\.rotate\.GG0 +\[6, 6\]", plan.to_text())
+
+
+def test_state_a_checkpoint_holds_for_an_empty_parameter_is_dropped():
+    """adam stepped empty parameters before and saved their (empty) moments and step."""
+    w, e = torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.zeros(0, 2))
+    opt = soapdsl.build("adam", [("w", w), ("e", e)])
+    w.grad, e.grad = torch.ones(3, 2), torch.zeros(0, 2)
+    opt.step()
+    sd = opt.state_dict()
+    sd["state"][1] = {"step": torch.tensor(1.0), "0.adam.m": torch.zeros(0, 2), "junk": 1}
+    opt.load_state_dict(sd)
+    assert e not in opt.state and float(opt.state[w]["step"]) == 1
+    opt.step()
+    assert list(opt.state_dict()["state"]) == [0]
 
 
 # -- hand-edited state dicts ---------------------------------------------------------------------

@@ -29,6 +29,7 @@ from soapdsl.compiler import (
     Plan,
     RoutePlan,
     is_dtensor,
+    is_empty,
     selector_names,
     state_dtype,
     walk_ops,
@@ -277,6 +278,12 @@ class SoapOptimizer(torch.optim.Optimizer):
         self._names: dict[int, str] = {
             id(t): e.name for rp in self._routes for t, e in zip(rp.tensors, rp.params, strict=True)
         }
+        # parameters that have nothing to update (a zero-size dimension): a step leaves them out
+        # and they keep no state. Read from the plan, whose shapes are whole where a tensor
+        # stepped here may be an FSDP2 rank's rows, of which a rank may hold none
+        self._empty = frozenset(
+            id(t) for rp in self._routes for t, e in zip(rp.tensors, rp.params, strict=True) if is_empty(e.shape)
+        )
         self._sealed = True
         # a copy or an unpickled optimizer steps alone: its state is whole on every rank
         self._split = None
@@ -533,7 +540,9 @@ class SoapOptimizer(torch.optim.Optimizer):
             new_state = OptimizerState()
             for key, value in state_dict["state"].items():
                 p = id_map[key]
-                new_state[p] = self._load_param_state(p, value)  # type: ignore[index]
+                loaded = self._load_param_state(p, value)
+                if loaded or id(p) not in self._empty:
+                    new_state[p] = loaded  # type: ignore[index]
         for saved, group, compared in zip(saved_groups, self.param_groups, self._compared, strict=True):
             skip = {"params", *compared}  # equal to the checkpoint's (checked): the build's objects stay
             for k, v in saved.items():
@@ -671,6 +680,8 @@ class SoapOptimizer(torch.optim.Optimizer):
                 " state dict is one rank's share. Load it into the sharded optimizer, go through"
                 " torch.distributed.checkpoint's dcp.save and dcp.load, or save opt.full_state_dict()"
             )
+        if id(p) in self._empty:
+            return out  # never stepped, it keeps no state: what a checkpoint holds for it is dropped
         for key, value in saved.items():
             if key == "step":
                 out[key] = _load_step(name, value)
@@ -781,15 +792,20 @@ class SoapOptimizer(torch.optim.Optimizer):
                 f"param_group['params'] of route '{rp.selector}' holds a tensor twice or one the"
                 f" optimizer was not built with: {_GROUPS_ARE_ROUTES}"
             )
+        stepped = []
         for p in active:
             if p.grad.is_sparse:
                 raise SoapArgumentError(
                     f"parameter '{self._names.get(id(p))}' has a sparse gradient, which soapdsl does not support"
                 )
+            if id(p) in self._empty:
+                continue  # nothing to update: it takes no part in the step and keeps no state
             if not self.state[p]:
                 self._init_state(rp, p)
             else:
                 self._check_state_fits(rp, p)
+            stepped.append(p)
+        active = stepped
         by_step: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         for p in active:
             st = self.state[p]
