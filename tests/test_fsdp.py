@@ -735,3 +735,64 @@ def test_hyperparameters_that_differ_between_ranks_stop_every_rank(tmp_path):
     for rank, r in enumerate(spawn(_lr_on_one_rank, tmp_path)):
         assert r.get("error") == "SoapStateError", r
         assert r["message"].startswith("error: FSDP2: route ") and f"on rank {rank} and lr=" in r["message"], r
+
+
+class _WithEmpties(_Net):
+    """_Net and empty parameters: rows of nothing (a 0 x 16 weight, an empty bias) and a 5 x 0
+    weight whose rows the ranks split; they take no part in the model's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.none = torch.nn.Linear(16, 0)
+        self.thin = torch.nn.Linear(0, 5, bias=False)
+
+
+def _empties(seed: int = 0, world: int = WORLD) -> _WithEmpties:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(seed)
+    model = _WithEmpties()
+    if world:
+        mesh = init_device_mesh("cpu", (world,))
+        for b in model.blocks:
+            fully_shard(b, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    return model
+
+
+EMPTY_CASES = {"adamw": {}, "soap": {"freq": 2}, "muon": {}}
+
+
+def _train_with_empties(rank: int, steps: int) -> dict:
+    out = {}
+    for recipe, kw in EMPTY_CASES.items():
+        model = _empties()
+        opt = soapdsl.build(recipe, model, **kw)
+        _steps(model, opt, range(steps))
+        whole = opt.full_state_dict()
+        out[recipe] = {"params": [p.full_tensor() for p in model.parameters()], "keys": sorted(whole["state"])}
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+def test_empty_parameters_are_left_out_on_every_rank(tmp_path):
+    """An empty parameter is stepped by no rank and keeps no state, as in one process; a rank
+    that holds no rows of a parameter that is not empty still steps it (runtime/fsdp.py)."""
+    steps = 3
+    ranks = spawn(_train_with_empties, tmp_path, steps)
+    assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
+    with one_thread():
+        for recipe, kw in EMPTY_CASES.items():
+            model = _empties(world=0)
+            opt = soapdsl.build(recipe, model, **kw)
+            for step in range(steps):
+                for p, g in zip(model.parameters(), _grads(step, model), strict=True):
+                    p.grad = g
+                opt.step()
+            keys = sorted(opt.state_dict()["state"])
+            assert len(keys) == sum(1 for p in model.parameters() if p.numel())
+            for r in ranks:
+                assert r[recipe]["keys"] == keys, recipe
+                for p, q in zip(model.parameters(), r[recipe]["params"], strict=True):
+                    assert torch.equal(p.detach(), q), recipe

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from soapdsl.compiler import FORMAT_VERSION, Plan, RoutePlan, is_dtensor, walk_ops, walk_shaped
+from soapdsl.compiler import FORMAT_VERSION, Plan, RoutePlan, is_dtensor, is_empty, walk_ops, walk_shaped
 from soapdsl.errors import SoapArgumentError, SoapError, SoapStateError
 from soapdsl.runtime.dist import Splitter
 from soapdsl.runtime.state import OptimizerState
@@ -146,6 +146,8 @@ class Sharded:
             proxies: list[torch.Tensor] = []
             tensors: list[Any] = rp.tensors
             for i, t in enumerate(tensors):
+                if is_empty(tuple(t.shape)):
+                    continue  # nothing to update: no rank steps it (as one process does not)
                 if not is_dtensor(t):
                     proxy: torch.Tensor | None = t
                 elif local_route:
@@ -550,11 +552,11 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 def _units(rp: RoutePlan) -> list[list[int]]:
     """The route's parameters in groups that one rank must step together: each alone, but the
     members of a share group (state shared between them) together, and the whole route when a
-    stage reduces over all of its parameters."""
+    stage reduces over all of its parameters. An empty parameter is in none: it is never stepped."""
     n = len(rp.params)
     ops = list(walk_ops(rp.ops))
     if any(op.reduces_over_route() for op in ops):
-        return [list(range(n))]
+        return [[i for i, e in enumerate(rp.params) if not is_empty(e.shape)]]
     parent = list(range(n))
 
     def find(i: int) -> int:
@@ -575,5 +577,6 @@ def _units(rp: RoutePlan) -> list[list[int]]:
                 first[key] = i
     units: dict[int, list[int]] = {}
     for i in range(n):
-        units.setdefault(find(i), []).append(i)
+        if not is_empty(rp.params[i].shape):
+            units.setdefault(find(i), []).append(i)
     return list(units.values())
