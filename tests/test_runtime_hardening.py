@@ -638,3 +638,100 @@ def test_a_float_argument_past_float32_is_refused_at_build_and_at_the_step(alpha
         opt.step()
     opt.param_groups[0]["alpha"] = 3e38  # the largest float32 and below still work
     opt.step()
+
+
+# -- step factors past a parameter's dtype ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("recipe", "args", "dtype", "message", "col"),
+    [
+        (
+            "scale(1e20) |> lr",
+            {"lr": 1e20},
+            torch.float32,
+            r"^'lr' would step parameter 'weight' by -1e\+40 times its update, past the largest float32"
+            r" \(3\.403e\+38\): param_group\['lr'\] of route 'default' is 1e\+20, times 1e\+20, the factor that"
+            r" stages before 'lr' \(such as scale and bias_correct\) fold into the update on the host; lower the"
+            r" learning rate or those factors$",
+            16,
+        ),
+        (
+            "sign |> lr",
+            {"lr": 1e5},
+            torch.float16,
+            r"^'lr' would step parameter 'weight' by -1e\+05 times its update, past the largest float16 \(6\.55e\+04\):"
+            r" param_group\['lr'\] of route 'default' is 100000\.0; lower the learning rate$",
+            9,
+        ),
+        (
+            "scale(1e30) |> scale(1e30) |> clip(1.0) |> lr",
+            {"lr": 1.0},
+            torch.float32,
+            r"^the update of parameter 'weight' carries before 'clip' a factor of 1e\+60, past the largest float32"
+            r" \(3\.403e\+38\): the product of the factors that stages such as scale and bias_correct fold into it",
+            31,
+        ),
+        (
+            "decay(1e5, lr_scaled=false) |> sign |> lr",
+            {"lr": 1e-3},
+            torch.float16,
+            r"^'decay' would multiply parameter 'weight' by 1 - weight_decay = -1e\+05, past the largest float16"
+            r" \(6\.55e\+04\): weight_decay is 1e\+05; lower the weight decay$",
+            1,
+        ),
+    ],
+)
+def test_a_step_factor_past_the_parameters_dtype_is_refused_by_its_stage(recipe, args, dtype, message, col):
+    """lr and every factor are each at most the largest float32, but their product need not be:
+    torch refused the step size as an alpha ("value cannot be converted to type float without
+    overflow"), and multiplied by a decay or a folded factor as by an infinity."""
+    model = torch.nn.Linear(3, 2).to(dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = soapdsl.build(recipe, model, **args)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(SoapArgumentError) as info:
+        opt.step()
+    assert re.match(message, info.value.message), info.value.message
+    assert (info.value.loc.file, info.value.loc.line, info.value.loc.col) == ("<inline>", 1, col)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_adamw_whose_decay_factor_overflows_leaves_the_fused_kernel_for_the_stages_check():
+    """torch's fused AdamW kernel multiplied the parameters by 1 - lr * wd = -1e40: -inf, silently."""
+    model = torch.nn.Linear(3, 2)
+    opt = soapdsl.build("adamw", model, lr=1e20, weight_decay=1e20)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(
+        SoapArgumentError,
+        match=r"'decay' would multiply parameter 'weight' by 1 - weight_decay \* lr = -1e\+40, past the largest"
+        r" float32 \(3\.403e\+38\): weight_decay is 1e\+20 and param_group\['lr'\] of route 'default' is 1e\+20;"
+        r" lower the weight decay or the learning rate",
+    ) as info:
+        opt.step()
+    assert info.value.loc.file == "recipes/prelude.soap"
+    assert torch.isfinite(model.weight).all()
+
+
+def test_a_step_factor_set_by_a_scheduler_is_checked_and_one_a_float64_holds_is_applied():
+    """The same recipe and lr: refused once lr makes the step size overflow float32, applied
+    exactly in float64, which holds it."""
+    text = "scale(1e20) |> lr"
+    model = torch.nn.Linear(3, 2)
+    opt = soapdsl.build(text, model, lr=1.0)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.param_groups[0]["lr"] = 1e20
+    with pytest.raises(SoapArgumentError, match=r"param_group\['lr'\] of route 'default' is 1e\+20, times 1e\+20"):
+        opt.step()
+    wide = torch.nn.Linear(3, 2).double()
+    start = [p.detach().clone() for p in wide.parameters()]
+    opt = soapdsl.build(text, wide, lr=1e20)
+    for p in wide.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    opt.step()
+    for p, p0 in zip(wide.parameters(), start, strict=True):
+        assert torch.equal(p, p0 - 1e40 * 0.5)

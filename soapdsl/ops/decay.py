@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from soapdsl.ir import const_text
 from soapdsl.registry import Hyper, Op, OpArgs, register
-from soapdsl.runtime.context import Ctx, Val
+from soapdsl.runtime.context import FITS_EVERY_DTYPE, Ctx, Val
 
 
 class DecayArgs(OpArgs):
@@ -51,5 +52,27 @@ class Decay(Op):
         if wd == 0:
             return x
         rate = wd * ctx.group["lr"] if self.args.lr_scaled else wd  # type: ignore[attr-defined]
+        if not abs(1.0 - rate) <= FITS_EVERY_DTYPE:
+            self._check_factor(ctx, wd, 1.0 - rate)
         ctx.scale_params(1.0 - rate)
         return x
+
+    def _check_factor(self, ctx: Ctx, wd: float, factor: float) -> None:
+        """Refuse a decay factor that a parameter's dtype cannot hold (it would multiply the
+        parameter by an infinity): weight_decay and lr are each a float32, their product need not be."""
+        route = ctx.group.get("route")
+        if self.args.lr_scaled:  # type: ignore[attr-defined]
+            lr = f"param_group['lr'] of route '{route}'" if route is not None else "lr"
+            what, given = "1 - weight_decay * lr", f"weight_decay is {wd:.4g} and {lr} is {const_text(ctx.group['lr'])}"
+            fix = "the weight decay or the learning rate"
+        else:
+            what, given, fix = "1 - weight_decay", f"weight_decay is {wd:.4g}", "the weight decay"
+        ctx.check_factor(
+            factor,
+            None,
+            lambda name, dtype, top: (
+                f"'decay' would multiply parameter '{name}' by {what} = {factor:.4g}, past the largest"
+                f" {dtype} ({top:.4g}): {given}; lower {fix}"
+            ),
+            getattr(self, "loc", None),
+        )

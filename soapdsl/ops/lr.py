@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from soapdsl.ir import const_text
 from soapdsl.registry import Op, OpArgs, register
-from soapdsl.runtime.context import Ctx, Val
+from soapdsl.runtime.context import FITS_EVERY_DTYPE, Ctx, Val
 
 
 @register
@@ -37,8 +38,33 @@ class Lr(Op):
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
         alpha = -ctx.group["lr"] * ctx.scale
+        if not abs(alpha) <= FITS_EVERY_DTYPE:
+            self._check_step(ctx, alpha)
         if x.denom is not None:  # x / denom from rms_normalize: one fused addcdiv, as torch does
             ctx.addcdiv_to_params(x.ts, x.denom, alpha)
         else:
             ctx.add_to_params(x.ts, alpha)
         return x
+
+    def _check_step(self, ctx: Ctx, alpha: float) -> None:
+        """Refuse a step size that a parameter's dtype cannot hold: each of lr and the factors
+        folded into the update is a float32, but their product need not be."""
+        lr, scale = ctx.group["lr"], ctx.scale
+        route = ctx.group.get("route")
+        source = f"param_group['lr'] of route '{route}'" if route is not None else "lr"
+        factors = (
+            ""
+            if scale == 1.0
+            else f", times {scale:.4g}, the factor that stages before 'lr' (such as scale and bias_correct)"
+            " fold into the update on the host"
+        )
+        fix = "the learning rate" if scale == 1.0 else "the learning rate or those factors"
+        ctx.check_factor(
+            alpha,
+            None,
+            lambda name, dtype, top: (
+                f"'lr' would step parameter '{name}' by {alpha:.4g} times its update, past the largest"
+                f" {dtype} ({top:.4g}): {source} is {const_text(lr)}{factors}; lower {fix}"
+            ),
+            getattr(self, "loc", None),
+        )

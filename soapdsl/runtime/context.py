@@ -15,10 +15,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from soapdsl.errors import Loc, SoapArgumentError
+
 if TYPE_CHECKING:
     from soapdsl.registry import Op
     from soapdsl.runtime.dist import Item, Like, Splitter
     from soapdsl.runtime.graphs import GraphCache
+
+
+#: the largest float16, the narrowest dtype of a parameter or a state tensor: a host-side factor
+#: within it fits every tensor it may multiply, so checking one costs a comparison
+FITS_EVERY_DTYPE = 65504.0
 
 
 @dataclass
@@ -185,16 +192,52 @@ class Ctx:
             for p, n, d in zip(params, nums, dens, strict=True):
                 p.add_((n / d).to(p.dtype), alpha=alpha)
 
-    def materialize(self, x: Val) -> Val:
-        """Apply the pending division and scale to the value."""
+    def materialize(self, x: Val, at: Op | None = None) -> Val:
+        """Apply the pending division and scale to the value (``at``: the op about to read it)."""
         x = self.resolve(x)
         if self.scale == 1.0:
             return x
         s, self.scale = self.scale, 1.0
+        if not abs(s) <= FITS_EVERY_DTYPE:
+            before = f" before '{at.name}'" if at is not None else ""
+            self.check_factor(
+                s,
+                x.ts,
+                lambda name, dtype, top: (
+                    f"the update of parameter '{name}' carries{before} a factor of {s:.4g}, past the"
+                    f" largest {dtype} ({top:.4g}): the product of the factors that stages such as"
+                    f" scale and bias_correct fold into it on the host{self._where()}; lower those factors"
+                ),
+                getattr(at, "loc", None),
+            )
         if x.owned:
             torch._foreach_mul_(x.ts, s)
             return x
         return Val(list(torch._foreach_mul(x.ts, s)), True)
+
+    def check_factor(
+        self,
+        factor: float,
+        ts: Sequence[torch.Tensor] | None,
+        message: Callable[[str, str, float], str],
+        loc: Loc | None,
+    ) -> None:
+        """Raise if a tensor cannot hold the host-side ``factor`` that is about to multiply it
+        (torch refuses such a scalar as an ``alpha``, and multiplies by it as by an infinity).
+        The tensors are ``ts``, one per bucket (the value's), or else the parameters themselves;
+        ``message(parameter name, dtype, the dtype's largest value)`` says what went wrong."""
+        if ts is None:
+            items = [(n, p.dtype) for b in self.buckets for n, p in zip(b.names or ["?"] * b.size, b.params)]
+        else:
+            items = [((b.names or ["?"])[0], t.dtype) for b, t in zip(self.buckets, ts, strict=True)]
+        for name, dtype in items:
+            top = torch.finfo(dtype).max
+            if not abs(factor) <= top:
+                raise SoapArgumentError(message(name, str(dtype).removeprefix("torch."), top), loc)
+
+    def _where(self) -> str:
+        route = self.group.get("route")
+        return f" (route '{route}')" if route is not None else ""
 
     def run(self, ops: Sequence[Op], x: Val) -> Val:
         """Run nested ops (a scope's body, a branch); the result has no pending division."""

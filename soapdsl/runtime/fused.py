@@ -20,8 +20,9 @@ must equal the parameter's, every tensor must be a dense CPU or CUDA tensor, and
 and state must be laid out in memory like the parameter (the kernel pairs elements by memory
 position; the moments are allocated in the parameter's layout, as torch.optim's are). Anything
 else (a scheduler setting ``beta1`` apart from ``bias_correct``'s, bf16 parameters with fp32
-state, another device type, a contiguous gradient set by hand on a channels_last weight) runs
-the stage-by-stage path, which gives the same numbers up to rounding. A route opts
+state, another device type, a contiguous gradient set by hand on a channels_last weight, a step
+size or decay factor past the largest float16, which the stages check against the parameters'
+dtypes) runs the stage-by-stage path, which gives the same numbers up to rounding. A route opts
 out with ``[fused=false]``; a ``[compile=true]`` route is compiled instead.
 """
 
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from soapdsl.registry import Op
+from soapdsl.runtime.context import FITS_EVERY_DTYPE
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -61,13 +63,22 @@ class FusedAdam:
         beta1 = self.momentum.hp("beta", group)
         if self.bias.hp("beta1", group) != beta1 or self.bias.hp("beta2", group) != 0:
             return None
-        return {
+        hyper = {
             "lr": float(group["lr"]),
             "beta1": float(beta1),
             "beta2": float(self.rms.hp("beta", group)),
             "weight_decay": float(self.decay.hp("weight_decay", group)) if self.decay is not None else 0.0,
             "eps": float(self.rms.hp("eps", group)),
         }
+        lr = hyper["lr"]
+        # a step size (at most lr / (1 - beta1)) or a decay factor (1 - lr * wd) that a float16
+        # may not hold: the stages check it against the parameters' dtypes (ops/lr.py, ops/decay.py),
+        # where the kernel would write infinities
+        if not lr <= (1.0 - hyper["beta1"]) * FITS_EVERY_DTYPE or (
+            self.kernel == "adamw" and not lr * hyper["weight_decay"] <= FITS_EVERY_DTYPE
+        ):
+            return None
+        return hyper
 
 
 @dataclass

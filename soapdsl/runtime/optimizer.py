@@ -53,7 +53,7 @@ def run_ops(ctx: Ctx, ops: Sequence[Op], x: Val) -> Val:
     and recording the values that later stages read (probes)."""
     for op in ops:
         if op.probes_before:  # type: ignore[attr-defined]
-            x = ctx.materialize(x)
+            x = ctx.materialize(x, op)
             for reader in op.probes_before:  # type: ignore[attr-defined]
                 reader.record(ctx, x)
         if x.denom is not None and not op.passes_quotient:
@@ -64,7 +64,7 @@ def run_ops(ctx: Ctx, ops: Sequence[Op], x: Val) -> Val:
             elif op.scale_invariant and ctx.scale > 0:
                 ctx.scale = 1.0
             else:
-                x = ctx.materialize(x)
+                x = ctx.materialize(x, op)
         x = op.apply(ctx, x)
         if op.probes_after:  # type: ignore[attr-defined]
             x = ctx.materialize(x)
