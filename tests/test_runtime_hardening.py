@@ -376,6 +376,23 @@ def test_parameters_of_other_than_real_float_dtypes_are_refused(dtype):
         soapdsl.apply("newton_schulz", torch.ones(3, 3).to(dtype))
 
 
+@pytest.mark.parametrize("recipe", ["adamw", "soap", "muon"])
+def test_parameters_on_the_meta_device_are_refused_at_build_and_planned_by_compile(recipe):
+    """They failed at the first step inside torch ("unknown device type for autocast"). torch's
+    optimizers step them as a no-op, but a model on the meta device is materialized with new
+    parameters (model.to_empty), which an optimizer built before never steps: an error at build
+    says so. soapdsl.compile plans for meta tensors, as `soapdsl compile --shapes` does."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2, device="meta"))
+    with pytest.raises(
+        SoapArgumentError,
+        match=r"^error: parameter '1\.weight' is on the meta device, which holds no values to optimize: build the"
+        r" optimizer for the model once it is materialized \(model\.to_empty\(device=\.\.\.\) gives it new",
+    ):
+        soapdsl.build(recipe, model)
+    meta = torch.nn.Linear(4, 3, device="meta")
+    assert soapdsl.compile(recipe, meta).state_bytes() == soapdsl.compile(recipe, torch.nn.Linear(4, 3)).state_bytes()
+
+
 # -- empty parameters ------------------------------------------------------------------------------
 
 #: square, tall and wide matrices and a vector, in two blocks (soap_muon_shared shares a basis

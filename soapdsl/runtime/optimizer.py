@@ -230,6 +230,15 @@ class SoapOptimizer(torch.optim.Optimizer):
                 " soapdsl.build(recipe, model) (soapdsl.compile(recipe, model) returns a Plan)"
             )
         routes = [rp for rp in plan.routes if rp.tensors]
+        for rp in routes:
+            for e, t in zip(rp.params, rp.tensors, strict=True):
+                if t.device.type == "meta":
+                    raise SoapArgumentError(
+                        f"parameter '{e.name}' is on the meta device, which holds no values to optimize: build"
+                        " the optimizer for the model once it is materialized (model.to_empty(device=...) gives"
+                        " it new parameters, which an optimizer built before would never step);"
+                        " soapdsl.compile takes meta tensors, to inspect a plan"
+                    )
         recipe = f"{plan.recipe.name} {plan.fingerprint}"
         groups = [{"params": list(rp.tensors), **rp.hyper, "route": rp.selector, "recipe": recipe} for rp in routes]
         if not groups:
