@@ -393,6 +393,20 @@ def test_parameters_on_the_meta_device_are_refused_at_build_and_planned_by_compi
     assert soapdsl.compile(recipe, meta).state_bytes() == soapdsl.compile(recipe, torch.nn.Linear(4, 3)).state_bytes()
 
 
+def test_a_checkpoint_with_state_on_the_meta_device_is_refused_by_name():
+    """Loading it failed inside torch: "Cannot copy out of meta tensor; no data!"."""
+    for key, value in (
+        ("1.momentum.buf", torch.empty(3, 4, device="meta")),
+        ("step", torch.tensor(1.0, device="meta")),
+    ):
+        net, sd = _saved()
+        sd["state"][0][key] = value
+        with pytest.raises(
+            SoapStateError, match=rf"state '{re.escape(key)}' of parameter 'weight' is on the meta device"
+        ):
+            soapdsl.build("adamw", net).load_state_dict(sd)
+
+
 # -- empty parameters ------------------------------------------------------------------------------
 
 #: square, tall and wide matrices and a vector, in two blocks (soap_muon_shared shares a basis

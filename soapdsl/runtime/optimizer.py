@@ -692,6 +692,11 @@ class SoapOptimizer(torch.optim.Optimizer):
         if id(p) in self._empty:
             return out  # never stepped, it keeps no state: what a checkpoint holds for it is dropped
         for key, value in saved.items():
+            if torch.is_tensor(value) and value.device.type == "meta":
+                raise SoapStateError(
+                    f"state '{key}' of parameter '{name}' is on the meta device, which holds no values:"
+                    " this state dict was saved from parameters on the meta device"
+                )
             if key == "step":
                 out[key] = _load_step(name, value)
                 continue
