@@ -25,6 +25,7 @@ import torch
 import soapdsl
 from soapdsl import library, registry
 from soapdsl.compiler import walk_ops
+from soapdsl.ops import _linalg as la
 from soapdsl.registry import Op
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -407,6 +408,13 @@ def test_host_sync_guard_works(monkeypatch: pytest.MonkeyPatch) -> None:
             read()
 
 
+def test_the_refresh_finiteness_check_reads_cpu_tensors_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    assert not la.finite_on_cpu(bad) and la.finite_on_cpu(torch.eye(2))
+    _forbid_host_sync(monkeypatch)
+    assert la.finite_on_cpu(torch.empty(2, 2, device="meta"))  # not on the CPU: nothing is read
+
+
 @pytest.mark.parametrize("batch", [None, True], ids=["elementwise", "stacked"])
 @pytest.mark.parametrize(("name", "stage"), _cases("no_host_sync"))
 def test_no_host_sync(name: str, stage: str, batch: bool | None, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -419,6 +427,9 @@ def test_no_host_sync(name: str, stage: str, batch: bool | None, monkeypatch: py
     opt.step()
     with monkeypatch.context() as m:
         _forbid_host_sync(m)
+        # the one read a step makes, of the factors at a refresh, happens on the CPU only, where
+        # there is no device to wait for (finite_on_cpu does not read a tensor elsewhere)
+        m.setattr(la, "finite_on_cpu", lambda t: True)
         for gs in grads[1:]:
             _set_grads(params, gs)
             opt.step()

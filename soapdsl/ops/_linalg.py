@@ -385,6 +385,17 @@ def nonfinite(m: torch.Tensor) -> list[int]:
     return torch.nonzero(~torch.isfinite(m).flatten(1).all(dim=1)).flatten().tolist()
 
 
+def finite_on_cpu(m: torch.Tensor) -> bool:
+    """False when ``m`` is on the CPU and holds a NaN or an infinity; True otherwise.
+
+    Reads the values only where that costs no device synchronisation: a tensor on another
+    device (or one being traced by torch.compile) is not read, and counts as finite.
+    """
+    if m.device.type != "cpu" or torch.compiler.is_compiling():
+        return True
+    return bool(torch.isfinite(m).all())
+
+
 def decomposition_error(op: str, what: str, names: Sequence[str], finite: bool, loc: Any) -> SoapArgumentError:
     """The error for a failed ``eigh`` of the preconditioner factor of parameters ``names``.
 
@@ -427,7 +438,7 @@ def refresh_basis(gg: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torc
     into a located error) where QR would pass the NaN on into every later basis: reading the
     values there costs no device synchronisation. On a GPU nothing is read (see docs/recipes.md).
     """
-    if gg.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(gg).all()):
+    if not finite_on_cpu(gg):
         raise torch.linalg.LinAlgError("the preconditioner factor holds non-finite values")
     power = gg @ q
     est = (q * power).sum(dim=-2)
