@@ -110,6 +110,33 @@ def test_split_matrix_work_equals_one_process_bit_for_bit(tmp_path):
                 assert min(here) > 0 and sum(here) == total > 0, (case, here, total)
 
 
+def _with_empty(named: list) -> list:
+    return [*named[:2], ("empty.weight", torch.nn.Parameter(torch.zeros(0, 16))), *named[2:]]
+
+
+def _step_with_empty_parameters(rank: int | None, steps: int = 6) -> dict:
+    """soap with a 0 x 16 weight among the split matrices; the same gradients on every rank."""
+    named = _with_empty(list(_net().named_parameters()))
+    opt = soapdsl.build("soap", named, distributed=rank is not None, freq=2)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        for _, p in named:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+    return {"params": [p.detach().clone() for _, p in named]}
+
+
+def test_empty_parameters_with_split_work_equal_one_process(tmp_path):
+    ranks = _spawn(_step_with_empty_parameters, tmp_path)
+    assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
+    with one_thread():
+        alone = _step_with_empty_parameters(None)
+    for r in ranks:
+        for p, q in zip(alone["params"], r["params"], strict=True):
+            assert torch.equal(p, q)
+    assert alone["params"][2].shape == (0, 16)
+
+
 def _mismatch(rank: int, what: str) -> dict:
     """Without DDP (which would itself hang on such ranks): the same data on every rank."""
     model = _net(width=16 if rank == 0 or what != "shapes" else 20)
