@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from soapdsl.ir import const_text
 from soapdsl.registry import Hyper, Op, OpArgs, register
 from soapdsl.runtime.context import FITS_EVERY_DTYPE, Ctx, Val
 
@@ -60,10 +59,8 @@ class Decay(Op):
     def _check_factor(self, ctx: Ctx, wd: float, factor: float) -> None:
         """Refuse a decay factor that a parameter's dtype cannot hold (it would multiply the
         parameter by an infinity): weight_decay and lr are each a float32, their product need not be."""
-        route = ctx.group.get("route")
         if self.args.lr_scaled:  # type: ignore[attr-defined]
-            lr = f"param_group['lr'] of route '{route}'" if route is not None else "lr"
-            what, given = "1 - weight_decay * lr", f"weight_decay is {wd:.4g} and {lr} is {const_text(ctx.group['lr'])}"
+            what, given = "1 - weight_decay * lr", f"weight_decay is {wd:.4g} and {ctx.lr_given()}"
             fix = "the weight decay or the learning rate"
         else:
             what, given, fix = "1 - weight_decay", f"weight_decay is {wd:.4g}", "the weight decay"

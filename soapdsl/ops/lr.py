@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from soapdsl.ir import const_text
 from soapdsl.registry import Op, OpArgs, register
 from soapdsl.runtime.context import FITS_EVERY_DTYPE, Ctx, Val
 
@@ -49,9 +48,7 @@ class Lr(Op):
     def _check_step(self, ctx: Ctx, alpha: float) -> None:
         """Refuse a step size that a parameter's dtype cannot hold: each of lr and the factors
         folded into the update is a float32, but their product need not be."""
-        lr, scale = ctx.group["lr"], ctx.scale
-        route = ctx.group.get("route")
-        source = f"param_group['lr'] of route '{route}'" if route is not None else "lr"
+        scale = ctx.scale
         factors = (
             ""
             if scale == 1.0
@@ -64,7 +61,7 @@ class Lr(Op):
             None,
             lambda name, dtype, top: (
                 f"'lr' would step parameter '{name}' by {alpha:.4g} times its update, past the largest"
-                f" {dtype} ({top:.4g}): {source} is {const_text(lr)}{factors}; lower {fix}"
+                f" {dtype} ({top:.4g}): {ctx.lr_given()}{factors}; lower {fix}"
             ),
             getattr(self, "loc", None),
         )

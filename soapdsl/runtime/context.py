@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from soapdsl.errors import Loc, SoapArgumentError
+from soapdsl.ir import const_text
 
 if TYPE_CHECKING:
     from soapdsl.registry import Op
@@ -234,6 +235,12 @@ class Ctx:
             top = torch.finfo(dtype).max
             if not abs(factor) <= top:
                 raise SoapArgumentError(message(name, str(dtype).removeprefix("torch."), top), loc)
+
+    def lr_given(self) -> str:
+        """This route's learning rate as a message names it, with its value."""
+        route = self.group.get("route")
+        source = f"param_group['lr'] of route '{route}'" if route is not None else "lr"
+        return f"{source} is {const_text(self.group['lr'])}"
 
     def _where(self) -> str:
         route = self.group.get("route")

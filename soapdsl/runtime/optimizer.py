@@ -550,7 +550,7 @@ class SoapOptimizer(torch.optim.Optimizer):
             for key, value in state_dict["state"].items():
                 p = id_map[key]
                 loaded = self._load_param_state(p, value)
-                if loaded or id(p) not in self._empty:
+                if id(p) not in self._empty:  # an empty parameter keeps no state
                     new_state[p] = loaded  # type: ignore[index]
         for saved, group, compared in zip(saved_groups, self.param_groups, self._compared, strict=True):
             skip = {"params", *compared}  # equal to the checkpoint's (checked): the build's objects stay
