@@ -125,6 +125,15 @@ def worst_moved_err(ours, theirs, start) -> float:
     return max(errs)
 
 
+def assert_descending_eigenbasis(gg: torch.Tensor, q: torch.Tensor, atol: float, what: object = None) -> None:
+    """``q``'s columns diagonalise the symmetric factor ``gg`` (Q^T GG Q diagonal to ``atol``),
+    in descending order of eigenvalue (up to ``atol``): a valid first basis, whatever the
+    arbitrary choice inside a rank-deficient factor's null space."""
+    lam = torch.diagonal(q.T @ gg @ q)
+    torch.testing.assert_close(q.T @ gg @ q, torch.diag(lam), rtol=0, atol=atol)
+    assert bool((lam[:-1] >= lam[1:] - atol).all()), what
+
+
 def race(recipe, kw, ref_cls, ref_kw, shapes, steps=60, dtype=torch.float64, seed=1, device="cpu"):
     """Run a recipe and a reference optimizer on identical gradients for ``steps`` steps.
 

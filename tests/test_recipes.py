@@ -12,7 +12,14 @@ import soapdsl
 from benchmarks import peers
 from tests import references as R
 from tests import references_variants as V
-from tests.conftest import lockstep, muon_vs_torch, race, twin_params, worst_moved_err
+from tests.conftest import (
+    assert_descending_eigenbasis,
+    lockstep,
+    muon_vs_torch,
+    race,
+    twin_params,
+    worst_moved_err,
+)
 
 MATS = {"square": (6, 6), "tall": (10, 4), "wide": (4, 10)}
 ALL = {**MATS, "vector": (7,), "over_max_dim": (12, 5), "conv": (3, 2, 3, 3)}
@@ -60,9 +67,7 @@ def _hand_over_first_bases(opt, ref, ours, theirs) -> None:
             gg, q = st[f"0.rotate.GG{k}"], st[f"0.rotate.Q{k}"]
             scale = float(gg.abs().max())
             torch.testing.assert_close(gg, rgg, rtol=0, atol=1e-14 * scale)
-            lam = torch.diagonal(q.T @ gg @ q)
-            torch.testing.assert_close(q.T @ gg @ q, torch.diag(lam), rtol=0, atol=1e-13 * scale)
-            assert bool((lam[:-1] >= lam[1:] - 1e-13 * scale).all()), (n, k)
+            assert_descending_eigenbasis(gg, q, 1e-13 * scale, (n, k))
             torch.testing.assert_close(q.T @ q, torch.eye(len(q), dtype=q.dtype), rtol=0, atol=1e-13)
             rst["Q"][k] = q.clone()
 
@@ -629,9 +634,7 @@ def test_card_on_a_tall_matrix_after_its_first_step_equals_a_loop():
     g0 = steps[0]["tall"]
     torch.testing.assert_close(gg, 0.05 * g0 @ g0.T, rtol=0, atol=1e-15)
     torch.testing.assert_close(q.T @ q, torch.eye(10, dtype=q.dtype), rtol=0, atol=1e-13)
-    lam = torch.diagonal(q.T @ gg @ q)
-    torch.testing.assert_close(q.T @ gg @ q, torch.diag(lam), rtol=0, atol=1e-13)
-    assert bool((lam[:-1] >= lam[1:] - 1e-13).all())
+    assert_descending_eigenbasis(gg, q, 1e-13)
     theirs = {"tall": p.detach().clone()}
     start = theirs["tall"].clone()
     for grads in steps[1:]:
