@@ -22,7 +22,13 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
 
 
 def compile(
-    recipe: str | Path, params: Any, *, torch_compile: bool = False, cuda_graphs: bool = False, **args: Any
+    recipe: str | Path,
+    params: Any,
+    *,
+    torch_compile: bool = False,
+    cuda_graphs: bool = False,
+    stochastic_round: bool = False,
+    **args: Any,
 ) -> Plan:
     """Compile a recipe for ``params`` into a :class:`~soapdsl.compiler.Plan`.
 
@@ -30,15 +36,17 @@ def compile(
     (``"momentum(0.9) |> sign |> lr"``). ``params`` is an ``nn.Module``, an iterable of
     ``(name, parameter)``, or an iterable of parameters. ``args`` set the recipe's header
     parameters; for an inline pipeline they declare them. ``torch_compile`` marks every route
-    for ``torch.compile``, ``cuda_graphs`` every route for CUDA graphs.
+    for ``torch.compile``, ``cuda_graphs`` every route for CUDA graphs, ``stochastic_round``
+    every route for stochastic rounding of bfloat16 parameters.
     """
-    for name, flag in (("torch_compile", torch_compile), ("cuda_graphs", cuda_graphs)):
+    flags = (("torch_compile", torch_compile), ("cuda_graphs", cuda_graphs), ("stochastic_round", stochastic_round))
+    for name, flag in flags:
         if not isinstance(flag, bool):
             # a truthy string such as "no" must not switch it on
             raise SoapArgumentError(f"{name} must be True or False, got {flag!r}")
     ir_recipe = library.resolve(recipe, args)
     plan = compile_plan(ir_recipe, params, args)
-    mark_routes(plan, torch_compile=torch_compile, cuda_graphs=cuda_graphs)
+    mark_routes(plan, torch_compile=torch_compile, cuda_graphs=cuda_graphs, stochastic_round=stochastic_round)
     return plan
 
 
@@ -48,6 +56,7 @@ def build(
     *,
     torch_compile: bool = False,
     cuda_graphs: bool = False,
+    stochastic_round: bool = False,
     distributed: Any = False,
     **args: Any,
 ) -> SoapOptimizer:
@@ -61,13 +70,21 @@ def build(
     instead of three or four per step of it, with the eager path's numbers bit for bit, for
     one buffer as large as the route's largest batch of matrices. Off CUDA it changes nothing.
 
+    ``stochastic_round=True`` rounds every write into a bfloat16 parameter stochastically
+    instead of to nearest (the route option ``[stochastic_round=true]`` does it for one route),
+    so that steps smaller than half a bfloat16 gap still move the parameter on average. The
+    random bits are reproducible: they depend on the parameter's name, its step count and its
+    device type, not on a global generator. Parameters of other dtypes are written as usual.
+
     ``distributed=True`` (or a process group) is for data-parallel training (DDP), where every
     rank steps the same parameters with the same gradients: each eigenbasis refresh, inverse
     root and Newton-Schulz iteration then runs on one rank and its result is shared, instead of
     running on every rank. Every rank must build it, as every rank builds DDP; the state stays
     whole on every rank, and the numbers equal one process's.
     """
-    plan = compile(recipe, params, torch_compile=torch_compile, cuda_graphs=cuda_graphs, **args)
+    plan = compile(
+        recipe, params, torch_compile=torch_compile, cuda_graphs=cuda_graphs, stochastic_round=stochastic_round, **args
+    )
     return SoapOptimizer(plan, distributed=distributed)
 
 

@@ -37,7 +37,7 @@ from soapdsl.syntax.printer import format_selector
 SELECTOR_NAMES = ("default", "scalar", "vector", "matrix", "tensor")
 SELECTOR_QUANTITIES = ("ndim", "numel", "max_dim", "min_dim", "aspect")
 #: reserved route settings that configure the runtime rather than a param_group key
-ROUTE_OPTIONS = ("batch", "compile", "cuda_graph", "fused")
+ROUTE_OPTIONS = ("batch", "compile", "cuda_graph", "fused", "stochastic_round")
 
 
 @dataclass

@@ -533,10 +533,13 @@ def _expr_names(e: A.Expr) -> set[str]:
 Override = tuple[A.Selector, ir.Recipe, Mapping[str, Any]]
 
 
-def mark_routes(plan: Plan, *, torch_compile: bool = False, cuda_graphs: bool = False) -> None:
-    """Set the route options ``compile`` / ``cuda_graph`` on every route of ``plan``, as
-    ``build(torch_compile=True, cuda_graphs=True)`` and the config keys of those names ask;
-    a route that would end up with both is refused."""
+def mark_routes(
+    plan: Plan, *, torch_compile: bool = False, cuda_graphs: bool = False, stochastic_round: bool = False
+) -> None:
+    """Set the route options ``compile`` / ``cuda_graph`` / ``stochastic_round`` on every route
+    of ``plan``, as ``build(torch_compile=True, cuda_graphs=True, stochastic_round=True)`` and
+    the config keys of those names ask; a route that would end up with both of the first two is
+    refused."""
     if torch_compile and cuda_graphs:
         raise SoapArgumentError(
             "torch_compile=True and cuda_graphs=True: choose one (torch.compile captures CUDA graphs"
@@ -547,6 +550,8 @@ def mark_routes(plan: Plan, *, torch_compile: bool = False, cuda_graphs: bool = 
             rp.options["compile"] = True
         if cuda_graphs:
             rp.options["cuda_graph"] = True
+        if stochastic_round:
+            rp.options["stochastic_round"] = True
         if rp.options.get("compile") and rp.options.get("cuda_graph"):
             raise SoapArgumentError(
                 f"route '{rp.selector}' would run under torch.compile ([compile=true]) and with CUDA"

@@ -9,9 +9,10 @@ Schema (the top level may also be a whole training config with an ``optimizer:``
         where: "matrix"          # ... and/or a selector expression (both must hold)
         recipe: adamw            # what those parameters get
         args: {lr: 0.001}
-    distributed: false           # optional, as build()'s distributed=, torch_compile=, cuda_graphs=
-    torch_compile: false
+    distributed: false           # optional, as build()'s distributed=, torch_compile=, cuda_graphs=,
+    torch_compile: false         # stochastic_round=
     cuda_graphs: false
+    stochastic_round: false
 
 Only ``yaml.safe_load`` semantics are used. Every error names the config file, line and
 column of the offending key or value.
@@ -79,6 +80,8 @@ class OptimizerConfig(BaseModel):
     torch_compile: StrictBool = False
     #: build(cuda_graphs=True): Newton-Schulz iterations replayed from CUDA graphs on CUDA
     cuda_graphs: StrictBool = False
+    #: build(stochastic_round=True): bfloat16 parameters' writes rounded stochastically
+    stochastic_round: StrictBool = False
 
 
 #: a duplicate key: the path of the key, where its second occurrence is, the line of its first
@@ -97,6 +100,7 @@ _FIELD_TYPES = {
     "distributed": "must be true or false: true splits the matrix work across the ranks of a data-parallel run",
     "torch_compile": "must be true or false: true runs every route's pipeline through torch.compile",
     "cuda_graphs": "must be true or false: true replays Newton-Schulz iterations from CUDA graphs on CUDA",
+    "stochastic_round": "must be true or false: true rounds writes into bfloat16 parameters stochastically",
 }
 
 
@@ -473,7 +477,12 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
             overrides.append((selector, sub, sub_args))
         plan = compile_plan(main, model, args, overrides)
         try:
-            mark_routes(plan, torch_compile=parsed.torch_compile, cuda_graphs=parsed.cuda_graphs)
+            mark_routes(
+                plan,
+                torch_compile=parsed.torch_compile,
+                cuda_graphs=parsed.cuda_graphs,
+                stochastic_round=parsed.stochastic_round,
+            )
         except SoapError as e:
             key = "cuda_graphs" if parsed.cuda_graphs else "torch_compile"
             raise SoapConfigError(e.message, _loc(file, marks, (*prefix, key))) from None

@@ -36,6 +36,8 @@ RECIPES = {
     # in float64 a matrix product's last bits depend on its operands' layout: a shared result must
     # have the layout of one computed here (a QR's Q is column-major)
     "soap_muon float64": ("soap_muon", {"freq": 3}, torch.float64),
+    # bfloat16 parameters rounded stochastically: every rank draws the same bits, uncommunicated
+    "soap bfloat16 stochastic_round": ("soap", {"freq": 3, "stochastic_round": True}, torch.bfloat16),
     # a call with one matrix in all runs on every rank, uncopied: its momentum buffer must survive
     "lone matrix": (
         'recipe lone(lr=0.02):\n  route "2.weight": momentum(0.95) |> newton_schulz(5) |> lr\n'

@@ -502,7 +502,8 @@ CONFIGS = [
         "unknown-key",
         "optimizer:\n  recipe: adamw\n  argz: {lr: 1}\n",
         SoapConfigError,
-        r"optimizer\.argz: unknown key \(allowed: recipe, args, routes, distributed, torch_compile, cuda_graphs\)",
+        r"optimizer\.argz: unknown key \(allowed: recipe, args, routes, distributed, torch_compile, cuda_graphs,"
+        r" stochastic_round\)",
         "3:3",
     ),
     ("missing-recipe", "args: {lr: 1}\n", SoapConfigError, r"recipe: is required", None),

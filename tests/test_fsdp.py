@@ -31,6 +31,10 @@ CASES = {
     "soap_muon_shared": ("soap_muon_shared", {"freq": 3}),
     "shampoo": ("shampoo", {"freq": 3}),
     # a route reducing over all its parameters goes whole to one owner
+    # bfloat16 parameters rounded stochastically: a rank's rows draw the whole parameter's bits
+    # (every stage pointwise), and an owner draws them for the whole parameter
+    "adamw bfloat16 stochastic_round": ("adamw", {"stochastic_round": True}),
+    "soap_muon bfloat16 stochastic_round": ("soap_muon", {"freq": 3, "stochastic_round": True}),
     "clip over the route": (
         "recipe clipped(lr=0.01):\n  route matrix: clip(1.0, per=route) |> momentum(0.9) |> newton_schulz(5) |> lr\n"
         "  route default: adamw(0.9, 0.95, 1e-8, 0.1)\n",
@@ -66,17 +70,21 @@ class _Net(torch.nn.Module):
         return self.out(h) + self.tiny(h)
 
 
-def _model(seed: int = 0) -> _Net:
+def _dtype(case: str) -> torch.dtype:
+    return torch.bfloat16 if "bfloat16" in case else torch.float32
+
+
+def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> _Net:
     torch.manual_seed(seed)
-    return _Net()
+    return _Net().to(dtype)
 
 
-def _sharded(seed: int = 0, world: int = WORLD) -> _Net:
+def _sharded(seed: int = 0, world: int = WORLD, dtype: torch.dtype = torch.float32) -> _Net:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (world,))
-    model = _model(seed)
+    model = _model(seed, dtype)
     for b in model.blocks:
         fully_shard(b, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -85,7 +93,7 @@ def _sharded(seed: int = 0, world: int = WORLD) -> _Net:
 
 def _grads(step: int, model: torch.nn.Module) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(100 + step)
-    return [torch.randn(p.shape, generator=g) for p in model.parameters()]
+    return [torch.randn(p.shape, generator=g).to(p.dtype) for p in model.parameters()]
 
 
 def _set_grads(step: int, model: torch.nn.Module) -> None:
@@ -116,7 +124,7 @@ def _train_sharded(rank: int, cases: dict, steps: int) -> dict:
 
     out = {}
     for case, (recipe, kw) in cases.items():
-        model = _sharded()
+        model = _sharded(dtype=_dtype(case))
         opt = soapdsl.build(recipe, model, **kw)
         _steps(model, opt, range(steps))
         sd = opt.state_dict()
@@ -150,8 +158,8 @@ def _by_name(model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict) ->
     return {order[i]: st for i, st in state.items()}
 
 
-def _train_whole(recipe: str, kw: dict, steps: int) -> tuple[_Net, dict]:
-    model = _model()
+def _train_whole(recipe: str, kw: dict, steps: int, dtype: torch.dtype = torch.float32) -> tuple[_Net, dict]:
+    model = _model(dtype=dtype)
     opt = soapdsl.build(recipe, model, **kw)
     for step in range(steps):
         for p, g in zip(model.parameters(), _grads(step, model), strict=True):
@@ -167,7 +175,7 @@ def test_sharded_parameters_step_as_one_process_bit_for_bit(tmp_path):
     assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
     with one_thread():
         for case, (recipe, kw) in CASES.items():
-            model, state = _train_whole(recipe, kw, steps)
+            model, state = _train_whole(recipe, kw, steps, _dtype(case))
             names = [n for n, _ in model.named_parameters()]
             for r in ranks:
                 for n, p, q in zip(names, model.parameters(), r[case]["params"], strict=True):
@@ -195,7 +203,7 @@ def test_sharded_parameters_step_as_one_process_bit_for_bit(tmp_path):
                                 assert float(got[key]) == float(value) == steps
                             else:
                                 assert torch.equal(got[key], value[first : first + rows]), (case, name, key)
-            if case == "adamw":
+            if recipe == "adamw":
                 assert owners == {}
             elif case == "clip over the route":  # the route's matrices together, on one rank
                 assert {r for n, r in owners.items() if n.endswith("weight")} == {0}, owners

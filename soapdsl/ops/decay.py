@@ -19,7 +19,8 @@ class Decay(Op):
 
     Where it stands in the pipeline is when it happens: before `lr` it decays the parameter
     before the update is applied (torch.optim.AdamW, Muon); after `lr` it decays the updated
-    parameter (SOAP, SOAP-Muon). Skipped when weight_decay is 0.
+    parameter (SOAP, SOAP-Muon). Skipped when weight_decay is 0. In a route with the option
+    `[stochastic_round=true]` a bfloat16 parameter's new value is rounded stochastically.
 
     Math:
         p <- p * (1 - lr * weight_decay)        (lr_scaled=true; lr is the param_group's)
@@ -53,7 +54,7 @@ class Decay(Op):
         rate = wd * ctx.group["lr"] if self.args.lr_scaled else wd  # type: ignore[attr-defined]
         if not abs(1.0 - rate) <= FITS_EVERY_DTYPE:
             self._check_factor(ctx, wd, 1.0 - rate)
-        ctx.scale_params(1.0 - rate)
+        ctx.scale_params(1.0 - rate, self.path)
         return x
 
     def _check_factor(self, ctx: Ctx, wd: float, factor: float) -> None:

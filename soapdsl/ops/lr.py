@@ -13,7 +13,8 @@ class Lr(Op):
     Uses the route's param_group "lr" (so LR schedulers work) and folds in every pending
     host-side factor (bias corrections, `scale`), so it costs one fused pass. Every route has
     exactly one; a pipeline without one gets it appended. Stages after it act on the updated
-    parameter (e.g. `decay` after the update, as SOAP does).
+    parameter (e.g. `decay` after the update, as SOAP does). In a route with the option
+    `[stochastic_round=true]` a bfloat16 parameter's new value is rounded stochastically.
 
     Math:
         p <- p - lr * x
@@ -40,9 +41,9 @@ class Lr(Op):
         if not abs(alpha) <= FITS_EVERY_DTYPE:
             self._check_step(ctx, alpha)
         if x.denom is not None:  # x / denom from rms_normalize: one fused addcdiv, as torch does
-            ctx.addcdiv_to_params(x.ts, x.denom, alpha)
+            ctx.addcdiv_to_params(x.ts, x.denom, alpha, self.path)
         else:
-            ctx.add_to_params(x.ts, alpha)
+            ctx.add_to_params(x.ts, alpha, self.path)
         return x
 
     def _check_step(self, ctx: Ctx, alpha: float) -> None:

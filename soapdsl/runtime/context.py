@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from soapdsl.registry import Op
     from soapdsl.runtime.dist import Item, Like, Splitter
     from soapdsl.runtime.graphs import GraphCache
+    from soapdsl.runtime.rounding import Rounding
 
 
 #: the largest float16, the narrowest dtype of a parameter or a state tensor: a host-side factor
@@ -76,6 +77,8 @@ class Ctx:
     probes: dict[int, Any] = field(default_factory=dict)  # recorded reference values (graft)
     split: Splitter | None = None  # data parallel: splits matrix work across ranks (runtime/dist.py)
     graphs: GraphCache | None = None  # the route's CUDA graphs (route option cuda_graph; runtime/graphs.py)
+    #: stochastic rounding of bfloat16 parameter writes (route option stochastic_round; runtime/rounding.py)
+    rounding: Rounding | None = None
     _param_slabs: list[torch.Tensor] | None = field(default=None, repr=False)
     _host_writes: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -151,21 +154,44 @@ class Ctx:
             out.extend(t.unbind(0) if b.stacked else (t,))
         return out
 
-    def scale_params(self, factor: float) -> None:
-        """``p *= factor`` for every parameter of the cohort."""
+    def scale_params(self, factor: float, stage: str = "") -> None:
+        """``p *= factor`` for every parameter of the cohort (``stage``: the writing op's path)."""
         self._param_slabs = None
-        torch._foreach_mul_(self.params, factor)
+        params = self.params
+        rounding = self._rounding(params)
+        if rounding is None:
+            torch._foreach_mul_(params, factor)
+            return
+        for p in params:
+            if p.dtype == torch.bfloat16:
+                rounding.write(p, p.float().mul_(factor), self.t, stage)
+            else:
+                p.mul_(factor)
 
-    def add_to_params(self, ts: Sequence[torch.Tensor], alpha: float) -> None:
+    def add_to_params(self, ts: Sequence[torch.Tensor], alpha: float, stage: str = "") -> None:
         """``p += alpha * x`` for every parameter, casting to the parameter dtype if needed."""
         self._param_slabs = None
         params = self.params
         updates = self.unbind(ts)
-        if all(p.dtype == u.dtype and p.device == u.device for p, u in zip(params, updates, strict=True)):
+        rounding = self._rounding(params)
+        if rounding is not None:
+            for p, u in zip(params, updates, strict=True):
+                if p.dtype == torch.bfloat16:
+                    rounding.write(p, p.float().add_(u, alpha=alpha), self.t, stage)
+                else:
+                    p.add_(u.to(p.dtype), alpha=alpha)
+        elif all(p.dtype == u.dtype and p.device == u.device for p, u in zip(params, updates, strict=True)):
             torch._foreach_add_(params, updates, alpha=alpha)
         else:
             for p, u in zip(params, updates, strict=True):
                 p.add_(u.to(p.dtype), alpha=alpha)
+
+    def _rounding(self, params: list[torch.Tensor]) -> Rounding | None:
+        """The route's stochastic rounding where a write to ``params`` needs it (for the bfloat16
+        ones among them), else None."""
+        if self.rounding is not None and any(p.dtype == torch.bfloat16 for p in params):
+            return self.rounding
+        return None
 
     # -- value helpers ----------------------------------------------------------------------
 
@@ -182,12 +208,21 @@ class Ctx:
             return Val(x.ts, True)
         return Val(list(torch._foreach_div(x.ts, x.denom)), True)
 
-    def addcdiv_to_params(self, num: Sequence[torch.Tensor], denom: Sequence[torch.Tensor], alpha: float) -> None:
+    def addcdiv_to_params(
+        self, num: Sequence[torch.Tensor], denom: Sequence[torch.Tensor], alpha: float, stage: str = ""
+    ) -> None:
         """``p += alpha * num / denom`` for every parameter (one fused pass)."""
         self._param_slabs = None
         params = self.params
         nums, dens = self.unbind(num), self.unbind(denom)
-        if all(p.dtype == n.dtype and p.device == n.device for p, n in zip(params, nums, strict=True)):
+        rounding = self._rounding(params)
+        if rounding is not None:
+            for p, n, d in zip(params, nums, dens, strict=True):
+                if p.dtype == torch.bfloat16:
+                    rounding.write(p, p.float().addcdiv_(n, d, value=alpha), self.t, stage)
+                else:
+                    p.add_((n / d).to(p.dtype), alpha=alpha)
+        elif all(p.dtype == n.dtype and p.device == n.device for p, n in zip(params, nums, strict=True)):
             torch._foreach_addcdiv_(params, nums, dens, value=alpha)
         else:
             for p, n, d in zip(params, nums, dens, strict=True):

@@ -176,6 +176,11 @@ class Sharded:
 
         inner_plan = dataclasses.replace(plan, routes=inner_routes)
         self.inner: SoapOptimizer | None = SoapOptimizer(inner_plan) if any(rp.tensors for rp in inner_routes) else None
+        if self.inner is not None:  # stochastic rounding draws a row's bits as the whole parameter would
+            self.inner._first_elements.update(
+                (id(proxy), (self.first_row[id(t)] * math.prod(t.shape[1:]), math.prod(t.shape)))
+                for t, proxy in self.local
+            )
         # outer param_group -> inner param_group (a route with nothing stepped here has none)
         inner_index = {rp.index: j for j, rp in enumerate(r for r in inner_routes if r.tensors)}
         self.groups = [(i, inner_index[rp.index]) for i, rp in enumerate(opt._routes) if rp.index in inner_index]

@@ -43,6 +43,7 @@ from soapdsl.runtime.context import Bucket, Ctx, Val
 from soapdsl.runtime.dist import Splitter
 from soapdsl.runtime.fsdp import OWNER_KEY, Sharded
 from soapdsl.runtime.graphs import GraphCache
+from soapdsl.runtime.rounding import Rounding
 from soapdsl.runtime.state import OptimizerState
 
 __all__ = ["SoapOptimizer"]
@@ -313,6 +314,16 @@ class SoapOptimizer(torch.optim.Optimizer):
         # graphs (runtime/graphs.py); a copy captures its own
         self._graphs: dict[int, GraphCache] = {
             rp.index: GraphCache() for rp in self._routes if rp.options.get("cuda_graph")
+        }
+        # routes with the `stochastic_round` option round their bfloat16 parameters' writes
+        # stochastically (runtime/rounding.py); an FSDP2 rank's rows start where _first_elements says
+        self._first_elements: dict[int, tuple[int, int]] = {}
+        self._rounding: dict[int, Rounding] = {
+            rp.index: Rounding(
+                {id(t): e.name for t, e in zip(rp.tensors, rp.params, strict=True)}, self._first_elements
+            )
+            for rp in self._routes
+            if rp.options.get("stochastic_round")
         }
         # Adam-shaped routes run through torch's fused kernel where it applies (runtime/fused.py)
         self._fused: dict[int, fused.FusedAdam | None] = {rp.index: rp.fused for rp in self._routes}
@@ -947,6 +958,7 @@ class SoapOptimizer(torch.optim.Optimizer):
             host=cohort.host,
             split=split,
             graphs=self._graphs.get(rp.index),
+            rounding=self._rounding.get(rp.index),
         )
         ops = list(walk_ops(rp.ops))
         proceed = [op.before(ctx) for op in ops]  # every op sees the step, even when one skips it

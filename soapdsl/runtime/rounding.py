@@ -1,0 +1,106 @@
+"""Stochastic rounding of bfloat16 parameter writes (the route option ``stochastic_round``).
+
+A bfloat16 parameter keeps 8 bits of mantissa, so a step smaller than half the gap to the next
+bfloat16 value is lost entirely when the new value is rounded to nearest: lr 1e-3 on weights
+near 1 does not move them at all. Rounding stochastically (away from zero with probability
+equal to the value's distance from the bfloat16 below it, as a fraction of the gap) makes every
+write unbiased, so small steps add up on average (Gupta, Agrawal, Gopalakrishnan & Narayanan,
+"Deep Learning with Limited Numerical Precision", 2015; Zamirai, Zhang, De Sa & Kuang,
+"Revisiting BFloat16 Training", 2020).
+
+How: the new value is computed in float32, a random integer in [0, 2^16) is added to its bit
+pattern and the low 16 bits are cleared. A float32 whose low 16 bits are zero is exactly a
+bfloat16, and the carry into bit 16 happens with probability (low 16 bits) / 2^16. Values that
+bfloat16 holds exactly are written exactly, infinities stay infinite and NaN stays NaN.
+
+Where the random bits come from: the whole parameter, flattened in its logical (row-major)
+order, is cut into blocks of :data:`BLOCK` elements, and each block's bits are drawn from
+torch's generator for the parameter's device, seeded from (the parameter's name, its step
+count, the writing stage, the block's index). So a run is reproducible, a checkpoint resumes on
+the same bits, every data-parallel rank writes the same values without communicating, and an
+FSDP2 rank writing its rows draws the bits the whole parameter would have (the blocks it
+touches, whole, then its part of them). The CPU and CUDA generators differ, so the bits do too.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+#: elements drawn from one seed: an FSDP2 rank draws at most two blocks' worth it does not use
+BLOCK = 1 << 20
+#: the int32 bit pattern that clears a float32's low 16 bits
+_HIGH16 = -(1 << 16)
+
+
+def _mix64(x: int) -> int:
+    """A 64-bit integer hash (xor-shift-multiply rounds, as in splitmix64's finaliser), on the host."""
+    x &= _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def name_key(name: str) -> int:
+    """A parameter's key: the same on every rank and in every process (unlike Python's salted
+    ``hash`` of a string)."""
+    return zlib.crc32(name.encode("utf-8"))
+
+
+def write_key(param_key: int, step: int, stage: str) -> int:
+    """The key of one write: a parameter, its step count and the stage that writes it."""
+    return _mix64(param_key ^ _mix64(step ^ _mix64(zlib.crc32(stage.encode("utf-8")) << 32)))
+
+
+class Noise:
+    """Random integers in [0, 2^16) for a range of a parameter's elements, from per-block seeds."""
+
+    def __init__(self) -> None:
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def draw(self, key: int, first: int, n: int, total: int, device: torch.device) -> torch.Tensor:
+        """The noise of elements ``first .. first + n - 1`` of a parameter of ``total`` elements
+        (int32, on ``device``), for the write ``key``."""
+        g = self._generators.get(device)
+        if g is None:
+            g = self._generators[device] = torch.Generator(device)
+        parts = []
+        for block in range(first // BLOCK, (first + n - 1) // BLOCK + 1):
+            start = block * BLOCK
+            g.manual_seed(_mix64(key ^ _mix64(block + 1)) >> 1)  # a seed below 2^63
+            drawn = torch.randint(
+                0, 1 << 16, (min(BLOCK, total - start),), dtype=torch.int32, generator=g, device=device
+            )
+            parts.append(drawn[max(first - start, 0) : first + n - start])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def round_into(p: torch.Tensor, value: torch.Tensor, noise: torch.Tensor) -> None:
+    """Write the float32 ``value`` into the bfloat16 ``p``, rounded stochastically with ``noise``
+    (one integer in [0, 2^16) an element, in logical order)."""
+    flat = value.reshape(-1)  # the elements in logical order, whatever the layout
+    bits = noise.add_(flat.view(torch.int32)).bitwise_and_(_HIGH16)
+    # a NaN's pattern plus the noise may carry into the sign bit (CUDA's NaN is 0x7fffffff)
+    rounded = torch.where(flat.isnan(), flat, bits.view(torch.float32))
+    p.copy_(rounded.view(p.shape))
+
+
+class Rounding:
+    """The stochastic rounding of one route's parameter writes."""
+
+    def __init__(self, names: Mapping[int, str], first: Mapping[int, tuple[int, int]]) -> None:
+        self.keys = {i: name_key(n) for i, n in names.items()}  # id(parameter) -> its key
+        #: id(parameter) -> (flat index of its first element in the whole parameter, the whole
+        #: parameter's size), for an FSDP2 rank's rows; absent: the tensor is the whole parameter
+        self.first = first
+        self.noise = Noise()
+
+    @torch.compiler.disable  # seeding a generator is not traceable: a compiled route writes here eagerly
+    def write(self, p: torch.Tensor, value: torch.Tensor, step: int, stage: str) -> None:
+        """``p <- value`` (a float32 tensor of ``p``'s shape), rounded stochastically."""
+        first, total = self.first.get(id(p), (0, p.numel()))
+        key = write_key(self.keys[id(p)], step, stage)
+        round_into(p, value, self.noise.draw(key, first, p.numel(), total, p.device))
