@@ -20,10 +20,11 @@ must equal the parameter's, every tensor must be a dense CPU or CUDA tensor, and
 and state must be laid out in memory like the parameter (the kernel pairs elements by memory
 position; the moments are allocated in the parameter's layout, as torch.optim's are). Anything
 else (a scheduler setting ``beta1`` apart from ``bias_correct``'s, bf16 parameters with fp32
-state, so also those of a ``stochastic_round`` route, another device type, a contiguous gradient set by hand on a channels_last weight, a step
-size or decay factor past the largest float16, which the stages check against the parameters'
-dtypes) runs the stage-by-stage path, which gives the same numbers up to rounding. A route opts
-out with ``[fused=false]``; a ``[compile=true]`` route is compiled instead.
+state, so also those of a ``stochastic_round`` route, another device type, a contiguous
+gradient set by hand on a channels_last weight, a step size or decay factor past the largest
+float16, which the stages check against the parameters' dtypes) runs the stage-by-stage
+path, which gives the same numbers up to rounding. A route opts out with ``[fused=false]``; a
+``[compile=true]`` route is compiled instead.
 """
 
 from __future__ import annotations
