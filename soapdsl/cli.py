@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -281,9 +282,16 @@ def _join_negative_values(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     ns = make_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
-        return int(ns.func(ns))
+        code = int(ns.func(ns))
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return code
     except SoapError as e:
         print(e.format(), file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # the reader stopped early (`soapdsl list | head`): nothing is wrong with the input, so no
+        # traceback; stdout goes to devnull, or the interpreter's last flush would raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
 

@@ -221,3 +221,18 @@ def test_a_bad_set_value_points_into_what_was_typed(capsys, item, message, shown
     assert (code, out) == (1, "")
     lines = err.splitlines()
     assert lines[0].startswith(message) and lines[1:3] == shown
+
+
+@pytest.mark.parametrize("argv", [["list"], ["compile", "soap"]])
+def test_a_closed_pipe_ends_quietly(argv):
+    """`soapdsl list | head` closes the pipe early; that printed a BrokenPipeError traceback."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write, as after `head` has exited
+    try:
+        proc = subprocess.run([sys.executable, "-m", "soapdsl", *argv], stdout=write, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert proc.returncode == 1
+    assert proc.stderr == ""
