@@ -102,7 +102,9 @@ def apply(pipeline: str, tensor: torch.Tensor, **args: Any) -> torch.Tensor:
         raise SoapArgumentError("apply() takes a single pipeline, not a recipe with several routes")
     plan = compile_plan(recipe, [("x", torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))], args)
     (rp,) = plan.routes
-    ops = [op for op in rp.ops if op.kind != "apply"]
+    # the `lr` the checker appends to every route is no part of what was written; a written one
+    # would write the parameter, and is refused below like `decay`
+    ops = list(rp.ops[:-1] if recipe.routes[0].pipeline.stages[-1].implicit else rp.ops)
     for op, shape in walk_shaped(ops, tuple(tensor.shape)):
         if op.state(shape) or op.host_state(shape) or op.kind in ("apply", "param"):
             raise SoapArgumentError(

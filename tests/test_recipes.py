@@ -711,3 +711,7 @@ def test_apply_refuses_state_and_params():
         soapdsl.apply("momentum(0.9) |> sign", torch.ones(3))
     out = soapdsl.apply("sign |> scale(2)", torch.tensor([-3.0, 0.0, 5.0]))
     torch.testing.assert_close(out, torch.tensor([-2.0, 0.0, 2.0]))
+    # a written `lr` was dropped without a word, so the result was not what the pipeline says
+    with pytest.raises(soapdsl.SoapArgumentError, match="'lr' keeps state or writes the parameter") as e:
+        soapdsl.apply("sign |> lr", torch.ones(3))
+    assert (e.value.loc.line, e.value.loc.col) == (1, 9)
