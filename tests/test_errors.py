@@ -791,3 +791,33 @@ def test_a_shipped_recipe_used_as_a_stage_says_what_it_is():
     with pytest.raises(SoapNameError) as info:
         library.resolve("recipe r(lr=1) = sgn |> lr")
     assert info.value.notes == ()
+
+
+@pytest.mark.parametrize(
+    ("source", "word", "keyword", "where"),
+    [
+        ("Recipe r(lr=1) = sign", "Recipe", "recipe", "1:1"),
+        ("recpie r(lr=1) = sign", "recpie", "recipe", "1:1"),
+        ("recipe a(lr=1) = sign\nRECIPE b(lr=1) = sign\n", "RECIPE", "recipe", "2:1"),
+        ("marco m(b=1) = sign\nrecipe r(lr=1) = m\n", "marco", "macro", "1:1"),
+        ("recipe r(lr=1):\n  route matrix: sign\n  Route default: sign\n", "Route", "route", "3:3"),
+        ("recipe r(lr=1):\n  route matrix: sign\n  rout default: sign\n", "rout", "route", "3:3"),
+    ],
+)
+def test_a_misspelt_keyword_is_named(source, word, keyword, where):
+    """The parser read `Recipe` as a stage and stopped at the name after it, with the advice
+    that two stages need '|>' between them; the fault is the keyword."""
+    with pytest.raises(SoapSyntaxError) as info:
+        library.resolve(source)
+    assert info.value.message == f"'{word}' is not a keyword; did you mean '{keyword}'?"
+    assert f"{info.value.loc.line}:{info.value.loc.col}" == where
+    assert info.value.loc.end_col - info.value.loc.col == len(word)
+    assert info.value.notes == ()
+
+
+@pytest.mark.parametrize("source", ["def r(lr=1) = sign", "recipe r(lr=1) = sign\n  rotate sign\n"])
+def test_a_word_far_from_a_keyword_keeps_the_missing_pipe_note(source):
+    with pytest.raises(SoapSyntaxError) as info:
+        library.resolve(source)
+    assert "is not a keyword" not in str(info.value)
+    assert f"note: {MISSING_PIPE}" in str(info.value)

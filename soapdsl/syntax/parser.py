@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast as pyast
+import difflib
+import re
 from dataclasses import fields, is_dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -71,6 +73,34 @@ BOM = "\ufeff"
 MISSING_PIPE = "two stages in a row need '|>' between them"
 
 
+#: the keywords that start a line, which a misspelling turns into a stage name
+_LINE_KEYWORDS = ("recipe", "macro", "route")
+_WORD_BEFORE = re.compile(r"(?:^|\n)[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]+$")
+
+
+def _keyword_typo(text: str, tok: Token) -> tuple[str, tuple[int, int], str] | None:
+    """A misspelt keyword that starts the line before ``tok`` (``Recipe r(...)``, ``rout m:``).
+
+    The parser reads such a word as a stage and stops at the name after it, where "two stages
+    in a row" would be the wrong advice. Returns (the word, its (line, col), the keyword).
+    """
+    if tok.start_pos is None:
+        return None
+    m = _WORD_BEFORE.search(text, 0, tok.start_pos)
+    if m is None:
+        return None
+    word = m.group(1)
+    if word in _LINE_KEYWORDS:
+        return None
+    close = difflib.get_close_matches(word.lower(), _LINE_KEYWORDS, n=1, cutoff=0.75)
+    if not close:
+        return None
+    start = m.start(1)
+    line = text.count("\n", 0, start) + 1
+    col = start - (text.rfind("\n", 0, start) + 1) + 1
+    return word, (line, col), close[0]
+
+
 def _expected(names: set[str]) -> str:
     described = (_describe(n) for n in names)
     # anonymous terminals with a fixed text ('//', '|>') describe as that text; others are internal
@@ -116,6 +146,11 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
             text,
         )
         acceptable = _acceptable(e)
+        typo = _keyword_typo(text, tok) if tok.type == "NAME" and acceptable & _ENDS else None
+        if typo is not None:
+            word, (line, col), keyword = typo
+            loc = Loc(file, line, col, line, col + len(word), text)
+            raise SoapSyntaxError(f"'{word}' is not a keyword; did you mean '{keyword}'?", loc) from None
         # a name where the pipeline could have ended ('sign sign', '{ a b }'): the LALR state has
         # already reduced the first stage, so '|>' is not among the expected tokens; say it
         notes = (MISSING_PIPE,) if tok.type == "NAME" and acceptable & _ENDS else ()
