@@ -236,3 +236,17 @@ def test_a_closed_pipe_ends_quietly(argv):
         os.close(write)
     assert proc.returncode == 1
     assert proc.stderr == ""
+
+
+@pytest.mark.parametrize("cmd", ["check", "compile", "fmt"])
+def test_a_yaml_config_given_as_a_recipe_says_so(tmp_path, capsys, monkeypatch, cmd):
+    """A config where a recipe file belongs gave a bare syntax error at its first ':'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.yaml").write_text("optimizer:\n  recipe: adamw\n")
+    code, out, err = run(capsys, cmd, "train.yaml")
+    assert (code, out) == (1, "")
+    assert err.startswith("train.yaml:1:10: syntax error: unexpected ':'")
+    assert err.endswith(
+        "  note: 'train.yaml' looks like a YAML config, not a recipe file: soapdsl.from_config(model,"
+        " 'train.yaml') reads a config; its 'recipe' key names the recipe\n"
+    )

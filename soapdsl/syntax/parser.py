@@ -273,7 +273,18 @@ def parse_file(path: str | Path, display: str | None = None) -> A.Module:
         raise SoapNameError(f"cannot read recipe file {str(p)!r}: {e.strerror}") from None
     except UnicodeDecodeError:
         raise SoapSyntaxError(f"recipe file {str(p)!r} is not UTF-8 text") from None
-    return parse(text, display or str(p))
+    try:
+        return parse(text, display or str(p))
+    except SoapSyntaxError as e:
+        if p.suffix.lower() in (".yaml", ".yml"):
+            # `soapdsl check train.yaml`, build("train.yaml", ...): a config where a recipe belongs
+            e.notes = (
+                *e.notes,
+                f"{str(p)!r} looks like a YAML config, not a recipe file: soapdsl.from_config(model,"
+                f" {str(p)!r}) reads a config; its 'recipe' key names the recipe",
+            )
+            e.args = (e.format(),)
+        raise
 
 
 @v_args(meta=True)
