@@ -96,7 +96,11 @@ def apply(pipeline: str, tensor: torch.Tensor, **args: Any) -> torch.Tensor:
     state (momentum, rotate, ...) or write a parameter (lr, decay) are refused.
     """
     if not isinstance(tensor, torch.Tensor):
-        raise SoapArgumentError(f"apply() takes a tensor, got {type(tensor).__name__}")
+        swapped = isinstance(pipeline, torch.Tensor)  # apply(G, "newton_schulz(5)")
+        raise SoapArgumentError(
+            f"apply() takes a tensor, got {type(tensor).__name__}"
+            + ("; the pipeline comes first: soapdsl.apply(pipeline, tensor)" if swapped else "")
+        )
     recipe = library.resolve(pipeline, args)
     if len(recipe.routes) != 1:
         raise SoapArgumentError("apply() takes a single pipeline, not a recipe with several routes")

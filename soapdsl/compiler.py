@@ -421,6 +421,10 @@ def named_parameters(params: Any) -> list[tuple[str, torch.Tensor]]:
         return _unwrapped(params)
     if isinstance(params, torch.Tensor):
         raise SoapArgumentError("params must be an iterable of tensors or an nn.Module, got a single tensor")
+    if isinstance(params, str | bytes):  # iterating it would give its characters
+        raise SoapArgumentError(
+            f"params must be an nn.Module or an iterable of parameters, got {type(params).__name__}"
+        )
     if isinstance(params, Mapping):  # iterating it would give its keys
         raise SoapArgumentError(
             "params is a dict: pass its .items() (name -> tensor), model.named_parameters() or the module"

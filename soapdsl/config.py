@@ -204,7 +204,13 @@ def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mar
     elif isinstance(cfg, Mapping):
         data = cfg
     else:
-        raise SoapConfigError(f"a config is a dict, YAML text or a path to a YAML file, got {type(cfg).__name__}")
+        import torch
+
+        swapped = isinstance(cfg, torch.nn.Module)  # from_config(cfg, model)
+        raise SoapConfigError(
+            f"a config is a dict, YAML text or a path to a YAML file, got {type(cfg).__name__}"
+            + ("; the model comes first: soapdsl.from_config(model, cfg)" if swapped else "")
+        )
     prefix: tuple[Any, ...] = ()
     if isinstance(data, Mapping) and "optimizer" in data and "recipe" not in data:
         data = data["optimizer"]

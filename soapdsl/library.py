@@ -145,7 +145,13 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None, file: str
     if isinstance(spec, Path):
         return _from_file(str(spec), params)
     if not isinstance(spec, str):
-        raise SoapError(f"a recipe is a name, a path or recipe text, got {type(spec).__name__}")
+        import torch
+
+        swapped = isinstance(spec, torch.nn.Module | torch.Tensor)  # build(model, "adamw")
+        raise SoapError(
+            f"a recipe is a name, a path or recipe text, got {type(spec).__name__}"
+            + ("; the recipe comes first: soapdsl.build(recipe, model, ...)" if swapped else "")
+        )
     spec = spec.removeprefix(BOM)  # text read from a file that an editor began with one
     text = spec.strip()
     if _IDENT.match(text):

@@ -821,3 +821,40 @@ def test_a_word_far_from_a_keyword_keeps_the_missing_pipe_note(source):
         library.resolve(source)
     assert "is not a keyword" not in str(info.value)
     assert f"note: {MISSING_PIPE}" in str(info.value)
+
+
+_M = torch.nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize(
+    ("call", "cls", "message"),
+    [
+        (
+            lambda: soapdsl.build(_M, "adamw"),
+            SoapError,
+            "a recipe is a name, a path or recipe text, got Linear; the recipe comes first:"
+            " soapdsl.build(recipe, model, ...)",
+        ),
+        (
+            lambda: soapdsl.from_config({"recipe": "adamw"}, _M),
+            SoapConfigError,
+            "a config is a dict, YAML text or a path to a YAML file, got Linear; the model comes first:"
+            " soapdsl.from_config(model, cfg)",
+        ),
+        (
+            lambda: soapdsl.apply(torch.ones(3), "sign"),
+            SoapArgumentError,
+            "apply() takes a tensor, got str; the pipeline comes first: soapdsl.apply(pipeline, tensor)",
+        ),
+        # a string was iterated character by character: "parameter 'param.0' is a str"
+        (
+            lambda: soapdsl.build("adamw", "model"),
+            SoapArgumentError,
+            "params must be an nn.Module or an iterable of parameters, got str",
+        ),
+    ],
+)
+def test_arguments_in_the_wrong_order_are_named(call, cls, message):
+    with pytest.raises(cls) as info:
+        call()
+    assert info.value.message == message
