@@ -232,6 +232,18 @@ def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mar
             f"an optimizer config is a mapping with a 'recipe' key, got {type(data).__name__}",
             _loc(file, marks, prefix),
         )
+    if not prefix and "recipe" not in data:
+        nested = next(
+            (k for k, v in data.items() if isinstance(v, Mapping) and ("optimizer" in v or "recipe" in v)), None
+        )
+        if nested is not None:  # `training: {optimizer: ...}`: only the top level is looked at
+            inner = "optimizer" if "optimizer" in data[nested] else "recipe"
+            raise SoapConfigError(
+                f"the config has no 'recipe' or 'optimizer' key at its top level, where from_config looks;"
+                f" '{nested}.{inner}' is one level down: pass that part of the config, or move"
+                f" '{inner}' to the top level",
+                _loc(file, marks, (nested, inner)),
+            )
     try:
         parsed = OptimizerConfig.model_validate(dict(data))
     except ValidationError as e:

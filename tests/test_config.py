@@ -158,6 +158,21 @@ def test_an_empty_config(tmp_path):
     assert err.message == "a config is a dict, YAML text or a path to a YAML file, got NoneType"
 
 
+def test_an_optimizer_one_level_down_is_pointed_at():
+    """`training: {optimizer: ...}` said `recipe: is required` at the first line."""
+    err = config_error("model: {d: 8}\ntraining:\n  steps: 10\n  optimizer:\n    recipe: adamw\n")
+    assert err.message == (
+        "the config has no 'recipe' or 'optimizer' key at its top level, where from_config looks;"
+        " 'training.optimizer' is one level down: pass that part of the config, or move 'optimizer' to"
+        " the top level"
+    )
+    assert (err.loc.line, err.loc.col) == (4, 3)
+    err = config_error({"train": {"recipe": "adamw"}})
+    assert "'train.recipe' is one level down" in err.message
+    # nothing to point at: the schema's own message
+    assert config_error("args: {lr: 1}\n").message == "recipe: is required"
+
+
 @pytest.mark.parametrize(
     ("text", "message", "where"),
     [
