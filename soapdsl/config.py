@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from soapdsl.ir import Ref
 from soapdsl.runtime.optimizer import SoapOptimizer
 from soapdsl.syntax import ast as A
 from soapdsl.syntax.parser import parse
+from soapdsl.syntax.printer import format_selector
 
 Scalar = bool | int | float | str
 
@@ -465,6 +467,25 @@ def _check_args(recipe: Any, args: Mapping[str, Any], file: str, marks: Any, pat
             raise e.at(_loc(file, marks, (*path, k))) from None
 
 
+def _warn_unused_overrides(plan: Any, overrides: list[Any], file: str, marks: Any, path: tuple[Any, ...]) -> None:
+    """Warn of a route override that takes no parameter: a misspelt `match` (`"*bais"`) would
+    otherwise leave its parameters with the main recipe without a word. A recipe's own routes
+    may match nothing (a recipe serves many models); an override is written for this one."""
+    start = 0
+    for i, (selector, sub, _) in enumerate(overrides):
+        n = len(sub.routes)  # the override's routes come first in the plan, in order
+        if not any(rp.params for rp in plan.routes[start : start + n]):
+            loc = _loc(file, marks, (*path, i))
+            where = f"{loc.file}:{loc.line}:{loc.col}: " if loc is not None else ""
+            warnings.warn(
+                f"{where}{_dotted((*path, i))} ({format_selector(selector)}) takes no parameter of the"
+                f" model, so its recipe '{sub.name}' steps nothing: check its match and where",
+                UserWarning,
+                stacklevel=4,  # the call of soapdsl.from_config
+            )
+        start += n
+
+
 def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
     parsed, file, marks, prefix = load(cfg)
     # recipe text held in the config: errors inside it are moved to their place in the file
@@ -494,6 +515,7 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
             check_selector(selector, values, {k: Ref(k) for k in values})
             overrides.append((selector, sub, sub_args))
         plan = compile_plan(main, model, args, overrides)
+        _warn_unused_overrides(plan, overrides, file, marks, (*prefix, "routes"))
         try:
             mark_routes(
                 plan,

@@ -386,3 +386,21 @@ def test_torch_compile_with_cuda_graphs_is_refused_at_the_key():
     err = config_error(text)
     assert "route 'default' would run under torch.compile" in err.message
     assert (err.loc.line, err.loc.col) == (3, 1)
+
+
+def test_an_override_that_takes_no_parameter_is_warned_of():
+    """A misspelt match left the parameters with the main recipe without a word."""
+    text = "recipe: adamw\nroutes:\n  - match: '*bais'\n    recipe: adam\n  - match: bias\n    recipe: adam\n"
+    with pytest.warns(UserWarning) as record:
+        opt = soapdsl.from_config(torch.nn.Linear(3, 3), text)
+    assert [str(w.message) for w in record] == [
+        "<config>:3:5: routes.0 (\"*bais\") takes no parameter of the model, so its recipe 'adam' steps"
+        " nothing: check its match and where"
+    ]
+    assert record[0].filename == __file__  # the caller's line, not soapdsl's
+    assert [g["route"] for g in opt.param_groups] == ['"bias"', "default"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        soapdsl.from_config(torch.nn.Linear(3, 3), {"recipe": "adamw", "routes": [{"match": "bias", "recipe": "adam"}]})
