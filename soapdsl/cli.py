@@ -180,25 +180,31 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compile", help="show what a recipe becomes: pipelines, routing, state")
-    c.add_argument("recipe", help="shipped name, path to a .soap file, or inline pipeline text")
+    c.add_argument(
+        "recipe",
+        metavar="RECIPE",
+        help="shipped name, path to a .soap file (FILE.soap::NAME picks one), or inline text",
+    )
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="set a recipe parameter (repeatable)")
     c.add_argument(
         "--shapes",
         metavar="NAME=MxN,...",
         help="parameter shapes; NAME= is a 0-d (scalar) parameter (default: a small GPT-like model)",
     )
-    c.add_argument("--format", choices=("text", "json"), default="text")
+    c.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
     c.set_defaults(func=cmd_compile)
 
     k = sub.add_parser("check", help="check .soap files; errors on stderr, exit 1 if any is bad")
-    k.add_argument("files", nargs="+")
+    k.add_argument("files", nargs="+", metavar="FILE", help=".soap files to check")
     k.set_defaults(func=cmd_check)
 
     s = sub.add_parser("list", help="operators and shipped recipes")
     s.set_defaults(func=cmd_list)
 
     f = sub.add_parser("fmt", help="print .soap files in canonical form")
-    f.add_argument("files", nargs="+")
+    f.add_argument(
+        "files", nargs="+", metavar="FILE", help=".soap files (printed to stdout; the files are left as they are)"
+    )
     f.set_defaults(func=cmd_fmt)
 
     from soapdsl.race import runner as race
@@ -227,7 +233,9 @@ def make_parser() -> argparse.ArgumentParser:
         " lr parameter (lr, *_lr) scaled, and keeps its best final validation loss",
     )
     r.add_argument("--seed", type=int, default=0, help="initialisation and data order (default %(default)s)")
-    r.add_argument("--out", default="race_out", metavar="DIR", help="where to write losses.png and race.json")
+    r.add_argument(
+        "--out", default="race_out", metavar="DIR", help="where to write losses.png and race.json (default %(default)s)"
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--no-plot", action="store_true", help=argparse.SUPPRESS)
     # model and evaluation size (for tests and quick experiments)
