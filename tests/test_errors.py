@@ -557,6 +557,26 @@ def test_state_dict_of_another_recipe():
         b.load_state_dict(a.state_dict())
 
 
+def test_state_dict_of_another_recipe_of_the_same_name_says_what_differs():
+    """'saved by recipe adamw (fingerprint ...), but this optimizer runs recipe adamw' left the
+    user to guess what differs."""
+    model = torch.nn.Linear(3, 3)
+    sd = soapdsl.build("adamw", model).state_dict()
+    with_override = soapdsl.from_config(model, {"recipe": "adamw", "routes": [{"match": "bias", "recipe": "adam"}]})
+    with pytest.raises(SoapStateError) as info:
+        with_override.load_state_dict(sd)
+    assert info.value.message.endswith(
+        ": its routes were default, this optimizer's are \"bias\", default (a config's route overrides are"
+        " part of the recipe)"
+    )
+    with pytest.raises(SoapStateError) as info:
+        soapdsl.build("recipe adamw(lr=1e-3) = sign |> lr", model).load_state_dict(sd)
+    assert info.value.message.endswith(
+        ": a recipe of the same name with other stages, arguments or routes (an edited recipe file, or"
+        " another recipe by that name)"
+    )
+
+
 def _stepped_soap():
     model = torch.nn.Linear(6, 4)
     opt = soapdsl.build("soap", model, freq=1)

@@ -604,10 +604,23 @@ class SoapOptimizer(torch.optim.Optimizer):
                 f"state dict format {meta.get('format')!r} cannot be read; this soapdsl reads format {FORMAT_VERSION}"
             )
         if meta.get("fingerprint") != self.plan.fingerprint or meta.get("recipe") != self.plan.recipe.name:
+            why = ""
+            if meta.get("recipe") == self.plan.recipe.name:  # the same name says nothing of what differs
+                saved_routes, own = meta.get("routes"), [rp.selector for rp in self._routes]
+                if isinstance(saved_routes, list) and saved_routes != own:
+                    why = (
+                        f": its routes were {', '.join(map(str, saved_routes)) or 'none'}, this optimizer's are"
+                        f" {', '.join(own)} (a config's route overrides are part of the recipe)"
+                    )
+                else:
+                    why = (
+                        ": a recipe of the same name with other stages, arguments or routes (an edited"
+                        " recipe file, or another recipe by that name)"
+                    )
             raise SoapStateError(
                 f"state dict was saved by recipe '{meta.get('recipe')}' (fingerprint"
                 f" {meta.get('fingerprint')}), but this optimizer runs recipe"
-                f" '{self.plan.recipe.name}' (fingerprint {self.plan.fingerprint})"
+                f" '{self.plan.recipe.name}' (fingerprint {self.plan.fingerprint}){why}"
             )
         groups = sd["param_groups"]
         if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
