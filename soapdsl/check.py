@@ -582,9 +582,33 @@ def reserved_param_problem(name: str) -> str | None:
     return None
 
 
+def _names_in(e: A.Expr) -> list[A.Name]:
+    """The bare names of a constant expression, in order."""
+    if isinstance(e, A.Name):
+        return [e]
+    if isinstance(e, A.Neg):
+        return _names_in(e.operand)
+    if isinstance(e, A.BinOp):
+        return _names_in(e.left) + _names_in(e.right)
+    if isinstance(e, A.Tuple):
+        return [n for item in e.items for n in _names_in(item)]
+    return []
+
+
 def check_params(params: tuple[A.Param, ...], what: str, recipe: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    declared = {p.name for p in params}
     for p in params:
+        # `adam_lr=lr * 10` read `lr` as a symbol, and failed as "arithmetic needs numbers" (or,
+        # alone, as the value `lr` wherever the parameter was used)
+        for n in _names_in(p.default) if p.default is not None else ():
+            if n.id in declared:
+                raise SoapNameError(
+                    f"the default of '{p.name}' refers to parameter '{n.id}': a default is a constant,"
+                    " computed before any parameter has a value; write the number (or compute the"
+                    " value where it is used, as an argument or a route setting)",
+                    n.loc,
+                )
         problem = reserved_param_problem(p.name) if recipe else None
         if problem:
             raise SoapNameError(problem, p.loc)

@@ -40,6 +40,21 @@ SOURCES = [
         r"invalid nesterov=\{ sign \} for 'momentum'",
         "1:15",
     ),
+    # a name in a default was a symbol: "arithmetic needs numbers, got lr in 'lr * 10'"
+    (
+        "default-refers-to-a-parameter",
+        "recipe r(lr=1e-3, adam_lr=lr * 10):\n  route matrix [lr=adam_lr]: sign\n  route default: sign\n",
+        SoapNameError,
+        r"^the default of 'adam_lr' refers to parameter 'lr': a default is a constant",
+        "1:27",
+    ),
+    (
+        "macro-default-refers-to-a-parameter",
+        "macro m(a=0.9, b=a) = momentum(b)\nm |> lr",
+        SoapNameError,
+        r"'b' refers to parameter 'a'",
+        "1:18",
+    ),
     ("unclosed-paren", "momentum(0.9", SoapSyntaxError, r"unexpected end of text; expected", "1:13"),
     ("double-pipe", "momentum |> |> lr", SoapSyntaxError, r"unexpected '\|>'", "1:13"),
     ("trailing-pipe", "momentum |>", SoapSyntaxError, r"unexpected end of text; expected a name", "1:12"),
