@@ -494,7 +494,19 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
     def recipe(spec: str, args: Mapping[str, Any], path: tuple[Any, ...]) -> Any:
         name = _text_name(file, path)
         texts[name] = (path, spec)
-        return library.resolve(spec, args, name)
+        try:
+            return library.resolve(spec, args, name)
+        except SoapNameError as e:
+            # `recipe: my.soap` next to the config, read from another directory
+            beside = Path(file).parent / spec.strip().partition("::")[0]
+            if file != "<config>" and not Path(spec.strip()).is_absolute() and beside.is_file():
+                e.notes = (
+                    *e.notes,
+                    f"a path in a config is relative to the working directory, not to the config;"
+                    f" the file beside the config is '{beside}'",
+                )
+                e.args = (e.format(),)
+            raise
 
     try:
         args = _args(parsed.args)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -404,3 +406,21 @@ def test_an_override_that_takes_no_parameter_is_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         soapdsl.from_config(torch.nn.Linear(3, 3), {"recipe": "adamw", "routes": [{"match": "bias", "recipe": "adam"}]})
+
+
+def test_a_recipe_file_beside_the_config_is_named_when_not_found(tmp_path, monkeypatch):
+    """Paths in a config are relative to the working directory; `recipe: my.soap` next to the
+    config, read from elsewhere, said only that my.soap does not exist."""
+    sub = tmp_path / "runs"
+    sub.mkdir()
+    (sub / "my.soap").write_text("recipe my(lr=1e-3) = momentum(0.9) |> sign\n")
+    (sub / "train.yaml").write_text("optimizer:\n  recipe: my.soap\n")
+    monkeypatch.chdir(tmp_path)
+    err = config_error("runs/train.yaml", SoapNameError)
+    assert err.message == "cannot read recipe file 'my.soap': No such file or directory"
+    assert err.notes[-1] == (
+        "a path in a config is relative to the working directory, not to the config; the file beside"
+        f" the config is '{Path('runs') / 'my.soap'}'"
+    )
+    monkeypatch.chdir(sub)
+    assert soapdsl.from_config(torch.nn.Linear(3, 3), "train.yaml").plan.recipe.name == "my"
