@@ -850,7 +850,26 @@ def test_a_misspelt_keyword_is_named(source, word, keyword, where):
     assert info.value.notes == ()
 
 
-@pytest.mark.parametrize("source", ["def r(lr=1) = sign", "recipe r(lr=1) = sign\n  rotate sign\n"])
+@pytest.mark.parametrize(
+    ("source", "where"),
+    [
+        ("route default: sign\n", "1:1"),
+        ("recipe r(lr=1) = sign\nroute matrix: sign\n", "2:1"),
+        ("recipe r(lr=1) =\n  momentum\n  route matrix: sign\n", "3:3"),
+    ],
+)
+def test_a_route_outside_a_recipe_is_named(source, where):
+    """It read as the stage 'route' followed by another ("two stages in a row need '|>'"), or
+    as an unexpected 'route' after a short-form recipe."""
+    with pytest.raises(SoapSyntaxError) as info:
+        library.resolve(source)
+    assert info.value.message.startswith("a route outside a recipe: routes follow a header written with ':'")
+    assert f"{info.value.loc.line}:{info.value.loc.col}" == where
+
+
+@pytest.mark.parametrize(
+    "source", ["def r(lr=1) = sign", "recipe r(lr=1) = sign\n  rotate sign\n", "rotate(left) { Route sign } |> lr"]
+)
 def test_a_word_far_from_a_keyword_keeps_the_missing_pipe_note(source):
     with pytest.raises(SoapSyntaxError) as info:
         library.resolve(source)

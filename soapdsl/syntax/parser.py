@@ -78,6 +78,12 @@ _LINE_KEYWORDS = ("recipe", "macro", "route")
 _WORD_BEFORE = re.compile(r"(?:^|\n)[ \t]*([A-Za-z_][A-Za-z0-9_]*)[ \t]+$")
 
 
+_ROUTE_OUTSIDE = (
+    "a route outside a recipe: routes follow a header written with ':', `recipe NAME(lr=...):`"
+    " (the short form `recipe NAME(...) = ...` has none)"
+)
+
+
 def _keyword_typo(text: str, tok: Token) -> tuple[str, tuple[int, int], str] | None:
     """A misspelt keyword that starts the line before ``tok`` (``Recipe r(...)``, ``rout m:``).
 
@@ -90,9 +96,10 @@ def _keyword_typo(text: str, tok: Token) -> tuple[str, tuple[int, int], str] | N
     if m is None:
         return None
     word = m.group(1)
-    if word in _LINE_KEYWORDS:
+    if word in ("recipe", "macro"):
         return None
-    close = difflib.get_close_matches(word.lower(), _LINE_KEYWORDS, n=1, cutoff=0.75)
+    # `route` itself: a route where no recipe's routes are open (read as a stage, like a typo)
+    close = [word] if word == "route" else difflib.get_close_matches(word.lower(), _LINE_KEYWORDS, n=1, cutoff=0.75)
     if not close:
         return None
     start = m.start(1)
@@ -146,10 +153,15 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
             text,
         )
         acceptable = _acceptable(e)
-        typo = _keyword_typo(text, tok) if tok.type == "NAME" and acceptable & _ENDS else None
+        # at the top level only: in a block neither a definition nor a route can start
+        typo = _keyword_typo(text, tok) if tok.type == "NAME" and "$END" in acceptable else None
+        if typo is None and tok.value == "route" and "$END" in acceptable:
+            typo = ("route", (loc.line, loc.col), "route")  # after a short-form recipe or a macro
         if typo is not None:
             word, (line, col), keyword = typo
             loc = Loc(file, line, col, line, col + len(word), text)
+            if word == keyword:
+                raise SoapSyntaxError(_ROUTE_OUTSIDE, loc) from None
             raise SoapSyntaxError(f"'{word}' is not a keyword; did you mean '{keyword}'?", loc) from None
         # a name where the pipeline could have ended ('sign sign', '{ a b }'): the LALR state has
         # already reduced the first stage, so '|>' is not among the expected tokens; say it
