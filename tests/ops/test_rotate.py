@@ -592,6 +592,19 @@ def test_negative_beta_falls_back() -> None:
             assert torch.equal(p, q)
 
 
+def test_zero_beta_keeps_only_the_latest_statistics() -> None:
+    """beta = 0 is a decay like any other, not "unset": each factor is the last gradient's
+    G_(k) G_(k)^T (SOAP's shampoo_beta=0 lerps with weight 1); only beta < 0 means beta_fallback."""
+    shapes = [(4, 6), (5, 5)]
+    (a,) = _tensors(21, shapes)
+    opt = soapdsl.build(f"rotate(both, freq=2, beta=0, beta_fallback=0.7) {{ {ADAM_IN} }} |> lr", a, lr=1.0)
+    for gs in _tensors(23, shapes, 5):
+        _step(opt, a, gs)
+        for p, g in zip(a, gs):
+            for k in (0, 1):
+                torch.testing.assert_close(opt.state[p][f"0.rotate.GG{k}"], _stats(g, k), rtol=1e-14, atol=1e-14)
+
+
 FOLLOWED = (
     "recipe t(lr=1.0, b2=0.5):\n"
     "  route default: rotate(both, beta=-1, beta_fallback=b2, freq=100) { rms_normalize(b2, 1e-8) } |> lr"
