@@ -490,6 +490,7 @@ def test_max_dim_none_has_no_bound() -> None:
         ((2, 3), 10, "channels_first", (6,), 5),  # the 50 x 100 quirk in small: one full factor
         ((7, 2, 3), 6, "channels_first", (7, 6), 2),  # 7 > max_dim: emitted alone, not factored
         ((2, 3, 3, 4), 8, "channels_last", (8, 3, 3), 2),  # NHWC -> NCHW (2, 4, 3, 3), then merged
+        ((1, 1), 10, "channels_first", (1,), 2),  # nothing emitted before the end: the 1 is emitted
     ],
 )
 def test_merge_dims(shape, max_dim, fmt, merged, freq) -> None:
