@@ -34,6 +34,24 @@ def test_mask_and_rescale_against_the_gradient():
     torch.testing.assert_close(before - p.detach(), expected, **TOL)
 
 
+def test_a_zero_gradient_masks_its_component():
+    """The mask is strict, 1[x * g > 0] (Liang et al.): where this step's gradient is exactly zero
+    (an embedding row not in the batch, a dead unit) the momentum's component is dropped, and the
+    rescale counts it as dropped."""
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt = soapdsl.build("momentum(0.5) |> cautious |> lr", [("w", p)], lr=1.0)
+    g1 = torch.tensor([1.0, -2.0, 3.0, 4.0], dtype=torch.float64)
+    g2 = torch.tensor([0.0, -1.0, 0.0, 2.0], dtype=torch.float64)
+    p.grad = g1
+    opt.step()
+    before = p.detach().clone()
+    p.grad = g2
+    opt.step()
+    m = 0.5 * (0.5 * g1) + 0.5 * g2
+    expected = m * torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64) / 0.5
+    torch.testing.assert_close(before - p.detach(), expected, **TOL)
+
+
 def test_without_rescale_and_all_masked():
     g = torch.tensor([1.0, -2.0, 0.0], dtype=torch.float64)
     torch.testing.assert_close(_update("cautious(rescale=false) |> lr", g), g * torch.tensor([1.0, 1.0, 0.0]), **TOL)
