@@ -74,6 +74,33 @@ def test_per_parameter_fraction_in_stacked_batches():
     assert all(torch.count_nonzero(p) == 0 for p in ps)
 
 
+def test_kept_fraction_is_each_parameters_own_in_a_stacked_batch():
+    """Two same-shape parameters stacked in one batch (shape_scale makes the route batched) keep
+    3 and 2 of their 4 components: each is rescaled by its own kept fraction, not the batch's."""
+    ps = [torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64)) for _ in range(2)]
+    opt = soapdsl.build(
+        "momentum(0.5) |> cautious |> shape_scale(none) |> lr", [(f"w{i}", p) for i, p in enumerate(ps)], lr=1.0
+    )
+    assert opt._routes[0].batched
+    g1 = torch.ones(2, 2, dtype=torch.float64)
+    g2s = [
+        torch.tensor([[-0.1, 1.0], [1.0, 1.0]], dtype=torch.float64),
+        torch.tensor([[-0.1, -0.1], [1.0, 1.0]], dtype=torch.float64),
+    ]
+    for p in ps:
+        p.grad = g1.clone()
+    opt.step()
+    before = [p.detach().clone() for p in ps]
+    for p, g2 in zip(ps, g2s):
+        p.grad = g2
+    opt.step()
+    for p, b, g2, kept in zip(ps, before, g2s, (0.75, 0.5)):
+        m = 0.5 * (0.5 * g1) + 0.5 * g2
+        mask = (m * g2 > 0).double()
+        assert float(mask.mean()) == kept
+        torch.testing.assert_close(b - p.detach(), m * mask / kept, **TOL)
+
+
 def test_linear_in_a_pending_positive_scale():
     g = torch.tensor([2.0, -1.0, 4.0], dtype=torch.float64)
     a = _update("scale(3) |> cautious |> lr", g)
