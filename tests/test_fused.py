@@ -117,10 +117,12 @@ def test_compiled_route_is_not_lowered() -> None:
     assert _route(opt).fused is None
 
 
-def test_values_that_leave_adam_fall_back_each_step() -> None:
-    """bias_correct's beta1 differs from the momentum's: the route matches structurally, but
+@pytest.mark.parametrize(("b1", "b2"), [(0.5, 0.0), (0.9, 0.9)], ids=["beta1", "beta2"])
+def test_values_that_leave_adam_fall_back_each_step(b1: float, b2: float) -> None:
+    """bias_correct's beta1 differs from the momentum's, or it has a second-moment factor
+    sqrt(1 - beta2^t) that Adam's kernel does not apply: the route matches structurally, but
     every step takes the stage-by-stage path, and its numbers (checked against a hand loop)."""
-    pipeline = "momentum(0.9) |> rms_normalize(0.99, 1e-8) |> bias_correct(0.5) |> lr"
+    pipeline = f"momentum(0.9) |> rms_normalize(0.99, 1e-8) |> bias_correct({b1}, {b2}) |> lr"
     params = _params(torch.float64)
     grads = _grads(5, torch.float64)
     opt = soapdsl.build(pipeline, params, lr=0.1)
@@ -136,7 +138,7 @@ def test_values_that_leave_adam_fall_back_each_step() -> None:
             m = 0.9 * m + 0.1 * g
             v = 0.99 * v + 0.01 * g * g
             denom = v.sqrt() / (1 - 0.99**t) ** 0.5 + 1e-8
-            p = p - 0.1 / (1 - 0.5**t) * m / denom
+            p = p - 0.1 * (1 - b2**t) ** 0.5 / (1 - b1**t) * m / denom
         torch.testing.assert_close(params[i].detach(), p, rtol=1e-12, atol=1e-14)
 
 
