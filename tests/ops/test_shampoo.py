@@ -258,6 +258,26 @@ def test_beta_and_eps_follow_recipe_parameters() -> None:
         torch.testing.assert_close(u, ref.step(g), **TOL)
 
 
+def test_negative_eigenvalues_are_shifted_to_zero_before_eps() -> None:
+    """Rounding leaves a PSD factor with small negative eigenvalues (in fp32 about 1e-7 of the
+    largest, far past the recipe's eps of 1e-12). As DistributedShampoo does, the spectrum is
+    shifted up by -lambda_min before eps is added, so the root stays bounded instead of raising
+    a clamped negative number to -e. The factor is set in the state to have eigenvalue -1e-4."""
+    eps = 1e-6
+    p = torch.zeros(6, dtype=torch.float64)
+    opt = soapdsl.build(f"shampoo(1.0, {eps}, freq=1) |> lr", [p], lr=1.0)  # a vector: exponent 1/2
+    g1, g2 = (g for (g,) in _grads(11, 2, [(6,)]))
+    _step(opt, [p], [g1])
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(12), dtype=torch.float64))
+    lam = torch.tensor([2.0, 1.0, 0.5, 0.1, 1e-3, -1e-4], dtype=torch.float64)
+    factor = q @ torch.diag(lam) @ q.T
+    opt.state[p]["0.shampoo.F0"].copy_(factor - torch.outer(g2, g2))  # the step adds g2 g2^T back
+    (u,) = _step(opt, [p], [g2])
+    root = q @ torch.diag((lam - lam.min() + eps) ** -0.5) @ q.T
+    torch.testing.assert_close(opt.state[p]["0.shampoo.P0"], root, **TOL)
+    torch.testing.assert_close(u, root @ g2, **TOL)
+
+
 def test_float32_parameters() -> None:
     """fp32 parameters keep fp32 factors; the update matches the float64 loop to fp32 precision."""
     shape = (6, 4)
