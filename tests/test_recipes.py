@@ -235,7 +235,7 @@ def test_soap_muon_over_max_dim_branch():
     assert err < 1e-10
 
 
-OVER = {"wide": (9, 10), "tall": (11, 9), "square": (9, 9), "one_over": (12, 5), "small": (6, 6)}
+OVER = {"wide": (9, 10), "tall": (11, 9), "square": (9, 9), "one_over": (12, 5), "at": (8, 6), "small": (6, 6)}
 OVER_SHARED = {"blocks.0.fc.weight": (9, 10), "blocks.1.fc.weight": (9, 10), "blocks.0.proj.weight": (11, 9)}
 
 
@@ -255,7 +255,8 @@ OVER_SHARED = {"blocks.0.fc.weight": (9, 10), "blocks.1.fc.weight": (9, 10), "bl
 def test_soap_muon_rotates_the_smaller_side_whatever_its_size(recipe, ref_cls, ref_kw, shapes):
     """ALGORITHMS.md 3.3: the "std" projection factors the smaller side, with no size bound (the
     downgrade to one side or none is "full"'s only); soap_muon10's branch for a matrix with a dim
-    >= max_dim then runs in that one-sided basis, also when both dims are >= max_dim (here 8)."""
+    >= max_dim then runs in that one-sided basis, also when both dims are >= max_dim (here 8), and
+    when the larger dim equals max_dim (3.6's guard for the main branch is max(m, n) < 10000)."""
 
     def kw(ps):
         return {"precondition_frequency": 5, "max_precond_dim": 8, **(ref_kw(ps) if callable(ref_kw) else ref_kw)}
