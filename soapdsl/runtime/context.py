@@ -177,7 +177,7 @@ class Ctx:
         if rounding is not None:
             for p, u in zip(params, updates, strict=True):
                 if p.dtype == torch.bfloat16:
-                    rounding.write(p, p.float().add_(u, alpha=alpha), self.t, stage)
+                    rounding.write(p, torch.add(p, u, alpha=alpha), self.t, stage)  # float32: u's dtype
                 else:
                     p.add_(u.to(p.dtype), alpha=alpha)
         elif all(p.dtype == u.dtype and p.device == u.device for p, u in zip(params, updates, strict=True)):
@@ -219,7 +219,7 @@ class Ctx:
         if rounding is not None:
             for p, n, d in zip(params, nums, dens, strict=True):
                 if p.dtype == torch.bfloat16:
-                    rounding.write(p, p.float().addcdiv_(n, d, value=alpha), self.t, stage)
+                    rounding.write(p, torch.addcdiv(p, n, d, value=alpha), self.t, stage)
                 else:
                     p.add_((n / d).to(p.dtype), alpha=alpha)
         elif all(p.dtype == n.dtype and p.device == n.device for p, n in zip(params, nums, strict=True)):

@@ -81,9 +81,10 @@ class Noise:
 def round_into(p: torch.Tensor, value: torch.Tensor, noise: torch.Tensor) -> None:
     """Write the float32 ``value`` into the bfloat16 ``p``, rounded stochastically with ``noise``
     (one integer in [0, 2^16) an element, in logical order)."""
-    flat = value.reshape(-1)  # the elements in logical order, whatever the layout
+    flat = value.reshape(-1).float()  # the elements in logical order, whatever the layout
     bits = noise.add_(flat.view(torch.int32)).bitwise_and_(_HIGH16)
-    # a NaN's pattern plus the noise may carry into the sign bit (CUDA's NaN is 0x7fffffff)
+    # a NaN's pattern plus the noise may carry into the sign bit (CUDA's NaN is 0x7fffffff; a
+    # negative one, 0xffffffff, may carry past it to a small positive number)
     rounded = torch.where(flat.isnan(), flat, bits.view(torch.float32))
     p.copy_(rounded.view(p.shape))
 
