@@ -49,7 +49,8 @@ def _named(device: torch.device) -> list[tuple[str, torch.nn.Parameter]]:
 def _entries(recipes: list[str], heavyball: bool) -> dict[str, Callable[[Any], Any]]:
     out: dict[str, Callable[[Any], Any]] = {}
     for r in recipes:
-        kw: dict[str, Any] = {"freq": 10} if r in ("soap", "soap_muon", "shampoo") else {}
+        # the refresh period and max_dim of the main benchmark (bench_step.py)
+        kw: dict[str, Any] = {"freq": 10, "max_dim": 2048} if r in ("soap", "soap_muon", "shampoo") else {}
         out[f"soapdsl {r} nearest"] = partial(soapdsl.build, r, **kw)
         out[f"soapdsl {r} stochastic"] = partial(soapdsl.build, r, stochastic_round=True, **kw)
     if heavyball:
