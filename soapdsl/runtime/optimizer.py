@@ -319,9 +319,7 @@ class SoapOptimizer(torch.optim.Optimizer):
         # stochastically (runtime/rounding.py); an FSDP2 rank's rows start where _first_elements says
         self._first_elements: dict[int, tuple[int, int]] = {}
         self._rounding: dict[int, Rounding] = {
-            rp.index: Rounding(
-                {id(t): e.name for t, e in zip(rp.tensors, rp.params, strict=True)}, self._first_elements
-            )
+            rp.index: Rounding({id(t): self._names[id(t)] for t in rp.tensors}, self._first_elements)
             for rp in self._routes
             if rp.options.get("stochastic_round")
         }
