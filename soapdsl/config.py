@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, StrictBool, ValidationError, field_validator
 
@@ -206,8 +207,6 @@ def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mar
     elif isinstance(cfg, Mapping):
         data = cfg
     else:
-        import torch
-
         swapped = isinstance(cfg, torch.nn.Module)  # from_config(cfg, model)
         raise SoapConfigError(
             f"a config is a dict, YAML text or a path to a YAML file, got {type(cfg).__name__}"
