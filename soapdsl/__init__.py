@@ -17,6 +17,7 @@ from soapdsl.errors import (
     SoapShapeError,
     SoapStateError,
     SoapSyntaxError,
+    SoapWarning,
 )
 from soapdsl.runtime.optimizer import SoapOptimizer
 
@@ -39,5 +40,6 @@ __all__ = [
     "SoapConfigError",
     "SoapStateError",
     "SoapRecipeError",
+    "SoapWarning",
     "__version__",
 ]

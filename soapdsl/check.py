@@ -10,6 +10,7 @@ location of the text that caused it.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 import re
 from collections.abc import Mapping
@@ -28,7 +29,10 @@ from soapdsl.errors import (
     SoapNameError,
     SoapRecipeError,
     SoapRouteError,
+    SoapWarning,
     did_you_mean,
+    span_text,
+    warn,
 )
 from soapdsl.syntax import ast as A
 from soapdsl.syntax.printer import format_selector
@@ -161,9 +165,13 @@ def _bind(cls: type[registry.Op], stage: A.Stage, scope: _Scope) -> tuple[tuple[
     bound: dict[str, ir.Value] = {}
     positional = [a for a in stage.args if a.name is None]
     seen_keyword = False
-    for a in stage.args:
+    for prev, a in zip((None, *stage.args), stage.args, strict=False):
         if a.name is None and seen_keyword:
-            raise SoapArgumentError("positional argument follows a keyword argument", a.loc)
+            notes = []
+            if prev is not None and _decimal_comma(prev.value, a.value):
+                reading = f"{prev.name}={_comma_text(prev.value, a.value)}"
+                notes.append(f"a decimal comma? the decimal point is '.': {reading}")
+            raise SoapArgumentError("positional argument follows a keyword argument", a.loc, notes=notes)
         seen_keyword |= a.name is not None
     if len(positional) > len(fields):
         extra = positional[len(fields)]
@@ -173,6 +181,7 @@ def _bind(cls: type[registry.Op], stage: A.Stage, scope: _Scope) -> tuple[tuple[
             f"{'s' if len(fields) != 1 else ''} ({shown}), got {len(positional)}",
             extra.loc,
         )
+    _warn_decimal_commas(cls, stage, fields)
     for name, a in zip(fields, positional, strict=False):
         bound[name] = _value(a.value, scope)
     for a in stage.args:
@@ -184,6 +193,89 @@ def _bind(cls: type[registry.Op], stage: A.Stage, scope: _Scope) -> tuple[tuple[
             raise SoapArgumentError(f"argument '{a.name}' of '{cls.name}' given twice", a.loc)
         bound[a.name] = _value(a.value, scope)
     return tuple((f, bound[f]) for f in fields if f in bound)
+
+
+def _digits(e: A.Expr) -> bool:
+    """Whether ``e`` is an integer literal written as plain digits (``0``, ``999``, not ``1e3``)."""
+    if not isinstance(e, A.Num) or isinstance(e.value, float):
+        return False
+    text = span_text(e.loc)
+    return text is not None and text.isdigit()
+
+
+def _decimal_comma(a: A.Expr, b: A.Expr) -> bool:
+    """Whether ``a,b`` are two plain integer literals with nothing but a comma between them
+    (``0,999``): how a decimal comma reads."""
+    return (
+        _digits(a)
+        and _digits(b)
+        and a.loc.file == b.loc.file
+        and a.loc.end_line == b.loc.line
+        and b.loc.col == a.loc.end_col + 1
+    )
+
+
+def _comma_text(a: A.Expr, b: A.Expr) -> str:
+    return f"{span_text(a.loc)}.{span_text(b.loc)}"
+
+
+def _takes_float(annotation: Any) -> bool:
+    """Whether a field holds a real number but no integer (``beta``, ``eps``; not ``freq``)."""
+    if get_origin(annotation) is Annotated:
+        return _takes_float(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        members = get_args(annotation)
+        return any(_takes_float(m) for m in members) and not any(_is_int(m) for m in members)
+    return annotation is float
+
+
+def _is_int(annotation: Any) -> bool:
+    if get_origin(annotation) is Annotated:
+        return _is_int(get_args(annotation)[0])
+    return annotation is int
+
+
+def _item_annotations(annotation: Any, n: int) -> list[Any]:
+    """The annotation of each of ``n`` items of a tuple field (``tuple[float, float, float]``)."""
+    if get_origin(annotation) is Annotated:
+        return _item_annotations(get_args(annotation)[0], n)
+    if get_origin(annotation) is tuple:
+        items = get_args(annotation)
+        if len(items) == 2 and items[1] is Ellipsis:
+            return [items[0]] * n
+        return list(items[:n]) + [None] * (n - len(items))
+    return [None] * n
+
+
+def _warn_decimal_commas(cls: type[registry.Op], stage: A.Stage, fields: list[str]) -> None:
+    """Warn of ``0,999`` where a real number is taken: valid (two arguments, or two tuple
+    items), but most likely a decimal comma. Two arguments written with a space (``0, 999``)
+    or any other spelling do not warn."""
+    positional = [a for a in stage.args if a.name is None]
+    slots = [(f, a.value) for f, a in zip(fields, positional, strict=False)]
+    pairs = []
+    for (name, a), (next_name, b) in itertools.pairwise(slots):
+        if _takes_float(_annotation(cls, name)) and _decimal_comma(a, b):
+            pairs.append((a, b, f"{name}={span_text(a.loc)} and {next_name}={span_text(b.loc)}"))
+    named = [f for f, _ in slots] + [a.name or "" for a in stage.args if a.name is not None]
+    values = [v for _, v in slots] + [a.value for a in stage.args if a.name is not None]
+    for name, value in zip(named, values, strict=True):
+        if isinstance(value, A.Tuple):
+            items = value.items
+            kinds = _item_annotations(_annotation(cls, name), len(items))
+            for i, (a, b) in enumerate(itertools.pairwise(items)):
+                if _takes_float(kinds[i]) and _decimal_comma(a, b):
+                    pairs.append((a, b, f"items {i} and {i + 1} of {name}"))
+    for a, b, reading in pairs:
+        loc = Loc(a.loc.file, a.loc.line, a.loc.col, b.loc.end_line, b.loc.end_col, a.loc.text)
+        warn(
+            SoapWarning(
+                f"'{span_text(a.loc)},{span_text(b.loc)}' in '{cls.name}' reads as two numbers, {reading};"
+                f" a decimal comma? the decimal point is '.': {_comma_text(a, b)}",
+                loc,
+                notes=[f"to mean two numbers, write them with a space: '{span_text(a.loc)}, {span_text(b.loc)}'"],
+            )
+        )
 
 
 def validate_args(

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 from soapdsl import __version__, library, registry
 from soapdsl.check import literal
 from soapdsl.compiler import compile_plan
-from soapdsl.errors import SoapArgumentError, SoapError
+from soapdsl.errors import SoapArgumentError, SoapError, SoapWarning
 from soapdsl.syntax.parser import parse_file
 from soapdsl.syntax.printer import format_module
 
@@ -287,13 +288,30 @@ def _join_negative_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _show_soap_warnings(previous: Any) -> Any:
+    """A ``warnings.showwarning`` that prints a SoapWarning as an error prints (its own location
+    and caret, no Python file and line of soapdsl's) and passes any other warning to ``previous``."""
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if not isinstance(message, SoapWarning):
+            return previous(message, category, filename, lineno, file, line)
+        try:
+            print(message.format(), file=sys.stderr if file is None else file)
+        except OSError:  # stderr is gone: a warning is not worth a traceback
+            pass
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = make_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
-        code = int(ns.func(ns))
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_soap_warnings(warnings.showwarning)
+            code = int(ns.func(ns))
         sys.stdout.flush()  # here, where a closed pipe can still be caught
         return code
-    except SoapError as e:
+    except (SoapError, SoapWarning) as e:  # a warning made an error (python -W error) prints as one
         print(e.format(), file=sys.stderr)
         return 1
     except BrokenPipeError:

@@ -12,7 +12,10 @@ Errors that come from source text carry a :class:`~soapdsl.syntax.ast.Loc` and p
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 import unicodedata
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -27,6 +30,7 @@ __all__ = [
     "SoapConfigError",
     "SoapStateError",
     "SoapRecipeError",
+    "SoapWarning",
     "did_you_mean",
 ]
 
@@ -82,19 +86,68 @@ class SoapError(Exception):
         return self
 
     def format(self) -> str:
-        head = f"{self.kind}: {self.message}"
-        if self.loc is not None:
-            head = f"{self.loc}: {head}"
-        lines = [head]
-        if self.loc is not None:
-            source = self.source or self.loc.text or SOURCES.get(self.loc.file)
-            if source is not None:
-                lines.extend(_caret(self.loc, source))
-        lines.extend(f"  note: {n}" for n in self.notes)
-        return "\n".join(lines)
+        return _format(self.kind, self.message, self.loc, self.source, self.notes)
 
     def __str__(self) -> str:
         return self.format()
+
+
+class SoapWarning(UserWarning):
+    """Input soapdsl accepts but that most likely does not say what was meant, such as a
+    decimal comma (``rms_normalize(0,999)`` is beta=0 and eps=999). It prints as an error does,
+    with its location and a caret; ``warnings.simplefilter("error", soapdsl.SoapWarning)``
+    makes it one (``python -W error::UserWarning`` too, with every other user warning)."""
+
+    kind = "warning"
+
+    def __init__(self, message: str, loc: Loc | None = None, notes: Iterable[str] = ()) -> None:
+        self.message = message
+        self.loc = loc
+        self.notes = tuple(notes)
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        return _format(self.kind, self.message, self.loc, None, self.notes)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def warn(warning: SoapWarning) -> None:
+    """Issue ``warning`` as coming from the first caller outside soapdsl (the user's line)."""
+    level = 2  # warn's caller
+    frame = sys._getframe(1)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE + os.sep):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    warnings.warn(warning, stacklevel=level)
+
+
+def _format(kind: str, message: str, loc: Loc | None, source: str | None, notes: Iterable[str]) -> str:
+    head = f"{kind}: {message}"
+    if loc is not None:
+        head = f"{loc}: {head}"
+    lines = [head]
+    if loc is not None:
+        source = source or loc.text or SOURCES.get(loc.file)
+        if source is not None:
+            lines.extend(_caret(loc, source))
+    lines.extend(f"  note: {n}" for n in notes)
+    return "\n".join(lines)
+
+
+def span_text(loc: Loc) -> str | None:
+    """The source text a one-line span covers, or None where the source is not known."""
+    source = loc.text or SOURCES.get(loc.file)
+    if source is None or loc.end_line != loc.line:
+        return None
+    lines = source.split("\n")
+    if not 1 <= loc.line <= len(lines):
+        return None
+    return lines[loc.line - 1][loc.col - 1 : loc.end_col - 1]
 
 
 _BLANKS = str.maketrans({"\f": " ", "\v": " "})
@@ -182,6 +235,7 @@ for _cls in (
     SoapConfigError,
     SoapStateError,
     SoapRecipeError,
+    SoapWarning,
 ):
     _cls.__module__ = "soapdsl"
 del _cls

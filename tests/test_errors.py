@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -912,3 +913,85 @@ def test_arguments_in_the_wrong_order_are_named(call, cls, message):
     with pytest.raises(cls) as info:
         call()
     assert info.value.message == message
+
+
+# -- a decimal comma: valid text that most likely does not say what was meant ----------------
+
+DECIMAL_COMMAS = [
+    # (source, "line:col" of the warning, what it says the text reads as, the caret line)
+    ("rms_normalize(0,999) |> lr", "1:15", "beta=0 and eps=999", "              ^^^^^"),
+    ("newton_schulz(5, coeffs=(3,4445, -4.775, 2.0315)) |> lr", "1:26", "items 0 and 1 of coeffs", " " * 25 + "^" * 6),
+]
+
+
+@pytest.mark.parametrize(("source", "where", "reading", "caret"), DECIMAL_COMMAS, ids=["two-args", "tuple-items"])
+def test_a_decimal_comma_where_a_real_number_goes_warns_with_its_location(source, where, reading, caret):
+    with pytest.warns(soapdsl.SoapWarning) as record:
+        try:
+            soapdsl.compile(source, torch.nn.Linear(3, 2))
+        except SoapError:
+            pass  # coeffs=(3, 4445, ...) has too many items: the warning comes first
+    (w,) = [r.message for r in record]
+    assert f"{w.loc.line}:{w.loc.col}" == where
+    assert reading in w.message and "a decimal comma?" in w.message
+    lines = str(w).splitlines()
+    assert lines[0].startswith(f"<inline>:{where}: warning: ")
+    assert lines[1:] == [
+        f"    1 | {source}",
+        f"      | {caret}",
+        f"  note: to mean two numbers, write them with a space: '{', '.join(w.message.split(chr(39))[1].split(','))}'",
+    ]
+    assert record[0].filename == __file__  # the warning names the user's line, not soapdsl's
+
+
+def test_a_decimal_comma_that_then_fails_to_check_warns_before_the_error():
+    with pytest.warns(soapdsl.SoapWarning, match="beta=0 and nesterov=95"), pytest.raises(SoapArgumentError):
+        soapdsl.compile("momentum(0,95) |> lr", torch.nn.Linear(3, 2))
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "rms_normalize(0, 999) |> lr",  # two numbers, written as two
+        "rms_normalize(0.999) |> lr",
+        "rms_normalize(0 ,999) |> lr",
+        "rms_normalize(0e0,999) |> lr",  # not plain digits
+        "rotate(left, freq=((100,1),10)) { sqrt_whiten } |> lr",  # integers: a schedule
+        "rotate(left,freq=10) { sqrt_whiten } |> lr",
+        "recipe m(lr=0.1):\n  route ndim == 2: newton_schulz(5,(3.4445,-4.775,2.0315)) |> lr\n"
+        "  route default: sign |> lr",
+    ],
+)
+def test_no_decimal_comma_warning_for_what_reads_as_written(source):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        soapdsl.compile(source, torch.nn.Linear(3, 2))
+
+
+def test_a_decimal_comma_after_a_keyword_is_noted_in_the_error():
+    with pytest.raises(SoapArgumentError) as info:
+        soapdsl.compile("rms_normalize(beta=0,999) |> lr", torch.nn.Linear(3, 2))
+    assert info.value.notes == ("a decimal comma? the decimal point is '.': beta=0.999",)
+
+
+def test_the_cli_prints_a_decimal_comma_warning_as_it_prints_errors(tmp_path, capsys):
+    from soapdsl.cli import main
+
+    f = tmp_path / "dc.soap"
+    f.write_text("recipe dc(lr=0.001) =\n  rms_normalize(0,999) |> lr\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", soapdsl.SoapWarning)
+        assert main(["check", str(f)]) == 0  # valid text: a warning, not an error
+    err = capsys.readouterr().err
+    # made an error (python -W error), it prints as one and fails the check, without a traceback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", soapdsl.SoapWarning)
+        assert main(["check", str(f)]) == 1
+    assert capsys.readouterr().err == err
+    assert err.splitlines() == [
+        f"{f}:2:17: warning: '0,999' in 'rms_normalize' reads as two numbers, beta=0 and eps=999; a decimal comma?"
+        " the decimal point is '.': 0.999",
+        "    2 |   rms_normalize(0,999) |> lr",
+        "      |                 ^^^^^",
+        "  note: to mean two numbers, write them with a space: '0, 999'",
+    ]
