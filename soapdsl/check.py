@@ -30,6 +30,7 @@ from soapdsl.errors import (
     SoapRecipeError,
     SoapRouteError,
     SoapWarning,
+    decimal_comma_hint,
     did_you_mean,
     span_text,
     warn,
@@ -126,7 +127,7 @@ def literal(text: str, file: str, shown: str, col: int, what: str) -> Any:
         assert module.pipeline is not None
         args = module.pipeline.stages[0].args
         if len(args) != 1 or args[0].name is not None:
-            raise SoapArgumentError(f"{what}: expected one value, got {text.strip()!r}")
+            raise SoapArgumentError(f"{what}: expected one value, got {text.strip()!r}" + decimal_comma_hint(text))
         expr = args[0].value
         # `inf`, `-nan`: names to soapdsl, which fail to negate or are no number for any stage
         value = None if _spells_nonfinite(expr) else constant(expr, f"the value of {what}")

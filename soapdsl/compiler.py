@@ -26,6 +26,7 @@ from soapdsl.errors import (
     SoapRecipeError,
     SoapRouteError,
     SoapShapeError,
+    decimal_comma_hint,
     did_you_mean,
 )
 from soapdsl.registry import walk_ops as walk_ops  # defined beside Op.children; callers import it from here
@@ -178,7 +179,9 @@ def bind_args(recipe: ir.Recipe, args: Mapping[str, Any], partial: bool = False)
             try:
                 number = float(v)
             except ValueError:
-                raise SoapArgumentError(f"argument {k} of recipe '{recipe.name}' must be a number, got {v!r}") from None
+                raise SoapArgumentError(
+                    f"argument {k} of recipe '{recipe.name}' must be a number, got {v!r}" + decimal_comma_hint(v)
+                ) from None
             v = int(number) if isinstance(default, int) and number.is_integer() and "." not in v else number
         values[k] = v
     missing = [k for k, v in values.items() if v is None]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 import unicodedata
 import warnings
@@ -215,6 +216,12 @@ class SoapStateError(SoapError):
 
 class SoapRecipeError(SoapError):
     """A recipe is structurally wrong (no update applied, `lr` twice, a scope misused)."""
+
+
+def decimal_comma_hint(text: str) -> str:
+    """``"; a decimal comma? ..."`` for a value written like ``0,9``, or ""."""
+    m = re.fullmatch(r"\s*([+-]?\d+),(\d+)\s*", text)
+    return f"; a decimal comma? the decimal point is '.': {m[1]}.{m[2]}" if m else ""
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:

@@ -995,3 +995,19 @@ def test_the_cli_prints_a_decimal_comma_warning_as_it_prints_errors(tmp_path, ca
         "      |                 ^^^^^",
         "  note: to mean two numbers, write them with a space: '0, 999'",
     ]
+
+
+def test_a_decimal_comma_in_a_value_outside_recipe_text_is_named(tmp_path, capsys):
+    from soapdsl.cli import main
+
+    hint = "; a decimal comma? the decimal point is '.': 0.9"
+    assert main(["compile", "adamw", "--set", "beta1=0,9"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --set beta1: expected one value, got '0,9'" + hint
+    with pytest.raises(SoapArgumentError) as info:
+        soapdsl.build("adamw", torch.nn.Linear(2, 2), beta1="0,9")
+    assert info.value.message == "argument beta1 of recipe 'adamw' must be a number, got '0,9'" + hint
+    cfg = tmp_path / "opt.yaml"
+    cfg.write_text("optimizer:\n  recipe: adamw\n  args:\n    beta1: 0,9\n")  # YAML reads a string
+    with pytest.raises(SoapArgumentError) as info:
+        soapdsl.from_config(torch.nn.Linear(2, 2), cfg)
+    assert info.value.message.endswith(hint) and (info.value.loc.line, info.value.loc.col) == (4, 5)
