@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
+import annotated_types as at
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 
 from soapdsl import ir, registry
 from soapdsl.errors import (
@@ -324,7 +326,11 @@ def validate_args(
                 f"invalid {fname}={ir.const_text(given)} for '{cls.name}': {at_item} is missing", where
             ) from None
         if err["type"] == "missing":
-            raise SoapArgumentError(f"'{cls.name}' needs argument '{fname}'", loc) from None
+            raise SoapArgumentError(
+                f"'{cls.name}' needs argument '{fname}': write {cls.name}({fname}=...)",
+                loc,
+                notes=[f"{fname} takes {takes_text(cls, fname)}"],
+            ) from None
         annotation = _annotation(cls, fname)
         choices = _literal_choices(annotation)
         nonfinite_name = isinstance(given, str) and given.lower() in registry.NONFINITE_NAMES
@@ -399,6 +405,72 @@ def _admits_number(annotation: Any) -> bool:
     if get_origin(annotation) in (Union, UnionType):
         return any(_admits_number(a) for a in get_args(annotation))
     return False
+
+
+def type_text(t: Any) -> str:
+    """An argument type as docs/operators.md shows it: ``number``, ``left | right``, ``(int, ...)``."""
+    origin = get_origin(t)
+    if origin is Literal:
+        return " | ".join(ir.const_text(a) for a in get_args(t))
+    if origin is tuple:
+        args = get_args(t)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"({type_text(args[0])}, ...)"
+        return "(" + ", ".join(type_text(a) for a in args) + ")"
+    args = get_args(t)
+    if args and hasattr(t, "__metadata__"):  # Annotated[X, ...]
+        return type_text(args[0])
+    if origin in (Union, UnionType):
+        return " | ".join(type_text(a) for a in args)
+    if t is type(None):
+        return "none"
+    if isinstance(t, type):
+        return _TYPE_NAMES.get(t.__name__, t.__name__)
+    return str(t).replace("typing.", "")
+
+
+_TYPE_NAMES = {"float": "number", "int": "int", "bool": "bool", "str": "string", "Pipeline": "pipeline"}
+
+
+def constraint_text(f: FieldInfo) -> str:
+    """A field's range: ``>= 0.0, < 1.0`` (empty when it has none)."""
+    parts = []
+    for m in f.metadata:
+        if isinstance(m, at.Gt):
+            parts.append(f"> {m.gt}")
+        elif isinstance(m, at.Ge):
+            parts.append(f">= {m.ge}")
+        elif isinstance(m, at.Lt):
+            parts.append(f"< {m.lt}")
+        elif isinstance(m, at.Le):
+            parts.append(f"<= {m.le}")
+    return ", ".join(parts)
+
+
+_ARTICLE = {"number": "a number", "int": "an int", "string": "a string", "pipeline": "a pipeline"}
+
+
+def takes_text(cls: type[registry.Op], field_name: str) -> str:
+    """What an argument of an op takes, in words: ``a number >= 0.0, < 1.0``, ``one of left,
+    right``, ``true or false``; for the notes of an error that asks for the argument."""
+    f = registry.public_fields(cls.Args).get(field_name) or cls.Args.model_fields.get(field_name)
+    if f is None:
+        return "a value"
+    if f.annotation is bool:
+        return "true or false"
+    union = get_origin(f.annotation) in (Union, UnionType)
+    members = get_args(f.annotation) if union else (f.annotation,)
+    words = [ir.const_text(c) for m in members for c in _literal_choices(m)]
+    others = [type_text(m) for m in members if not _literal_choices(m)]
+    others = [_ARTICLE.get(t, t) for t in others]
+    if len(words) == 1 and others:
+        text = " or ".join([*others, *words])
+    elif words:
+        text = "one of " + ", ".join(words) + "".join(f", or {t}" for t in others)
+    else:
+        text = " or ".join(others)
+    constraint = constraint_text(f)
+    return f"{text} {constraint}" if constraint else text
 
 
 def _pydantic_message(err: Mapping[str, Any]) -> str:
@@ -624,7 +696,12 @@ def _expand(
     for p in macro.params:
         if p.name not in bound:
             if p.default is None:
-                raise SoapArgumentError(f"macro '{macro.name}' needs argument '{p.name}'", call.loc)
+                use = _reader(macro.body, p.name)
+                raise SoapArgumentError(
+                    f"macro '{macro.name}' needs argument '{p.name}': write {macro.name}({p.name}=...)",
+                    call.loc,
+                    notes=[] if use is None else [reads_note(p.name, *use)],
+                )
             bound[p.name] = ir.Const(constant(p.default), p.loc)
     # substituted values refer to the recipe's parameters, so validation keeps the recipe's env
     inner = _Scope(bound, scope.env, scope.macros, (*scope.stack, macro.name), scope.in_scope_body, labels or {})
@@ -975,6 +1052,54 @@ def check_macro(macro: A.Macro, macros: MacroTable) -> None:
     if any(v is None for v in params.values()):
         return  # a macro with required parameters is checked where it is used
     _expand(macro, call, _Scope({}, {}, macros), used=False)
+
+
+def _reader(body: A.Pipeline, name: str) -> tuple[type[registry.Op], str] | None:
+    """The first primitive in a macro's body (blocks included) whose argument is the
+    parameter ``name`` as it stands, with the field it binds to."""
+    for stage in body.stages:
+        cls = registry.get(stage.name)
+        if cls is not None:
+            fields = list(registry.public_fields(cls.Args))
+            for i, a in enumerate(stage.args):
+                field_name = a.name if a.name is not None else fields[i] if i < len(fields) else None
+                if isinstance(a.value, A.Name) and a.value.id == name and field_name in fields:
+                    return cls, field_name
+        inner = [stage.block] + [a.value.pipeline for a in stage.args if isinstance(a.value, A.Block)]
+        for p in inner:
+            found = None if p is None else _reader(p, name)
+            if found is not None:
+                return found
+    return None
+
+
+def reads_note(name: str, cls: type[registry.Op], field_name: str) -> str:
+    """``beta is argument 'beta' of 'momentum', which takes a number >= 0.0, < 1.0``."""
+    return f"{name} is argument '{field_name}' of '{cls.name}', which takes {takes_text(cls, field_name)}"
+
+
+def recipe_reader_note(recipe: ir.Recipe, name: str) -> str | None:
+    """What reads the header parameter ``name`` of a checked recipe, for the note of an
+    error that asks for it: the first stage argument that is the parameter as it stands, or
+    the learning rate."""
+
+    def stages(p: ir.Pipeline) -> list[ir.Stage]:
+        out = []
+        for _, s in p.walk():
+            out.append(s)
+            out += [t for _, v in s.args if isinstance(v, ir.PipeVal) for t in stages(v.pipeline)]
+        return out
+
+    for route in recipe.routes:
+        for stage in stages(route.pipeline):
+            cls = registry.get(stage.op)
+            for field_name, v in stage.args:
+                if cls is not None and isinstance(v, ir.Ref) and v.name == name:
+                    return reads_note(name, cls, field_name)
+    for route in recipe.routes:
+        if any(k == "lr" and isinstance(v, ir.Ref) and v.name == name for k, v in route.settings):
+            return f"{name} is the learning rate of route '{route.selector_text()}', a number >= 0"
+    return "lr is the learning rate, a number >= 0" if name == "lr" else None
 
 
 def _within(loc: Loc, span: Loc) -> bool:

@@ -18,7 +18,15 @@ from typing import Any
 import torch
 
 from soapdsl import ir, registry
-from soapdsl.check import ROUTE_OPTIONS, always_true, check_selector, evaluate, lr_problem, validate_args
+from soapdsl.check import (
+    ROUTE_OPTIONS,
+    always_true,
+    check_selector,
+    evaluate,
+    lr_problem,
+    recipe_reader_note,
+    validate_args,
+)
 from soapdsl.errors import (
     SoapArgumentError,
     SoapError,
@@ -186,7 +194,17 @@ def bind_args(recipe: ir.Recipe, args: Mapping[str, Any], partial: bool = False)
         values[k] = v
     missing = [k for k, v in values.items() if v is None]
     if missing and not partial:
-        raise SoapArgumentError(f"recipe '{recipe.name}' needs argument '{missing[0]}'", recipe.loc)
+        k = missing[0]
+        reader = recipe_reader_note(recipe, k)
+        raise SoapArgumentError(
+            f"recipe '{recipe.name}' needs argument '{k}': its header gives it no default",
+            recipe.loc,
+            notes=[
+                *([reader] if reader else []),
+                f"pass {k}=...: build(..., {k}=...), --set {k}=... (compile), RECIPE:{k}=... (race),"
+                f" or args: {{{k}: ...}} (config)",
+            ],
+        )
     return values
 
 

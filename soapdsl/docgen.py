@@ -17,13 +17,11 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
 
-import annotated_types as at
 from pydantic.fields import FieldInfo
 
 from soapdsl import ir, registry
+from soapdsl.check import constraint_text, type_text
 
 __all__ = ["render_operator_reference", "reference_path", "main"]
 
@@ -127,8 +125,8 @@ def _render_op(name: str, cls: type[registry.Op]) -> str:
             public = _public_name(fname, f)
             meaning = arg_docs.get(public, arg_docs.get(fname, ""))
             lines.append(
-                f"| {i} | `{public}` | {_cell(_type_text(f.annotation))} | {_cell(_default_text(f))} "
-                f"| {_cell(_constraint_text(f))} | {_dynamic_text(fname, dynamic, first_step)} "
+                f"| {i} | `{public}` | {_cell(type_text(f.annotation))} | {_cell(_default_text(f))} "
+                f"| {_cell(constraint_text(f))} | {_dynamic_text(fname, dynamic, first_step)} "
                 f"| {_cell(meaning)} |"
             )
         lines.append("")
@@ -261,44 +259,6 @@ def _default_text(f: FieldInfo) -> str:
         return "required"
     value = f.get_default(call_default_factory=True)
     return "none" if value is None else ir.const_text(value)
-
-
-def _type_text(t: Any) -> str:
-    origin = get_origin(t)
-    if origin is Literal:
-        return " | ".join(ir.const_text(a) for a in get_args(t))
-    if origin is tuple:
-        args = get_args(t)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"({_type_text(args[0])}, ...)"
-        return "(" + ", ".join(_type_text(a) for a in args) + ")"
-    args = get_args(t)
-    if args and hasattr(t, "__metadata__"):  # Annotated[X, ...]
-        return _type_text(args[0])
-    if origin in (Union, UnionType):
-        return " | ".join(_type_text(a) for a in args)
-    if t is type(None):
-        return "none"
-    if isinstance(t, type):
-        return _TYPE_NAMES.get(t.__name__, t.__name__)
-    return str(t).replace("typing.", "")
-
-
-_TYPE_NAMES = {"float": "number", "int": "int", "bool": "bool", "str": "string", "Pipeline": "pipeline"}
-
-
-def _constraint_text(f: FieldInfo) -> str:
-    parts = []
-    for m in f.metadata:
-        if isinstance(m, at.Gt):
-            parts.append(f"> {m.gt}")
-        elif isinstance(m, at.Ge):
-            parts.append(f">= {m.ge}")
-        elif isinstance(m, at.Lt):
-            parts.append(f"< {m.lt}")
-        elif isinstance(m, at.Le):
-            parts.append(f"<= {m.le}")
-    return ", ".join(parts)
 
 
 def _cell(text: str) -> str:

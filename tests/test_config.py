@@ -94,7 +94,8 @@ def test_a_recipe_with_required_parameters_builds_from_a_config():
     group = soapdsl.from_config(make_net(), text).param_groups[0]
     assert (group["lr"], group["beta"]) == (0.1, 0.8)
     err = config_error(text.replace(", beta: 0.8", ""), SoapArgumentError)
-    assert err.message == "recipe 'r' needs argument 'beta'" and (err.loc.line, err.loc.col) == (1, 10)
+    assert err.message == "recipe 'r' needs argument 'beta': its header gives it no default"
+    assert (err.loc.line, err.loc.col) == (1, 10)
 
 
 # -- bad configs: one plain error, located -------------------------------------------------------

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import warnings
+from typing import Literal
 
+import pydantic
 import pytest
 import torch
 
 import soapdsl
-from soapdsl import library
+from soapdsl import library, registry
 from soapdsl.errors import (
     SoapArgumentError,
     SoapConfigError,
@@ -257,6 +259,13 @@ SOURCES = [
         "2:20",
     ),
     (
+        "macro-missing-argument",
+        "macro heavy_ball(beta) = momentum(beta, kind=sgd)\nrecipe sgdm(lr=0.1) = heavy_ball |> lr\n",
+        SoapArgumentError,
+        r"^macro 'heavy_ball' needs argument 'beta': write heavy_ball\(beta=\.\.\.\)$",
+        "2:23",
+    ),
+    (
         "macro-twice",
         "macro m = sign\nmacro m = sign\n",
         SoapNameError,
@@ -490,6 +499,15 @@ COMPILE = [
         None,
     ),
     ("arg-bad-type", "adamw", {"w": (2, 2)}, {"lr": [1]}, SoapArgumentError, r"must be a number", None),
+    (
+        "missing-recipe-arg",
+        "recipe r(lr=0.1, beta) = momentum(beta) |> lr",
+        {"w": (2, 2)},
+        {},
+        SoapArgumentError,
+        r"^recipe 'r' needs argument 'beta': its header gives it no default$",
+        "1:1",
+    ),
 ]
 
 
@@ -1011,3 +1029,72 @@ def test_a_decimal_comma_in_a_value_outside_recipe_text_is_named(tmp_path, capsy
     with pytest.raises(SoapArgumentError) as info:
         soapdsl.from_config(torch.nn.Linear(2, 2), cfg)
     assert info.value.message.endswith(hint) and (info.value.loc.line, info.value.loc.col) == (4, 5)
+
+
+# -- a missing argument says how to give it ------------------------------------------------
+
+
+def test_a_missing_macro_argument_notes_what_it_takes():
+    with pytest.raises(SoapArgumentError) as info:
+        library.resolve("macro look(s) = rotate(left) { sign |> graft(mode=s) }\nrecipe r(lr=1) = look |> lr\n")
+    assert info.value.notes == ("s is argument 'mode' of 'graft', which takes one of norm, rms",)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "reader"),
+    [
+        ("recipe r(lr=0.1, beta) = momentum(beta) |> lr", "beta is argument 'beta' of 'momentum', which takes"),
+        ("recipe r(lr) = momentum(0.9) |> lr", "lr is the learning rate, a number >= 0"),
+        (
+            "recipe r(lr=0.1, beta):\n  route vector [lr=beta]: sign\n  route default: sign\n",
+            "beta is the learning rate of route 'vector', a number >= 0",
+        ),
+    ],
+)
+def test_a_missing_recipe_argument_notes_what_reads_it_and_how_to_pass_it(recipe, reader):
+    with pytest.raises(SoapArgumentError) as info:
+        soapdsl.build(recipe, [("w", torch.nn.Parameter(torch.zeros(2, 2)))])
+    k = info.value.message.split("'")[3]
+    assert info.value.notes[0].startswith(reader)
+    assert info.value.notes[-1] == (
+        f"pass {k}=...: build(..., {k}=...), --set {k}=... (compile), RECIPE:{k}=... (race),"
+        f" or args: {{{k}: ...}} (config)"
+    )
+
+
+class _Bounded(registry.OpArgs):
+    beta: registry.Hyper = pydantic.Field(ge=0.0, lt=1.0)
+    side: Literal["left", "right"] = "left"
+
+
+class _NeedsBeta(registry.Op):
+    """An op with a required argument (no shipped op has one)."""
+
+    name = "needs_beta"
+    Args = _Bounded
+
+
+class _NeedsSide(registry.Op):
+    name = "needs_side"
+
+    class Args(registry.OpArgs):
+        side: Literal["left", "right"]
+
+
+@pytest.mark.parametrize(
+    ("cls", "message", "note"),
+    [
+        (
+            _NeedsBeta,
+            "'needs_beta' needs argument 'beta': write needs_beta(beta=...)",
+            "beta takes a number >= 0.0, < 1.0",
+        ),
+        (_NeedsSide, "'needs_side' needs argument 'side': write needs_side(side=...)", "side takes one of left, right"),
+    ],
+)
+def test_a_missing_operator_argument_says_how_to_write_it_and_what_it_takes(monkeypatch, cls, message, note):
+    monkeypatch.setitem(registry._REGISTRY, cls.name, cls)
+    with pytest.raises(SoapArgumentError) as info:
+        library.resolve(f"momentum |> {cls.name} |> lr")
+    assert info.value.message == message and info.value.notes == (note,)
+    assert (info.value.loc.line, info.value.loc.col) == (1, 13)
