@@ -13,6 +13,7 @@ import operator
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, is_dataclass, replace
+from decimal import Decimal
 from typing import Any, Union
 
 from soapdsl.errors import Loc, SoapArgumentError
@@ -190,11 +191,21 @@ class PipeVal:
 Value = Union[Const, Sym, Ref, Neg, Bin, TupleVal, PipeVal]
 
 
+#: an int with more digits than this is shown in e-notation, as a float of its size is
+_MAX_INT_DIGITS = 21
+_LONG_INT = 10**_MAX_INT_DIGITS
+
+
 def _const_text(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, float):
         return repr(v)
+    if isinstance(v, int) and abs(v) >= _LONG_INT:
+        # 401 digits help no reader, and str() refuses an int past 4300 (sys.int_info):
+        # 10**400 -> 1e+400, the digits a float would keep
+        mantissa, _, exponent = f"{Decimal(v):.16e}".partition("e")
+        return mantissa.rstrip("0").rstrip(".") + "e" + exponent
     if isinstance(v, str):
         return v if _IDENT.fullmatch(v) and v not in _KEYWORDS else _quote(v)
     if isinstance(v, tuple):

@@ -626,6 +626,7 @@ def _stepped_soap():
     [
         (5.0, r"state '0\.rotate\.beta' of parameter 'weight' is 5\.0, outside \[0, 1\)"),
         (float("nan"), r"is nan, outside \[0, 1\)"),
+        (10**400, r"is 1e\+400, outside \[0, 1\)"),
         ("x", r"is a str, expected the factors' decay"),
         (torch.tensor(0.5), r"is a tensor, expected a number"),
     ],

@@ -63,7 +63,12 @@ SOURCES = [
         r"invalid factor=inf for 'scale': must be finite \('1e\+308 \* 10' overflows\)",
         "1:7",
     ),
-    ("int-too-large-for-float", f"scale({HUGE})", r"invalid factor=9+ for 'scale': is too large for a float", "1:7"),
+    (
+        "int-too-large-for-float",
+        f"scale({HUGE})",
+        r"invalid factor=1e\+400 for 'scale': is too large for a float",
+        "1:7",
+    ),
     ("int-too-large-arithmetic", f"scale({HUGE} * 1.5)", r"is too large for a float", "1:7"),
     (
         "tuple-item-symbol",
@@ -300,6 +305,56 @@ def test_a_param_group_value_that_becomes_infinite_is_refused_at_the_next_step()
 
 
 # -- value display ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (10**20, "100000000000000000000"),
+        (-(10**21) + 1, "-999999999999999999999"),
+        (10**21, "1e+21"),
+        (10**400, "1e+400"),
+        (-(10**400), "-1e+400"),
+        (int(HUGE), "1e+400"),
+        (12345678901234567890123456, "1.2345678901234568e+25"),
+        pytest.param(10**5000, "1e+5000", id="5001-digits"),  # str() refuses an int past 4300 digits
+        ((1, 10**30), "(1, 1e+30)"),
+        (3e-4, "0.0003"),
+        (7, "7"),
+    ],
+)
+def test_a_huge_int_shows_in_e_notation(value, text):
+    assert const_text(value) == text
+
+
+@pytest.mark.parametrize("big", [10**400, 10**5000], ids=["401-digits", "5001-digits"])
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [
+        ("lr", "route 'default' has lr={}; the learning rate"),
+        ("beta1", "invalid beta={} for 'momentum': is too large for a float"),
+        ("weight_decay", "invalid weight_decay=-{} for 'decay'"),
+    ],
+)
+def test_a_huge_python_argument_shows_compactly_in_its_error(big, key, shown):
+    """lr=10**400 was shown with all of its 401 digits (in the message and each note), and
+    10**5000 raised ValueError from str() instead of the error."""
+    value = -big if key == "weight_decay" else big
+    exp = "1e+400" if big == 10**400 else "1e+5000"
+    with pytest.raises(SoapArgumentError) as info:
+        soapdsl.build("adamw", _model(), **{key: value})
+    assert shown.format(exp) in info.value.message
+    assert len(str(info.value)) < 400, str(info.value)
+
+
+def test_a_huge_param_group_value_shows_compactly_at_the_step():
+    model = _model()
+    opt = soapdsl.build("adamw", model)
+    opt.param_groups[0]["lr"] = 10**400
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(SoapArgumentError, match=r"param_group\['lr'\] of route 'default' is 1e\+400;"):
+        opt.step()
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import torch
 from pydantic import Field, field_validator
 
 from soapdsl.errors import SoapArgumentError
+from soapdsl.ir import const_text
 from soapdsl.ops import _linalg as la
 from soapdsl.registry import FirstStepHyper, Float, Int, Op, OpArgs, StateSpec, register, walk_ops
 from soapdsl.runtime.context import Ctx, Val
@@ -245,7 +246,7 @@ class Rotate(Op):
         if isinstance(value, bool) or not isinstance(value, int | float):
             return f"is a {type(value).__name__}, expected the factors' decay (a number in [0, 1)) or None"
         if not 0.0 <= value < 1.0:
-            return f"is {value!r}, outside [0, 1): the factors' decay"
+            return f"is {const_text(value)}, outside [0, 1): the factors' decay"
         return None
 
     # -- helpers --------------------------------------------------------------------------
