@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,7 +48,7 @@ from soapdsl.errors import (
 from soapdsl.ir import Ref
 from soapdsl.runtime.optimizer import SoapOptimizer
 from soapdsl.syntax import ast as A
-from soapdsl.syntax.parser import parse
+from soapdsl.syntax.parser import parse, too_long
 from soapdsl.syntax.printer import format_selector
 
 Scalar = bool | int | float | str
@@ -128,6 +129,18 @@ def _marks(
             _marks(v, (*path, i), out, dups)
 
 
+def _long_int(node: yaml.Node | None) -> yaml.ScalarNode | None:
+    """The first integer of the document with more digits than Python reads."""
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    if isinstance(node, yaml.ScalarNode):
+        digits = sum(c.isdigit() for c in node.value)
+        return node if node.tag == "tag:yaml.org,2002:int" and 0 < limit < digits else None
+    children = node.value if isinstance(node, yaml.SequenceNode) else []
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    return next(filter(None, map(_long_int, children)), None)
+
+
 def _dotted(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path)
 
@@ -202,6 +215,13 @@ def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mar
             raise SoapConfigError(f"invalid YAML: {problem}", loc) from None
         except RecursionError:
             raise SoapConfigError("invalid YAML: nested too deeply to read", Loc(file, 1, 1, 1, 2)) from None
+        except ValueError:  # an integer past sys.get_int_max_str_digits(), which int() refuses
+            long = _long_int(node)
+            if long is None:
+                raise
+            mark, end = long.start_mark, long.end_mark
+            loc = Loc(file, mark.line + 1, mark.column + 1, end.line + 1, end.column + 1)
+            raise SoapConfigError(f"invalid YAML: {too_long(long.value)}", loc) from None
         if node is not None:
             _marks(node, (), marks, dups)
     elif isinstance(cfg, Mapping):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 
 import pytest
 import torch
@@ -17,7 +18,14 @@ import torch
 import soapdsl
 from soapdsl import library
 from soapdsl.cli import main
-from soapdsl.errors import SoapArgumentError, SoapError, SoapNameError, SoapRouteError
+from soapdsl.errors import (
+    SoapArgumentError,
+    SoapConfigError,
+    SoapError,
+    SoapNameError,
+    SoapRouteError,
+    SoapSyntaxError,
+)
 from soapdsl.ir import const_text
 
 HUGE = "9" * 400  # an int literal no float can hold
@@ -224,6 +232,25 @@ def test_set_on_the_command_line_is_refused_at_the_value(value, shown, capsys):
         f"    1 | weight_decay={value}",
         "      |              " + "^" * len(value),
     ]
+
+
+LONG = "1" * 5000  # past the 4300 digits Python's int() reads (sys.get_int_max_str_digits)
+TOO_LONG = "a number of 5000 digits is too long: soapdsl reads integers of at most 4300 digits"
+
+
+@pytest.mark.skipif(getattr(sys, "get_int_max_str_digits", lambda: 0)() != 4300, reason="Python's default limit")
+def test_an_int_literal_past_pythons_digit_limit_is_a_located_error(capsys):
+    """int() raised ValueError inside the parser (a lark VisitError traceback) and inside
+    yaml.safe_load."""
+    with pytest.raises(SoapSyntaxError) as info:
+        library.resolve(f"momentum(0.9) |> scale({LONG}) |> lr")
+    assert info.value.message == TOO_LONG and (info.value.loc.line, info.value.loc.col) == (1, 24)
+    assert main(["compile", "adamw", "--set", f"lr={LONG}"]) == 1
+    assert capsys.readouterr().err.startswith(f"<--set lr>:1:4: syntax error: {TOO_LONG}\n")
+    with pytest.raises(SoapConfigError) as info:
+        soapdsl.from_config(_model(), f"recipe: adamw\nargs:\n  lr: {LONG}\n")
+    assert info.value.message == f"invalid YAML: {TOO_LONG}"
+    assert (info.value.loc.file, info.value.loc.line, info.value.loc.col) == ("<config>", 3, 7)
 
 
 def test_negating_inf_in_recipe_text_says_there_is_no_inf():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast as pyast
 import difflib
 import re
+import sys
 from dataclasses import fields, is_dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -179,6 +180,14 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
         raise
     _check_depth(module)
     return module
+
+
+def too_long(digits: str) -> str:
+    """Why an integer of these digits is refused: Python reads at most
+    ``sys.get_int_max_str_digits()`` (4300 by default) of them, a guard against slow parsing."""
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    count = sum(c.isdigit() for c in digits)
+    return f"a number of {count} digits is too long: soapdsl reads integers of at most {limit} digits"
 
 
 #: How deeply expressions, blocks and selectors may nest. The checker, the compiler, the
@@ -429,7 +438,10 @@ class _Builder(Transformer_NonRecursive):
         if any(c in text for c in ".eE"):
             value = float(text)
         else:
-            value = int(text)
+            try:
+                value = int(text)
+            except ValueError:  # past sys.get_int_max_str_digits(), which int() refuses
+                raise SoapSyntaxError(too_long(text), self._tok_loc(tok)) from None
         return A.Num(value, self._tok_loc(tok))
 
     def string(self, meta, items):
