@@ -170,7 +170,9 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None, file: str
         # 'adamw::adamw': a shipped recipe comes from a file of its own, holding just it
         if path_part not in library().recipes:
             raise _unknown_recipe(path_part)
-        if name.strip() not in ("", path_part):
+        if not name.strip():
+            raise _no_name_after(text, [], f"shipped '{path_part}'", f"only '{path_part}'")
+        if name.strip() != path_part:
             raise SoapNameError(
                 f"no recipe '{name.strip()}' in shipped '{path_part}' (its file holds only '{path_part}')"
             )
@@ -187,10 +189,25 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None, file: str
 
 def _from_file(text: str, params: Mapping[str, Any]) -> ir.Recipe:
     """``path.soap`` or ``path.soap::NAME``."""
-    path_part, _, name = text.partition("::")
+    path_part, sep, name = text.partition("::")
     module = parse_file(path_part)
     recipes, macros = check_module(module)
+    if sep and (not name.strip() or name.startswith(":")):  # 'f.soap:::lr=1' in a race: '::' then ':lr=1'
+        what = "a bare pipeline, not named recipes" if module.pipeline is not None and not recipes else ""
+        raise _no_name_after(text, [r.name for r in recipes], path_part, what)
     return _pick(module, recipes, macros, name.strip() or None, params, default=Path(path_part).stem)
+
+
+def _no_name_after(text: str, names: list[str], where: str, holds: str = "") -> SoapNameError:
+    """``file.soap::`` names no recipe: refused, not read as the file's default recipe."""
+    path = text.partition("::")[0].strip()
+    if holds or not names:
+        fix = f"{where} holds {holds or 'no recipe'}: write '{path}'"
+    elif len(names) == 1:
+        fix = f"{where} defines only {names[0]}: write '{path}::{names[0]}' or '{path}'"
+    else:
+        fix = f"{where} defines {', '.join(names)}: write '{path}::{names[0]}'"
+    return SoapNameError(f"'{text.strip()}' names no recipe after '::' ({fix})")
 
 
 def _from_text(spec: str, params: Mapping[str, Any], file: str = "<inline>") -> ir.Recipe:

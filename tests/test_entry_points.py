@@ -8,7 +8,9 @@ import torch
 
 import soapdsl
 from soapdsl import library
+from soapdsl.cli import main as cli_main
 from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapNameError, SoapSyntaxError
+from soapdsl.race.spec import parse_spec
 
 
 def params():
@@ -62,6 +64,44 @@ def test_a_shipped_name_with_a_recipe_name():
     assert err.message == "no recipe 'fast' in shipped 'adamw' (its file holds only 'adamw')"
     err = raises(SoapNameError, soapdsl.compile, "adamww::adamw", params())
     assert err.message.startswith("unknown recipe 'adamww'; did you mean 'adamw'?")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("two.soap::", "'two.soap::' names no recipe after '::' (two.soap defines fast, slow: write 'two.soap::fast')"),
+        (
+            "two.soap:: ",
+            "'two.soap::' names no recipe after '::' (two.soap defines fast, slow: write 'two.soap::fast')",
+        ),
+        (
+            "one.soap::",
+            "'one.soap::' names no recipe after '::' (one.soap defines only r: write 'one.soap::r' or 'one.soap')",
+        ),
+        (
+            "bare.soap::",
+            "'bare.soap::' names no recipe after '::' (bare.soap holds a bare pipeline, not named recipes: write"
+            " 'bare.soap')",
+        ),
+        ("adamw::", "'adamw::' names no recipe after '::' (shipped 'adamw' holds only 'adamw': write 'adamw')"),
+    ],
+)
+def test_an_empty_name_after_the_colons_is_refused_at_every_entry_point(soap_files, spec, message, capsys):
+    """`two.soap::` silently took the file's default recipe (the one named like the file, or
+    the only one): a name cut off by a script or a typo went unnoticed."""
+    for entry in (soapdsl.build, soapdsl.compile):
+        assert raises(SoapNameError, entry, spec, params()).message == message
+    if spec.endswith("::"):  # a config's value; the race's spec (overrides follow a single ':')
+        cfg = {"recipe": spec}
+        assert raises(SoapNameError, soapdsl.from_config, torch.nn.Linear(3, 4), cfg).message == message
+        assert raises(SoapNameError, parse_spec(spec).resolve).message == message
+    assert cli_main(["compile", spec, "--shapes", "w=4x3"]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_an_empty_name_before_race_overrides_is_refused(soap_files):
+    spec = parse_spec("two.soap:::lr=1")
+    assert raises(SoapNameError, spec.resolve).message.startswith("'two.soap:::lr=1' names no recipe after '::'")
 
 
 def test_recipe_text_with_several_recipes_is_not_told_to_name_one_after_a_path():
