@@ -90,21 +90,32 @@ def test_steps_to_target_uses_the_first_recipes_final_smoothed_loss():
 # -- the command line -------------------------------------------------------------------------
 
 
-def test_cli_writes_png_json_and_prints_every_run(tmp_path, capsys):
+def test_cli_writes_png_json_and_prints_every_run(tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    legend: list[str] = []
+    savefig = Figure.savefig
+
+    def keep_legend(fig, *args, **kwargs):
+        legend.extend(t.get_text() for t in fig.axes[1].get_legend().get_texts())
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep_legend)
     out = tmp_path / "race"
     rc = main(["race", "adamw", "muon", "soap:freq=2", "--quiet", "--out", str(out), *TINY_CLI])
     assert rc == 0
+    assert legend == ["adamw", "muon", "soap:freq=2"]
     stdout = capsys.readouterr().out
     png, js = out / "losses.png", out / "race.json"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert str(png) in stdout and str(js) in stdout
     lines = stdout.splitlines()
-    for label in ("adamw", "muon", "soap"):
+    for label in ("adamw", "muon", "soap:freq=2"):  # a row says which overrides it ran with
         assert any(line.split()[:1] == [label] for line in lines), label
     assert "state MiB" in stdout and "steps to" in stdout
     data = json.loads(js.read_text())
     assert data["format"] == "soapdsl-race"
-    assert [r["label"] for r in data["rows"]] == ["adamw", "muon", "soap"]
+    assert [r["label"] for r in data["rows"]] == ["adamw", "muon", "soap:freq=2"]
     assert data["config"]["steps"] == 6 and data["config"]["seed"] == 0
     assert {"soapdsl", "torch", "python"} <= set(data["versions"])
     for run in data["runs"]:
@@ -236,8 +247,11 @@ def test_a_bad_override_value_points_into_the_spec():
     assert lines[1:3] == ["    1 | adamw:lr=1)", "      |           ^"]
 
 
-def test_labels_are_unique():
-    assert [s.label for s in parse_specs(["adamw", "soap:freq=20"])] == ["adamw", "soap"]
+def test_labels_are_unique_and_name_the_overrides():
+    """A row's overrides were shown only when two rows shared a name: `psoap:p=0.5` raced
+    alone was labelled `psoap`, in the table, the plot's legend and race.json alike."""
+    assert [s.label for s in parse_specs(["adamw", "soap:freq=20"])] == ["adamw", "soap:freq=20"]
+    assert [s.label for s in parse_specs(["soap:lr=3e-3"])] == ["soap:lr=0.003"]
     assert [s.label for s in parse_specs(["soap", "soap:freq=20", "soap:lr=0.01,freq=5"])] == [
         "soap",
         "soap:freq=20",
@@ -253,7 +267,7 @@ def test_labels_are_unique():
 
 def test_inline_and_path_recipes_race():
     r = tiny_race(["recipes/adamw.soap:lr=2e-3", "momentum(0.9) |> sign |> lr:lr=1e-3"])
-    assert [row.label for row in r.rows] == ["adamw", "inline"]
+    assert [row.label for row in r.rows] == ["adamw:lr=0.002", "inline:lr=0.001"]
     assert r.rows[0].best.lrs == {"lr": 2e-3}
 
 

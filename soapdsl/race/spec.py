@@ -155,8 +155,10 @@ def _override_text(overrides: Mapping[str, Any]) -> str:
 def parse_specs(texts: Iterable[str | RecipeSpec]) -> list[RecipeSpec]:
     """Parse every spec and give each a unique label.
 
-    A recipe that appears once is labelled by its name (``soap``); one that appears several
-    times by its name and overrides (``soap:freq=20``, ``soap``). The same spec twice is an error.
+    A label is the recipe's name, followed by its overrides when it has any (``soap``,
+    ``soap:freq=20``), so that the table, the plot's legend and race.json each say what ran;
+    ``#2`` tells apart two that would still share one (``soap.soap`` and ``soap``). The same
+    spec twice is an error.
     """
     specs = [t if isinstance(t, RecipeSpec) else parse_spec(t) for t in texts]
     if not specs:
@@ -167,16 +169,14 @@ def parse_specs(texts: Iterable[str | RecipeSpec]) -> list[RecipeSpec]:
         if key in seen:
             raise SoapArgumentError(f"recipe '{s.text}' is given twice (as '{seen[key]}')")
         seen[key] = s.text
-    bases = [s.label or s.base for s in specs]
-    counts = {b: bases.count(b) for b in bases}
     labels: list[str] = []
-    for s, b in zip(specs, bases):
+    for s in specs:
         if s.label:
             label = s.label
-        elif counts[b] > 1 and s.overrides:
-            label = f"{b}:{_override_text(s.overrides)}"
+        elif s.overrides:
+            label = f"{s.base}:{_override_text(s.overrides)}"
         else:
-            label = b
+            label = s.base
         n, candidate = 2, label
         while candidate in labels:
             candidate = f"{label}#{n}"
