@@ -505,6 +505,46 @@ def test_state_a_checkpoint_holds_for_an_empty_parameter_is_dropped():
     assert list(opt.state_dict()["state"]) == [0]
 
 
+@pytest.mark.parametrize("recipe", ["adamw", "soap", "muon"])
+@pytest.mark.parametrize(
+    ("built", "resized"), [((4, 3), (0,)), ((4, 3), (0, 3)), ((0,), (4, 3)), ((0, 3), (4, 3))], ids=str
+)
+@pytest.mark.parametrize("stepped_first", [False, True], ids=["before-its-first-step", "after-a-step"])
+def test_a_parameter_resized_to_or_from_zero_elements_is_named_at_the_step(recipe, built, resized, stepped_first):
+    """Emptied before its first step, a parameter was given state at its empty shape, which an
+    empty parameter never keeps, or broke inside muon's Newton-Schulz (a reshape traceback);
+    emptied after, it was refused for its state's shape. Filled, it was left out of every step
+    without a word: its values never moved."""
+    w, b = torch.nn.Parameter(torch.randn(built)), torch.nn.Parameter(torch.randn(3))
+    opt = soapdsl.build(recipe, [("w", w), ("b", b)])
+
+    def step():
+        w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+        opt.step()
+
+    if stepped_first:
+        step()
+    w.data = torch.randn(resized)
+    why = "its route, shape checks and state were laid out for" if 0 in resized else "it would never be stepped"
+    with pytest.raises(soapdsl.SoapArgumentError) as info:
+        step()
+    assert info.value.message.startswith(
+        f"parameter 'w' was resized from {list(built)} to {list(resized)} after the optimizer was built: "
+    )
+    assert why in info.value.message
+    assert info.value.message.endswith("; build a new optimizer for the resized parameters")
+    assert (w in opt.state) == (stepped_first and 0 not in built)  # no state laid out for the new shape
+
+
+def test_an_empty_parameter_resized_to_another_empty_shape_steps_as_before():
+    w, b = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.randn(3))
+    opt = soapdsl.build("muon", [("w", w), ("b", b)])
+    w.data = torch.zeros(5, 0)
+    w.grad, b.grad = torch.zeros(5, 0), torch.randn(3)
+    opt.step()
+    assert w not in opt.state and float(opt.state[b]["step"]) == 1
+
+
 # -- hand-edited state dicts ---------------------------------------------------------------------
 
 

@@ -294,6 +294,11 @@ class SoapOptimizer(torch.optim.Optimizer):
         self._empty = frozenset(
             id(t) for rp in self._routes for t, e in zip(rp.tensors, rp.params, strict=True) if is_empty(e.shape)
         )
+        # each tensor's shape when built: one resized to or from zero elements since then left
+        # (or joined) the steps without its route, shape checks or state laid out again
+        self._built_shapes: dict[int, tuple[int, ...]] = {
+            id(t): tuple(t.shape) for rp in self._routes for t in rp.tensors
+        }
         self._sealed = True
         # a copy or an unpickled optimizer steps alone: its state is whole on every rank
         self._split = None
@@ -834,6 +839,7 @@ class SoapOptimizer(torch.optim.Optimizer):
                 raise SoapArgumentError(
                     f"parameter '{self._names.get(id(p))}' has a sparse gradient, which soapdsl does not support"
                 )
+            self._check_emptiness(p)
             if id(p) in self._empty:
                 continue  # nothing to update: it takes no part in the step and keeps no state
             if not self.state[p]:
@@ -985,6 +991,24 @@ class SoapOptimizer(torch.optim.Optimizer):
                 for p in params:
                     self.state[p][key] = value
             self._layouts.pop(rp.index, None)
+
+    def _check_emptiness(self, p: torch.Tensor) -> None:
+        """On a new layout: ``p`` has elements if and only if it had some when the optimizer was
+        built. One emptied since (``p.data = torch.empty(0)``) was given state at its empty shape
+        or broke inside a matrix stage; one filled since was never stepped, without a word."""
+        built = self._built_shapes.get(id(p))
+        if built is None or is_empty(built) == is_empty(tuple(p.shape)):
+            return
+        name, old, new = self._names.get(id(p), "?"), list(built), list(p.shape)
+        why = (
+            f"its route, shape checks and state were laid out for {old}"
+            if is_empty(tuple(p.shape))
+            else "the optimizer leaves out a parameter with no elements, so it would never be stepped"
+        )
+        raise SoapArgumentError(
+            f"parameter '{name}' was resized from {old} to {new} after the optimizer was built: {why};"
+            " build a new optimizer for the resized parameters"
+        )
 
     def _check_state_fits(self, rp: RoutePlan, p: torch.Tensor) -> None:
         """On a new layout: ``p``'s state tensors have the shapes its current shape asks for,
