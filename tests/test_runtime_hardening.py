@@ -536,6 +536,27 @@ def test_a_parameter_resized_to_or_from_zero_elements_is_named_at_the_step(recip
     assert (w in opt.state) == (stepped_first and 0 not in built)  # no state laid out for the new shape
 
 
+def test_a_matrix_resized_into_a_vector_before_its_first_step_is_named_at_the_stage():
+    """muon's Newton-Schulz was handed the vector and raised an IndexError from inside
+    shape_scale: the build's shape checks had passed the matrix it was then."""
+    w, b = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))
+    opt = soapdsl.build("muon", [("w", w), ("b", b)])
+    w.data = torch.randn(12)
+    w.grad, b.grad = torch.randn(12), torch.randn(3)
+    with pytest.raises(soapdsl.SoapShapeError) as info:
+        opt.step()
+    assert info.value.message == (
+        "parameter 'w' was resized from [4, 3] to [12] after the optimizer was built and cannot go through this"
+        " stage: 'newton_schulz' needs a matrix (ndim >= 2), got shape [12]; build a new optimizer for the"
+        " resized parameters"
+    )
+    assert info.value.loc is not None and info.value.loc.file == "recipes/muon.soap"
+    w.data = torch.randn(3, 4)  # a shape its stages take is stepped, from fresh state, as before
+    w.grad = torch.randn(3, 4)
+    opt.step()
+    assert opt.state[w]["1.momentum.buf"].shape == (3, 4)
+
+
 def test_an_empty_parameter_resized_to_another_empty_shape_steps_as_before():
     w, b = torch.nn.Parameter(torch.zeros(0, 3)), torch.nn.Parameter(torch.randn(3))
     opt = soapdsl.build("muon", [("w", w), ("b", b)])

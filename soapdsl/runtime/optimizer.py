@@ -839,7 +839,7 @@ class SoapOptimizer(torch.optim.Optimizer):
                 raise SoapArgumentError(
                     f"parameter '{self._names.get(id(p))}' has a sparse gradient, which soapdsl does not support"
                 )
-            self._check_emptiness(p)
+            self._check_resized(rp, p)
             if id(p) in self._empty:
                 continue  # nothing to update: it takes no part in the step and keeps no state
             if not self.state[p]:
@@ -992,23 +992,34 @@ class SoapOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value
             self._layouts.pop(rp.index, None)
 
-    def _check_emptiness(self, p: torch.Tensor) -> None:
-        """On a new layout: ``p`` has elements if and only if it had some when the optimizer was
-        built. One emptied since (``p.data = torch.empty(0)``) was given state at its empty shape
-        or broke inside a matrix stage; one filled since was never stepped, without a word."""
-        built = self._built_shapes.get(id(p))
-        if built is None or is_empty(built) == is_empty(tuple(p.shape)):
+    def _check_resized(self, rp: RoutePlan, p: torch.Tensor) -> None:
+        """On a new layout: ``p``, if resized since the optimizer was built, has elements if and
+        only if it had some then, and its route's stages still take its shape. One emptied since
+        (``p.data = torch.empty(0)``) was given state at its empty shape or broke inside a matrix
+        stage; one filled since was never stepped, without a word; a matrix turned into a vector
+        broke inside the first stage that needs a matrix."""
+        built, shape = self._built_shapes.get(id(p)), tuple(p.shape)
+        if built is None or built == shape:
             return
-        name, old, new = self._names.get(id(p), "?"), list(built), list(p.shape)
-        why = (
-            f"its route, shape checks and state were laid out for {old}"
-            if is_empty(tuple(p.shape))
-            else "the optimizer leaves out a parameter with no elements, so it would never be stepped"
-        )
-        raise SoapArgumentError(
-            f"parameter '{name}' was resized from {old} to {new} after the optimizer was built: {why};"
-            " build a new optimizer for the resized parameters"
-        )
+        name, resized = self._names.get(id(p), "?"), f"was resized from {list(built)} to {list(shape)}"
+        if is_empty(built) != is_empty(shape):
+            why = (
+                f"its route, shape checks and state were laid out for {list(built)}"
+                if is_empty(shape)
+                else "the optimizer leaves out a parameter with no elements, so it would never be stepped"
+            )
+            raise SoapArgumentError(
+                f"parameter '{name}' {resized} after the optimizer was built: {why};"
+                " build a new optimizer for the resized parameters"
+            )
+        for op, seen in walk_shaped(rp.ops, shape):
+            problem = op.check_shape(seen)
+            if problem is not None:
+                raise SoapShapeError(
+                    f"parameter '{name}' {resized} after the optimizer was built and cannot go through this"
+                    f" stage: {problem}; build a new optimizer for the resized parameters",
+                    getattr(op, "loc", None),
+                )
 
     def _check_state_fits(self, rp: RoutePlan, p: torch.Tensor) -> None:
         """On a new layout: ``p``'s state tensors have the shapes its current shape asks for,
