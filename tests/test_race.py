@@ -151,6 +151,11 @@ def test_progress_redraws_on_a_tty():
         ("soapp", "unknown recipe 'soapp'; did you mean 'soap'"),
         ("soap:fre=20", "has no parameter 'fre'"),
         ("soap:freq20", "expected KEY=VALUE"),
+        (
+            "soap:beta=0,95",
+            "got '95' (the syntax is NAME[:KEY=VALUE[,KEY=VALUE...]], e.g. soap:freq=20,lr=0.01); a"
+            " decimal comma? the decimal point is '.': beta=0.95",
+        ),
         ("soap:", "nothing after ':'"),
         ("soap:freq=1,freq=2", "freq is set twice"),
         ("soap:freq=(", "error"),

@@ -24,7 +24,7 @@ from typing import Any
 
 from soapdsl import ir, library
 from soapdsl.check import literal
-from soapdsl.errors import SoapArgumentError
+from soapdsl.errors import SoapArgumentError, decimal_comma_hint
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SOAP_PATH = re.compile(r"^[^\s:]+\.soap(::[A-Za-z_][A-Za-z0-9_]*)?$")
@@ -95,14 +95,18 @@ def parse_overrides(text: str, where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not text.strip():
         raise SoapArgumentError(f"recipe spec '{where}': nothing after ':'; expected KEY=VALUE[,KEY=VALUE...]")
+    previous = ("", "")  # the key and value before this item
     for item in _split_top(text):
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key.isidentifier() or not value.strip():
+            # 'soap:beta=0,95' splits into beta=0 and '95'
+            hint = decimal_comma_hint(f"{previous[1]},{item}", previous[0]) if not sep else ""
             raise SoapArgumentError(
                 f"recipe spec '{where}': expected KEY=VALUE, got {item.strip()!r}"
-                " (the syntax is NAME[:KEY=VALUE[,KEY=VALUE...]], e.g. soap:freq=20,lr=0.01)"
+                " (the syntax is NAME[:KEY=VALUE[,KEY=VALUE...]], e.g. soap:freq=20,lr=0.01)" + hint
             )
+        previous = (key, value.strip())
         if key in out:
             raise SoapArgumentError(f"recipe spec '{where}': {key} is set twice")
         out[key] = parse_value(key, value, where)
