@@ -37,7 +37,7 @@ def compile(
     ``(name, parameter)``, or an iterable of parameters. ``args`` set the recipe's header
     parameters; for an inline pipeline they declare them. ``torch_compile`` marks every route
     for ``torch.compile``, ``cuda_graphs`` every route for CUDA graphs, ``stochastic_round``
-    every route for stochastic rounding of bfloat16 parameters.
+    every route for stochastic rounding of bfloat16 and float16 parameters.
     """
     flags = (("torch_compile", torch_compile), ("cuda_graphs", cuda_graphs), ("stochastic_round", stochastic_round))
     for name, flag in flags:
@@ -70,11 +70,12 @@ def build(
     instead of three or four per step of it, with the eager path's numbers bit for bit, for
     one buffer as large as the route's largest batch of matrices. Off CUDA it changes nothing.
 
-    ``stochastic_round=True`` rounds every write into a bfloat16 parameter stochastically
-    instead of to nearest (the route option ``[stochastic_round=true]`` does it for one route),
-    so that steps smaller than half a bfloat16 gap still move the parameter on average. The
-    random bits are reproducible: they depend on the parameter's name, its step count and its
-    device type, not on a global generator. Parameters of other dtypes are written as usual.
+    ``stochastic_round=True`` rounds every write into a bfloat16 or float16 parameter
+    stochastically instead of to nearest (the route option ``[stochastic_round=true]`` does it
+    for one route), so that steps smaller than half the gap between neighbouring values still
+    move the parameter on average. The random bits are reproducible: they depend on the
+    parameter's name, its step count and its device type, not on a global generator. float32
+    and float64 parameters are written as usual.
 
     ``distributed=True`` (or a process group) is for data-parallel training (DDP), where every
     rank steps the same parameters with the same gradients: each eigenbasis refresh, inverse

@@ -84,7 +84,7 @@ class OptimizerConfig(BaseModel):
     torch_compile: StrictBool = False
     #: build(cuda_graphs=True): Newton-Schulz iterations replayed from CUDA graphs on CUDA
     cuda_graphs: StrictBool = False
-    #: build(stochastic_round=True): bfloat16 parameters' writes rounded stochastically
+    #: build(stochastic_round=True): bfloat16 and float16 parameters' writes rounded stochastically
     stochastic_round: StrictBool = False
 
 
@@ -104,7 +104,7 @@ _FIELD_TYPES = {
     "distributed": "must be true or false: true splits the matrix work across the ranks of a data-parallel run",
     "torch_compile": "must be true or false: true runs every route's pipeline through torch.compile",
     "cuda_graphs": "must be true or false: true replays Newton-Schulz iterations from CUDA graphs on CUDA",
-    "stochastic_round": "must be true or false: true rounds writes into bfloat16 parameters stochastically",
+    "stochastic_round": "must be true or false: true rounds writes into bfloat16 and float16 parameters stochastically",
 }
 
 

@@ -31,9 +31,10 @@ CASES = {
     "soap_muon_shared": ("soap_muon_shared", {"freq": 3}),
     "shampoo": ("shampoo", {"freq": 3}),
     # a route reducing over all its parameters goes whole to one owner
-    # bfloat16 parameters rounded stochastically: a rank's rows draw the whole parameter's bits
-    # (every stage pointwise), and an owner draws them for the whole parameter
+    # bfloat16 and float16 parameters rounded stochastically: a rank's rows draw the whole
+    # parameter's bits (every stage pointwise), and an owner draws them for the whole parameter
     "adamw bfloat16 stochastic_round": ("adamw", {"stochastic_round": True}),
+    "adamw float16 stochastic_round": ("adamw", {"stochastic_round": True}),
     "soap_muon bfloat16 stochastic_round": ("soap_muon", {"freq": 3, "stochastic_round": True}),
     "clip over the route": (
         "recipe clipped(lr=0.01):\n  route matrix: clip(1.0, per=route) |> momentum(0.9) |> newton_schulz(5) |> lr\n"
@@ -71,7 +72,7 @@ class _Net(torch.nn.Module):
 
 
 def _dtype(case: str) -> torch.dtype:
-    return torch.bfloat16 if "bfloat16" in case else torch.float32
+    return torch.bfloat16 if "bfloat16" in case else torch.float16 if "float16" in case else torch.float32
 
 
 def _model(seed: int = 0, dtype: torch.dtype = torch.float32) -> _Net:

@@ -1,10 +1,12 @@
-"""Stochastic rounding of bfloat16 parameter writes (route option ``stochastic_round``).
+"""Stochastic rounding of bfloat16 and float16 parameter writes (route option ``stochastic_round``).
 
-The rounding itself is checked bit by bit (each written value is one of the two bfloat16
-values around the exact one, chosen with the right probability; special values survive), the
-bits are checked to depend on the parameter and its whole-parameter position only, and whole
-optimizers are checked against torch.optim.AdamW run in float32: one step lands next to
-torch's value, unbiased, and many small steps add up where rounding to nearest stalls.
+The rounding itself is checked bit by bit (each written value is one of the two bfloat16 or
+float16 values around the exact one, chosen with the right probability; special values
+survive; float16's neighbours come from torch's own float16 rounding and ``nextafter``, not
+from the code under test), the bits are checked to depend on the parameter and its
+whole-parameter position only, and whole optimizers are checked against torch.optim.AdamW run
+in float32: one step lands next to torch's value, unbiased, and many small steps add up where
+rounding to nearest stalls.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from soapdsl.runtime import rounding
 from soapdsl.runtime.rounding import Noise, round_into, write_key
 
 BF16 = torch.bfloat16
+F16 = torch.float16
 CPU = torch.device("cpu")
 
 
@@ -34,8 +37,8 @@ def _around(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return toward, away, low.double() / (1 << 16)
 
 
-def _rounded(v: torch.Tensor, key: int = 12345) -> torch.Tensor:
-    out = torch.empty(v.shape, dtype=BF16)
+def _rounded(v: torch.Tensor, key: int = 12345, dtype: torch.dtype = BF16) -> torch.Tensor:
+    out = torch.empty(v.shape, dtype=dtype)
     round_into(out, v, Noise().draw(key, 0, v.numel(), v.numel(), CPU))
     return out
 
@@ -75,6 +78,88 @@ def test_special_values_survive():
     assert set(_rounded(top).float().unique().tolist()) == {torch.finfo(BF16).max, math.inf}
 
 
+def _f16_around(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float16 values around the float32 ``v`` (towards zero, away from zero; ``v`` within
+    float16's range) and where ``v`` lies between them, in float64: from torch's float16
+    rounding to nearest and ``nextafter``."""
+    nearest = v.half()
+    zero = torch.zeros_like(nearest)
+    beyond = nearest.double().abs() > v.double().abs()
+    toward = torch.where(beyond, torch.nextafter(nearest, zero), nearest).double()
+    away = torch.nextafter(toward.half(), torch.full_like(nearest, math.inf).copysign(v.half())).double()
+    away = torch.where(toward == v.double(), toward, away)
+    frac = ((v.double() - toward) / (away - toward)).nan_to_num(0.0)
+    return toward, away, frac
+
+
+def _assert_unbiased(v: torch.Tensor, key: int) -> None:
+    """Each value of ``v`` rounds to a float16 neighbour, and the errors, in units of the gap,
+    average to zero within 5 sigma of their own spread (a value at f of its gap errs by -f or
+    1 - f, variance f (1 - f))."""
+    out = _rounded(v, key, F16).double()
+    toward, away, frac = _f16_around(v)
+    assert bool(((out == toward) | (out == away)).all())
+    moved = away != toward
+    err = ((out - v.double()) / (away - toward))[moved]
+    sigma = math.sqrt(float((frac * (1 - frac))[moved].sum())) / err.numel()
+    assert abs(err.mean().item()) < 5 * sigma, (err.mean().item(), sigma)
+
+
+def test_each_value_goes_to_a_float16_neighbour_with_the_probability_of_its_position():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(200_000, generator=g) * torch.logspace(-12, 4, 200_000)  # down to subnormals
+    v[:1000] = v[:1000].half().float()  # values float16 holds: written exactly
+    assert torch.equal(_rounded(v[:1000], dtype=F16).float(), v[:1000])
+    _assert_unbiased(v, 1)
+    # float16's subnormals, multiples of 2^-24, and values under the smallest of them
+    _assert_unbiased((torch.rand(200_000, generator=g) * 2 - 1) * 2.0**-14, 2)
+    _assert_unbiased((torch.rand(100_000, generator=g) * 2 - 1) * 2.0**-24, 3)
+    # around powers of two, where the gap doubles: a gap's worth below to two above
+    k = torch.randint(-14, 16, (200_000,), generator=g).float()
+    _assert_unbiased(torch.exp2(k) * (1 + (torch.rand(200_000, generator=g) * 3 - 1) * 2.0**-11), 4)
+
+
+@pytest.mark.parametrize(
+    ("value", "toward", "away", "p"),
+    [
+        (1 - 2.0**-13, 1 - 2.0**-11, 1.0, 0.75),  # the gap below 1 is 2^-11, above it 2^-10
+        (-(1 + 2.0**-12), -1.0, -(1 + 2.0**-10), 0.25),
+        (2.0**-26, 0.0, 2.0**-24, 0.25),  # under the smallest subnormal
+        (3 * 2.0**-26, 0.0, 2.0**-24, 0.75),
+        (2.0**-14 - 2.0**-26, 2.0**-14 - 2.0**-24, 2.0**-14, 0.75),  # the last subnormal gap
+        (1000.0 + 0.5 / 8, 1000.0, 1000.5, 0.125),
+        (65504.0 + 8, 65504.0, math.inf, 0.25),  # past the largest: infinity, as at 65536
+        (-(65504.0 + 24), -65504.0, -math.inf, 0.75),
+    ],
+)
+def test_a_float16_value_goes_away_from_zero_with_the_probability_of_its_position(value, toward, away, p):
+    n = 100_000
+    out = _rounded(torch.full((n,), value), key=7, dtype=F16).double()
+    assert set(out.unique().tolist()) <= {toward, away}
+    up = (out == away).double().mean().item()
+    assert abs(up - p) < 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_every_float16_is_written_exactly_and_special_values_survive():
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(F16)
+    finite = every[every.isfinite()]  # 63488 values, both zeros among them
+    assert torch.equal(_rounded(finite.float(), dtype=F16).view(torch.int16), finite.view(torch.int16))
+    patterns = [0x7F800000, 0xFF800000, 0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0x00000000, 0x80000000]
+    v = torch.tensor([p - (1 << 32) if p >= 1 << 31 else p for p in patterns], dtype=torch.int32).view(torch.float32)
+    out = _rounded(v.repeat(5000), dtype=F16).float()
+    assert bool(out[0::8].eq(math.inf).all()) and bool(out[1::8].eq(-math.inf).all())
+    for k in (2, 3, 4, 5):
+        assert bool(out[k::8].isnan().all()), hex(patterns[k])
+    assert bool((out[6::8] == 0).all()) and bool(out[6::8].signbit().logical_not().all())
+    assert bool((out[7::8] == 0).all()) and bool(out[7::8].signbit().all())
+    # from 65536, where the gap after 65504 ends, on: infinite; a float32 subnormal: a zero of
+    # its sign or the smallest float16 subnormal
+    big = torch.tensor([65536.0, 1e6, torch.finfo(torch.float32).max]).repeat(1000)
+    assert bool(_rounded(big, dtype=F16).eq(math.inf).all()) and bool(_rounded(-big, dtype=F16).eq(-math.inf).all())
+    tiny = _rounded(torch.full((1000,), -1e-45), dtype=F16).float()
+    assert bool(tiny.signbit().all()) and set(tiny.unique().tolist()) <= {0.0, -(2.0**-24)}
+
+
 def test_the_noise_of_a_range_is_that_range_of_the_whole_parameter(monkeypatch):
     monkeypatch.setattr(rounding, "BLOCK", 1000)
     total, key = 4321, write_key(99, 3, "4")
@@ -88,9 +173,9 @@ def test_the_noise_of_a_range_is_that_range_of_the_whole_parameter(monkeypatch):
     assert (Noise().draw(write_key(98, 3, "4"), 0, total, total, CPU) == whole).double().mean() < 0.01
 
 
-def _bf16_model(seed: int = 0) -> torch.nn.Module:
+def _model(seed: int = 0, dtype: torch.dtype = BF16) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 48)).to(BF16)
+    return torch.nn.Sequential(torch.nn.Linear(48, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 48)).to(dtype)
 
 
 def _grads(model: torch.nn.Module, step: int, dtype: torch.dtype = BF16) -> list[torch.Tensor]:
@@ -105,9 +190,10 @@ def _run(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range) -> No
         opt.step()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("recipe", "kw"), [("adamw", {}), ("soap", {"freq": 2}), ("muon", {})])
-def test_float32_parameters_are_written_as_without_the_option(recipe, kw):
-    a = _bf16_model().float()
+def test_float32_and_float64_parameters_are_written_as_without_the_option(recipe, kw, dtype):
+    a = _model().to(dtype)
     b = copy.deepcopy(a)
     _run(a, soapdsl.build(recipe, a, **kw), range(5))
     _run(b, soapdsl.build(recipe, b, stochastic_round=True, **kw), range(5))
@@ -115,29 +201,33 @@ def test_float32_parameters_are_written_as_without_the_option(recipe, kw):
         assert torch.equal(p, q)
 
 
-def test_one_adamw_step_lands_next_to_torch_adamw_in_float32_and_unbiased():
+# weights in [1, 2): a bfloat16 gap is 2^-7, a float16 one 2^-10; a step of lr, an eighth of it
+@pytest.mark.parametrize(("dtype", "gap", "lr"), [(BF16, 2.0**-7, 1e-3), (F16, 2.0**-10, 1.25e-4)])
+def test_one_adamw_step_lands_next_to_torch_adamw_in_float32_and_unbiased(dtype, gap, lr):
     torch.manual_seed(3)
-    p0 = (1 + torch.rand(256, 256)).to(BF16)  # weights in [1, 2]: a bfloat16 gap is 2^-7
-    grad = torch.randn(256, 256).abs().to(BF16)  # every step downwards
+    p0 = (1 + torch.rand(256, 256)).to(dtype)
+    grad = torch.randn(256, 256).abs().to(dtype)  # every step downwards
     ours = torch.nn.Parameter(p0.clone())
     ours.grad = grad.clone()
-    opt = soapdsl.build("adamw", [("w", ours)], lr=1e-3, weight_decay=0.0, stochastic_round=True)
+    opt = soapdsl.build("adamw", [("w", ours)], lr=lr, weight_decay=0.0, stochastic_round=True)
     opt.step()
     ref = torch.nn.Parameter(p0.float())
     ref.grad = grad.float()
-    torch.optim.AdamW([ref], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0).step()
+    torch.optim.AdamW([ref], lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0).step()
     ref32 = ref.detach()
-    gap = 2.0**-7
     got = ours.detach().float()
     assert float((got - ref32).abs().max()) <= gap  # one of the two values around torch's
     # rounded to nearest, almost nothing would move (the step is lr, an eighth of the gap);
     # rounded stochastically the average step is torch's
-    assert torch.equal(p0.float().add(ref32 - p0.float()).bfloat16(), p0)
+    assert torch.equal(p0.float().add(ref32 - p0.float()).to(dtype), p0)
     assert abs(float((got - ref32).mean())) < 0.02 * float((p0.float() - ref32).mean())
 
 
-def test_small_steps_add_up_where_rounding_to_nearest_stalls():
-    steps, gap = 60, 2.0**-7  # the weights stay in [1, 2), where a bfloat16 gap is 2^-7
+# the weights stay in [1, 2), where a bfloat16 gap is 2^-7 and a float16 one 2^-10; lr: a step
+# of 1/78 of the gap, 60 of them about 0.77 of it
+@pytest.mark.parametrize(("dtype", "gap", "lr"), [(BF16, 2.0**-7, 1e-4), (F16, 2.0**-10, 1.25e-5)])
+def test_small_steps_add_up_where_rounding_to_nearest_stalls(dtype, gap, lr):
+    steps = 60
 
     def train(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
         for _ in range(steps):
@@ -147,47 +237,52 @@ def test_small_steps_add_up_where_rounding_to_nearest_stalls():
 
     torch.manual_seed(0)
     start = torch.nn.Module()
-    start.w = torch.nn.Parameter((1.5 + 0.1 * torch.rand(256, 256)).to(BF16))
-    start.v = torch.nn.Parameter((1.5 + 0.1 * torch.rand(4096)).to(BF16))
+    start.w = torch.nn.Parameter((1.5 + 0.1 * torch.rand(256, 256)).to(dtype))
+    start.v = torch.nn.Parameter((1.5 + 0.1 * torch.rand(4096)).to(dtype))
     sr, nearest, ref = copy.deepcopy(start), copy.deepcopy(start), copy.deepcopy(start).float()
-    train(sr, soapdsl.build("adamw", sr, lr=1e-4, stochastic_round=True))
-    train(nearest, soapdsl.build("adamw", nearest, lr=1e-4))
-    train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01))
+    train(sr, soapdsl.build("adamw", sr, lr=lr, stochastic_round=True))
+    train(nearest, soapdsl.build("adamw", nearest, lr=lr))
+    train(ref, torch.optim.AdamW(ref.parameters(), lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01))
     with torch.no_grad():
         for p0, a, b, r in zip(
             start.parameters(), sr.parameters(), nearest.parameters(), ref.parameters(), strict=True
         ):
             want = float((r - p0.float()).mean())  # about -steps * lr
-            assert want < -5e-3
+            assert want < -0.6 * gap
             # each write's error has mean 0 and variance at most |its step| * gap, so the
             # parameter's final error has variance at most |want| * gap
             assert abs(float((a.float() - p0.float()).mean()) - want) < 6 * math.sqrt(-want * gap / p0.numel())
             assert torch.equal(b, p0)  # every step under half a gap: nothing moved
 
 
-def test_decay_rounds_stochastically_too():
-    p = torch.nn.Parameter(torch.ones(100_000, dtype=BF16))
-    opt = soapdsl.build("decay(1e-3, lr_scaled=false) |> lr", [("w", p)], lr=0.0, stochastic_round=True)
+# a decay under half the gap below 1: 2^-9 in bfloat16, 2^-12 in float16
+@pytest.mark.parametrize(("dtype", "wd"), [(BF16, 1e-3), (F16, 1e-4)])
+def test_decay_rounds_stochastically_too(dtype, wd):
+    p = torch.nn.Parameter(torch.ones(100_000, dtype=dtype))
+    opt = soapdsl.build(f"decay({wd}, lr_scaled=false) |> lr", [("w", p)], lr=0.0, stochastic_round=True)
     for _ in range(20):
         p.grad = torch.zeros_like(p)
         opt.step()
-    assert abs(float(p.detach().double().mean()) / 0.999**20 - 1) < 1e-3
-    q = torch.nn.Parameter(torch.ones(10, dtype=BF16))
-    opt = soapdsl.build("decay(1e-3, lr_scaled=false) |> lr", [("w", q)], lr=0.0)
+    assert abs(float(p.detach().double().mean()) / (1 - wd) ** 20 - 1) < wd
+    q = torch.nn.Parameter(torch.ones(10, dtype=dtype))
+    opt = soapdsl.build(f"decay({wd}, lr_scaled=false) |> lr", [("w", q)], lr=0.0)
     q.grad = torch.zeros_like(q)
     opt.step()
     assert bool((q == 1).all())  # to nearest: stuck at 1
 
 
-@pytest.mark.parametrize(("recipe", "kw"), [("adamw", {}), ("soap", {"freq": 3}), ("soap_muon", {"freq": 3})])
-def test_runs_repeat_and_a_checkpoint_resumes_bit_for_bit(recipe, kw):
-    first, second = _bf16_model(), _bf16_model()
+@pytest.mark.parametrize(
+    ("recipe", "kw", "dtype"),
+    [("adamw", {}, BF16), ("adamw", {}, F16), ("soap", {"freq": 3}, BF16), ("soap_muon", {"freq": 3}, BF16)],
+)
+def test_runs_repeat_and_a_checkpoint_resumes_bit_for_bit(recipe, kw, dtype):
+    first, second = _model(dtype=dtype), _model(dtype=dtype)
     _run(first, soapdsl.build(recipe, first, stochastic_round=True, **kw), range(8))
     opt = soapdsl.build(recipe, second, stochastic_round=True, **kw)
     _run(second, opt, range(4))
     saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(second.state_dict())
     _run(second, opt, range(4, 8))
-    resumed = _bf16_model(seed=5)
+    resumed = _model(seed=5, dtype=dtype)
     resumed.load_state_dict(weights)
     again = soapdsl.build(recipe, resumed, stochastic_round=True, **kw)
     again.load_state_dict(saved)
@@ -236,7 +331,7 @@ def test_the_route_option_rounds_its_own_route_only():
         "  route matrix [stochastic_round=true]: adamw(0.9, 0.95, 1e-8, 0)\n"
         "  route default: adamw(0.9, 0.95, 1e-8, 0)\n"
     )
-    model = _bf16_model()
+    model = _model()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(1 + p.float().abs())
@@ -252,7 +347,7 @@ def test_the_route_option_rounds_its_own_route_only():
 
 
 def test_the_option_in_a_config_and_its_errors(tmp_path):
-    model = _bf16_model()
+    model = _model()
     cfg = tmp_path / "train.yaml"
     cfg.write_text("optimizer:\n  recipe: adamw\n  stochastic_round: true\n")
     opt = soapdsl.from_config(model, cfg)
@@ -269,7 +364,7 @@ def test_the_option_in_a_config_and_its_errors(tmp_path):
 
 @pytest.mark.slow
 def test_a_compiled_route_rounds_as_the_eager_one():
-    eager, compiled = _bf16_model(), _bf16_model()
+    eager, compiled = _model(), _model()
     _run(eager, soapdsl.build("adamw", eager, lr=1e-3, stochastic_round=True), range(4))
     _run(compiled, soapdsl.build("adamw", compiled, lr=1e-3, stochastic_round=True, torch_compile=True), range(4))
     for p, q in zip(eager.parameters(), compiled.parameters(), strict=True):

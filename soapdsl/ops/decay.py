@@ -20,7 +20,8 @@ class Decay(Op):
     Where it stands in the pipeline is when it happens: before `lr` it decays the parameter
     before the update is applied (torch.optim.AdamW, Muon); after `lr` it decays the updated
     parameter (SOAP, SOAP-Muon). Skipped when weight_decay is 0. In a route with the option
-    `[stochastic_round=true]` a bfloat16 parameter's new value is rounded stochastically.
+    `[stochastic_round=true]` a bfloat16 or float16 parameter's new value is rounded
+    stochastically.
 
     Math:
         p <- p * (1 - lr * weight_decay)        (lr_scaled=true; lr is the param_group's)

@@ -14,7 +14,8 @@ class Lr(Op):
     host-side factor (bias corrections, `scale`), so it costs one fused pass. Every route has
     exactly one; a pipeline without one gets it appended. Stages after it act on the updated
     parameter (e.g. `decay` after the update, as SOAP does). In a route with the option
-    `[stochastic_round=true]` a bfloat16 parameter's new value is rounded stochastically.
+    `[stochastic_round=true]` a bfloat16 or float16 parameter's new value is rounded
+    stochastically.
 
     Math:
         p <- p - lr * x

@@ -77,7 +77,8 @@ class Ctx:
     probes: dict[int, Any] = field(default_factory=dict)  # recorded reference values (graft)
     split: Splitter | None = None  # data parallel: splits matrix work across ranks (runtime/dist.py)
     graphs: GraphCache | None = None  # the route's CUDA graphs (route option cuda_graph; runtime/graphs.py)
-    #: stochastic rounding of bfloat16 parameter writes (route option stochastic_round; runtime/rounding.py)
+    #: stochastic rounding of bfloat16 and float16 parameter writes (route option stochastic_round;
+    #: runtime/rounding.py)
     rounding: Rounding | None = None
     _param_slabs: list[torch.Tensor] | None = field(default=None, repr=False)
     _host_writes: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -163,7 +164,7 @@ class Ctx:
             torch._foreach_mul_(params, factor)
             return
         for p in params:
-            if p.dtype == torch.bfloat16:
+            if rounding.rounds(p):
                 rounding.write(p, p.float().mul_(factor), self.t, stage)
             else:
                 p.mul_(factor)
@@ -176,7 +177,7 @@ class Ctx:
         rounding = self._rounding(params)
         if rounding is not None:
             for p, u in zip(params, updates, strict=True):
-                if p.dtype == torch.bfloat16:
+                if rounding.rounds(p):
                     rounding.write(p, torch.add(p, u, alpha=alpha), self.t, stage)  # float32: u's dtype
                 else:
                     p.add_(u.to(p.dtype), alpha=alpha)
@@ -188,8 +189,8 @@ class Ctx:
 
     def _rounding(self, params: list[torch.Tensor]) -> Rounding | None:
         """The route's stochastic rounding where a write to ``params`` needs it (for the bfloat16
-        ones among them), else None."""
-        if self.rounding is not None and any(p.dtype == torch.bfloat16 for p in params):
+        and float16 ones among them), else None."""
+        if self.rounding is not None and any(self.rounding.rounds(p) for p in params):
             return self.rounding
         return None
 
@@ -218,7 +219,7 @@ class Ctx:
         rounding = self._rounding(params)
         if rounding is not None:
             for p, n, d in zip(params, nums, dens, strict=True):
-                if p.dtype == torch.bfloat16:
+                if rounding.rounds(p):
                     rounding.write(p, torch.addcdiv(p, n, d, value=alpha), self.t, stage)
                 else:
                     p.add_((n / d).to(p.dtype), alpha=alpha)

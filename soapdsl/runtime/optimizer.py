@@ -320,8 +320,9 @@ class SoapOptimizer(torch.optim.Optimizer):
         self._graphs: dict[int, GraphCache] = {
             rp.index: GraphCache() for rp in self._routes if rp.options.get("cuda_graph")
         }
-        # routes with the `stochastic_round` option round their bfloat16 parameters' writes
-        # stochastically (runtime/rounding.py); an FSDP2 rank's rows start where _first_elements says
+        # routes with the `stochastic_round` option round their bfloat16 and float16 parameters'
+        # writes stochastically (runtime/rounding.py); an FSDP2 rank's rows start where
+        # _first_elements says
         self._first_elements: dict[int, tuple[int, int]] = {}
         self._rounding: dict[int, Rounding] = {
             rp.index: Rounding({id(t): self._names[id(t)] for t in rp.tensors}, self._first_elements)
