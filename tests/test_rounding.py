@@ -165,12 +165,25 @@ def test_the_noise_of_a_range_is_that_range_of_the_whole_parameter(monkeypatch):
     total, key = 4321, write_key(99, 3, "4")
     whole = Noise().draw(key, 0, total, total, CPU)
     assert whole.dtype == torch.int32 and int(whole.min()) >= 0 and int(whole.max()) < 1 << 16
-    # an FSDP2 rank's rows start anywhere, within a block or on its edge
-    for first, n in ((0, 10), (995, 10), (1000, 1), (1500, 2500), (total - 7, 7), (0, total)):
+    # an FSDP2 rank's rows start anywhere, within a block or on its edge, within a 64-bit word
+    # (four elements' noise) or on its edge; none (a rank holding no rows of the parameter)
+    for first, n in ((0, 10), (995, 10), (1000, 1), (1001, 6), (1500, 2500), (total - 7, 7), (0, total), (7, 0)):
         assert torch.equal(Noise().draw(key, first, n, total, CPU), whole[first : first + n]), (first, n)
     other = Noise().draw(write_key(99, 4, "4"), 0, total, total, CPU)
     assert (other == whole).double().mean() < 0.01  # the next step draws other bits
     assert (Noise().draw(write_key(98, 3, "4"), 0, total, total, CPU) == whole).double().mean() < 0.01
+
+
+def test_the_noise_is_uniform_and_its_neighbours_independent():
+    """Four elements share a 64-bit word of the generator: each of their 16 bits is set half the
+    time, and an element's noise is uncorrelated with its neighbours' (within 5 sigma)."""
+    n = 1 << 20
+    u = Noise().draw(write_key(7, 1, "lr"), 0, n, n, CPU).double()
+    for bit in range(16):
+        assert abs(float(u.div(2**bit).floor().remainder(2).mean()) - 0.5) < 5 * 0.5 / math.sqrt(n), bit
+    z = (u - u.mean()) / u.std()
+    for lag in (1, 2, 3, 4):  # within a word and across words
+        assert abs(float((z[:-lag] * z[lag:]).mean())) < 5 / math.sqrt(n), lag
 
 
 def _model(seed: int = 0, dtype: torch.dtype = BF16) -> torch.nn.Module:

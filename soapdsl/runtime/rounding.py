@@ -33,10 +33,13 @@ sign (also of a zero) is kept.
 Where the random bits come from: the whole parameter, flattened in its logical (row-major)
 order, is cut into blocks of :data:`BLOCK` elements, and each block's bits are drawn from
 torch's generator for the parameter's device, seeded from (the parameter's name, its step
-count, the writing stage, the block's index). So a run is reproducible, a checkpoint resumes on
-the same bits, every data-parallel rank writes the same values without communicating, and an
-FSDP2 rank writing its rows draws the bits the whole parameter would have (the blocks it
-touches, whole, then its part of them). The CPU and CUDA generators differ, so the bits do too.
+count, the writing stage, the block's index): a quarter as many full-range 64-bit words as the
+block has elements, each element taking one 16-bit quarter (a generator call per word, not per
+element: 2-2.5x faster on the CPU than 16 bits drawn an element). So a run is reproducible, a
+checkpoint resumes on the same bits, every data-parallel rank writes the same values without
+communicating, and an FSDP2 rank writing its rows draws the bits the whole parameter would
+have (the blocks it touches, whole, then its part of them). The CPU and CUDA generators
+differ, so the bits do too.
 """
 
 from __future__ import annotations
@@ -82,7 +85,16 @@ class Noise:
 
     def draw(self, key: int, first: int, n: int, total: int, device: torch.device) -> torch.Tensor:
         """The noise of elements ``first .. first + n - 1`` of a parameter of ``total`` elements
-        (int32, on ``device``), for the write ``key``."""
+        (int32, on ``device``), for the write ``key``.
+
+        A block's noise is the 16-bit quarters of full-range 64-bit words, in memory order
+        (element j of a block: quarter j % 4 of word j // 4), a quarter as many draws as
+        elements: what a draw costs is mostly the generator, per word. Every block draws all
+        its words, whoever needs which elements of it, so an element's noise depends on the
+        key, its block and its place in the block only (a CUDA generator's value at a position
+        depends on how many are drawn)."""
+        if n == 0:
+            return torch.empty(0, dtype=torch.int32, device=device)
         g = self._generators.get(device)
         if g is None:
             g = self._generators[device] = torch.Generator(device)
@@ -90,10 +102,9 @@ class Noise:
         for block in range(first // BLOCK, (first + n - 1) // BLOCK + 1):
             start = block * BLOCK
             g.manual_seed(_mix64(key ^ _mix64(block + 1)) >> 1)  # a seed below 2^63
-            drawn = torch.randint(
-                0, 1 << 16, (min(BLOCK, total - start),), dtype=torch.int32, generator=g, device=device
-            )
-            parts.append(drawn[max(first - start, 0) : first + n - start])
+            words = torch.empty(-(-min(BLOCK, total - start) // 4), dtype=torch.int64, device=device)
+            quarters = words.random_(-(1 << 63), None, generator=g).view(torch.uint16)
+            parts.append(quarters[max(first - start, 0) : first + n - start].to(torch.int32))
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
