@@ -154,6 +154,11 @@ def span_text(loc: Loc) -> str | None:
 _BLANKS = str.maketrans({"\f": " ", "\v": " "})
 
 
+#: a source line longer than this is shown in part: the span and _CONTEXT characters before it
+_LONG_LINE = 160
+_CONTEXT = 40
+
+
 def _caret(loc: Loc, source: str) -> list[str]:
     # lines as the lexer counts them: at "\n" only (str.splitlines also breaks at a form feed,
     # \x1c-\x1e, \x85, \u2028...), and a form feed or vertical tab shown as the space it is
@@ -167,10 +172,17 @@ def _caret(loc: Loc, source: str) -> list[str]:
     if loc.end_line == loc.line and loc.end_col > loc.col:
         width = loc.end_col - loc.col
     width = max(1, min(width, len(line) - loc.col + 1))
+    start = loc.col - 1  # where the span starts in line
+    if len(line) > _LONG_LINE:  # a line of 5000 digits: its part around the span, marked cut
+        lo = max(0, start - _CONTEXT)
+        hi = min(len(line), max(start + min(width, _LONG_LINE - _CONTEXT), lo + _LONG_LINE))
+        width = min(width, hi - start)
+        line = ("..." if lo else "") + line[lo:hi] + ("..." if hi < len(line) else "")
+        start += (3 if lo else 0) - lo
     # pad and underline by display width, so that the caret stays under its text after CJK
     # characters (two columns each) or combining accents (none)
-    before = _display_width(line[: loc.col - 1])
-    under = max(1, _display_width(line[loc.col - 1 : loc.col - 1 + width]))
+    before = _display_width(line[:start])
+    under = max(1, _display_width(line[start : start + width]))
     gutter = f"{loc.line:>5} | "
     return [gutter + line, " " * (len(gutter) - 2) + "| " + " " * before + "^" * under]
 

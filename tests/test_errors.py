@@ -1099,3 +1099,20 @@ def test_a_missing_operator_argument_says_how_to_write_it_and_what_it_takes(monk
         library.resolve(f"momentum |> {cls.name} |> lr")
     assert info.value.message == message and info.value.notes == (note,)
     assert (info.value.loc.line, info.value.loc.col) == (1, 13)
+
+
+def test_a_long_source_line_is_shown_in_part_around_the_span():
+    """A line of thousands of characters (a 5000-digit literal, generated recipe text) is cut to
+    the span and some context, marked '...', with the caret still under the span."""
+    src = "momentum(0.9)" + " " * 300 + "|> newton_shulz(5) |> lr" + " " * 300
+    with pytest.raises(SoapNameError) as info:
+        soapdsl.compile(src, torch.nn.Linear(3, 2))
+    _, shown, caret = str(info.value).splitlines()[:3]
+    assert len(shown) < 200 and shown.startswith("    1 | ...") and shown.endswith("...")
+    at = caret.index("^")
+    assert shown[at : at + len("newton_shulz")] == "newton_shulz" and caret[at:] == "^" * len("newton_shulz")
+    with pytest.raises(SoapSyntaxError) as info:  # a span longer than the window: cut too
+        soapdsl.compile("lr(" + "9" * 5000 + ")", torch.nn.Linear(3, 2))
+    assert len(str(info.value)) < 600
+    _, shown, caret = str(info.value).splitlines()[:3]
+    assert shown.startswith("    1 | lr(999") and shown.endswith("9...") and caret.index("^") == shown.index("9")
