@@ -149,6 +149,15 @@ def walk_shaped(ops: Iterable[registry.Op], shape: tuple[int, ...]) -> Iterable[
             yield from walk_shaped(branch, shape)
 
 
+def shape_problem(ops: Iterable[registry.Op], shape: tuple[int, ...]) -> tuple[registry.Op, str] | None:
+    """The first op that cannot take a parameter of ``shape`` (as it sees it), and why; or None."""
+    for op, seen in walk_shaped(ops, shape):
+        why = op.check_shape(seen)
+        if why is not None:
+            return op, why
+    return None
+
+
 # -- binding ----------------------------------------------------------------------------------
 
 
@@ -630,16 +639,15 @@ def compile_plan(
                 f" '{recipe.name}'; add a final `route default: ...`",
                 recipe.loc,
             )
-        notes: list[str] = []
-        for op, seen in walk_shaped(rp.ops, shape):
-            why = op.check_shape(seen)
-            if why is not None:
-                raise SoapShapeError(
-                    f"parameter '{name}' of shape {list(shape)} cannot go through this stage: {why}",
-                    getattr(op, "loc", None),
-                    notes=[f"it was routed by 'route {rp.selector}' (route {rp.index})"],
-                )
-            notes += op.notes(seen)
+        unfit = shape_problem(rp.ops, shape)
+        if unfit is not None:
+            op, why = unfit
+            raise SoapShapeError(
+                f"parameter '{name}' of shape {list(shape)} cannot go through this stage: {why}",
+                getattr(op, "loc", None),
+                notes=[f"it was routed by 'route {rp.selector}' (route {rp.index})"],
+            )
+        notes = [n for op, seen in walk_shaped(rp.ops, shape) for n in op.notes(seen)]
         if is_empty(shape):
             notes = ["empty: never stepped, no state"]
         rp.params.append(ParamEntry(name, shape, t.dtype, rp.index, 0, notes))

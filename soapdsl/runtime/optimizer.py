@@ -31,6 +31,7 @@ from soapdsl.compiler import (
     is_dtensor,
     is_empty,
     selector_names,
+    shape_problem,
     state_dtype,
     walk_ops,
     walk_shaped,
@@ -1013,14 +1014,14 @@ class SoapOptimizer(torch.optim.Optimizer):
                 f"parameter '{name}' {resized} after the optimizer was built: {why};"
                 " build a new optimizer for the resized parameters"
             )
-        for op, seen in walk_shaped(rp.ops, shape):
-            problem = op.check_shape(seen)
-            if problem is not None:
-                raise SoapShapeError(
-                    f"parameter '{name}' {resized} after the optimizer was built and cannot go through this"
-                    f" stage: {problem}; build a new optimizer for the resized parameters",
-                    getattr(op, "loc", None),
-                )
+        problem = shape_problem(rp.ops, shape)
+        if problem is not None:
+            op, why = problem
+            raise SoapShapeError(
+                f"parameter '{name}' {resized} after the optimizer was built and cannot go through this"
+                f" stage: {why}; build a new optimizer for the resized parameters",
+                getattr(op, "loc", None),
+            )
 
     def _check_state_fits(self, rp: RoutePlan, p: torch.Tensor) -> None:
         """On a new layout: ``p``'s state tensors have the shapes its current shape asks for,
