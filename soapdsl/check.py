@@ -32,6 +32,7 @@ from soapdsl.errors import (
     SoapRecipeError,
     SoapRouteError,
     SoapWarning,
+    decimal_comma,
     decimal_comma_hint,
     did_you_mean,
     span_text,
@@ -172,8 +173,7 @@ def _bind(cls: type[registry.Op], stage: A.Stage, scope: _Scope) -> tuple[tuple[
         if a.name is None and seen_keyword:
             notes = []
             if prev is not None and _decimal_comma(prev.value, a.value):
-                reading = f"{prev.name}={_comma_text(prev.value, a.value)}"
-                notes.append(f"a decimal comma? the decimal point is '.': {reading}")
+                notes.append(decimal_comma(f"{prev.name}={_comma_text(prev.value, a.value)}"))
             raise SoapArgumentError("positional argument follows a keyword argument", a.loc, notes=notes)
         seen_keyword |= a.name is not None
     if len(positional) > len(fields):
@@ -210,11 +210,11 @@ def _decimal_comma(a: A.Expr, b: A.Expr) -> bool:
     """Whether ``a,b`` are two plain integer literals with nothing but a comma between them
     (``0,999``): how a decimal comma reads."""
     return (
-        _digits(a)
-        and _digits(b)
-        and a.loc.file == b.loc.file
+        a.loc.file == b.loc.file
         and a.loc.end_line == b.loc.line
         and b.loc.col == a.loc.end_col + 1
+        and _digits(a)
+        and _digits(b)
     )
 
 
@@ -224,18 +224,7 @@ def _comma_text(a: A.Expr, b: A.Expr) -> str:
 
 def _takes_float(annotation: Any) -> bool:
     """Whether a field holds a real number but no integer (``beta``, ``eps``; not ``freq``)."""
-    if get_origin(annotation) is Annotated:
-        return _takes_float(get_args(annotation)[0])
-    if get_origin(annotation) in (Union, UnionType):
-        members = get_args(annotation)
-        return any(_takes_float(m) for m in members) and not any(_is_int(m) for m in members)
-    return annotation is float
-
-
-def _is_int(annotation: Any) -> bool:
-    if get_origin(annotation) is Annotated:
-        return _is_int(get_args(annotation)[0])
-    return annotation is int
+    return _number_types(annotation) == {float}
 
 
 def _item_annotations(annotation: Any, n: int) -> list[Any]:
@@ -260,9 +249,7 @@ def _warn_decimal_commas(cls: type[registry.Op], stage: A.Stage, fields: list[st
     for (name, a), (next_name, b) in itertools.pairwise(slots):
         if _takes_float(_annotation(cls, name)) and _decimal_comma(a, b):
             pairs.append((a, b, f"{name}={span_text(a.loc)} and {next_name}={span_text(b.loc)}"))
-    named = [f for f, _ in slots] + [a.name or "" for a in stage.args if a.name is not None]
-    values = [v for _, v in slots] + [a.value for a in stage.args if a.name is not None]
-    for name, value in zip(named, values, strict=True):
+    for name, value in slots + [(a.name, a.value) for a in stage.args if a.name is not None]:
         if isinstance(value, A.Tuple):
             items = value.items
             kinds = _item_annotations(_annotation(cls, name), len(items))
@@ -274,7 +261,7 @@ def _warn_decimal_commas(cls: type[registry.Op], stage: A.Stage, fields: list[st
         warn(
             SoapWarning(
                 f"'{span_text(a.loc)},{span_text(b.loc)}' in '{cls.name}' reads as two numbers, {reading};"
-                f" a decimal comma? the decimal point is '.': {_comma_text(a, b)}",
+                f" {decimal_comma(_comma_text(a, b))}",
                 loc,
                 notes=[f"to mean two numbers, write them with a space: '{span_text(a.loc)}, {span_text(b.loc)}'"],
             )
@@ -398,13 +385,18 @@ def _literal_choices(annotation: Any) -> tuple[Any, ...]:
 
 
 def _admits_number(annotation: Any) -> bool:
+    return bool(_number_types(annotation))
+
+
+def _number_types(annotation: Any) -> set[type]:
+    """The number types (int, float) a field's annotation admits, also through Annotated and unions."""
     if annotation in (int, float):
-        return True
+        return {annotation}
     if get_origin(annotation) is Annotated:
-        return _admits_number(get_args(annotation)[0])
+        return _number_types(get_args(annotation)[0])
     if get_origin(annotation) in (Union, UnionType):
-        return any(_admits_number(a) for a in get_args(annotation))
-    return False
+        return {t for a in get_args(annotation) for t in _number_types(a)}
+    return set()
 
 
 def type_text(t: Any) -> str:

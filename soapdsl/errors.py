@@ -230,10 +230,15 @@ class SoapRecipeError(SoapError):
     """A recipe is structurally wrong (no update applied, `lr` twice, a scope misused)."""
 
 
+def decimal_comma(reading: str) -> str:
+    """What every message about a likely decimal comma says: ``reading`` is the value meant."""
+    return f"a decimal comma? the decimal point is '.': {reading}"
+
+
 def decimal_comma_hint(text: str, name: str = "") -> str:
     """``"; a decimal comma? ..."`` for a value written like ``0,9`` (of ``name``), or ""."""
     m = re.fullmatch(r"\s*([+-]?\d+),(\d+)\s*", text)
-    return f"; a decimal comma? the decimal point is '.': {name + '=' if name else ''}{m[1]}.{m[2]}" if m else ""
+    return f"; {decimal_comma(f'{name}=' * bool(name) + f'{m[1]}.{m[2]}')}" if m else ""
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
