@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -48,7 +47,7 @@ from soapdsl.errors import (
 from soapdsl.ir import Ref
 from soapdsl.runtime.optimizer import SoapOptimizer
 from soapdsl.syntax import ast as A
-from soapdsl.syntax.parser import parse, too_long
+from soapdsl.syntax.parser import int_digit_limit, parse, too_long
 from soapdsl.syntax.printer import format_selector
 
 Scalar = bool | int | float | str
@@ -131,7 +130,7 @@ def _marks(
 
 def _long_int(node: yaml.Node | None) -> yaml.ScalarNode | None:
     """The first integer of the document with more digits than Python reads."""
-    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    limit = int_digit_limit()
     if isinstance(node, yaml.ScalarNode):
         digits = sum(c.isdigit() for c in node.value)
         return node if node.tag == "tag:yaml.org,2002:int" and 0 < limit < digits else None

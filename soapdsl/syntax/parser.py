@@ -182,10 +182,16 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
     return module
 
 
+def int_digit_limit() -> int:
+    """The most digits Python's int() reads, ``sys.get_int_max_str_digits()`` (4300 by default;
+    0: no limit, also on Pythons without one)."""
+    return int(getattr(sys, "get_int_max_str_digits", lambda: 0)())
+
+
 def too_long(digits: str) -> str:
-    """Why an integer of these digits is refused: Python reads at most
-    ``sys.get_int_max_str_digits()`` (4300 by default) of them, a guard against slow parsing."""
-    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    """Why an integer of these digits is refused: Python reads at most :func:`int_digit_limit`
+    of them, a guard against slow parsing."""
+    limit = int_digit_limit()
     count = sum(c.isdigit() for c in digits)
     return f"a number of {count} digits is too long: soapdsl reads integers of at most {limit} digits"
 
