@@ -969,7 +969,8 @@ def check_recipe(recipe: A.Recipe, macros: MacroTable, extra_params: Mapping[str
         check_labels(pipeline, env)
         pipeline = check_pipeline_route(pipeline, r.loc)
         routes.append(ir.Route(r.selector, tuple(settings), pipeline, r.loc))
-    return ir.Recipe(recipe.name, tuple(params.items()), tuple(routes), recipe.doc, recipe.loc.file, recipe.loc)
+    locs = tuple((p.name, p.loc) for p in recipe.params)
+    return ir.Recipe(recipe.name, tuple(params.items()), tuple(routes), recipe.doc, recipe.loc.file, recipe.loc, locs)
 
 
 def _check_lr(

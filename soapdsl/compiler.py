@@ -207,7 +207,7 @@ def bind_args(recipe: ir.Recipe, args: Mapping[str, Any], partial: bool = False)
         reader = recipe_reader_note(recipe, k)
         raise SoapArgumentError(
             f"recipe '{recipe.name}' needs argument '{k}': its header gives it no default",
-            recipe.loc,
+            recipe.param_loc(k),
             notes=[
                 *([reader] if reader else []),
                 f"pass {k}=...: build(..., {k}=...), --set {k}=... (compile), RECIPE:{k}=... (race),"

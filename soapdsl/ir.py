@@ -340,9 +340,15 @@ class Recipe:
     doc: str = field(default="", compare=False)
     file: str = field(default="<inline>", compare=False)
     loc: Loc = _loc()
+    #: where each header parameter is written (an inline pipeline's parameters have none)
+    param_locs: tuple[tuple[str, Loc], ...] = field(default=(), compare=False, repr=False)
 
     def defaults(self) -> dict[str, Any]:
         return dict(self.params)
+
+    def param_loc(self, name: str) -> Loc:
+        """Where header parameter ``name`` is written, or the recipe's header."""
+        return dict(self.param_locs).get(name, self.loc)
 
     def fingerprint(self) -> str:
         """Identity of the recipe's structure (routes and pipelines, not hyperparameter values)."""

@@ -506,7 +506,7 @@ COMPILE = [
         {},
         SoapArgumentError,
         r"^recipe 'r' needs argument 'beta': its header gives it no default$",
-        "1:1",
+        "1:18",  # at the parameter in the header, not the header's start
     ),
 ]
 
