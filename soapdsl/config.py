@@ -24,7 +24,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,35 @@ def _long_int(node: yaml.Node | None) -> yaml.ScalarNode | None:
     return next(filter(None, map(_long_int, children)), None)
 
 
+#: numbers that YAML 1.1 (PyYAML) reads otherwise than YAML 1.2 and the recipe language do: a
+#: leading zero makes an octal integer (`010` is 8), a colon a base-60 number (`1:30` is 90)
+_OCTAL = re.compile(r"[-+]?0[0-7_]+")
+_BASE60 = re.compile(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?")
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
+def _yaml11_numbers(
+    node: yaml.Node, path: tuple[Any, ...] = ()
+) -> Iterator[tuple[tuple[Any, ...], yaml.ScalarNode, str]]:
+    """The plain numbers below ``node`` that YAML 1.1 reads as a number YAML 1.2 would not,
+    each with its path and how the two read it."""
+    if isinstance(node, yaml.ScalarNode):
+        text = node.value
+        if node.style is None and node.tag in _NUMBER_TAGS:
+            number = yaml.safe_load(text)
+            decimal = int(text.replace("_", "")) if _OCTAL.fullmatch(text) else None
+            if decimal is not None and decimal != number:
+                yield path, node, f"octal to PyYAML (YAML 1.1), which reads {number}; in decimal it is {decimal}"
+            elif _BASE60.fullmatch(text):
+                yield path, node, f"base 60 to PyYAML (YAML 1.1), which reads {number}; YAML 1.2 reads a string"
+    elif isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            yield from _yaml11_numbers(v, (*path, k.value))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            yield from _yaml11_numbers(v, (*path, i))
+
+
 def _dotted(path: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in path)
 
@@ -197,6 +226,7 @@ def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mar
     marks: dict[tuple[Any, ...], yaml.Mark] = {}
     dups: list[Duplicate] = []
     source = None
+    node = None
     if _is_path(cfg):
         path = Path(cfg)
         cfg = source = _read(path)
@@ -240,6 +270,15 @@ def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mar
         if key_path[:n] == prefix[:n]:  # in the optimizer's part of a training config, or above it
             loc = Loc(file, mark.line + 1, mark.column + 1, mark.line + 1, mark.column + 2, source)
             raise SoapConfigError(f"{_dotted(key_path)}: given twice (first on line {first})", loc)
+    if node is not None:
+        for where, scalar, why in _yaml11_numbers(node):
+            if where[: len(prefix)] == prefix:  # only the optimizer's part of a training config
+                start, end = scalar.start_mark, scalar.end_mark
+                raise SoapConfigError(
+                    f"{_dotted(where)}: {scalar.value} is {why}; write the number you mean without a"
+                    f" {'leading zero' if ':' not in scalar.value else 'colon'}",
+                    Loc(file, start.line + 1, start.column + 1, end.line + 1, end.column + 1, source),
+                )
     if data is None:
         if prefix:
             raise SoapConfigError(

@@ -95,7 +95,7 @@ def test_a_recipe_with_required_parameters_builds_from_a_config():
     assert (group["lr"], group["beta"]) == (0.1, 0.8)
     err = config_error(text.replace(", beta: 0.8", ""), SoapArgumentError)
     assert err.message == "recipe 'r' needs argument 'beta': its header gives it no default"
-    assert (err.loc.line, err.loc.col) == (1, 10)
+    assert (err.loc.line, err.loc.col) == (1, 23)  # at beta in the header, inside the YAML string
 
 
 # -- bad configs: one plain error, located -------------------------------------------------------
@@ -138,6 +138,37 @@ def test_a_duplicate_key_is_an_error_at_the_second():
     assert (err.loc.line, err.loc.col) == (5, 5)
     err = config_error("optimizer: {recipe: adamw}\noptimizer: {recipe: adam}\n")
     assert err.message == "optimizer: given twice (first on line 1)" and err.loc.line == 2
+
+
+@pytest.mark.parametrize(
+    ("value", "where", "reading"),
+    [
+        ("010", "args.freq", "010 is octal to PyYAML (YAML 1.1), which reads 8; in decimal it is 10"),
+        ("-0_20", "args.freq", "-0_20 is octal to PyYAML (YAML 1.1), which reads -16; in decimal it is -20"),
+        ("[1, 010]", "args.freq.1", "010 is octal"),
+        ("1:30", "args.freq", "1:30 is base 60 to PyYAML (YAML 1.1), which reads 90; YAML 1.2 reads a string"),
+        ("1:30.5", "args.freq", "1:30.5 is base 60 to PyYAML (YAML 1.1), which reads 90.5"),
+    ],
+)
+def test_a_number_only_yaml_1_1_reads_so_is_an_error_at_its_place(value, where, reading):
+    """YAML 1.1 reads `010` as 8 and `1:30` as 90, where YAML 1.2 and recipe text read 10 and a
+    string: a silent other number, so it is refused where it stands."""
+    err = config_error(f"recipe: soap\nargs:\n  lr: 0.01\n  freq: {value}\n")
+    assert err.message.startswith(f"{where}: {reading}"), err.message
+    assert (err.loc.line, err.loc.col) == (4, 9 + value.find("010" if "[" in value else value))
+    assert err.loc.end_col - err.loc.col == (3 if "[" in value else len(value))
+
+
+def test_numbers_yaml_1_1_and_1_2_read_alike_pass_as_do_those_outside_the_optimizer():
+    net = make_net()
+    for value, freq in [("07", 7), ("01", 1), ("'010'", 10), ("0x10", 16), ("1_000", 1000)]:
+        opt = soapdsl.from_config(net, f"recipe: soap\nargs: {{freq: {value}, max_dim: 7}}")
+        assert opt.param_groups[0]["freq"] == freq, value
+    # the rest of a training config is not ours to read
+    text = "data: {shard: 010, time: 1:30}\noptimizer: {recipe: adamw, args: {lr: 0.1}}\n"
+    assert soapdsl.from_config(net, text).param_groups[0]["lr"] == 0.1
+    err = config_error("data: {shard: 010}\noptimizer: {recipe: adamw, args: {lr: 0.1, weight_decay: 00_1_0}}\n")
+    assert err.message.startswith("optimizer.args.weight_decay: 00_1_0 is octal"), err.message
 
 
 def test_duplicates_elsewhere_in_a_training_config_and_merge_keys_are_not_ours():
