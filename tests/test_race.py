@@ -365,3 +365,6 @@ def test_the_device_is_recorded(tmp_path):
     data = json.loads((tmp_path / "race.json").read_text())
     assert data["config"]["device"] == "cpu" and data["config"]["cuda_graphs"] is False
     assert data["task"]["device"] == "cpu" and data["task"]["cuda_graphs"] is False
+    # the thread count used, where the README says to look, and how it was chosen
+    assert data["task"]["threads"] == 1 and data["task"]["threads_choice"] == "given"
+    assert data["config"]["threads"] == 1
