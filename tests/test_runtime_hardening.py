@@ -601,6 +601,73 @@ def test_a_state_entry_that_is_no_dict_is_refused():
         soapdsl.build("adamw", net).load_state_dict(sd)
 
 
+_STEP_TYPES = {
+    "int64": lambda t: t.long(),
+    "float16": lambda t: t.half(),
+    "float64": lambda t: t.double(),
+    "shape [1]": lambda t: t.reshape(1),
+    "int": lambda t: int(t),
+}
+
+
+@pytest.mark.parametrize("recipe", ["adamw", "muon", "soap"])
+@pytest.mark.parametrize("how", ["loaded", "set"])
+@pytest.mark.parametrize("kind", list(_STEP_TYPES))
+def test_a_step_count_of_another_type_is_taken_as_a_float32_count(recipe, how, kind):
+    """torch's optimizers count on whatever 'step' tensor a checkpoint or the user gives them. An
+    int64 one (a conversion script's, or `opt.state[p]["step"] = torch.tensor(n)`) made the next
+    step raise torch's "result type Float can't be cast to ... Long" from inside the step, and a
+    float16 one stopped counting at 2048: each is now read as the 0-d float32 count it spells."""
+    a, b = _net(), _net()
+    grads = _grads(a, 5)
+    opt, other = soapdsl.build(recipe, a), soapdsl.build(recipe, b)
+    _run(a, opt, grads[:3])
+    _run(b, other, grads[:3])
+    convert = _STEP_TYPES[kind]
+    if how == "loaded":
+        sd = copy.deepcopy(other.state_dict())
+        for st in sd["state"].values():
+            st["step"] = convert(st["step"])
+        other = soapdsl.build(recipe, b)
+        other.load_state_dict(sd)
+    else:
+        for st in other.state.values():
+            st["step"] = convert(st["step"].clone())
+    _run(a, opt, grads[3:])
+    _run(b, other, grads[3:])
+    _assert_same(a, b)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        step = other.state[q]["step"]
+        assert step.dtype == torch.float32 and step.shape == () and torch.equal(step, opt.state[p]["step"])
+
+
+def test_a_float16_step_count_goes_on_counting_past_2048():
+    net = torch.nn.Linear(4, 3)
+    opt = soapdsl.build("adamw", net)
+    net(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        st["step"] = torch.tensor(2048.0, dtype=torch.float16)
+    opt.load_state_dict(sd)
+    opt.step()
+    assert [float(st["step"]) for st in opt.state.values()] == [2049.0, 2049.0]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("x", r"is a str, expected a step count"), (torch.tensor(1.5, dtype=torch.float64), r"is 1\.5, expected a whole")],
+)
+def test_a_step_count_set_to_no_count_is_refused_by_name(value, message):
+    net = torch.nn.Linear(4, 3)
+    opt = soapdsl.build("adamw", net)
+    net(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    opt.state[net.weight]["step"] = value
+    with pytest.raises(SoapStateError, match=rf"state 'step' of parameter 'weight' {message}"):
+        opt.step()
+
+
 # -- LR schedulers --------------------------------------------------------------------------------
 
 

@@ -131,7 +131,10 @@ def _number(rp: RoutePlan, key: str, value: Any) -> Any:
 
 
 def _load_step(name: str, value: Any) -> torch.Tensor:
-    """A parameter's saved "step": a whole number >= 0, as a number or a one-element tensor."""
+    """A parameter's saved "step": a whole number >= 0, as a number or a one-element tensor of
+    any dtype and device, as the 0-d float32 CPU tensor every counter is (a step counts a
+    cohort's counters in one float32 slab: an int64 counter could not take the add, and a
+    float16 one stops counting at 2048)."""
     if torch.is_tensor(value) and value.numel() == 1 and not value.is_complex():
         count = float(value.detach().reshape(()))
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -141,7 +144,7 @@ def _load_step(name: str, value: Any) -> torch.Tensor:
         raise SoapStateError(f"state 'step' of parameter '{name}' is {got}, expected a step count")
     if not (count >= 0 and count.is_integer()):
         raise SoapStateError(f"state 'step' of parameter '{name}' is {count}, expected a whole number >= 0")
-    return value.detach().to("cpu", copy=True) if torch.is_tensor(value) else torch.tensor(count)
+    return torch.tensor(count, dtype=torch.float32)
 
 
 _GROUPS_ARE_ROUTES = (
@@ -1029,6 +1032,13 @@ class SoapOptimizer(torch.optim.Optimizer):
         model converted or moved after its first step (``model.double()``, ``model.to(dev)``)
         keeps training with its state, as it would after saving and loading."""
         st = self.state[p]
+        step = st.get("step")
+        if step is not None and not (
+            torch.is_tensor(step) and step.dtype == torch.float32 and step.ndim == 0 and step.is_cpu
+        ):
+            # a count set from outside (`st["step"] = torch.tensor(100)`, an int64 that torch's
+            # optimizers count on) is read as a checkpoint's is
+            st["step"] = _load_step(self._names.get(id(p), "?"), step)
         for key, (shape, dtype) in self._state_specs(rp, p).items():
             t = st.get(key)
             if not torch.is_tensor(t):
