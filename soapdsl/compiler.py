@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.nn.parameter import is_lazy
 
 from soapdsl import ir, registry
 from soapdsl.check import (
@@ -620,6 +621,12 @@ def compile_plan(
     for route in recipe.routes:
         routes.append(_route_plan(len(routes), route, values, args))
     for name, t in named_parameters(params):
+        if is_lazy(t):  # reading its shape raises inside torch
+            raise SoapArgumentError(
+                f"parameter '{name}' is not initialized yet (a lazy module's, such as nn.LazyLinear's), so"
+                " it has no shape to route it by: run a forward pass through the model before building"
+                " the optimizer"
+            )
         if t.dtype not in _PARAM_DTYPES:  # complex: the stages would drop the imaginary part
             raise SoapArgumentError(
                 f"parameter '{name}' is {str(t.dtype).removeprefix('torch.')}; soapdsl optimizes real"

@@ -393,6 +393,22 @@ def test_parameters_on_the_meta_device_are_refused_at_build_and_planned_by_compi
     assert soapdsl.compile(recipe, meta).state_bytes() == soapdsl.compile(recipe, torch.nn.Linear(4, 3)).state_bytes()
 
 
+def test_parameters_of_a_lazy_module_are_refused_by_name_until_materialized():
+    """An nn.LazyLinear's parameters have no shape before the first forward pass: build and
+    compile raised torch's "Can't access the shape of an uninitialized parameter" from inside the
+    compiler. After a forward pass the same model builds."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LazyLinear(2))
+    for make in (soapdsl.build, soapdsl.compile):
+        with pytest.raises(
+            SoapArgumentError,
+            match=r"^error: parameter '1\.weight' is not initialized yet \(a lazy module's, such as"
+            r" nn\.LazyLinear's\), so it has no shape to route it by: run a forward pass",
+        ):
+            make("muon", model)
+    model(torch.randn(2, 4))
+    assert [g["route"] for g in soapdsl.build("muon", model).param_groups] == ["ndim >= 2", "default"]
+
+
 def test_a_checkpoint_with_state_on_the_meta_device_is_refused_by_name():
     """Loading it failed inside torch: "Cannot copy out of meta tensor; no data!"."""
     for key, value in (
