@@ -409,6 +409,13 @@ def test_parameters_of_a_lazy_module_are_refused_by_name_until_materialized():
     assert [g["route"] for g in soapdsl.build("muon", model).param_groups] == ["ndim >= 2", "default"]
 
 
+def test_a_non_leaf_parameter_is_refused_by_name():
+    """torch's own "can't optimize a non-leaf Tensor" came through without saying which one."""
+    w = torch.randn(3, 3, requires_grad=True)
+    with pytest.raises(SoapArgumentError, match=r"^error: parameter 'scaled' is not a leaf tensor \(it was computed"):
+        soapdsl.build("adamw", [("w", w), ("scaled", w * 2)])
+
+
 def test_a_checkpoint_with_state_on_the_meta_device_is_refused_by_name():
     """Loading it failed inside torch: "Cannot copy out of meta tensor; no data!"."""
     for key, value in (

@@ -244,6 +244,12 @@ class SoapOptimizer(torch.optim.Optimizer):
                         " it new parameters, which an optimizer built before would never step);"
                         " soapdsl.compile takes meta tensors, to inspect a plan"
                     )
+                if not t.is_leaf:
+                    raise SoapArgumentError(
+                        f"parameter '{e.name}' is not a leaf tensor (it was computed from other tensors,"
+                        " so backward() never fills its .grad): optimize the tensors it is computed from,"
+                        " or pass t.detach().requires_grad_()"
+                    )
         recipe = f"{plan.recipe.name} {plan.fingerprint}"
         groups = [{"params": list(rp.tensors), **rp.hyper, "route": rp.selector, "recipe": recipe} for rp in routes]
         if not groups:
