@@ -8,7 +8,8 @@ optimizer may change ``opt.state`` as it would a torch optimizer's: reset it
 mapping, and the next step builds its layout again from what the mapping then holds. (A
 mapping assigned whole, ``opt.state = defaultdict(dict)``, is a different object, which the
 optimizer notices by identity.) Changes made in place to a state tensor need nothing: the
-tensors are views of the slabs.
+tensors are views of the slabs. The "step" counters are the exception: the optimizer keeps a
+host copy of each count, so a count changed in place is not seen; assign a new tensor.
 
 Both classes pickle as the plain ``defaultdict(dict)`` and ``dict`` they stand for (the
 optimizer wraps them again when it is unpickled), and ``state_dict()`` holds plain dicts.
