@@ -286,6 +286,40 @@ def test_bad_lr_values_written_at_run_time_are_refused(value, message):
         _run(net, opt, _grads(net, 1))
 
 
+@pytest.mark.parametrize("fault", ["nan_lr", "sparse_grad"])
+def test_a_refused_step_writes_no_parameter_and_a_retry_steps_once(fault):
+    """muon steps its embedding and matrix routes before its vectors' route 'default'. A value or
+    gradient of a later route that the step refuses was found only after the earlier routes had
+    stepped: their parameters and state had moved, and fixing the cause and stepping again
+    stepped them twice with the same gradients."""
+    a, b = _net(), _net()
+    grads = _grads(a, 1)
+    opt, twin = soapdsl.build("muon", a), soapdsl.build("muon", b)
+    assert [g["route"] for g in opt.param_groups][1:] == ["ndim >= 2", "default"]
+    before = [p.detach().clone() for p in a.parameters()]
+    for p, g in zip(a.parameters(), grads[0], strict=True):
+        p.grad = g.clone()
+    last = opt.param_groups[-1]
+    if fault == "nan_lr":
+        lr, last["lr"] = last["lr"], float("nan")
+    else:
+        bias = a.fc2.bias
+        dense, bias.grad = bias.grad, bias.grad.to_sparse()
+    with pytest.raises(SoapArgumentError, match="is nan" if fault == "nan_lr" else "'fc2.bias' has a sparse gradient"):
+        opt.step()
+    for p, q in zip(a.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+    if fault == "nan_lr":
+        last["lr"] = lr
+    else:
+        bias.grad = dense
+    opt.step()
+    _run(b, twin, grads)
+    _assert_same(a, b)
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(opt.state[p].values(), twin.state[q].values(), strict=True))
+
+
 def test_run_time_range_errors_use_the_build_time_words():
     net = _net()
     with pytest.raises(SoapArgumentError, match=r"must be < 1\.0"):

@@ -437,9 +437,15 @@ class SoapOptimizer(torch.optim.Optimizer):
             self._adopt_state()
         if self._split is not None:
             self._split.begin_step(self._split_key(), self.param_groups)
-        for i, (rp, group) in enumerate(zip(self._routes, self.param_groups, strict=True)):
-            values = self._hyperparameters(i, rp, group)
-            for cohort in self._layout(rp, group).cohorts:
+        # every route's values and layout first: a step that a check refuses (a NaN lr, a sparse
+        # gradient, a resized parameter) writes no parameter, so fixing the cause and stepping
+        # again does not step the routes before it twice
+        checked = [
+            (rp, self._hyperparameters(i, rp, group), self._layout(rp, group))
+            for i, (rp, group) in enumerate(zip(self._routes, self.param_groups, strict=True))
+        ]
+        for rp, values, layout in checked:
+            for cohort in layout.cohorts:
                 self._run(rp, values, cohort)
         self._seen.dirty = False  # type: ignore[union-attr]  # the step's own changes are in the layouts
 
