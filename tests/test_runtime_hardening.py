@@ -320,6 +320,25 @@ def test_a_refused_step_writes_no_parameter_and_a_retry_steps_once(fault):
         assert all(torch.equal(x, y) for x, y in zip(opt.state[p].values(), twin.state[q].values(), strict=True))
 
 
+@pytest.mark.parametrize("recipe", ["adamw", "muon"])
+def test_a_gradient_that_turns_sparse_after_the_first_step_is_refused_by_name(recipe):
+    """The sparse check ran only when a route's layout was built: an embedding whose gradient
+    was dense at the first step and sparse at the next (F.embedding(..., sparse=True) from then
+    on, or a gradient set by hand) reached momentum's lerp_ and raised torch's
+    NotImplementedError for the SparseCPU backend."""
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 3))
+    opt = soapdsl.build(recipe, model)
+    model(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    emb = model[0].weight
+    emb.grad = emb.grad.to_sparse()
+    with pytest.raises(SoapArgumentError, match=r"parameter '0\.weight' has a sparse gradient"):
+        opt.step()
+    emb.grad = emb.grad.to_dense()
+    opt.step()
+    assert float(opt.state[emb]["step"]) == 2
+
+
 def test_run_time_range_errors_use_the_build_time_words():
     net = _net()
     with pytest.raises(SoapArgumentError, match=r"must be < 1\.0"):

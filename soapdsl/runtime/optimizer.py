@@ -214,9 +214,12 @@ class _Cohort:
 @dataclass
 class _Layout:
     #: what the layout was built for: the ids of the parameters with a gradient, their shapes,
-    #: dtypes and devices (a parameter resized in place needs another layout, whose check names
-    #: it; one converted or moved needs its state converted or moved along)
-    signature: tuple[tuple[int, ...], tuple[torch.Size, ...], tuple[torch.dtype, ...], tuple[torch.device, ...]]
+    #: dtypes and devices, and their gradients' layouts (a parameter resized in place needs
+    #: another layout, whose check names it; one converted or moved needs its state converted or
+    #: moved along; a gradient turned sparse is refused there by name)
+    signature: tuple[
+        tuple[int, ...], tuple[torch.Size, ...], tuple[torch.dtype, ...], tuple[torch.device, ...], tuple[Any, ...]
+    ]
     cohorts: list[_Cohort]
 
 
@@ -838,6 +841,7 @@ class SoapOptimizer(torch.optim.Optimizer):
             tuple([p.shape for p in active]),
             tuple([p.dtype for p in active]),
             tuple([p.device for p in active]),
+            tuple([p.grad.layout for p in active]),  # type: ignore[union-attr]
         )
         cached = self._layouts.get(rp.index)
         if cached is not None and cached.signature == signature:
