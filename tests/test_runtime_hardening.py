@@ -732,7 +732,14 @@ def test_a_float16_step_count_goes_on_counting_past_2048():
 
 @pytest.mark.parametrize(
     ("value", "message"),
-    [("x", r"is a str, expected a step count"), (torch.tensor(1.5, dtype=torch.float64), r"is 1\.5, expected a whole")],
+    [
+        ("x", r"is a str, expected a step count"),
+        (torch.tensor(1.5, dtype=torch.float64), r"is 1\.5, expected a whole"),
+        # a 0-d float32 CPU tensor, the counter's own type, is no count either when it holds none
+        (torch.tensor(1.5), r"is 1\.5, expected a whole"),
+        (torch.tensor(-2.0), r"is -2\.0, expected a whole"),
+        (torch.tensor(float("nan")), r"is nan, expected a whole"),
+    ],
 )
 def test_a_step_count_set_to_no_count_is_refused_by_name(value, message):
     net = torch.nn.Linear(4, 3)

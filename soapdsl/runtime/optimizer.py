@@ -135,6 +135,11 @@ def _load_step(name: str, value: Any) -> torch.Tensor:
     any dtype and device, as the 0-d float32 CPU tensor every counter is (a step counts a
     cohort's counters in one float32 slab: an int64 counter could not take the add, and a
     float16 one stops counting at 2048)."""
+    return torch.tensor(_step_value(name, value), dtype=torch.float32)
+
+
+def _step_value(name: str, value: Any) -> float:
+    """The whole number >= 0 that a "step" entry holds; anything else is refused by name."""
     if torch.is_tensor(value) and value.numel() == 1 and not value.is_complex():
         count = float(value.detach().reshape(()))
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -144,7 +149,7 @@ def _load_step(name: str, value: Any) -> torch.Tensor:
         raise SoapStateError(f"state 'step' of parameter '{name}' is {got}, expected a step count")
     if not (count >= 0 and count.is_integer()):
         raise SoapStateError(f"state 'step' of parameter '{name}' is {count}, expected a whole number >= 0")
-    return torch.tensor(count, dtype=torch.float32)
+    return count
 
 
 _GROUPS_ARE_ROUTES = (
@@ -472,7 +477,9 @@ class SoapOptimizer(torch.optim.Optimizer):
             st = self.state.get(p)
             if not st or "step" not in st:
                 return -1
-            steps = self._steps[id(p)] = int(st["step"])
+            # read as a checkpoint's is: a counter of the right type set from outside may still
+            # hold no count (torch.tensor(-1.0), nan)
+            steps = self._steps[id(p)] = int(_step_value(self._names.get(id(p), "?"), st["step"]))
         return steps
 
     def _adopt_state(self) -> None:
