@@ -12,6 +12,8 @@
   run in order in a fresh namespace holding ``soapdsl``, ``torch``, ``nn`` and ``model``, an
   ``nn.Linear(4, 3)``; an expression prints its repr, an exception ``module.Class: message``.
   ``$ cat NAME`` lines write their files first, as above.
+* Every ``soapdsl race`` command and race spec (``soap:freq=20``) takes race's options and
+  resolves its recipes; it does not train.
 * Every link from one page to another, or to a heading of the same page, resolves.
 """
 
@@ -272,6 +274,67 @@ def test_python_transcript(where, steps, tmp_path, monkeypatch) -> None:
         if not _shows(shown, got):
             diff = "\n".join(difflib.unified_diff(shown, got, "the docs", "python", lineterm=""))
             pytest.fail(f"{where}: `{cmd[4:]}` prints something else:\n{diff}", pytrace=False)
+
+
+# -- race commands -------------------------------------------------------------------------------
+
+_RACE = re.compile(r"(?:^|[\s/`])soapdsl race ([^`\n]+)|`([A-Za-z_]\w*:[A-Za-z_]\w*=[^`\s]*)`")
+
+
+def _race_commands() -> list[tuple[str, dict[str, str], str]]:
+    """(id, files, arguments) of every ``soapdsl race`` command the docs show, in a code block or
+    in inline code, and of every race spec in inline code (``soap:freq=20``); a synopsis or an
+    elided one (``RECIPE...``, ``race ...``) is no command, and errors.md's are examples of what
+    is refused."""
+    out = []
+    for path in _doc_files():
+        if path.name == "errors.md":
+            continue
+        text = path.read_text(encoding="utf-8")
+        named = {hit.group(1): m.group(1) for m in _BLOCK.finditer(text) if (hit := _NAMED.match(m.group(1)))}
+        for m in _RACE.finditer(text):
+            args = (m.group(1) or m.group(2)).strip()
+            if "..." in args:
+                continue
+            at = m.start(1) if m.group(1) is not None else m.start(2)
+            where = f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, at) + 1}"
+            out.append((where, named, args))
+    return out
+
+
+RACE_COMMANDS = _race_commands()
+
+
+def test_docs_have_race_commands() -> None:
+    assert len(RACE_COMMANDS) >= 5
+
+
+@pytest.mark.parametrize(("where", "files", "args"), RACE_COMMANDS, ids=[i for i, _, _ in RACE_COMMANDS])
+def test_race_command(where, files, args, tmp_path, monkeypatch) -> None:
+    """Every race the docs show takes its options and resolves each of its recipes (it does not
+    train: that takes minutes). It runs in an empty folder holding the page's named ```soap
+    files, with docs/ reachable as from the repository root."""
+    from soapdsl.cli import make_parser
+    from soapdsl.race.spec import parse_specs
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").symlink_to(DOCS)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    try:
+        ns = make_parser().parse_args(["race", *shlex.split(args)])
+    except SystemExit:
+        ns = None
+    if ns is None:
+        pytest.fail(f"{where}: `soapdsl race {args}` is refused by race's options", pytrace=False)
+    problem = None
+    try:
+        for spec in parse_specs(ns.recipes):
+            spec.resolve()
+    except soapdsl.SoapError as e:
+        problem = str(e)
+    if problem is not None:
+        pytest.fail(f"{where}: `soapdsl race {args}` names a recipe that does not resolve:\n{problem}", pytrace=False)
 
 
 # -- links ---------------------------------------------------------------------------------------
