@@ -12,6 +12,7 @@
   run in order in a fresh namespace holding ``soapdsl``, ``torch``, ``nn`` and ``model``, an
   ``nn.Linear(4, 3)``; an expression prints its repr, an exception ``module.Class: message``.
   ``$ cat NAME`` lines write their files first, as above.
+* how-it-works.md's parse tree, AST, IR and state dict entry of `tiny` are what those stages give.
 * Every ``soapdsl race`` command and race spec (``soap:freq=20``) takes race's options and
   resolves its recipes; it does not train.
 * Every link from one page to another, or to a heading of the same page, resolves.
@@ -274,6 +275,37 @@ def test_python_transcript(where, steps, tmp_path, monkeypatch) -> None:
         if not _shows(shown, got):
             diff = "\n".join(difflib.unified_diff(shown, got, "the docs", "python", lineterm=""))
             pytest.fail(f"{where}: `{cmd[4:]}` prints something else:\n{diff}", pytrace=False)
+
+
+# -- how-it-works.md's stages of `tiny` ----------------------------------------------------------
+
+
+def test_how_it_works_shows_what_each_stage_makes_of_tiny() -> None:
+    """The parse tree, the AST, the checked IR and the state dict entry that how-it-works.md
+    prints for its recipe `tiny` are what those stages give (the AST and IR up to the line
+    breaks the page adds)."""
+    import json
+
+    from soapdsl.syntax.parser import _parser
+
+    text = (DOCS / "how-it-works.md").read_text(encoding="utf-8")
+    (tiny,) = [b for b in (m.group(1) for m in _BLOCK.finditer(text)) if b.startswith("recipe tiny(")]
+    shown = {}
+    for m in _FENCE.finditer(text):
+        body = m.group(2).rstrip("\n")
+        for start in ("start\n", "Module(", "Recipe(name='tiny'", '{"soapdsl":'):
+            if m.group(1) == "text" and body.startswith(start):
+                shown[start] = body
+    assert len(shown) == 4, f"how-it-works.md no longer shows all four: {sorted(shown)}"
+
+    def squeezed(s: str) -> str:
+        return re.sub(r"\s+", "", s)
+
+    assert shown["start\n"] == _parser().parse(tiny).pretty().rstrip("\n")
+    assert squeezed(shown["Module("]) == squeezed(repr(soapdsl.parse(tiny)))
+    assert squeezed(shown["Recipe(name='tiny'"]) == squeezed(repr(library.resolve(tiny)))
+    opt = soapdsl.build(tiny, nn.Linear(3, 4))
+    assert json.loads(shown['{"soapdsl":']) == {"soapdsl": opt.state_dict()["soapdsl"]}
 
 
 # -- race commands -------------------------------------------------------------------------------
