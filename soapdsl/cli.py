@@ -224,7 +224,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="shipped name, .soap path or inline pipeline, with optional overrides NAME:KEY=VALUE[,KEY=VALUE...]"
         " (e.g. soap:freq=20,lr=0.01)",
     )
-    r.add_argument("--task", default="charlm", help="what to train (charlm: a char transformer on the KJV Bible)")
+    r.add_argument(
+        "--task", default="charlm", help="what to train (default %(default)s: a char transformer on the KJV Bible)"
+    )
     r.add_argument("--steps", type=int, default=race.DEFAULT_STEPS, help="training steps per run (default %(default)s)")
     r.add_argument("--batch", type=int, default=race.DEFAULT_BATCH, help="sequences per step (default %(default)s)")
     r.add_argument(

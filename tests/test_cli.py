@@ -180,6 +180,26 @@ def test_list_shows_every_op_and_recipe(capsys):
         assert f"  {name}(lr=" in out
 
 
+def test_every_option_says_its_default():
+    """The README says `soapdsl COMMAND --help` lists every option with its default: an option
+    that has one (not off, not absent) says it in its help; race's --task did not."""
+    import argparse
+
+    from soapdsl.cli import make_parser
+
+    (sub,) = [a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    silent = [
+        f"{command} {action.option_strings[0]}"
+        for command, parser in sub.choices.items()
+        for action in parser._actions
+        if action.option_strings
+        and action.help not in (None, argparse.SUPPRESS)
+        and action.default not in (None, False, argparse.SUPPRESS)
+        and "default" not in action.help
+    ]
+    assert not silent, f"options whose help does not give their default: {silent}"
+
+
 def test_fmt_prints_canonical_form(tmp_path, capsys):
     f = tmp_path / "x.soap"
     f.write_text("recipe   x( lr = 1e-3 )=momentum( 0.9 )|>sign\n")
