@@ -1,9 +1,10 @@
-"""The soapdsl command line: compile, check, list, fmt.
+"""The soapdsl command line: compile, check, list, fmt, race.
 
 soapdsl compile soap --set freq=40 --shapes "w=1024x256,b=256" --format json
 soapdsl check my_recipe.soap other.soap
 soapdsl list
 soapdsl fmt my_recipe.soap
+soapdsl race adamw soap:freq=20 --steps 100
 """
 
 from __future__ import annotations
