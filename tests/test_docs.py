@@ -4,6 +4,7 @@
 * Every ```soap block in docs/*.md and README.md parses; a block whose first line is not
   ``# parse-only`` must also pass the checker (recipes and macros through
   ``library.check_module``, a bare pipeline through ``library.resolve``).
+* Each file in docs/examples is the ```soap block that names it in its first line.
 * Every ``$ soapdsl check`` and ``$ soapdsl compile`` transcript prints what the docs show. It
   runs in an empty folder holding the files the transcript shows with ``$ cat NAME`` and those
   that an earlier ```soap block of the same page names in its first line (``# NAME.soap: ...``).
@@ -112,6 +113,23 @@ def test_soap_block(where: str, text: str) -> None:
             f" operators that do not exist yet):\n{e}",
             pytrace=False,
         )
+
+
+def test_example_files_are_the_blocks_that_show_them() -> None:
+    """tutorial.md says docs/examples/cautious_soap.soap is the file its block saves: each example
+    file is, byte for byte, the ```soap block that names it in its first line."""
+    shown = {}
+    for path in _doc_files():
+        for m in _BLOCK.finditer(path.read_text(encoding="utf-8")):
+            hit = _NAMED.match(m.group(1))
+            if hit:
+                shown[hit.group(1)] = m.group(1)
+    examples = sorted((DOCS / "examples").glob("*.soap"))
+    assert examples
+    for f in examples:
+        if f.name in shown:
+            assert f.read_text(encoding="utf-8") == shown[f.name], f"{f.relative_to(ROOT)} differs from the docs' block"
+    assert any(f.name in shown for f in examples)
 
 
 # -- transcripts -------------------------------------------------------------------------------
