@@ -112,7 +112,7 @@ def _pick(
         # a bare pipeline normally starts a line; one that starts mid-line is a missing '|>'
         # (`recipe r(lr=1) = sign sign` reads as the recipe `sign`, then the pipeline `sign`)
         notes = () if loc is None or loc.col == 1 else (MISSING_PIPE,)
-        raise SoapError("a source that defines recipes cannot also end in a bare pipeline", loc, notes=notes)
+        raise SoapSyntaxError("a source that defines recipes cannot also end in a bare pipeline", loc, notes=notes)
     if not recipes:
         raise SoapNameError(f"{module.file} defines no recipe and no pipeline")
     if len(recipes) == 1:

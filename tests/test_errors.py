@@ -804,8 +804,8 @@ MISSING_PIPE = "two stages in a row need '|>' between them"
         ("sign sign", SoapSyntaxError, "1:6"),
         ("momentum(0.9) adam |> lr", SoapSyntaxError, "1:15"),
         ("rotate(left) { sign sign } |> lr", SoapSyntaxError, "1:21"),
-        ("recipe r(lr=1) = sign sign", SoapError, "1:23"),
-        ("recipe r(lr=1e-3):\n  route default: momentum(0.9) rms_normalize(0.99, 1e-8)\n", SoapError, "2:32"),
+        ("recipe r(lr=1) = sign sign", SoapSyntaxError, "1:23"),
+        ("recipe r(lr=1e-3):\n  route default: momentum(0.9) rms_normalize(0.99, 1e-8)\n", SoapSyntaxError, "2:32"),
     ],
 )
 def test_a_missing_pipe_between_two_stages_is_named(source, cls, where):
@@ -822,7 +822,7 @@ def test_a_missing_pipe_between_two_stages_is_named(source, cls, where):
     ["recipe r(lr=1):\n  route matrix foo: sign\n", "recipe r(lr=1) foo", "recipe r(lr=1e-3) = sign\nmomentum |> lr\n"],
 )
 def test_no_missing_pipe_note_where_a_pipe_would_not_help(source):
-    with pytest.raises(SoapError) as info:
+    with pytest.raises(SoapSyntaxError) as info:
         library.resolve(source)
     assert MISSING_PIPE not in str(info.value)
 
