@@ -158,6 +158,10 @@ def test_progress_redraws_on_a_tty():
         ),
         ("soap:", "nothing after ':'"),
         ("soap:freq=1,freq=2", "freq is set twice"),
+        (
+            "soap_soap:permute1=all:permute2=all",
+            "overrides are separated by ',', not ':' (write soap_soap:permute1=all,permute2=all)",
+        ),
         ("soap:freq=(", "error"),
     ],
 )
@@ -242,6 +246,21 @@ def test_parse_spec_overrides():
 def test_parse_spec_errors(spec):
     with pytest.raises(SoapArgumentError):
         parse_spec(spec)
+
+
+def test_overrides_separated_by_colons_are_named():
+    """'soap_soap:permute1=all:permute2=all' read permute1's value as 'all:permute2=all', and
+    the error was the parser's 'unexpected ':'; expected ..., ')', ...' about the ':'."""
+    with pytest.raises(SoapArgumentError) as info:
+        parse_spec("soap:freq=20:lr=0.01,betas=(0.9, 0.95)")
+    assert info.value.message == (
+        "recipe spec 'soap:freq=20:lr=0.01,betas=(0.9, 0.95)': overrides are separated by ',', not ':'"
+        " (write soap:freq=20,lr=0.01,betas=(0.9, 0.95))"
+    )
+    with pytest.raises(SoapArgumentError) as info:  # a ':' in a quoted value: no rewrite offered
+        parse_spec("x:a='p:q':b=1")
+    assert info.value.message == "recipe spec 'x:a='p:q':b=1': overrides are separated by ',', not ':'"
+    assert parse_spec("x:a='p:q'").overrides == {"a": "p:q"}
 
 
 def test_a_bad_override_value_points_into_the_spec():

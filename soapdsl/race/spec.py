@@ -106,6 +106,14 @@ def parse_overrides(text: str, where: str) -> dict[str, Any]:
                 f"recipe spec '{where}': expected KEY=VALUE, got {item.strip()!r}"
                 " (the syntax is NAME[:KEY=VALUE[,KEY=VALUE...]], e.g. soap:freq=20,lr=0.01)" + hint
             )
+        parts = _split_top(value, ":")
+        if len(parts) > 1 and all(_KEY_EQ.match(part) for part in parts[1:]):
+            # 'soap_soap:permute1=all:permute2=all': the value would read as 'all:permute2=all'
+            fixed = text.replace(":", ",") if len(_single_colons(text)) == len(parts) - 1 else None
+            raise SoapArgumentError(
+                f"recipe spec '{where}': overrides are separated by ',', not ':'"
+                + (f" (write {where[: len(where) - len(text)]}{fixed})" if fixed else "")
+            )
         previous = (key, value.strip())
         if key in out:
             raise SoapArgumentError(f"recipe spec '{where}': {key} is set twice")
