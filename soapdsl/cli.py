@@ -306,6 +306,15 @@ def _show_soap_warnings(previous: Any) -> Any:
     return show
 
 
+def interrupted() -> None:
+    """Say that Ctrl-C stopped the command (a race, mostly): one line, no traceback from inside
+    torch. On a terminal the line starts below the progress bar that ^C interrupted."""
+    try:
+        print("\ninterrupted" if sys.stderr.isatty() else "interrupted", file=sys.stderr)
+    except (OSError, ValueError):  # stderr is gone
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = make_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
@@ -322,6 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # traceback; stdout goes to devnull, or the interpreter's last flush would raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        interrupted()
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -270,3 +270,26 @@ def test_a_yaml_config_given_as_a_recipe_says_so(tmp_path, capsys, monkeypatch, 
         "  note: 'train.yaml' looks like a YAML config, not a recipe file: soapdsl.from_config(model,"
         " 'train.yaml') reads a config; its 'recipe' key names the recipe\n"
     )
+
+
+def test_ctrl_c_during_a_race_ends_with_one_line_and_status_130(tmp_path):
+    """Ctrl-C in a race printed a KeyboardInterrupt traceback from inside torch's backward."""
+    import signal
+
+    argv = ["race", "adamw", "--steps", "100000", "--batch", "2", "--context", "16", "--d-model", "16"]
+    argv += ["--layers", "1", "--heads", "2", "--threads", "1", "--out", str(tmp_path)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "soapdsl", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    try:
+        started = [proc.stderr.readline()]
+        while started[-1] and not started[-1].startswith("adamw: 1/100000"):  # training has begun
+            started.append(proc.stderr.readline())
+        assert started[-1], started
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, out, err) == (130, "", "interrupted\n")
+    assert not (tmp_path / "race.json").exists()
