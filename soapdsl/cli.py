@@ -15,7 +15,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -176,8 +176,20 @@ def cmd_race(ns: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a bad command line is one ``error:`` line with a note on where the
+    options are listed, and status 1, as every other bad input is (not usage text and status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise bad_command_line(self.prog, message)
+
+
+def bad_command_line(prog: str, message: str) -> SoapArgumentError:
+    return SoapArgumentError(message, notes=(f"see '{prog} --help'",))
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="soapdsl", description="Compose PyTorch optimizers from recipes.")
+    p = _Parser(prog="soapdsl", description="Compose PyTorch optimizers from recipes.")
     p.add_argument("--version", action="version", version=f"soapdsl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -316,8 +328,10 @@ def interrupted() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = make_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     try:
+        ns, extra = make_parser().parse_known_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
+        if extra:  # said by the command's parser, whose --help lists the options that exist
+            raise bad_command_line(f"soapdsl {ns.command}", f"unrecognized arguments: {' '.join(extra)}")
         with warnings.catch_warnings():
             warnings.showwarning = _show_soap_warnings(warnings.showwarning)
             code = int(ns.func(ns))

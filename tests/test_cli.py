@@ -293,3 +293,30 @@ def test_ctrl_c_during_a_race_ends_with_one_line_and_status_130(tmp_path):
         proc.kill()
     assert (proc.returncode, out, err) == (130, "", "interrupted\n")
     assert not (tmp_path / "race.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message", "command"),
+    [
+        (["race", "adamw", "--steps", "abc"], "argument --steps: invalid int value: 'abc'", "soapdsl race"),
+        (["race", "adamw", "--steps"], "argument --steps: expected one argument", "soapdsl race"),
+        (["compile", "adamw", "--bogus"], "unrecognized arguments: --bogus", "soapdsl compile"),
+        (["list", "extra"], "unrecognized arguments: extra", "soapdsl list"),
+        (["compile"], "the following arguments are required: RECIPE", "soapdsl compile"),
+        (
+            ["compile", "adamw", "--format", "yaml"],
+            "argument --format: invalid choice: 'yaml' (choose from 'text', 'json')",
+            "soapdsl compile",
+        ),
+        (["lsit"], "argument command: invalid choice: 'lsit' (choose from 'compile',", "soapdsl"),
+        ([], "the following arguments are required: command", "soapdsl"),
+    ],
+)
+def test_a_bad_command_line_is_one_error_with_status_1(capsys, argv, message, command):
+    """argparse printed its usage text and exited with status 2, where every other bad option
+    (--steps -1, --set lr, --shapes w=4by3) is one `error:` line and status 1, as docs/errors.md says."""
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (1, "")
+    first, note = err.splitlines()
+    assert first.startswith(f"error: {message}"), err
+    assert note == f"  note: see '{command} --help'"
