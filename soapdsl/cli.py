@@ -189,11 +189,13 @@ def bad_command_line(prog: str, message: str) -> SoapArgumentError:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="soapdsl", description="Compose PyTorch optimizers from recipes.")
+    # allow_abbrev=False everywhere: --thr for --threads would break, or change meaning, in a
+    # script the day an option starting --thr is added
+    p = _Parser(prog="soapdsl", description="Compose PyTorch optimizers from recipes.", allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"soapdsl {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    c = sub.add_parser("compile", help="show what a recipe becomes: pipelines, routing, state")
+    c = sub.add_parser("compile", allow_abbrev=False, help="show what a recipe becomes: pipelines, routing, state")
     c.add_argument(
         "recipe",
         metavar="RECIPE",
@@ -208,14 +210,14 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=("text", "json"), default="text", help="output format (default text)")
     c.set_defaults(func=cmd_compile)
 
-    k = sub.add_parser("check", help="check .soap files; errors on stderr, exit 1 if any is bad")
+    k = sub.add_parser("check", allow_abbrev=False, help="check .soap files; errors on stderr, exit 1 if any is bad")
     k.add_argument("files", nargs="+", metavar="FILE", help=".soap files to check")
     k.set_defaults(func=cmd_check)
 
-    s = sub.add_parser("list", help="operators and shipped recipes")
+    s = sub.add_parser("list", allow_abbrev=False, help="operators and shipped recipes")
     s.set_defaults(func=cmd_list)
 
-    f = sub.add_parser("fmt", help="print .soap files in canonical form")
+    f = sub.add_parser("fmt", allow_abbrev=False, help="print .soap files in canonical form")
     f.add_argument(
         "files", nargs="+", metavar="FILE", help=".soap files (printed to stdout; the files are left as they are)"
     )
@@ -225,6 +227,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser(
         "race",
+        allow_abbrev=False,
         help="train a small model with each recipe; print a table, write a loss plot and JSON",
         description="Train a small character-level transformer on the bundled King James Bible with each"
         " recipe, from the same initialisation and on the same batches, then print a table and write"

@@ -320,3 +320,20 @@ def test_a_bad_command_line_is_one_error_with_status_1(capsys, argv, message, co
     first, note = err.splitlines()
     assert first.startswith(f"error: {message}"), err
     assert note == f"  note: see '{command} --help'"
+
+
+@pytest.mark.parametrize(
+    ("argv", "unknown"),
+    [
+        (["compile", "adamw", "--form", "json"], "--form json"),
+        (["compile", "adamw", "--sha=w=4x3"], "--sha=w=4x3"),
+        (["race", "adamw", "--steps", "0", "--thr", "2"], "--thr 2"),  # (--steps 0: never a race)
+        (["race", "adamw", "--no", "--steps", "0"], "--no"),  # was the hidden --no-plot
+    ],
+)
+def test_an_abbreviated_option_is_refused(capsys, argv, unknown):
+    """argparse took any unique prefix of a long option (--thr for --threads, --no for the hidden
+    --no-plot): a script that used one broke, or changed meaning, when an option was added."""
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: unrecognized arguments: {unknown}\n"), err
