@@ -249,21 +249,15 @@ def make_parser() -> argparse.ArgumentParser:
         "--lr-grid",
         metavar="M1,M2,...",
         help="learning-rate multipliers (e.g. 0.5,1,2): each recipe runs once per multiplier, every"
-        " lr parameter (lr, *_lr) scaled, and keeps its best final validation loss",
+        " lr parameter (lr, *_lr) scaled, and keeps its best final validation loss (default: one run"
+        " at each recipe's own lr)",
     )
     r.add_argument("--seed", type=int, default=0, help="initialisation and data order (default %(default)s)")
     r.add_argument(
         "--out", default="race_out", metavar="DIR", help="where to write losses.png and race.json (default %(default)s)"
     )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
-    r.add_argument("--no-plot", action="store_true", help=argparse.SUPPRESS)
-    # model and evaluation size (for tests and quick experiments)
-    r.add_argument("--context", type=int, default=race.DEFAULT_CONTEXT, help=argparse.SUPPRESS)
-    r.add_argument("--d-model", type=int, default=race.DEFAULT_D_MODEL, help=argparse.SUPPRESS)
-    r.add_argument("--layers", type=int, default=race.DEFAULT_LAYERS, help=argparse.SUPPRESS)
-    r.add_argument("--heads", type=int, default=race.DEFAULT_HEADS, help=argparse.SUPPRESS)
-    r.add_argument("--eval-every", type=int, default=0, help=argparse.SUPPRESS)
-    r.add_argument("--eval-batches", type=int, default=race.DEFAULT_EVAL_BATCHES, help=argparse.SUPPRESS)
+    r.add_argument("--no-plot", action="store_true", help="write race.json only, no losses.png")
     r.add_argument(
         "--threads",
         type=int,
@@ -276,6 +270,42 @@ def make_parser() -> argparse.ArgumentParser:
         "--cuda-graphs",
         action="store_true",
         help="build every optimizer with cuda_graphs=True (Newton-Schulz replayed from CUDA graphs; same numbers)",
+    )
+    # model and evaluation size (docs/recipes.md's GPU race is 7.5x the default model)
+    m = r.add_argument_group("model and evaluation")
+    m.add_argument(
+        "--context",
+        type=int,
+        default=race.DEFAULT_CONTEXT,
+        metavar="T",
+        help="characters per sequence (default %(default)s)",
+    )
+    m.add_argument(
+        "--d-model", type=int, default=race.DEFAULT_D_MODEL, metavar="D", help="transformer width (default %(default)s)"
+    )
+    m.add_argument(
+        "--layers", type=int, default=race.DEFAULT_LAYERS, metavar="L", help="transformer blocks (default %(default)s)"
+    )
+    m.add_argument(
+        "--heads",
+        type=int,
+        default=race.DEFAULT_HEADS,
+        metavar="H",
+        help="attention heads, a divisor of --d-model (default %(default)s)",
+    )
+    m.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="validation loss every N steps; 0 (the default) is every steps // 10, and at the end",
+    )
+    m.add_argument(
+        "--eval-batches",
+        type=int,
+        default=race.DEFAULT_EVAL_BATCHES,
+        metavar="N",
+        help="held-out sequences for validation, in batches of --batch (default %(default)s)",
     )
     r.set_defaults(func=cmd_race)
     return p

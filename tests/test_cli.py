@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -337,3 +338,39 @@ def test_an_abbreviated_option_is_refused(capsys, argv, unknown):
     code, out, err = run(capsys, *argv)
     assert (code, out) == (1, "")
     assert err.startswith(f"error: unrecognized arguments: {unknown}\n"), err
+
+
+def _options_the_docs_use() -> set[tuple[str, str]]:
+    """(command, --option) of every soapdsl command line written in README.md and docs/*.md."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    used = set()
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for m in re.finditer(r"soapdsl (race|compile|check|fmt|list)\b([^`\n]*)", path.read_text(encoding="utf-8")):
+            used.update((m[1], opt) for opt in re.findall(r"(?<![\w-])--[a-z][a-z-]*", m[2]))
+    return used
+
+
+def test_every_option_the_docs_use_is_in_its_commands_help():
+    """docs/recipes.md's GPU race passes --d-model, --layers and --heads, which race --help hid
+    (README: `soapdsl COMMAND --help` lists every option)."""
+    from soapdsl.cli import make_parser
+
+    used = _options_the_docs_use()
+    assert ("race", "--d-model") in used and ("compile", "--shapes") in used
+    commands = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for command, option in sorted(used):
+        assert option in commands[command]._option_string_actions, f"the docs use {command} {option}"
+        assert option in commands[command].format_help(), f"{command} --help does not list {option}"
+
+
+def test_help_lists_every_option():
+    from soapdsl.cli import make_parser
+
+    commands = next(a for a in make_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, parser in commands.items():
+        shown = parser.format_help()
+        for action in parser._actions:
+            for option in action.option_strings:
+                assert option in shown, f"soapdsl {name} --help does not list {option}"
