@@ -361,6 +361,27 @@ def test_errors_are_soap_errors():
 @pytest.mark.parametrize(
     ("option", "message"),
     [
+        (["--steps", str(10**20)], "race steps is 100000000000000000000, more than a tensor can count (2**63)"),
+        (["--context", str(10**9)], "race context 1000000000 is longer than the data"),
+        (
+            ["--steps", str(10**15)],  # 32 PB of batch positions: past any machine's address space
+            "the race does not fit in memory: torch could not allocate 29,802,322.4 GiB on cpu",
+        ),
+        (["--steps", str(2**62)], "the race does not fit in memory: torch could not allocate more than 2**63 bytes"),
+    ],
+)
+def test_cli_sizes_past_memory_are_one_error(tmp_path, capsys, option, message):
+    """--steps 1e15 printed torch's allocator traceback; 1e20 a TypeError from torch.randint;
+    --context 1e9 failed allocating the model before the check that it fits the data."""
+    assert main(["race", "adamw", "--out", str(tmp_path / "o"), *TINY_CLI, *option]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}"), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
         (["--device", "tpu"], "race device must be cpu, cuda or cuda:N, got 'tpu'"),
         (["--device", "cuda:x"], "race device must be cpu, cuda or cuda:N, got 'cuda:x'"),
         (["--cuda-graphs"], "race cuda_graphs needs a CUDA device (--device cuda)"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -70,6 +71,8 @@ class RaceConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise SoapArgumentError(f"race {name} must be a positive integer, got {v!r}")
+            if v >= 2**63:  # torch.randint((steps, batch)) raised a TypeError from C++
+                raise SoapArgumentError(f"race {name} is {v}, more than a tensor can count (2**63)")
         for name, zero in (("eval_every", "every steps // 10"), ("threads", f"torch's default, at most {MAX_THREADS}")):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -263,6 +266,10 @@ class _Task:
         self.cfg = cfg
         self.device = torch.device(cfg.device)
         self.corpus: Corpus = load_charlm()
+        T = cfg.context
+        train, valid = self.corpus.train, self.corpus.valid
+        if len(train) <= T + 1 or len(valid) <= T + 1:  # before the model's position table is allocated
+            raise SoapArgumentError(f"race context {T} is longer than the data")
         self.model_cfg = ModelConfig(
             vocab=len(self.corpus.vocab),
             context=cfg.context,
@@ -276,10 +283,6 @@ class _Task:
         self.init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.n_params = sum(p.numel() for p in model.parameters())
         self.param_shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
-        T = cfg.context
-        train, valid = self.corpus.train, self.corpus.valid
-        if len(train) <= T + 1 or len(valid) <= T + 1:  # pragma: no cover
-            raise SoapArgumentError(f"race context {T} is longer than the data")
         # the batches of every step, drawn once: each run sees the same data in the same order
         self.starts = torch.randint(0, len(train) - T - 1, (cfg.steps, cfg.batch), generator=g)
         # a fixed set of held-out sequences
@@ -418,6 +421,25 @@ def _rank(run: RunResult) -> float:
     return v if math.isfinite(v) else math.inf
 
 
+def _does_not_fit(cfg: RaceConfig, e: BaseException) -> SoapArgumentError | None:
+    """The error to raise for an allocation that failed (torch's CPU allocator, CUDA out of
+    memory, Python's MemoryError), or None for any other error."""
+    text = str(e)
+    overflow = "size calculation overflowed" in text  # past 2**63 bytes
+    if not (isinstance(e, MemoryError | torch.OutOfMemoryError) or "can't allocate memory" in text or overflow):
+        return None
+    m = re.search(r"(?i)tried to allocate (?:(\d+) bytes|([\d.]+ \w+))", text)
+    size = "more than 2**63 bytes" if overflow else "memory" if m is None else m[2] or f"{int(m[1]) / 2**30:,.1f} GiB"
+    return SoapArgumentError(
+        f"the race does not fit in memory: torch could not allocate {size} on {cfg.device}",
+        notes=(
+            "what a race holds grows with steps x batch (every batch is drawn before training), batch x"
+            " context, eval_batches, d_model and n_layers (--steps, --batch, --context, --eval-batches,"
+            " --d-model, --layers)",
+        ),
+    )
+
+
 def run_race(
     recipes: Sequence[str | RecipeSpec],
     task: str = "charlm",
@@ -509,6 +531,11 @@ def run_race(
                 flush=True,
             )
         runs = [_train(state, job, grid, progress, stream) for job in jobs]
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        error = _does_not_fit(cfg, e)
+        if error is None:
+            raise
+        raise error from None
     finally:
         torch.set_num_threads(old_threads)
 
