@@ -374,3 +374,31 @@ def test_help_lists_every_option():
         for action in parser._actions:
             for option in action.option_strings:
                 assert option in shown, f"soapdsl {name} --help does not list {option}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "where", "byte", "shown", "caret"),
+    [
+        (b"recipe r(lr=1) = sign |> lr # caf\xe9\n", "1:34", "0xe9", "recipe r(lr=1) = sign |> lr # caf\ufffd", 33),
+        (  # after a BOM, a CRLF, a tab and a wide character: columns count characters, as the parser's
+            "\ufeff# \u4e2d\r\nrecipe r(lr=1) =\tsign |> lr # \u4e2d".encode() + b"\x96\r\n",
+            "2:32",
+            "0x96",
+            "recipe r(lr=1) = sign |> lr # \u4e2d\ufffd",
+            32,  # the wide character takes two columns
+        ),
+    ],
+)
+def test_a_file_that_is_not_utf8_points_at_its_first_bad_byte(tmp_path, capsys, raw, where, byte, shown, caret):
+    """A Latin-1 or Windows-1252 byte in a comment gave 'is not UTF-8 text' and no location."""
+    path = tmp_path / "bad.soap"
+    path.write_bytes(raw)
+    for cmd in ("check", "fmt", "compile"):
+        code, out, err = run(capsys, cmd, str(path))
+        assert (code, out) == (1, "")
+        assert err.splitlines() == [
+            f"{path}:{where}: syntax error: recipe file '{path}' is not UTF-8 text",
+            f"{where.split(':')[0]:>5} | {shown}",
+            "      | " + " " * caret + "^",
+            f"  note: byte {byte} here is not UTF-8: save the file as UTF-8",
+        ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast as pyast
+import codecs
 import difflib
 import re
 import sys
@@ -14,7 +15,7 @@ import lark
 from lark import Lark, Token, v_args
 from lark.visitors import Transformer_NonRecursive
 
-from soapdsl.errors import SOURCES, Loc, SoapNameError, SoapSyntaxError
+from soapdsl.errors import SOURCES, Loc, SoapError, SoapNameError, SoapSyntaxError
 from soapdsl.resources import grammar_path
 from soapdsl.syntax import ast as A
 
@@ -285,6 +286,29 @@ def _end_position(text: str) -> tuple[int, int]:
     return len(lines), len(lines[-1]) + 1
 
 
+def decode_source(raw: bytes, file: str, what: str, error: type[SoapError] = SoapSyntaxError) -> str:
+    """The text of a file's bytes ``raw`` as Python reads a text file: UTF-8, a byte-order mark
+    skipped, every line end (\\r\\n, \\r) a \\n. A byte that is not UTF-8 (Latin-1 text, say)
+    raises ``error`` saying "``what`` is not UTF-8 text", at its line and column in ``file``."""
+    text = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8", errors="surrogateescape")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    bad = _UNDECODED.search(text)
+    if bad is None:
+        return text
+    i = bad.start()
+    line, col = text.count("\n", 0, i) + 1, i - text.rfind("\n", 0, i)
+    shown = _UNDECODED.sub("\ufffd", text)  # what an editor shows for a byte it cannot read
+    raise error(
+        f"{what} is not UTF-8 text",
+        Loc(file, line, col, line, col + 1, shown),
+        notes=(f"byte 0x{ord(bad.group()) - 0xDC00:02x} here is not UTF-8: save the file as UTF-8",),
+    )
+
+
+#: what bytes that are not UTF-8 decode to with errors="surrogateescape"
+_UNDECODED = re.compile("[\udc80-\udcff]")
+
+
 def parse_file(path: str | Path, display: str | None = None) -> A.Module:
     """Parse a ``.soap`` file; errors point at ``display`` (default: the path as given).
 
@@ -295,13 +319,11 @@ def parse_file(path: str | Path, display: str | None = None) -> A.Module:
     if p.is_dir():
         raise SoapNameError(f"{str(p)!r} is a directory, not a recipe file")
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        raw = p.read_bytes()
     except OSError as e:
         raise SoapNameError(f"cannot read recipe file {str(p)!r}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise SoapSyntaxError(f"recipe file {str(p)!r} is not UTF-8 text") from None
     try:
-        return parse(text, display or str(p))
+        return parse(decode_source(raw, display or str(p), f"recipe file {str(p)!r}"), display or str(p))
     except SoapSyntaxError as e:
         if p.suffix.lower() in (".yaml", ".yml"):
             # `soapdsl check train.yaml`, build("train.yaml", ...): a config where a recipe belongs
