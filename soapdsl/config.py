@@ -47,7 +47,7 @@ from soapdsl.errors import (
 from soapdsl.ir import Ref
 from soapdsl.runtime.optimizer import SoapOptimizer
 from soapdsl.syntax import ast as A
-from soapdsl.syntax.parser import int_digit_limit, parse, too_long
+from soapdsl.syntax.parser import decode_source, int_digit_limit, parse, too_long
 from soapdsl.syntax.printer import format_selector
 
 Scalar = bool | int | float | str
@@ -180,11 +180,8 @@ def _read(path: Path) -> str:
         raw = path.read_bytes()
     except OSError as e:
         raise SoapConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
-    try:
-        # utf-8-sig: a byte-order mark, which some Windows editors write, is not part of the YAML
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise SoapConfigError(f"cannot read config file {str(path)!r}: not UTF-8") from None
+    # a byte-order mark, which some Windows editors write, is not part of the YAML
+    return decode_source(raw, str(path), f"config file {str(path)!r}", SoapConfigError)
 
 
 def _is_path(cfg: Any) -> bool:

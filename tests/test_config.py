@@ -111,7 +111,21 @@ def config_error(cfg, cls=SoapConfigError) -> SoapError:
 def test_a_config_file_that_is_not_utf8(tmp_path):
     path = tmp_path / "bin.yaml"
     path.write_bytes(b"\xff\xfeoptimizer: adamw\n")
-    assert config_error(path).message == f"cannot read config file {str(path)!r}: not UTF-8"
+    assert config_error(path).message == f"config file {str(path)!r} is not UTF-8 text"
+
+
+def test_a_config_file_that_is_not_utf8_points_at_the_byte(tmp_path):
+    """A Latin-1 'e' in a comment on line 3 gave 'not UTF-8' and no location."""
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"optimizer:\r\n  recipe: adamw\r\n  args: {lr: 0.01}  # caf\xe9\r\n")
+    err = config_error(path)
+    assert (err.loc.file, err.loc.line, err.loc.col) == (str(path), 3, 26)
+    assert err.notes == ("byte 0xe9 here is not UTF-8: save the file as UTF-8",)
+    assert str(err).splitlines()[1:] == [
+        "    3 |   args: {lr: 0.01}  # caf\ufffd",
+        "      | " + " " * 25 + "^",
+        "  note: byte 0xe9 here is not UTF-8: save the file as UTF-8",
+    ]
 
 
 def test_a_byte_order_mark_is_skipped(tmp_path):
