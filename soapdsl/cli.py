@@ -23,7 +23,8 @@ from soapdsl import __version__, library, registry
 from soapdsl.check import literal
 from soapdsl.compiler import compile_plan
 from soapdsl.errors import SoapArgumentError, SoapError, SoapWarning
-from soapdsl.syntax.parser import parse_file
+from soapdsl.syntax import ast as A
+from soapdsl.syntax.parser import decode_source, parse, parse_file
 from soapdsl.syntax.printer import format_module
 
 #: parameter shapes `soapdsl compile` uses when none are given: a small GPT-like model
@@ -79,9 +80,30 @@ def parse_shapes(text: str) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+#: the FILE or RECIPE that stands for standard input, as in most command-line tools
+STDIN = "-"
+
+
+def read_stdin() -> str:
+    """The text on standard input (``soapdsl fmt -``, an editor piping a buffer through)."""
+    if sys.stdin is None:
+        raise SoapArgumentError("'-' reads standard input, which this process does not have")
+    return decode_source(sys.stdin.buffer.read(), "<stdin>", "the text on standard input")
+
+
+def read_module(path: str) -> tuple[A.Module, str]:
+    """The module in ``path`` (``-``: on standard input) and the name its errors point at."""
+    if path == STDIN:
+        return parse(read_stdin(), "<stdin>"), "<stdin>"
+    return parse_file(path), path
+
+
 def cmd_compile(ns: argparse.Namespace) -> int:
     args = parse_set(ns.set or [])
-    recipe = library.resolve(ns.recipe, args)
+    if ns.recipe == STDIN:  # recipe text, as if given inline (never a name or a path)
+        recipe = library._from_text(read_stdin(), args, "<stdin>")
+    else:
+        recipe = library.resolve(ns.recipe, args)
     shapes = parse_shapes(EXAMPLE_SHAPES if ns.shapes is None else ns.shapes)
     plan = compile_plan(recipe, shapes, args)
     if ns.format == "json":
@@ -100,7 +122,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
     bad = 0
     for path in ns.files:
         try:
-            module = parse_file(path)
+            module, path = read_module(path)
             recipes, _ = library.check_module(module)
             if module.pipeline is not None:
                 if recipes:
@@ -141,7 +163,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
 
 def cmd_fmt(ns: argparse.Namespace) -> int:
     for path in ns.files:
-        module = parse_file(path)
+        module, _ = read_module(path)
         library.check_module(module)
         sys.stdout.write(format_module(module))
     return 0
@@ -199,7 +221,8 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "recipe",
         metavar="RECIPE",
-        help="shipped name, path to a .soap file (FILE.soap::NAME picks one), or inline text",
+        help="shipped name, path to a .soap file (FILE.soap::NAME picks one), inline text, or - for recipe"
+        " text on standard input",
     )
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="set a recipe parameter (repeatable)")
     c.add_argument(
@@ -211,7 +234,7 @@ def make_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compile)
 
     k = sub.add_parser("check", allow_abbrev=False, help="check .soap files; errors on stderr, exit 1 if any is bad")
-    k.add_argument("files", nargs="+", metavar="FILE", help=".soap files to check")
+    k.add_argument("files", nargs="+", metavar="FILE", help=".soap files to check (- reads standard input)")
     k.set_defaults(func=cmd_check)
 
     s = sub.add_parser("list", allow_abbrev=False, help="operators and shipped recipes")
@@ -219,7 +242,10 @@ def make_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fmt", allow_abbrev=False, help="print .soap files in canonical form")
     f.add_argument(
-        "files", nargs="+", metavar="FILE", help=".soap files (printed to stdout; the files are left as they are)"
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help=".soap files (- reads standard input), printed to stdout; the files are left as they are",
     )
     f.set_defaults(func=cmd_fmt)
 

@@ -402,3 +402,24 @@ def test_a_file_that_is_not_utf8_points_at_its_first_bad_byte(tmp_path, capsys, 
             "      | " + " " * caret + "^",
             f"  note: byte {byte} here is not UTF-8: save the file as UTF-8",
         ]
+
+
+def test_a_dash_reads_standard_input(capsys, monkeypatch):
+    """`soapdsl fmt -` (an editor piping a buffer through the formatter) said "cannot read recipe
+    file '-'", and `soapdsl compile -` read '-' as recipe text."""
+    import io
+
+    def stdin(text: str) -> None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+
+    stdin("recipe   r( lr = 1e-3 )=momentum( 0.9 )|>sign |> lr\n")
+    assert run(capsys, "fmt", "-") == (0, "recipe r(lr=0.001) = momentum(0.9) |> sign |> lr\n", "")
+    stdin("recipe r(lr=1e-3) = momentum(0.9) |> sign |> lr\n")
+    assert run(capsys, "check", "-") == (0, "<stdin>: ok (recipe r)\n", "")
+    stdin("recipe r(lr=1e-3) = momentum(0.9) |> sign |> lr\n")
+    code, out, err = run(capsys, "compile", "-", "--shapes", "w=4x3")
+    assert (code, err) == (0, "") and out.startswith("recipe r  (<stdin>)")
+    stdin("recipe r(lr=1e-3) = momentum(0.9) |> |> lr\n")
+    code, out, err = run(capsys, "check", "-")
+    assert (code, out) == (1, "")
+    assert err.splitlines()[0] == "<stdin>:1:38: syntax error: unexpected '|>'; expected a name"
