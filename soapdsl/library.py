@@ -162,7 +162,7 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None, file: str
     if "\n" in text:
         return _from_text(spec, params, file)
     path_part, sep, name = text.partition("::")
-    if path_part.endswith(".soap") or os.path.isfile(path_part):
+    if path_part.endswith(".soap") or names_a_file(path_part):
         return _from_file(text, params)
     if os.path.isdir(path_part) and not _IDENT.match(path_part):
         raise SoapNameError(f"{path_part!r} is a directory, not a recipe file")
@@ -185,6 +185,12 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None, file: str
             e.notes = (*e.notes, f"no file {path_part!r} exists, so it was read as recipe text")
             e.args = (e.format(),)
         raise
+
+
+def names_a_file(path: str) -> bool:
+    """Whether ``path`` names something to read a recipe from: a file, or a pipe, which is no
+    regular file (``soapdsl compile <(gen)``, /dev/stdin)."""
+    return os.path.exists(path) and not os.path.isdir(path)
 
 
 def _from_file(text: str, params: Mapping[str, Any]) -> ir.Recipe:

@@ -423,3 +423,16 @@ def test_a_dash_reads_standard_input(capsys, monkeypatch):
     code, out, err = run(capsys, "check", "-")
     assert (code, out) == (1, "")
     assert err.splitlines()[0] == "<stdin>:1:38: syntax error: unexpected '|>'; expected a name"
+
+
+def test_a_pipe_given_as_a_path_is_read(tmp_path):
+    """`soapdsl compile <(gen_recipe)` and /dev/stdin name a pipe, not a regular file: the path was
+    read as recipe text and failed with a syntax error at its '/'."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "soapdsl", "compile", "/dev/stdin", "--shapes", "w=4x3"],
+        input="recipe r(lr=1e-3) = momentum(0.9) |> sign |> lr\n",
+        capture_output=True,
+        text=True,
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert proc.stdout.startswith("recipe r  (/dev/stdin)")

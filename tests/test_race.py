@@ -408,3 +408,20 @@ def test_the_device_is_recorded(tmp_path):
     # the thread count used, where the README says to look, and how it was chosen
     assert data["task"]["threads"] == 1 and data["task"]["threads_choice"] == "given"
     assert data["config"]["threads"] == 1
+
+
+def test_a_pipe_is_read_once(tmp_path):
+    """A race read each recipe file two or three times (a label, the runs, the grid's notes): a pipe
+    (`soapdsl race <(gen)`, /dev/stdin) was empty the second time, and was first read as recipe text."""
+    import subprocess
+    import sys
+
+    argv = ["race", "/dev/stdin:lr=0.01", "--lr-grid", "1,2", "--quiet", "--no-plot", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "soapdsl", *argv, *TINY_CLI],
+        input="recipe r(lr=1e-3) = momentum(0.9) |> sign |> lr\n",
+        capture_output=True,
+        text=True,
+    )
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert [row["label"] for row in json.loads((tmp_path / "race.json").read_text())["rows"]] == ["stdin:lr=0.01"]

@@ -499,8 +499,8 @@ def run_race(
         # resolve and compile everything first: a bad recipe fails before any training
         jobs: list[_Job] = []
         probe = state.model()
-        for spec in specs:
-            recipe = spec.resolve()
+        resolved = [(spec, spec.resolve()) for spec in specs]  # once each: a pipe (<(gen)) reads once
+        for spec, recipe in resolved:
             for m in grid or [1.0]:
                 args = scaled_lrs(recipe, spec.overrides, m)
                 mark_routes(compile_plan(recipe, probe, args), cuda_graphs=cfg.cuda_graphs)
@@ -509,8 +509,8 @@ def run_race(
             from soapdsl.race.report import prepare_out
 
             prepare_out(Path(out))
-        for spec in specs if grid else []:
-            if not lr_params(spec.resolve(), spec.overrides):
+        for spec, recipe in resolved if grid else []:
+            if not lr_params(recipe, spec.overrides):
                 print(f"note: {spec.label} has no lr parameter; the grid repeats one run", file=stream or sys.stderr)
         del probe
         threads_how = "given" if cfg.threads else "default"

@@ -15,7 +15,6 @@ split). Examples::
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ class RecipeSpec:
         if _IDENT.match(text):
             return text
         path, _, hint = text.partition("::")
-        if "\n" not in text and (path.endswith(".soap") or os.path.isfile(path)):
+        if "\n" not in text and (path.endswith(".soap") or library.names_a_file(path)):
             return hint or Path(path).stem
         try:
             name = library.resolve(text, self.overrides).name
@@ -131,7 +130,7 @@ def _single_colons(text: str) -> list[int]:
 
 
 def _looks_like_name(head: str) -> bool:
-    return bool(_IDENT.match(head) or _SOAP_PATH.match(head) or ("\n" not in head and os.path.isfile(head)))
+    return bool(_IDENT.match(head) or _SOAP_PATH.match(head) or ("\n" not in head and library.names_a_file(head)))
 
 
 def parse_spec(text: str) -> RecipeSpec:
