@@ -404,6 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # traceback; stdout goes to devnull, or the interpreter's last flush would raise again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as e:
+        if e.filename is not None:  # a file's: every file soapdsl opens says so as a SoapError
+            raise
+        # writing the output failed (a full disk, `> /dev/full`): one line, as for bad input
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"error: cannot write the output: {e.strerror}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         interrupted()
         return 130

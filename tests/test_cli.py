@@ -436,3 +436,15 @@ def test_a_pipe_given_as_a_path_is_read(tmp_path):
     )
     assert (proc.returncode, proc.stderr) == (0, "")
     assert proc.stdout.startswith("recipe r  (/dev/stdin)")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("argv", [["list"], ["compile", "soap"], ["check", "recipes/adam.soap"]])
+def test_an_output_that_cannot_be_written_is_one_error(argv):
+    """`soapdsl list > /dev/full` (a full disk) printed an OSError traceback from inside soapdsl."""
+    root = Path(__file__).resolve().parents[1]
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "soapdsl", *argv], stdout=full, stderr=subprocess.PIPE, text=True, cwd=root
+        )
+    assert (proc.returncode, proc.stderr) == (1, "error: cannot write the output: No space left on device\n")
