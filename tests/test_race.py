@@ -317,6 +317,22 @@ def test_lr_grid_scales_every_lr_parameter():
             parse_grid(bad)
 
 
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ("1,,2", "--lr-grid '1,,2' has an empty multiplier (two commas in a row): write multipliers like 0.5,1,2"),
+        ("1,2,", "--lr-grid '1,2,' has an empty multiplier (a comma at an end): write multipliers like 0.5,1,2"),
+        ("", "--lr-grid names no multiplier"),
+        (" ", "--lr-grid names no multiplier"),
+    ],
+)
+def test_an_empty_lr_grid_multiplier_shows_the_grid(grid, message):
+    """--lr-grid 1,,2 said "expects multipliers like 0.5,1,2, got ''", without the grid it was in."""
+    with pytest.raises(SoapArgumentError) as info:
+        parse_grid(grid)
+    assert info.value.message == message
+
+
 def test_lr_grid_keeps_the_best():
     r = tiny_race(["adamw", "soap"], lr_grid=[1e-4, 1, 10])
     assert len(r.runs) == 6

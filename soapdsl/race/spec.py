@@ -220,9 +220,16 @@ def parse_grid(text: str | Sequence[float] | None) -> list[float] | None:
     """``"0.5,1,2"`` -> [0.5, 1.0, 2.0] (learning-rate multipliers)."""
     if text is None:
         return None
-    items: Sequence[Any] = text.split(",") if isinstance(text, str) else text
+    items: Sequence[Any] = text
+    if isinstance(text, str):
+        items = text.split(",") if text.strip() else []
     out: list[float] = []
-    for item in items:
+    for i, item in enumerate(items):
+        if isinstance(item, str) and not item.strip():
+            where = "a comma at an end" if i in (0, len(items) - 1) else "two commas in a row"
+            raise SoapArgumentError(
+                f"--lr-grid {text!r} has an empty multiplier ({where}): write multipliers like 0.5,1,2"
+            )
         try:
             m = float(item)
         except (TypeError, ValueError):
