@@ -188,12 +188,18 @@ def _caret(loc: Loc, source: str) -> list[str]:
 
 
 def _display_width(text: str) -> int:
-    """Terminal columns ``text`` takes: wide East Asian characters 2, combining marks 0."""
+    """Terminal columns ``text`` takes: wide East Asian characters 2; marks, whatever their
+    combining class (Thai vowel signs are of class 0), and format characters such as a zero-width
+    space or joiner 0; a soft hyphen, which terminals show, 1."""
     if text.isascii():
         return len(text)
-    return sum(
-        0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1 for ch in text
-    )
+    return sum(_char_width(ch) for ch in text)
+
+
+def _char_width(ch: str) -> int:
+    if ch != "\u00ad" and (unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf")):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
 
 class SoapSyntaxError(SoapError):

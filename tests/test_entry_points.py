@@ -189,6 +189,22 @@ def test_caret_skips_combining_marks_and_underlines_wide_spans():
     assert caret.count("^") == 6
 
 
+@pytest.mark.parametrize(
+    "before",
+    [
+        "\u0e01\u0e31\u0e1a",  # Thai: its vowel sign U+0E31 is a mark of combining class 0
+        "a\u200bb",  # a zero-width space, which a pattern copied from a web page can hold
+        "a\u200db",  # a zero-width joiner
+        "a\u034fb",  # the combining grapheme joiner, combining class 0 as well
+    ],
+)
+def test_caret_skips_every_zero_width_character(before):
+    """Only marks of a nonzero combining class took no column: a Thai vowel sign or a zero-width
+    space or joiner before the error put the caret one column right of it."""
+    src, caret = caret_lines(f'  route "{before}*": sign |> signn', 22 + len(before), 5)
+    assert caret.index("^") == src.index("signn") - 1  # three characters, two columns
+
+
 def test_caret_unchanged_for_ascii_and_tabs():
     src, caret = caret_lines("momentum(0.9) |> signn |> lr", 18, 5)
     assert caret.index("^") == src.index("signn") and caret.count("^") == 5
