@@ -151,7 +151,19 @@ def span_text(loc: Loc) -> str | None:
     return lines[loc.line - 1][loc.col - 1 : loc.end_col - 1]
 
 
-_BLANKS = str.maketrans({"\f": " ", "\v": " "})
+#: how a source line's characters that are not printable are shown: a form feed or vertical tab
+#: as the space it is to the lexer, any other control character as its picture (ESC as U+241B),
+#: never as itself: an escape sequence would drive the terminal that shows the error, and a
+#: character that takes no column would put the caret right of its text
+_SHOWN = str.maketrans(
+    {
+        **{chr(c): chr(0x2400 + c) for c in range(0x20) if chr(c) not in "\t\n"},
+        "\x7f": "\u2421",
+        **{chr(c): "\ufffd" for c in range(0x80, 0xA0)},
+        "\f": " ",
+        "\v": " ",
+    }
+)
 
 
 #: a source line longer than this is shown in part: the span and _CONTEXT characters before it
@@ -161,13 +173,13 @@ _CONTEXT = 40
 
 def _caret(loc: Loc, source: str) -> list[str]:
     # lines as the lexer counts them: at "\n" only (str.splitlines also breaks at a form feed,
-    # \x1c-\x1e, \x85, \u2028...), and a form feed or vertical tab shown as the space it is
+    # \x1c-\x1e, \x85, \u2028...), each character shown as _SHOWN says
     text_lines = source.split("\n")
     if text_lines[-1] == "":  # nothing after the last newline: no line to show (end of input)
         text_lines.pop()
     if not 1 <= loc.line <= len(text_lines):
         return []
-    line = text_lines[loc.line - 1].removesuffix("\r").translate(_BLANKS).expandtabs(1)
+    line = text_lines[loc.line - 1].removesuffix("\r").translate(_SHOWN).expandtabs(1)
     width = 1
     if loc.end_line == loc.line and loc.end_col > loc.col:
         width = loc.end_col - loc.col

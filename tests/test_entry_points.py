@@ -205,6 +205,16 @@ def test_caret_skips_every_zero_width_character(before):
     assert caret.index("^") == src.index("signn") - 1  # three characters, two columns
 
 
+@pytest.mark.parametrize(("control", "shown"), [("\x1b[2J", "\u241b[2J"), ("\x07", "\u2407"), ("\x7f", "\u2421")])
+def test_a_control_character_is_shown_as_its_picture(control, shown):
+    """The source line was printed as it is: an escape sequence in a pattern (ESC [2J) cleared the
+    terminal that showed the error, and the caret stood right of its text by the characters that
+    the terminal did not show."""
+    src, caret = caret_lines(f'  route "a{control}b*": sign |> signn', 24 + len(control), 5)
+    assert src == f'    1 |   route "a{shown}b*": sign |> signn'
+    assert caret.index("^") == src.index("signn")
+
+
 def test_caret_unchanged_for_ascii_and_tabs():
     src, caret = caret_lines("momentum(0.9) |> signn |> lr", 18, 5)
     assert caret.index("^") == src.index("signn") and caret.count("^") == 5
