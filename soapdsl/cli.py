@@ -88,7 +88,11 @@ def read_stdin() -> str:
     """The text on standard input (``soapdsl fmt -``, an editor piping a buffer through)."""
     if sys.stdin is None:
         raise SoapArgumentError("'-' reads standard input, which this process does not have")
-    return decode_source(sys.stdin.buffer.read(), "<stdin>", "the text on standard input")
+    try:
+        raw = sys.stdin.buffer.read()
+    except OSError as e:
+        raise SoapArgumentError(f"cannot read standard input: {e.strerror}") from None
+    return decode_source(raw, "<stdin>", "the text on standard input")
 
 
 def read_module(path: str) -> tuple[A.Module, str]:

@@ -448,3 +448,12 @@ def test_an_output_that_cannot_be_written_is_one_error(argv):
             [sys.executable, "-m", "soapdsl", *argv], stdout=full, stderr=subprocess.PIPE, text=True, cwd=root
         )
     assert (proc.returncode, proc.stderr) == (1, "error: cannot write the output: No space left on device\n")
+
+
+def test_standard_input_that_cannot_be_read_is_one_error(capsys, monkeypatch):
+    class Broken:
+        def read(self) -> bytes:
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": Broken()})())
+    assert run(capsys, "check", "-") == (1, "", "error: cannot read standard input: Input/output error\n")
