@@ -303,39 +303,20 @@ def make_parser() -> argparse.ArgumentParser:
     )
     # model and evaluation size (docs/recipes.md's GPU race is 7.5x the default model)
     m = r.add_argument_group("model and evaluation")
-    m.add_argument(
-        "--context",
-        type=int,
-        default=race.DEFAULT_CONTEXT,
-        metavar="T",
-        help="characters per sequence (default %(default)s)",
-    )
-    m.add_argument(
-        "--d-model", type=int, default=race.DEFAULT_D_MODEL, metavar="D", help="transformer width (default %(default)s)"
-    )
-    m.add_argument(
-        "--layers", type=int, default=race.DEFAULT_LAYERS, metavar="L", help="transformer blocks (default %(default)s)"
-    )
-    m.add_argument(
-        "--heads",
-        type=int,
-        default=race.DEFAULT_HEADS,
-        metavar="H",
-        help="attention heads, a divisor of --d-model (default %(default)s)",
-    )
+    for flag, default, metavar, what in (
+        ("--context", race.DEFAULT_CONTEXT, "T", "characters per sequence"),
+        ("--d-model", race.DEFAULT_D_MODEL, "D", "transformer width"),
+        ("--layers", race.DEFAULT_LAYERS, "L", "transformer blocks"),
+        ("--heads", race.DEFAULT_HEADS, "H", "attention heads, a divisor of --d-model"),
+        ("--eval-batches", race.DEFAULT_EVAL_BATCHES, "N", "validation batches of --batch held-out sequences each"),
+    ):
+        m.add_argument(flag, type=int, default=default, metavar=metavar, help=f"{what} (default %(default)s)")
     m.add_argument(
         "--eval-every",
         type=int,
         default=0,
         metavar="N",
         help="validation loss every N steps; 0 (the default) is every steps // 10, and at the end",
-    )
-    m.add_argument(
-        "--eval-batches",
-        type=int,
-        default=race.DEFAULT_EVAL_BATCHES,
-        metavar="N",
-        help="held-out sequences for validation, in batches of --batch (default %(default)s)",
     )
     r.set_defaults(func=cmd_race)
     return p
