@@ -472,6 +472,16 @@ COMPILE = [
         None,
     ),
     (
+        # torch's spelling: difflib alone would answer beta2
+        "torch-betas",
+        "adamw",
+        {"w": (2, 2)},
+        {"betas": (0.9, 0.99)},
+        SoapNameError,
+        r"recipe 'adamw' has no parameter 'betas'; write beta1 and beta2 \(torch's betas=\(beta1, beta2\) is two",
+        None,
+    ),
+    (
         "arg-out-of-range",
         "adamw",
         {"w": (2, 2)},
@@ -1116,3 +1126,8 @@ def test_a_long_source_line_is_shown_in_part_around_the_span():
     assert len(str(info.value)) < 600
     _, shown, caret = str(info.value).splitlines()[:3]
     assert shown.startswith("    1 | lr(999") and shown.endswith("9...") and caret.index("^") == shown.index("9")
+
+
+def test_torch_betas_in_an_operator_names_both_betas() -> None:
+    with pytest.raises(SoapArgumentError, match=r"'adamw' has no parameter 'betas'; write beta1 and beta2"):
+        soapdsl.build("adamw(betas=(0.9, 0.99)) |> lr", [torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1)
