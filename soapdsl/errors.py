@@ -261,9 +261,12 @@ def decimal_comma_hint(text: str, name: str = "") -> str:
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return "; did you mean 'x'?" for the closest candidate, or ""."""
-    if name == "betas" and {"beta1", "beta2"} <= set(candidates):
+    if name == "betas":
         # torch's spelling, which difflib would answer with beta2 alone
-        return "; write beta1 and beta2 (torch's betas=(beta1, beta2) is two parameters here)"
+        betas = [f"beta{i}" for i in range(1, 10) if f"beta{i}" in set(candidates)]
+        if len(betas) > 1:
+            listed = ", ".join(betas[:-1]) + " and " + betas[-1]
+            return f"; write {listed} (torch's betas=({', '.join(betas)}) is {len(betas)} parameters here)"
     match = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.65)
     return f"; did you mean '{match[0]}'?" if match else ""
 

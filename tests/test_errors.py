@@ -478,7 +478,7 @@ COMPILE = [
         {"w": (2, 2)},
         {"betas": (0.9, 0.99)},
         SoapNameError,
-        r"recipe 'adamw' has no parameter 'betas'; write beta1 and beta2 \(torch's betas=\(beta1, beta2\) is two",
+        r"recipe 'adamw' has no parameter 'betas'; write beta1 and beta2 \(torch's betas=\(beta1, beta2\) is 2",
         None,
     ),
     (
@@ -1131,3 +1131,10 @@ def test_a_long_source_line_is_shown_in_part_around_the_span():
 def test_torch_betas_in_an_operator_names_both_betas() -> None:
     with pytest.raises(SoapArgumentError, match=r"'adamw' has no parameter 'betas'; write beta1 and beta2"):
         soapdsl.build("adamw(betas=(0.9, 0.99)) |> lr", [torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1)
+
+
+def test_torch_betas_names_every_beta_of_ademamix() -> None:
+    with pytest.raises(
+        SoapNameError, match=r"write beta1, beta2 and beta3 \(torch's betas=\(beta1, beta2, beta3\) is 3"
+    ):
+        soapdsl.build("ademamix", [torch.nn.Parameter(torch.zeros(2, 2))], betas=(0.9, 0.999, 0.9999))
