@@ -195,10 +195,14 @@ def _is_path(cfg: Any) -> bool:
 
 def _schema_error(e: ValidationError) -> tuple[str, tuple[Any, ...]]:
     """Plain words for the first schema error, and the path of what it is about."""
-    err = e.errors()[0]
+    errors = e.errors()
+    # an unknown key first: `name: adamw` is better told as that than as a missing recipe
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     where = tuple(err["loc"])
     if err["type"] == "extra_forbidden":
-        return f"unknown key (allowed: {', '.join(_allowed(where))})", where
+        allowed = _allowed(where)
+        hint = _unknown_key_hint(str(where[-1]), allowed, isinstance(err.get("input"), Mapping))
+        return f"unknown key (allowed: {', '.join(allowed)})" + hint, where
     if err["type"] == "missing":
         return "is required", where
     # the schema's fields: recipe, args, routes; a route's: match, where, recipe, args
@@ -215,6 +219,21 @@ def _schema_error(e: ValidationError) -> tuple[str, tuple[Any, ...]]:
         message = str(err.get("ctx", {}).get("error", err["msg"]))
         return message.removeprefix(f"{field} "), where
     return _FIELD_TYPES.get(str(field), "has the wrong type"), where
+
+
+#: keys other configs name the optimizer with (Hydra, Lightning CLI, ...)
+_NAMING_KEYS = frozenset({"name", "type", "optimizer", "class", "class_path", "_target_", "algorithm", "opt"})
+
+
+def _unknown_key_hint(key: str, allowed: list[str], mapping: bool) -> str:
+    close = did_you_mean(key, allowed)
+    if close:
+        return close
+    if mapping:  # `arguments: {lr: ...}`
+        return "; recipe arguments go under 'args'"
+    if key in _NAMING_KEYS:
+        return "; the recipe is named by the 'recipe' key (recipe: adamw)"
+    return f"; recipe arguments go under 'args' (args: {{{key}: ...}})"
 
 
 def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mark], tuple[Any, ...]]:
@@ -284,8 +303,11 @@ def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mar
         what = f"config file {file!r}" if file != "<config>" else "the config text"
         raise SoapConfigError(f"{what} is empty (or only comments); it needs at least a 'recipe' key")
     if not isinstance(data, Mapping):
+        fix = ""
+        if isinstance(data, str) and data.isidentifier():  # `optimizer: adamw`
+            fix = f"; write {_dotted(prefix)}: {{recipe: {data}}}" if prefix else f"; write recipe: {data}"
         raise SoapConfigError(
-            f"an optimizer config is a mapping with a 'recipe' key, got {type(data).__name__}",
+            f"an optimizer config is a mapping with a 'recipe' key, got {type(data).__name__}{fix}",
             _loc(file, marks, prefix),
         )
     if not prefix and "recipe" not in data:

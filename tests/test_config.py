@@ -222,6 +222,42 @@ def test_an_optimizer_one_level_down_is_pointed_at():
 
 
 @pytest.mark.parametrize(
+    ("text", "hint", "where"),
+    [
+        # another library's schema: the unknown key is the news, not the missing recipe
+        (
+            "optimizer:\n  name: adamw\n  lr: 3.0e-4\n",
+            "the recipe is named by the 'recipe' key (recipe: adamw)",
+            (2, 3),
+        ),
+        ("_target_: torch.optim.AdamW\nlr: 0.1\n", "the recipe is named by the 'recipe' key (recipe: adamw)", (1, 1)),
+        ("recipe: adamw\nlr: 3.0e-4\n", "recipe arguments go under 'args' (args: {lr: ...})", (2, 1)),
+        ("recipe: adamw\narguments: {lr: 1}\n", "recipe arguments go under 'args'", (2, 1)),
+        ("recipe: adamw\nroutess: []\n", "did you mean 'routes'?", (2, 1)),
+        (
+            "recipe: adamw\nroutes:\n  - match: x\n    recipe: adam\n    lr: 3\n",
+            "recipe arguments go under 'args' (args: {lr: ...})",
+            (5, 5),
+        ),
+    ],
+)
+def test_an_unknown_key_says_where_its_content_goes(text, hint, where):
+    err = config_error(text)
+    assert "unknown key (allowed: " in err.message and err.message.endswith("; " + hint), err.message
+    assert (err.loc.line, err.loc.col) == where
+
+
+def test_an_optimizer_given_as_a_name_is_shown_the_mapping():
+    err = config_error("optimizer: adamw\n")
+    assert err.message == (
+        "an optimizer config is a mapping with a 'recipe' key, got str; write optimizer: {recipe: adamw}"
+    )
+    assert config_error("adamw\n").message.endswith("got str; write recipe: adamw")
+    # not a name: nothing to suggest
+    assert config_error("optimizer: [adamw]\n").message.endswith("got list")
+
+
+@pytest.mark.parametrize(
     ("text", "message", "where"),
     [
         (
