@@ -259,8 +259,31 @@ def decimal_comma_hint(text: str, name: str = "") -> str:
     return f"; {decimal_comma(f'{name}=' * bool(name) + f'{m[1]}.{m[2]}')}" if m else ""
 
 
+#: the reference implementations' keyword names (SOAP, SOAP-Muon, torch's optimizers) whose
+#: soapdsl name is not the closest spelling (difflib answers precondition_frequency with
+#: precondition_1d)
+REFERENCE_NAMES = {
+    "precondition_frequency": "freq",
+    "max_precond_dim": "max_dim",
+    "newton_schulz_steps": "ns_steps",
+    "adjust_lr_fn": "adjust_lr",
+}
+
+#: torch's implementation switches, which soapdsl decides per route
+KERNEL_SWITCHES = frozenset({"foreach", "fused"})
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return "; did you mean 'x'?" for the closest candidate, or ""."""
+    candidates = set(candidates)
+    known = REFERENCE_NAMES.get(name)
+    if known in candidates:
+        return f"; did you mean '{known}'? (the reference's {name})"
+    if name in KERNEL_SWITCHES and "lr" in candidates:  # a recipe's parameters
+        return (
+            "; soapdsl picks the kernel per route itself: torch's fused AdamW where a route is plain"
+            " AdamW, batched by shape elsewhere (soapdsl compile shows which)"
+        )
     if name == "betas":
         # torch's spelling, which difflib would answer with beta2 alone
         betas = [f"beta{i}" for i in range(1, 10) if f"beta{i}" in set(candidates)]

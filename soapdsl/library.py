@@ -131,7 +131,13 @@ def _pick(
 
 def _unknown_recipe(name: str) -> SoapNameError:
     return SoapNameError(
-        f"unknown recipe '{name}'" + did_you_mean(name, library().recipes) + f" (shipped: {', '.join(shipped_names())})"
+        f"unknown recipe '{name}'"
+        + (
+            f"; recipe names are lower case: '{name.lower()}'"
+            if name.lower() in library().recipes
+            else did_you_mean(name.lower(), library().recipes)
+        )
+        + f" (shipped: {', '.join(shipped_names())})"
     )
 
 

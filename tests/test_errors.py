@@ -1138,3 +1138,27 @@ def test_torch_betas_names_every_beta_of_ademamix() -> None:
         SoapNameError, match=r"write beta1, beta2 and beta3 \(torch's betas=\(beta1, beta2, beta3\) is 3"
     ):
         soapdsl.build("ademamix", [torch.nn.Parameter(torch.zeros(2, 2))], betas=(0.9, 0.999, 0.9999))
+
+
+@pytest.mark.parametrize(
+    ("recipe", "given", "hint"),
+    [
+        # the reference's keyword names, which difflib answers wrongly or not at all
+        ("soap", "precondition_frequency", "did you mean 'freq'? (the reference's precondition_frequency)"),
+        ("soap", "max_precond_dim", "did you mean 'max_dim'? (the reference's max_precond_dim)"),
+        ("soap_muon", "newton_schulz_steps", "did you mean 'ns_steps'? (the reference's newton_schulz_steps)"),
+        ("muon", "adjust_lr_fn", "did you mean 'adjust_lr'? (the reference's adjust_lr_fn)"),
+        ("adamw", "foreach", "soapdsl picks the kernel per route itself"),
+        ("muon", "fused", "soapdsl picks the kernel per route itself"),
+    ],
+)
+def test_reference_keyword_names_point_at_soapdsl_names(recipe, given, hint) -> None:
+    with pytest.raises(SoapNameError) as info:
+        soapdsl.build(recipe, [torch.nn.Parameter(torch.zeros(2, 2))], **{given: 1})
+    assert info.value.message.startswith(f"recipe '{recipe}' has no parameter '{given}'; {hint}"), info.value.message
+
+
+@pytest.mark.parametrize(("given", "shipped"), [("AdamW", "adamw"), ("SOAP", "soap"), ("Soap_Muon", "soap_muon")])
+def test_a_recipe_name_in_capitals_is_told_the_lower_case_name(given, shipped) -> None:
+    with pytest.raises(SoapNameError, match=rf"unknown recipe '{given}'; recipe names are lower case: '{shipped}'"):
+        soapdsl.build(given, [torch.nn.Parameter(torch.zeros(2, 2))])
