@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -313,6 +314,28 @@ def test_param_groups_are_routes():
     assert {id(p) for p in opt.param_groups[0]["params"]} == {id(model.head.weight), id(model.head.bias)}
     with pytest.raises(SoapArgumentError, match="param_groups are its routes"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
+
+
+def test_defaults_hold_the_recipe_header_values_as_built():
+    """torch.optim's ``defaults`` holds each hyperparameter's value as the optimizer was built,
+    and training code reads it: transformers' cosine_with_min_lr schedule computes
+    ``min_lr / optimizer.defaults["lr"]``. A soapdsl optimizer's are its recipe's header
+    values (the build's arguments, the rest at the recipe's defaults), the groups unchanged."""
+    model = make_net()
+    opt = soapdsl.build("muon", model, lr=0.05, adam_lr=1e-3)
+    assert opt.defaults == opt.plan.args
+    assert (opt.defaults["lr"], opt.defaults["momentum"], opt.defaults["adam_lr"]) == (0.05, 0.95, 1e-3)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 0.05, 1e-3]
+    assert all("differentiable" not in g for g in opt.param_groups)
+    # a floor at min_lr, as a ratio of the recipe's lr, reaches every route's group
+    floor = 0.01 / opt.defaults["lr"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(floor, 1.0 - step))
+    train_step(model, opt, DATA[0])
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3 * floor, 0.01, 1e-3 * floor])
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert copied.defaults == opt.defaults
+    assert soapdsl.build("momentum(beta) |> sign |> lr", model, beta=0.9, lr=1e-2).defaults == {"beta": 0.9, "lr": 1e-2}
 
 
 def test_deepcopy_and_hooks():

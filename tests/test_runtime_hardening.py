@@ -755,14 +755,14 @@ def test_a_step_count_set_to_no_count_is_refused_by_name(value, message):
 
 
 def test_one_cycle_lr_needs_cycle_momentum_false_and_then_drives_every_route():
-    """soapdsl's groups name their momentum per recipe (beta1, momentum, adam_beta1), so torch's
-    momentum cycling cannot find it; with cycle_momentum=False OneCycleLR sets each route's lr
-    exactly as setting it by hand does."""
+    """A recipe whose header names no `momentum` (adamw, soap: beta1) gives torch's momentum
+    cycling nothing to cycle, and torch refuses it; with cycle_momentum=False OneCycleLR sets
+    each route's lr exactly as setting it by hand does."""
+    with pytest.raises(ValueError, match="cycle_momentum"):
+        torch.optim.lr_scheduler.OneCycleLR(soapdsl.build("adamw", _net()), max_lr=0.05, total_steps=6)
     a, b = _net(), _net()
     grads = _grads(a, 6)
     scheduled, by_hand = soapdsl.build("muon", a), soapdsl.build("muon", b)
-    with pytest.raises(ValueError, match="cycle_momentum"):
-        torch.optim.lr_scheduler.OneCycleLR(scheduled, max_lr=0.05, total_steps=6)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         scheduled, max_lr=[0.05, 0.02, 0.01], total_steps=6, cycle_momentum=False
     )
@@ -777,6 +777,38 @@ def test_one_cycle_lr_needs_cycle_momentum_false_and_then_drives_every_route():
     assert len({tuple(x) for x in lrs}) == len(lrs)  # it did move every step
     assert len(scheduled.param_groups) == 3
     _assert_same(a, b)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=6),
+        lambda opt: torch.optim.lr_scheduler.CyclicLR(opt, 1e-3, 0.05, step_size_up=2),
+    ],
+    ids=["OneCycleLR", "CyclicLR"],
+)
+def test_momentum_cycling_schedules_muons_momentum(make):
+    """muon's header names its momentum `momentum`, as torch.optim.Muon's does, so OneCycleLR
+    and CyclicLR cycle it by default (it is in opt.defaults): the Muon route follows the value
+    they write at every step, as if set by hand. (The Adam routes read adam_beta1, not it.)"""
+    a, b, c = _net(), _net(), _net()
+    grads = _grads(a, 6)
+    scheduled, by_hand, lr_only = soapdsl.build("muon", a), soapdsl.build("muon", b), soapdsl.build("muon", c)
+    sched = make(scheduled)
+    momenta = []
+    for gs in grads:
+        momenta.append(scheduled.param_groups[1]["momentum"])
+        for ours, hand, plain in zip(scheduled.param_groups, by_hand.param_groups, lr_only.param_groups, strict=True):
+            hand["lr"] = plain["lr"] = ours["lr"]
+            hand["momentum"] = ours["momentum"]
+        _run(a, scheduled, [gs])
+        _run(b, by_hand, [gs])
+        _run(c, lr_only, [gs])
+        sched.step()
+    assert len(set(momenta)) > 2 and all(0.8 <= m <= 0.95 for m in momenta)
+    _assert_same(a, b)
+    assert not torch.equal(a.fc1.weight, c.fc1.weight)  # the cycled momentum was not ignored
+    assert torch.equal(a.fc1.bias, c.fc1.bias)  # an Adam route: adam_beta1 is its momentum
 
 
 @pytest.mark.parametrize("recipe", ["adamw", "soap", "muon"])

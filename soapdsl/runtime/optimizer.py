@@ -267,6 +267,10 @@ class SoapOptimizer(torch.optim.Optimizer):
             super().__init__(groups, {})
         except (ValueError, TypeError) as e:
             raise SoapArgumentError(str(e)) from None
+        # torch's defaults: each hyperparameter's value as built, which training code reads
+        # (transformers' cosine_with_min_lr divides by defaults["lr"]; OneCycleLR and CyclicLR
+        # cycle a "momentum" found there). Set after the groups, which hold every value already
+        self.defaults = dict(plan.args)
         self._setup(plan)
         if any(is_dtensor(t) for rp in self._routes for t in rp.tensors):
             if distributed is not False and distributed is not None and distributed is not True:
@@ -387,7 +391,9 @@ class SoapOptimizer(torch.optim.Optimizer):
         had_flag = "differentiable" in state.get("defaults", {})
         super().__setstate__(state)
         if not had_flag:
-            self.defaults.pop("differentiable", None)  # torch adds it; soapdsl's defaults stay empty
+            self.defaults.pop("differentiable", None)  # torch adds it; soapdsl's defaults hold the recipe's
+        if not self.defaults:  # pickled by a soapdsl whose defaults were empty
+            self.defaults = dict(plan.args)
         self._setup(plan, fixed)
 
     # -- torch API ----------------------------------------------------------------------------
