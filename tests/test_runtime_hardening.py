@@ -677,6 +677,16 @@ def test_a_state_entry_that_is_no_dict_is_refused():
         soapdsl.build("adamw", net).load_state_dict(sd)
 
 
+@pytest.mark.parametrize("params", [5, None, "01", torch.tensor([0, 1])], ids=["int", "None", "str", "tensor"])
+def test_a_group_whose_params_are_no_list_of_indices_is_refused(params):
+    """A group's 'params' that is no list raised torch's TypeError (`object of type 'int' has no
+    len()`) from inside load_state_dict, or was read character by character."""
+    net, sd = _saved()
+    sd["param_groups"][0]["params"] = params
+    with pytest.raises(SoapStateError, match=r"param_groups\[0\]\['params'\] is a \w+, expected the list"):
+        soapdsl.build("adamw", net).load_state_dict(sd)
+
+
 _STEP_TYPES = {
     "int64": lambda t: t.long(),
     "float16": lambda t: t.half(),

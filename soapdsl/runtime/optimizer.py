@@ -661,6 +661,12 @@ class SoapOptimizer(torch.optim.Optimizer):
         groups = sd["param_groups"]
         if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
             raise SoapStateError("the state dict's 'param_groups' is not a list of dicts")
+        for i, g in enumerate(groups):
+            if "params" in g and not isinstance(g["params"], list | tuple):
+                raise SoapStateError(
+                    f"the state dict's param_groups[{i}]['params'] is a {type(g['params']).__name__}, expected the"
+                    " list of its parameters' indices that state_dict() writes"
+                )
         routes = meta.get("routes")
         if isinstance(routes, list) and len(routes) == len(groups) and all(isinstance(r, str) for r in routes):
             # values fixed when the optimizer is built: each route's against the checkpoint's
