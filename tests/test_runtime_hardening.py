@@ -670,6 +670,17 @@ def test_hand_edited_state_values_are_refused_by_name(edit, message):
         opt.load_state_dict(sd)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.bool, torch.int64])
+def test_a_state_tensor_of_no_floating_dtype_is_refused_by_name(dtype):
+    """Every state tensor soapdsl saves is floating point. A complex one was loaded with its
+    imaginary part dropped (a torch warning from inside soapdsl), a bool or integer one as 0s
+    and 1s or whole numbers, and training went on from them."""
+    net, sd = _saved()
+    sd["state"][0]["1.momentum.buf"] = sd["state"][0]["1.momentum.buf"].to(dtype)
+    with pytest.raises(SoapStateError, match=rf"state '1\.momentum\.buf' of parameter 'weight' is a {dtype} tensor"):
+        soapdsl.build("adamw", net).load_state_dict(sd)
+
+
 def test_a_state_entry_that_is_no_dict_is_refused():
     net, sd = _saved()
     sd["state"][0] = "x"

@@ -781,6 +781,10 @@ class SoapOptimizer(torch.optim.Optimizer):
                 )
             if key in expected:
                 shape, dtype = expected[key]
+                if not value.is_floating_point():
+                    raise SoapStateError(
+                        f"state '{key}' of parameter '{name}' is a {value.dtype} tensor, expected a floating-point one"
+                    )
                 if tuple(value.shape) != shape:
                     raise SoapStateError(
                         f"state '{key}' of parameter '{name}' has shape {list(value.shape)}, expected {list(shape)}"
