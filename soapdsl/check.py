@@ -1039,12 +1039,18 @@ def check_labels(pipeline: ir.Pipeline, env: Mapping[str, Any], outer: frozenset
 
 
 def check_macro(macro: A.Macro, macros: MacroTable) -> None:
-    """Check a macro's body on its own (with its defaults), so errors surface at definition."""
+    """Check a macro's body on its own (with its defaults), so errors surface at definition.
+
+    A required parameter has no value here: it stands for itself, a parameter whose value is
+    unknown (as a required recipe parameter does), so the names, arities, blocks, recursion and
+    `lr` placement of the body are checked, and the arguments that read it are left to its uses.
+    """
     params = check_params(macro.params, f"macro '{macro.name}'")
-    call = A.Stage(macro.name, (), None, None, False, macro.loc)
-    if any(v is None for v in params.values()):
-        return  # a macro with required parameters is checked where it is used
-    _expand(macro, call, _Scope({}, {}, macros), used=False)
+    required = [name for name, v in params.items() if v is None]
+    args = tuple(A.Arg(name, A.Name(name, macro.loc), macro.loc) for name in required)
+    call = A.Stage(macro.name, args, None, None, False, macro.loc)
+    scope = _Scope({name: ir.Ref(name) for name in required}, dict.fromkeys(required), macros)
+    _expand(macro, call, scope, used=False)
 
 
 def _reader(body: A.Pipeline, name: str) -> tuple[type[registry.Op], str] | None:

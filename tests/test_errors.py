@@ -788,6 +788,44 @@ def test_an_error_in_a_macro_body_found_at_a_use_points_at_the_use():
     assert info.value.notes == ("in macro 'm' used at <inline>:2:29",)
 
 
+@pytest.mark.parametrize(
+    ("body", "cls", "pattern", "col"),
+    [
+        ("momentm(beta)", SoapNameError, r"unknown operator 'momentm'; did you mean 'momentum'\?", 17),
+        ("momentum(beta, true, ema, 4)", SoapArgumentError, r"'momentum' takes at most 3 positional", 43),
+        (
+            "momentum(beta, nesterv=true)",
+            SoapArgumentError,
+            r"'momentum' has no parameter 'nesterv'; did you mean 'nesterov'\?",
+            32,
+        ),
+        ("momentum(beta) { sign }", SoapRecipeError, r"'momentum' is not a scope and takes no block", 17),
+        ("rotate(left) { momentum(beta) |> lr }", SoapRecipeError, r"'lr' applies the update", 50),
+        ("m(beta) |> sign", SoapRecipeError, r"macro 'm' expands into itself \(m -> m\)", 17),
+    ],
+)
+def test_a_macro_with_required_parameters_is_checked_where_it_is_defined(body, cls, pattern, col):
+    """A macro whose parameters have no default was skipped where it was defined, so that
+    `soapdsl check` passed a macro library with a misspelt operator, a recursion or an `lr`
+    inside a scope, until some recipe used the macro: what does not depend on the arguments'
+    values is checked there too."""
+    with pytest.raises(cls, match=pattern) as info:
+        library.resolve(f"macro m(beta) = {body}\nrecipe r(lr=1) = sign\n")
+    assert (info.value.loc.line, info.value.loc.col) == (1, col)
+    assert info.value.notes == ()
+
+
+def test_a_macro_with_required_parameters_leaves_their_values_to_its_uses():
+    """Arguments that read a required parameter cannot be validated where the macro is
+    defined (its value is known at a use); the rest of the stage's arguments are."""
+    library.resolve(
+        "macro m(beta, side) = rotate(side, freq=3) { momentum(beta * 2) } |> graft(norm, from=side)\n"
+        "recipe r(lr=1) = sign\n"
+    )
+    with pytest.raises(SoapArgumentError, match=r"invalid freq=0 for 'rotate'"):
+        library.resolve("macro m(beta) = rotate(left, freq=0) { momentum(beta) }\nrecipe r(lr=1) = sign\n")
+
+
 def test_an_error_in_another_macro_names_the_definition_being_checked():
     with pytest.raises(SoapRecipeError, match=r"expands into itself") as info:
         library.resolve("macro a(x=1) = b\nmacro b(x=1) = a\nrecipe r(lr=1) = sign\n")
