@@ -153,15 +153,31 @@ def _module_path(cls: type) -> str:
     return cls.__module__.replace(".", "/") + ".py"
 
 
-def _scale_text(cls: type[registry.Op]) -> str:
+_SCALE_FLAGS = ("linear", "homogeneous", "scale_invariant")
+
+
+def _flags_text(linear: bool, homogeneous: bool, scale_invariant: bool) -> str:
     # the order of runtime.optimizer.run_ops
-    if cls.linear:
+    if linear:
         return "passes it on"
-    if cls.homogeneous:
+    if homogeneous:
         return "passes a positive one on, applies a negative one first"
-    if cls.scale_invariant:
+    if scale_invariant:
         return "drops a positive one, applies a negative one first"
     return "applies it first"
+
+
+def _scale_text(cls: type[registry.Op]) -> str:
+    """What the operator does with a pending scale. A flag that depends on the arguments is a
+    property (always true read from the class): the text is then the default arguments'
+    behaviour, followed by the property's docstring, which says when it holds."""
+    computed = [f for f in _SCALE_FLAGS if isinstance(inspect.getattr_static(cls, f), property)]
+    if not computed:
+        return _flags_text(cls.linear, cls.homogeneous, cls.scale_invariant)
+    op = cls(cls.Args())
+    text = _flags_text(op.linear, op.homogeneous, op.scale_invariant)
+    when = [" ".join((inspect.getattr_static(cls, f).__doc__ or "").split()).rstrip(".") for f in computed]
+    return f"{text} with the default arguments; " + "; ".join(w for w in when if w)
 
 
 # -- docstrings -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 import soapdsl
-from soapdsl import library
+from soapdsl import library, registry
 from soapdsl.cli import main as cli_main
 from soapdsl.docgen import render_operator_reference
 
@@ -86,6 +86,32 @@ def test_operator_reference_is_fresh() -> None:
             "docs/operators.md is stale: regenerate it with `python -m soapdsl.docgen --write`\n" + diff,
             pytrace=False,
         )
+
+
+def _pending_scale_line(name: str) -> str:
+    text = (DOCS / "operators.md").read_text(encoding="utf-8")
+    section = text.split(f"\n## {name}\n", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"^- \*\*pending scale\*\*: (.*)$", section, re.M).group(1)
+
+
+@pytest.mark.parametrize("name", sorted(registry.all_ops()))
+def test_pending_scale_says_what_the_runtime_does_with_the_default_arguments(name: str) -> None:
+    """operators.md read the flags of the class, where renorm and graft compute them from their
+    arguments (properties, which are always true as class attributes): it said renorm 'passes
+    it on', so that `bias_correct(0.9) |> renorm` read as a bias-corrected unit step, while the
+    runtime applies the factor first and renorm removes it."""
+    cls = registry.all_ops()[name]
+    op = cls(cls.Args())
+    if op.linear:
+        expected = "passes it on"
+    elif op.homogeneous:
+        expected = "passes a positive one on, applies a negative one first"
+    elif op.scale_invariant:
+        expected = "drops a positive one, applies a negative one first"
+    else:
+        expected = "applies it first"
+    line = _pending_scale_line(name)
+    assert line == expected or line.startswith(expected + " with the default arguments"), line
 
 
 def test_docs_have_soap_examples() -> None:

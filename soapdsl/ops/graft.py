@@ -53,7 +53,8 @@ class Graft(Op):
     Args = GraftArgs
 
     @property
-    def scale_invariant(self) -> bool:  # type: ignore[override]  # exactly, only without eps
+    def scale_invariant(self) -> bool:  # type: ignore[override]
+        """drops a positive one with eps=0 (exactly invariant only without eps)."""
         return self.args.eps == 0  # type: ignore[attr-defined]
 
     def source(self) -> tuple[str, str | None]:

@@ -42,11 +42,13 @@ class Renorm(Op):
     Args = RenormArgs
 
     @property
-    def linear(self) -> bool:  # type: ignore[override]  # disabled: the identity
+    def linear(self) -> bool:  # type: ignore[override]
+        """passes it on with enabled=false (the stage is then the identity)."""
         return not self.args.enabled  # type: ignore[attr-defined]
 
     @property
-    def scale_invariant(self) -> bool:  # type: ignore[override]  # exactly, only without eps
+    def scale_invariant(self) -> bool:  # type: ignore[override]
+        """drops a positive one with eps=0 (exactly invariant only without eps)."""
         return self.args.enabled and self.args.eps == 0  # type: ignore[attr-defined]
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
