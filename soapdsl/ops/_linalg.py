@@ -61,6 +61,8 @@ def newton_schulz(
     else:
         norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
     denom = norm + eps if eps_mode == "add" else norm.clamp(min=eps)
+    if eps == 0:  # nothing guards 0 / 0: a zero matrix stays zero, as in renorm and graft
+        denom = denom.clamp(min=torch.finfo(denom.dtype).tiny)
     a, b, c = coeffs
     polys = [(a, b, c)] * steps + [(1.5, -0.5, 0.0)] * cleanup
     spare = None

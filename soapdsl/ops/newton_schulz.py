@@ -69,7 +69,7 @@ class NewtonSchulz(Op):
         steps: quintic steps (Muon: 5; SOAP-Muon: 10), below 100.
         coeffs: the quintic coefficients (a, b, c).
         cleanup: cubic steps after the quintic ones (SOAP-Muon: 2).
-        eps: guards the normalisation.
+        eps: guards the normalisation; with 0 a zero matrix still gives zero.
         eps_mode: "add" (Keller Jordan's Muon, SOAP-Muon) or "clamp" (torch.optim.Muon).
         norm: "fro" divides by the Frobenius norm; "spectral" by the top singular value from
             power iteration, so "fewer steps" means the same thing at every shape (the SOAP-Muon

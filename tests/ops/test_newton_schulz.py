@@ -103,6 +103,24 @@ def test_normalization_and_eps_mode(eps_mode: str) -> None:
         torch.testing.assert_close(-q, want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("form", ["standard", "gram"])
+@pytest.mark.parametrize("norm", ["fro", "spectral"])
+@pytest.mark.parametrize("eps_mode", ["add", "clamp"])
+def test_eps_zero_keeps_a_zero_update_zero(eps_mode: str, norm: str, form: str) -> None:
+    """eps=0 is in range (>= 0), and the only guard of the normalisation: a matrix whose update
+    is all zero (a layer that got no gradient yet) was divided 0 / 0, and its NaN went into the
+    parameter with no error. Orthogonalising zero gives zero, as renorm and graft give it; a
+    nonzero matrix beside it in the same batch is unchanged."""
+    gen = torch.Generator().manual_seed(2)
+    p = [torch.nn.Parameter(torch.zeros(4, 10)) for _ in range(2)]
+    opt = soapdsl.build(f"newton_schulz(3, eps=0, eps_mode={eps_mode}, norm={norm}, form={form}) |> lr", p, lr=1.0)
+    g = torch.randn(4, 10, generator=gen)
+    p[0].grad, p[1].grad = torch.zeros(4, 10), g.clone()
+    opt.step()
+    assert torch.equal(p[0].detach(), torch.zeros(4, 10))
+    assert p[1].isfinite().all() and p[1].abs().max() > 0.1
+
+
 @pytest.mark.parametrize("eps_mode", ["add", "clamp"])
 def test_eps_mode_with_steps(eps_mode: str) -> None:
     """eps = 10 exceeds the gradients' norms (about 6), so add and clamp give different inputs."""
