@@ -840,6 +840,12 @@ def check_selector(sel: A.Selector, env: Mapping[str, Any], names: Mapping[str, 
                 sel.loc,
             )
         bound = _value(sel.value, _Scope(names, env, MacroTable()))
+        if isinstance(bound, ir.Sym):
+            raise SoapNameError(
+                f"unknown name '{bound.name}' in '{sel.name} {sel.op}': a comparison takes a number or a"
+                " recipe parameter" + did_you_mean(bound.name, list(names)),
+                sel.value.loc,
+            )
         if any(env.get(r, 0) is None for r in bound.refs()):
             return  # reads a required recipe parameter: checked when the recipe is bound
         value = bound.evaluate(env)

@@ -43,6 +43,16 @@ SOURCES = [
         r"invalid nesterov=\{ sign \} for 'momentum'",
         "1:15",
     ),
+    # a bare name in a comparison that is no parameter was "'numel >' needs a number, got nope":
+    # it did not say the name is unknown, nor which parameter was meant
+    (
+        "selector-unknown-name",
+        "recipe r(lr=1, big_n=100):\n  route numel > big: sign\n  route default: lr\n",
+        SoapNameError,
+        r"^unknown name 'big' in 'numel >': a comparison takes a number or a recipe parameter;"
+        r" did you mean 'big_n'\?$",
+        "2:17",
+    ),
     # a name in a default was a symbol: "arithmetic needs numbers, got lr in 'lr * 10'"
     (
         "default-refers-to-a-parameter",
@@ -308,7 +318,7 @@ SOURCES = [
         r"unknown shape quantity 'ndimm'",
         "2:9",
     ),
-    ("selector-non-number", R + "  route ndim > left: sign\n", SoapRouteError, r"needs a number", "2:16"),
+    ("selector-non-number", R + '  route ndim > "left": sign\n', SoapRouteError, r"needs a number", "2:16"),
     (
         "bad-route-setting",
         R + "  route default [lrr=1]: sign\n",
