@@ -108,7 +108,7 @@ class Rotate(Op):
         first basis: Q_k = eigenvectors of GG_k + jitter I, descending (fp64 retry on failure)
         inside:  X -> X x_k Q_k^T (Q_L^T X Q_R for a matrix);  after the block: X -> X x_k Q_k
         shared (share=...): GG_k sums the statistics of every member of the group; one Q_k
-        every `freq` steps (t % freq == offset), after the update: sort Q_k's columns by
+        every `freq` steps (t % freq == offset % freq), after the update: sort Q_k's columns by
         diag(Q_k^T GG_k Q_k) descending, permute the block's second moments the same way
         (those of rotates nested in it too: dim k of their state is in this basis),
         then Q_k <- qr(GG_k Q_k).Q  (one power iteration)
@@ -141,7 +141,9 @@ class Rotate(Op):
         source: statistics of the raw gradient ("grad", SOAP) or of the value entering the
             scope ("input": iterative whitening, a second basis fed by the first's output; the
             stages inside then see that value's rotation as their gradient).
-        offset: refresh when t % freq == offset (SOAP-SOAP refreshes its second basis at freq/2).
+        offset: refresh when t % freq == offset % freq, so an offset of freq or more wraps
+            around (with a schedule, freq is the period in force); SOAP-SOAP refreshes its
+            second basis at freq/2.
         data_format: with merge_dims, "channels_last" 4-D tensors are permuted to NCHW first.
         share: a regular expression with one group capturing a layer (or expert) index in the
             parameter name, e.g. "blocks\\.(\\d+)\\."; parameters whose names agree except for
