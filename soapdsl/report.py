@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from soapdsl import ir, registry
@@ -56,17 +57,48 @@ def _stage_json(path: str, stage: ir.Stage) -> dict[str, Any]:
     return out
 
 
-def _state_rows(rp: RoutePlan) -> list[tuple[str, str]]:
-    rows = []
-    # the state of the route's first parameter that keeps any (an empty one keeps none)
-    shape = next((e.shape for e in rp.params if not is_empty(e.shape)), None)
+def _state_rows(rp: RoutePlan) -> tuple[list[tuple[str, str]], bool]:
+    """Each state entry of the route and what it holds, and whether a row names the parameter's
+    dims (d0, d1, ...): where the route's parameters differ in shape, an entry shaped by them (a
+    factor [d0, d0]) is told by their dims, and one that some shapes keep not names those."""
+    shapes: list[tuple[int, ...]] = []
+    for e in rp.params:
+        if not is_empty(e.shape) and tuple(e.shape) not in shapes:  # an empty one keeps none
+            shapes.append(tuple(e.shape))
+    held: dict[str, dict[tuple[int, ...], tuple[int, ...]]] = {}  # in the order of the stages
     for op in walk_ops(rp.ops):
-        if shape is None:
-            continue
-        for name, spec in op.state(shape).items():
-            like = "like the parameter" if spec.shape == shape else f"{list(spec.shape)}"
-            rows.append((op.state_key(name), like))
-    return rows
+        for shape in shapes:
+            for name, spec in op.state(shape).items():
+                held.setdefault(op.state_key(name), {})[shape] = tuple(spec.shape)
+    rows = []
+    symbolic = False
+    for key, by_shape in held.items():
+        if all(spec == shape for shape, spec in by_shape.items()):
+            text = "like the parameter"
+        elif len(set(by_shape.values())) == 1:
+            text = str(list(next(iter(by_shape.values()))))
+        else:
+            dims = _dims_of(by_shape)
+            symbolic |= dims is not None
+            text = dims or "; ".join(f"{list(spec)} for {list(shape)}" for shape, spec in by_shape.items())
+        absent = [str(list(shape)) for shape in shapes if shape not in by_shape]
+        rows.append((key, text + (f"; none for {', '.join(absent)}" if absent else "")))
+    return rows, symbolic
+
+
+def _dims_of(by_shape: Mapping[tuple[int, ...], tuple[int, ...]]) -> str | None:
+    """'[d0, d0]' where every parameter's entry has its dims in the same places, else None."""
+    if len({len(spec) for spec in by_shape.values()}) != 1:
+        return None
+    names = []
+    for j in range(len(next(iter(by_shape.values())))):
+        common = set.intersection(
+            *({i for i, d in enumerate(shape) if d == spec[j]} for shape, spec in by_shape.items())
+        )
+        if not common:
+            return None
+        names.append(f"d{min(common)}")
+    return f"[{', '.join(names)}]"
 
 
 def share_groups(rp: RoutePlan) -> dict[str, list[list[str]]]:
@@ -111,7 +143,7 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
                 "pipeline": [_stage_json(path, s) for path, s in rp.route.pipeline.walk()],
                 "params": [p.name for p in rp.params],
                 "buckets": buckets if rp.batched else {},
-                "state_keys": [k for k, _ in _state_rows(rp)],
+                "state_keys": [k for k, _ in _state_rows(rp)[0]],
                 "state_bytes": sum(p.state_bytes for p in rp.params),
                 "share_groups": share_groups(rp),
                 "shared_savings_bytes": shared_savings(rp),
@@ -197,9 +229,9 @@ def plan_to_text(plan: Plan) -> str:
         out.append(f"  param_group: {group}")
         out.append("  pipeline:")
         out.extend(_pipeline_lines(rp.route.pipeline, "    "))
-        rows = _state_rows(rp)
+        rows, symbolic = _state_rows(rp)
         if rows:
-            out.append("  state per parameter:")
+            out.append("  state per parameter" + (" (d0, d1, ...: the parameter's dims):" if symbolic else ":"))
             width = max(len(k) for k, _ in rows)
             out.extend(f"    {k:<{width}}  {like}" for k, like in rows)
         elif rp.params:

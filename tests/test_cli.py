@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -457,3 +458,29 @@ def test_standard_input_that_cannot_be_read_is_one_error(capsys, monkeypatch):
 
     monkeypatch.setattr(sys, "stdin", type("Stdin", (), {"buffer": Broken()})())
     assert run(capsys, "check", "-") == (1, "", "error: cannot read standard input: Input/output error\n")
+
+
+def test_compile_state_rows_cover_every_shape_of_a_route(capsys):
+    """The rows listed the route's first parameter's state: a route with a vector and two
+    matrices showed its factors at the vector's (none) or the first matrix's shape only."""
+    assert main(["compile", "soap", "--shapes", "w=100x3,b=5,c=7x3"]) == 0
+    out = capsys.readouterr().out
+    assert "state per parameter (d0, d1, ...: the parameter's dims):" in out
+    assert re.search(r"0\.rotate\.GG0 +\[d0, d0\]; none for \[5\]\n", out), out
+    assert re.search(r"0\.rotate\.Q1 +\[3, 3\]; none for \[5\]\n", out), out  # the same for both matrices
+    assert re.search(r"0\.0\.momentum\.buf +like the parameter\n", out), out
+    # a vector first: the factors are still listed, in the order of the stages
+    assert main(["compile", "soap", "--shapes", "b=5,w=100x3"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("    0.")]
+    assert rows == [
+        "0.rotate.GG0",
+        "0.rotate.Q0",
+        "0.rotate.GG1",
+        "0.rotate.Q1",
+        "0.0.momentum.buf",
+        "0.1.rms_normalize.v",
+    ]
+    # shapes that do not share dims in one place: each named
+    assert main(["compile", "soap", "--set", "max_dim=50", "--shapes", "w=100x3,c=7x60"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"0\.rotate\.GG0 +\[7, 7\]; none for \[100, 3\]\n", out), out

@@ -563,8 +563,10 @@ def test_the_plan_gives_an_empty_parameter_no_state_and_says_so():
     assert all(entries[name].state_bytes > 0 for name in _FULL)
     (route,) = plan.to_dict()["routes"]
     assert route["buckets"] == {"[6, 4]": 2, "[4, 6]": 1, "[5, 5]": 1, "[4]": 1}
-    # the state rows show the first parameter that keeps any
-    assert re.search(r"0\.rotate\.GG0 +\[6, 6\]", plan.to_text())
+    # the state rows cover the shapes that keep any, the empty ones not
+    assert re.search(r"0\.rotate\.GG0 +\[d0, d0\]; none for \[4\]\n", plan.to_text())
+    rows = plan.to_text().split("state per parameter")[1].split("under FSDP2")[0]
+    assert not any(str(list(shape)) in rows for shape in _EMPTY.values()), rows
 
 
 def test_state_a_checkpoint_holds_for_an_empty_parameter_is_dropped():
