@@ -275,22 +275,22 @@ KERNEL_SWITCHES = frozenset({"foreach", "fused"})
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str:
     """Return "; did you mean 'x'?" for the closest candidate, or ""."""
-    candidates = set(candidates)
+    names = set(candidates)
     known = REFERENCE_NAMES.get(name)
-    if known in candidates:
+    if known in names:
         return f"; did you mean '{known}'? (the reference's {name})"
-    if name in KERNEL_SWITCHES and "lr" in candidates:  # a recipe's parameters
+    if name in KERNEL_SWITCHES and "lr" in names:  # a recipe's parameters
         return (
             "; soapdsl picks the kernel per route itself: torch's fused AdamW where a route is plain"
             " AdamW, batched by shape elsewhere (soapdsl compile shows which)"
         )
     if name == "betas":
         # torch's spelling, which difflib would answer with beta2 alone
-        betas = [f"beta{i}" for i in range(1, 10) if f"beta{i}" in set(candidates)]
+        betas = [f"beta{i}" for i in range(1, 10) if f"beta{i}" in names]
         if len(betas) > 1:
             listed = ", ".join(betas[:-1]) + " and " + betas[-1]
             return f"; write {listed} (torch's betas=({', '.join(betas)}) is {len(betas)} parameters here)"
-    match = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.65)
+    match = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.65)
     return f"; did you mean '{match[0]}'?" if match else ""
 
 
