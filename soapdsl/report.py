@@ -61,10 +61,8 @@ def _state_rows(rp: RoutePlan) -> tuple[list[tuple[str, str]], bool]:
     """Each state entry of the route and what it holds, and whether a row names the parameter's
     dims (d0, d1, ...): where the route's parameters differ in shape, an entry shaped by them (a
     factor [d0, d0]) is told by their dims, and one that some shapes keep not names those."""
-    shapes: list[tuple[int, ...]] = []
-    for e in rp.params:
-        if not is_empty(e.shape) and tuple(e.shape) not in shapes:  # an empty one keeps none
-            shapes.append(tuple(e.shape))
+    # each shape once, in the order of the parameters; an empty one keeps no state
+    shapes = list(dict.fromkeys(tuple(e.shape) for e in rp.params if not is_empty(e.shape)))
     held: dict[str, dict[tuple[int, ...], tuple[int, ...]]] = {}  # in the order of the stages
     for op in walk_ops(rp.ops):
         for shape in shapes:
