@@ -116,7 +116,8 @@ class NewtonSchulz(Op):
         graphs = ctx.graphs
         for i, t in enumerate(x.ts):
             mats = as_matrices(t)
-            r, c = sorted(mats.shape[1:])
+            rows, cols = mats.shape[1:]  # not sorted(): torch.compile cannot sort a route's symbolic sizes
+            r, c = min(rows, cols), max(rows, cols)
             like = [(tuple(mats.shape[1:]), mats.dtype)]
 
             def part(m: torch.Tensor, mats: torch.Tensor = mats, i: int = i) -> tuple[torch.Tensor]:
