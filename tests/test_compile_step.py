@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import soapdsl
-from tests.conftest import batches, eager_and_compiled, make_net, max_rel_err, train_step
+from tests.conftest import batches, eager_and_compiled, lockstep, make_net, max_rel_err, train_step, twin_params
 
 
 @pytest.mark.slow
@@ -79,3 +79,43 @@ def test_torch_compile_of_step_runs_the_eager_step(recipe):
             step()
     for p, q in zip(*(m.parameters() for m in models), strict=True):
         assert torch.equal(p, q)
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("recipe", "kw", "shapes"),
+    [
+        ("adamw", {}, {"w": (8, 12), "b": (12,)}),
+        ("muon", {}, {"w": (8, 12), "u": (12, 8), "b": (12,)}),
+        ("soap", {"freq": 3}, {"a": (8, 8), "c": (16, 16), "v": (8,)}),
+        ("card", {}, {"a": (8, 8), "c": (16, 16), "v": (8,)}),
+    ],
+)
+def test_compiled_route_follows_an_lr_scheduler_without_compiling_again(recipe, kw, shapes):
+    """A scheduler sets a new lr at every step: a compiled route takes it as an input of the code
+    it compiled (not a constant to compile again for, 8 times and then eagerly) and steps by it,
+    as the eager route does. Graphs compiled after the first steps would be compilations for a
+    new lr: the routes' other variants (first step, a basis not ready yet, a refresh) come early."""
+    torch._dynamo.reset()
+    eager_p, compiled_p = twin_params(shapes)
+    opts = [
+        soapdsl.build(recipe, list(eager_p.items()), **kw),
+        soapdsl.build(recipe, list(compiled_p.items()), torch_compile=True, **kw),
+    ]
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in opts]
+    warm = 4
+    for step in range(12):
+        if step == warm:
+            graphs = _graphs()
+        lockstep(opts, [eager_p, compiled_p], shapes, 1, seed=step)
+        for s in scheds:
+            s.step()
+    assert _graphs() == graphs, f"{recipe}: compiled again for a new lr"
+    for n in shapes:
+        torch.testing.assert_close(compiled_p[n], eager_p[n], rtol=1e-5, atol=1e-6)

@@ -53,7 +53,7 @@ class Decay(Op):
         if wd == 0:
             return x
         rate = wd * ctx.group["lr"] if self.args.lr_scaled else wd  # type: ignore[attr-defined]
-        if not abs(1.0 - rate) <= FITS_EVERY_DTYPE:
+        if not -FITS_EVERY_DTYPE <= 1.0 - rate <= FITS_EVERY_DTYPE:
             self._check_factor(ctx, wd, 1.0 - rate)
         ctx.scale_params(1.0 - rate, self.path)
         return x

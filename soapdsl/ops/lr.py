@@ -38,8 +38,10 @@ class Lr(Op):
         return True
 
     def apply(self, ctx: Ctx, x: Val) -> Val:
-        alpha = -ctx.group["lr"] * ctx.scale
-        if not abs(alpha) <= FITS_EVERY_DTYPE:
+        # times -1.0, not -lr: in a compiled route torch.compile keeps lr an input of the code
+        # it compiled through a product, not through a negation (context._traced)
+        alpha = ctx.group["lr"] * ctx.scale * -1.0
+        if not -FITS_EVERY_DTYPE <= alpha <= FITS_EVERY_DTYPE:
             self._check_step(ctx, alpha)
         if x.denom is not None:  # x / denom from rms_normalize: one fused addcdiv, as torch does
             ctx.addcdiv_to_params(x.ts, x.denom, alpha, self.path)

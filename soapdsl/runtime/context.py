@@ -26,8 +26,20 @@ if TYPE_CHECKING:
 
 
 #: the largest float16, the narrowest dtype of a parameter or a state tensor: a host-side factor
-#: within it fits every tensor it may multiply, so checking one costs a comparison
+#: within it fits every tensor it may multiply, so checking one costs a comparison (written
+#: -FITS <= x <= FITS, not abs(x) <= FITS: torch.compile turns the check into a guard on the
+#: traced numbers, and sympy runs out of recursion expanding the abs of a bias correction)
 FITS_EVERY_DTYPE = 65504.0
+
+
+def _traced() -> bool:
+    """Whether torch.compile is tracing the pipeline (a route with ``compile``). A host factor
+    such as ``-lr * bias_correction`` then multiplies the tensors as a traced scalar, ``t * f``,
+    instead of going in as a kernel's ``alpha=``/``value=`` argument or a ``_foreach`` scalar: those
+    would make the compiled code hold that number as a constant, so a learning rate that an LR
+    scheduler changes at every step would compile the route again at every step, eager again
+    after torch's recompile limit."""
+    return torch.compiler.is_compiling()
 
 
 @dataclass
@@ -161,7 +173,11 @@ class Ctx:
         params = self.params
         rounding = self._rounding(params)
         if rounding is None:
-            torch._foreach_mul_(params, factor)
+            if _traced():
+                for p in params:
+                    p.mul_(factor)
+            else:
+                torch._foreach_mul_(params, factor)
             return
         for p in params:
             if rounding.rounds(p):
@@ -175,7 +191,13 @@ class Ctx:
         params = self.params
         updates = self.unbind(ts)
         rounding = self._rounding(params)
-        if rounding is not None:
+        if _traced():
+            for p, u in zip(params, updates, strict=True):
+                if rounding is not None and rounding.rounds(p):
+                    rounding.write(p, p + u * alpha, self.t, stage)  # float32: u's dtype
+                else:
+                    p.add_(u.to(p.dtype) * alpha)
+        elif rounding is not None:
             for p, u in zip(params, updates, strict=True):
                 if rounding.rounds(p):
                     rounding.write(p, torch.add(p, u, alpha=alpha), self.t, stage)  # float32: u's dtype
@@ -217,7 +239,13 @@ class Ctx:
         params = self.params
         nums, dens = self.unbind(num), self.unbind(denom)
         rounding = self._rounding(params)
-        if rounding is not None:
+        if _traced():
+            for p, n, d in zip(params, nums, dens, strict=True):
+                if rounding is not None and rounding.rounds(p):
+                    rounding.write(p, p + n / d * alpha, self.t, stage)
+                else:
+                    p.add_((n / d).to(p.dtype) * alpha)
+        elif rounding is not None:
             for p, n, d in zip(params, nums, dens, strict=True):
                 if rounding.rounds(p):
                     rounding.write(p, torch.addcdiv(p, n, d, value=alpha), self.t, stage)
@@ -235,7 +263,7 @@ class Ctx:
         if self.scale == 1.0:
             return x
         s, self.scale = self.scale, 1.0
-        if not abs(s) <= FITS_EVERY_DTYPE:
+        if not -FITS_EVERY_DTYPE <= s <= FITS_EVERY_DTYPE:
             before = f" before '{at.name}'" if at is not None else ""
             self.check_factor(
                 s,
@@ -247,6 +275,8 @@ class Ctx:
                 ),
                 getattr(at, "loc", None),
             )
+        if _traced():
+            return Val([t * s for t in x.ts], True)
         if x.owned:
             torch._foreach_mul_(x.ts, s)
             return x

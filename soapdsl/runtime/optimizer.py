@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,34 @@ def run_ops(ctx: Ctx, ops: Sequence[Op], x: Val) -> Val:
             for reader in op.probes_after:  # type: ignore[attr-defined]
                 reader.record(ctx, x)
     return x
+
+
+class _CompiledRoute:
+    """run_ops through torch.compile, for route ``index`` with the ``compile`` option.
+
+    Each route gets its own copy of run_ops's code: torch keeps its compiled graphs, and counts
+    them against its recompile limit (8), per code object, so routes sharing one would share
+    that budget (soap_muon's five routes, each with a step that refreshes its basis and one that
+    does not, would exhaust it and run eagerly) and one route's specializations would be forced
+    on the others. Sizes and step counts are traced as symbols (``dynamic=True``), and so are the
+    host's float numbers (torch's default ``specialize_float=False``): the learning rate that an
+    LR scheduler sets at every step, and the bias corrections that follow the step count, go into
+    the compiled code as its inputs rather than as constants that a new value would compile again
+    (context.py's ``_traced``)."""
+
+    def __init__(self, index: int) -> None:
+        code = run_ops.__code__.replace(co_name=f"run_ops_route_{index}", co_qualname=f"run_ops_route_{index}")
+        self.fn = torch.compile(types.FunctionType(code, run_ops.__globals__, code.co_name), dynamic=True)
+
+    def __call__(self, ctx: Ctx, ops: Sequence[Op], x: Val) -> Val:
+        # torch remembers, by symbol name ("zf23"), the floats that its last compilation had to
+        # make constants, and does not forget them when that compilation succeeds: the next
+        # route's compilation would make constants of its own floats of the same names (a
+        # learning rate among them), and compile again for each new value
+        state = getattr(torch._dynamo.symbolic_convert, "TensorifyState", None)
+        if state is not None:
+            state.clear()
+        return self.fn(ctx, ops, x)
 
 
 _MISSING = object()
@@ -334,8 +363,7 @@ class SoapOptimizer(torch.optim.Optimizer):
         self.register_state_dict_post_hook(_identify, prepend=True)
         # routes with the `compile` option run their pipeline through torch.compile
         self._runners: dict[int, Callable[..., Val]] = {
-            rp.index: torch.compile(run_ops, dynamic=True) if rp.options.get("compile") else run_ops
-            for rp in self._routes
+            rp.index: _CompiledRoute(rp.index) if rp.options.get("compile") else run_ops for rp in self._routes
         }
         # routes with the `cuda_graph` option replay their Newton-Schulz iterations from CUDA
         # graphs (runtime/graphs.py); a copy captures its own
