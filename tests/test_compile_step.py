@@ -119,3 +119,19 @@ def test_compiled_route_follows_an_lr_scheduler_without_compiling_again(recipe, 
     assert _graphs() == graphs, f"{recipe}: compiled again for a new lr"
     for n in shapes:
         torch.testing.assert_close(compiled_p[n], eager_p[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_muon_route_compiles_whole():
+    """Each route's whole pipeline compiles as one graph: a graph break inside run_ops's loop
+    (dynamo could not sort symbolic sizes in newton_schulz) made dynamo skip the route's frame
+    and compile only the functions it calls, one graph each, while the route ran eagerly."""
+    torch._dynamo.reset()
+    shapes = {"w": (8, 12), "u": (12, 8), "b": (12,)}
+    _, compiled_p = twin_params(shapes)
+    opt = soapdsl.build("muon", list(compiled_p.items()), torch_compile=True)
+    before = _graphs()
+    lockstep([opt], [compiled_p], shapes, 3)
+    routes = [rp for rp in opt.plan.routes if rp.params]
+    assert len(routes) == 2
+    assert _graphs() - before == len(routes)
