@@ -1,7 +1,8 @@
 """A/B of one recipe's step time: this checkout's soapdsl against the soapdsl of a git revision.
 
     python -m benchmarks.ab_step REV [NEW] [--recipe muon] [--set ns_form=gram ...] [--subset hidden|all]
-                                     [--width 256] [--rounds 10] [--steps 6] [--warmup 3] [--device cpu|cuda]
+                                     [--width 256] [--params gpt|many] [--rounds 10] [--steps 6] [--warmup 3]
+                                     [--device cpu|cuda] [--threads N]
 
 Two worker processes build the same recipe on the benchmark's parameter set
 (benchmarks/params.py) and the same gradients: one imports the soapdsl of this checkout, the
@@ -20,7 +21,9 @@ counts measures the code; otherwise run again.
 is the host's work: Python, dispatch, launches. That is what a GPU step of this model size waits
 on, and a CPU run with it catches a host-side regression. For example, session 6's per-element
 layout check doubled adamw's host time (``python -m benchmarks.ab_step 6dbcc26~1 6dbcc26 --recipe
-adamw --subset all --width 16``).
+adamw --subset all --width 16``). ``--params many`` measures the same on the many-small-tensors
+set (581 tensors of a GPT-2-shaped model, d=32, 48 blocks), where the per-parameter work of a
+step is 20 times as large; with ``--threads 1`` the tiny kernels do not wait on OpenMP threads.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def _worker(args: argparse.Namespace) -> int:
+    import torch
+
     import soapdsl
     from benchmarks.params import GradPool
     from benchmarks.runner import Entry, Live
@@ -48,11 +53,13 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         live = Live(
             Entry(args.recipe, lambda named: soapdsl.build(args.recipe, named, **kw)),
-            GradPool(args.subset, device=args.device, d=args.width),
+            GradPool(args.subset, device=args.device, d=args.width, params=args.params),
         )
     except soapdsl.SoapError as e:  # a bad recipe or --set: the message, not a traceback
         print(e, file=sys.stderr)
         return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     for _ in range(args.warmup):
         live.step()
     print(json.dumps({"ready": soapdsl.__file__}), flush=True)
@@ -76,9 +83,12 @@ def _extract(rev: str, into: Path) -> None:
 def _start(root: Path, args: argparse.Namespace) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(REPO)])}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--recipe", args.recipe, "--subset", args.subset]
-    cmd += ["--warmup", str(args.warmup), "--device", args.device, "--width", str(args.width)] + [
-        a for kv in args.set for a in ("--set", kv)
-    ]
+    cmd += ["--warmup", str(args.warmup), "--device", args.device, "--params", args.params]
+    if args.width is not None:
+        cmd += ["--width", str(args.width)]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
+    cmd += [a for kv in args.set for a in ("--set", kv)]
     return subprocess.Popen(cmd, env=env, cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
@@ -97,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recipe", default="muon")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe parameter (repeatable)")
     ap.add_argument("--subset", default="hidden", choices=["hidden", "all"])
-    ap.add_argument("--width", type=int, default=256, help="model width d (vocab 16 d); 16 measures host work")
+    ap.add_argument(
+        "--width", type=int, default=None, help="model width d (vocab 16 d; default 256, many: 32); 16: host work"
+    )
+    ap.add_argument("--params", default="gpt", choices=["gpt", "many"], help="the parameter set (benchmarks/params.py)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each worker")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=6, help="steps per worker per round")
     ap.add_argument("--warmup", type=int, default=3)
@@ -108,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return _worker(args)
     if not args.rev:
         ap.error("give the git revision to compare against")
-    if args.width < 1:
+    if args.width is not None and args.width < 1:
         ap.error(f"--width {args.width}: must be at least 1")
     for kv in args.set:
         if "=" not in kv or not kv.split("=", 1)[0]:
@@ -148,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                     p.stdin.close()
                 p.wait()
     extra = "".join(f" {kv}" for kv in args.set)
-    where = f"the {args.subset} set, width {args.width}, {args.device}"
+    width = args.width or (256 if args.params == "gpt" else 32)
+    threads = f", {args.threads} threads" if args.threads is not None else ""
+    many = " of many small tensors" if args.params == "many" else ""
+    where = f"the {args.subset} set{many}, width {width}, {args.device}{threads}"
     print(f"\n{args.recipe}{extra} on {where}: {args.rounds} rounds x {args.steps} steps each")
     print("| soapdsl | median ms | page faults/step |")
     print("|---|---|---|")

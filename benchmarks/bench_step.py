@@ -1,6 +1,7 @@
 """Step time and state memory of soapdsl's recipes next to torch, heavyball and pytorch_optimizer.
 
     python -m benchmarks.bench_step [--quick] [--rounds R] [--device cpu|cuda] [--out benchmarks/RESULTS.md]
+    python -m benchmarks.bench_step --many [--rounds R] [--threads N]
 
 Four groups, each run interleaved in rounds (see :mod:`benchmarks.runner`) on the GPT-like
 parameter set of :mod:`benchmarks.params`:
@@ -20,6 +21,12 @@ Then the FLOP/byte model (:mod:`benchmarks.model`) with this machine's bandwidth
 rate, profiles of soapdsl's steps (:mod:`benchmarks.profiling`), and the report
 (:mod:`benchmarks.report`). ``--quick`` is a smoke run (one round, short warm-up, nothing
 compiled: its numbers are not results).
+
+``--many`` measures the host's share instead: groups a to c (soapdsl's ``adamw``, ``muon`` and
+``soap`` eager, against the same peers but heavyball's) on the many-small-tensors parameter set
+of :mod:`benchmarks.params` (581 tensors of at most 16,384 elements: the kernels are nearly
+free, so a step's time is Python, dispatch and launches, what a GPU step of a deep narrow model
+waits on). It prints a short markdown section of its own instead of the report.
 
 ``--device cuda`` runs the same groups on a GPU (each timed step synchronised), with group b
 adding the as-shipped bf16 Newton-Schulz pair, soapdsl ``muon`` with ``ns_dtype=bf16`` against
@@ -225,6 +232,62 @@ def groups(quick: bool, rounds: int | None, device: str = "cpu", compile_ours: b
     return out
 
 
+def many_groups(quick: bool, rounds: int | None, device: str = "cpu") -> list[Group]:
+    """Groups a to c on the many-small-tensors set (``--many``): soapdsl eager against torch's
+    AdamW and Muon and the SOAP loop reference, interleaved as the main groups are."""
+
+    def r(full: int) -> int:
+        return rounds if rounds is not None else (1 if quick else full)
+
+    soap_warm = 2 if quick else 1 + FREQ
+    out = [
+        Group(
+            "a",
+            "AdamW, all parameters",
+            "all",
+            [
+                Entry("soapdsl adamw", _soapdsl("adamw")),
+                Entry("torch AdamW foreach", partial(peers.make_torch_adamw, foreach=True)),
+                Entry("torch AdamW fused", partial(peers.make_torch_adamw, fused=True)),
+            ],
+            10,
+            3,
+            r(10),
+            [("soapdsl adamw", "torch AdamW foreach"), ("soapdsl adamw", "torch AdamW fused")],
+        ),
+        Group(
+            "b",
+            "Muon, hidden 2-D matrices",
+            "hidden",
+            [
+                Entry("soapdsl muon", _soapdsl("muon"), note="ns_dtype auto = fp32"),
+                Entry("torch Muon fp32", peers.make_torch_muon_fp32, note="Newton-Schulz patched to fp32"),
+            ],
+            10,
+            3,
+            r(10),
+            [("soapdsl muon", "torch Muon fp32")],
+        ),
+        Group(
+            "c",
+            f"SOAP, all parameters, freq {FREQ}, max_dim {MAX_DIM}",
+            "all",
+            [
+                Entry("soapdsl soap", _soapdsl("soap", freq=FREQ, max_dim=MAX_DIM)),
+                Entry("SoapV2Ref loop", peers.make_soap_v2_ref, note="tests.references.SoapV2Ref"),
+            ],
+            FREQ,
+            soap_warm,
+            r(6),
+            [("soapdsl soap", "SoapV2Ref loop")],
+        ),
+    ]
+    for g in out:
+        g.device = device
+        g.params = "many"
+    return out
+
+
 def bf16_peers(log) -> list[Result]:
     """torch's and heavyball's Muon as shipped (bf16 Newton-Schulz): one warm-up step, then two
     timed steps each, not interleaved (a bf16 step takes seconds on a CPU)."""
@@ -339,6 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where parameters and state live")
     ap.add_argument("--no-compile", action="store_true", help="skip soapdsl's torch.compile entries")
     ap.add_argument(
+        "--many",
+        action="store_true",
+        help="host overhead: groups a-c on 581 small tensors (benchmarks/params.py many_shapes); prints a section",
+    )
+    ap.add_argument(
         "--heavyball-mode",
         default=None,
         help="heavyball's torch.compile mode (default: its own, max-autotune-no-cudagraphs; autotuning every"
@@ -347,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device here")
+    if args.many and args.out:
+        ap.error("--many prints a section of its own; it does not write the report (--out)")
     shown = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python -m benchmarks.bench_step", *map(shlex.quote, shown)])
 
@@ -370,6 +440,28 @@ def main(argv: list[str] | None = None) -> int:
 
         hb_mode = str(heavyball.utils.compile_mode)
     info["heavyball compile_mode"] = hb_mode
+
+    if args.many:
+        many = [g for g in many_groups(args.quick, args.rounds, args.device) if g.key in args.groups]
+        many_results: dict[str, list[Result]] = {}
+        for g in many:
+            log(f"group {g.key} (many small tensors): {g.title}")
+            many_results[g.key] = run_group(g, log)
+        print(
+            report.render_many(
+                command=command,
+                started=started,
+                uptime_start=up_start,
+                uptime_end=uptime(),
+                elapsed_s=time.perf_counter() - start,
+                quick=args.quick,
+                info=info,
+                groups=many,
+                results=many_results,
+                shapes=select("all", params="many"),
+            )
+        )
+        return 0
 
     log("measuring the machine ...")
     machine = model.measure_machine(args.quick, args.device)

@@ -16,6 +16,11 @@ Every optimizer gets its own copy of the same initial parameters; the gradients 
 shared pool (a few random tensors per parameter, made once) and are copied into each copy's
 ``.grad`` before a step, outside the timed region, so every optimizer sees the same gradients
 and none of them can disturb the pool (some update ``.grad`` in place).
+
+A second set, ``"many"`` (:func:`many_shapes`), has the tensors of a real model of small width:
+GPT-2's layout with biases and position embeddings, d=32, 48 blocks, vocab 512: 581 tensors of
+at most 16,384 elements each. Its kernels are nearly free, so a step's time is the host's
+work (Python, dispatch, launches), which is what a GPU step of such a model waits on.
 """
 
 from __future__ import annotations
@@ -25,6 +30,10 @@ import torch
 D_MODEL = 256
 N_LAYERS = 4
 VOCAB = 4096
+# the many-small-tensors set: a GPT-2-shaped model of small width and many blocks
+MANY_D = 32
+MANY_LAYERS = 48
+PARAM_SETS = ("gpt", "many")
 
 
 def gpt_shapes(d: int = D_MODEL, layers: int = N_LAYERS, vocab: int = VOCAB) -> list[tuple[str, tuple[int, ...]]]:
@@ -43,14 +52,45 @@ def gpt_shapes(d: int = D_MODEL, layers: int = N_LAYERS, vocab: int = VOCAB) -> 
     return out
 
 
+def many_shapes(d: int = MANY_D, layers: int = MANY_LAYERS) -> list[tuple[str, tuple[int, ...]]]:
+    """GPT-2's tensors (every linear layer and layer norm with its bias, learned positions) at
+    width ``d``, vocab 16 d and 8 d positions, in model order: 12 tensors a block, 12 layers + 5."""
+    out: list[tuple[str, tuple[int, ...]]] = [("embed.weight", (16 * d, d)), ("pos_embed.weight", (8 * d, d))]
+    for i in range(layers):
+        b = f"blocks.{i}"
+        out += [
+            (f"{b}.norm1.weight", (d,)),
+            (f"{b}.norm1.bias", (d,)),
+            (f"{b}.attn.qkv.weight", (3 * d, d)),
+            (f"{b}.attn.qkv.bias", (3 * d,)),
+            (f"{b}.attn.proj.weight", (d, d)),
+            (f"{b}.attn.proj.bias", (d,)),
+            (f"{b}.norm2.weight", (d,)),
+            (f"{b}.norm2.bias", (d,)),
+            (f"{b}.mlp.fc.weight", (4 * d, d)),
+            (f"{b}.mlp.fc.bias", (4 * d,)),
+            (f"{b}.mlp.proj.weight", (d, 4 * d)),
+            (f"{b}.mlp.proj.bias", (d,)),
+        ]
+    out += [("norm.weight", (d,)), ("norm.bias", (d,)), ("head.weight", (16 * d, d))]
+    return out
+
+
 def is_hidden_matrix(name: str, shape: tuple[int, ...]) -> bool:
     """2-D weights of the blocks (what Muon is meant for; torch.optim.Muon takes only 2-D)."""
     return len(shape) == 2 and name.startswith("blocks.")
 
 
-def select(subset: str, d: int = D_MODEL) -> list[tuple[str, tuple[int, ...]]]:
-    """``"all"`` or ``"hidden"`` (hidden 2-D matrices only), of width ``d`` (vocab 16 d)."""
-    shapes = gpt_shapes(d, N_LAYERS, VOCAB * d // D_MODEL)
+def select(subset: str, d: int | None = None, params: str = "gpt") -> list[tuple[str, tuple[int, ...]]]:
+    """``"all"`` or ``"hidden"`` (hidden 2-D matrices only) of parameter set ``params`` (``"gpt"``:
+    :func:`gpt_shapes`, ``"many"``: :func:`many_shapes`), of width ``d`` (vocab 16 d; default
+    each set's own width)."""
+    if params == "gpt":
+        shapes = gpt_shapes(d or D_MODEL, N_LAYERS, VOCAB * (d or D_MODEL) // D_MODEL)
+    elif params == "many":
+        shapes = many_shapes(d or MANY_D)
+    else:
+        raise ValueError(f"unknown parameter set {params!r}")
     if subset == "all":
         return shapes
     if subset == "hidden":
@@ -60,13 +100,19 @@ def select(subset: str, d: int = D_MODEL) -> list[tuple[str, tuple[int, ...]]]:
 
 class GradPool:
     """``pool`` random gradients per parameter, made once from a fixed seed and shared by everyone,
-    on ``device``."""
+    on ``device``, for ``select(subset, d, params)``."""
 
     def __init__(
-        self, subset: str = "all", pool: int = 4, seed: int = 0, device: str = "cpu", d: int = D_MODEL
+        self,
+        subset: str = "all",
+        pool: int = 4,
+        seed: int = 0,
+        device: str = "cpu",
+        d: int | None = None,
+        params: str = "gpt",
     ) -> None:
         gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same values on every device
-        self.shapes = select(subset, d)
+        self.shapes = select(subset, d, params)
         self.device = torch.device(device)
         self.init = {n: (torch.randn(s, generator=gen) * 0.02).to(self.device) for n, s in self.shapes}
         self.grads = [{n: torch.randn(s, generator=gen).to(self.device) for n, s in self.shapes} for _ in range(pool)]

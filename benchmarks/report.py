@@ -347,6 +347,46 @@ def render(
     return "\n".join(lines)
 
 
+def render_many(
+    *,
+    command: str,
+    started: str,
+    uptime_start: str,
+    uptime_end: str,
+    elapsed_s: float,
+    quick: bool,
+    info: dict[str, str],
+    groups: list[Group],
+    results: dict[str, list[Result]],
+    shapes: Any,
+) -> str:
+    """The section that ``--many`` prints: each group's table, on the many-small-tensors set."""
+    keep = ("device", "torch threads", "torch", "soapdsl commit")
+    lines = ["### Host overhead: many small parameters", ""]
+    if quick:
+        lines += ["**Smoke run (--quick): one round, short warm-up. Not results.**", ""]
+    lines += [
+        "```",
+        command,
+        "```",
+        "",
+        f"- date: {started}; {elapsed_s:.0f} s; " + "; ".join(f"{k} {info[k]}" for k in keep if k in info),
+        f"- `uptime` at start: `{uptime_start}`; at end: `{uptime_end}`",
+        "- parameter set: GPT-2-shaped with biases, d=32, 48 blocks, vocab 512 (benchmarks/params.py many_shapes):"
+        f" {sum(math.prod(s) for _, s in shapes):,} parameters in {len(shapes)} tensors of at most"
+        f" {max(math.prod(s) for _, s in shapes):,} elements",
+        "",
+    ]
+    for g in groups:
+        lines += [
+            f"Group {g.key}: {g.title}; {g.rounds} rounds x {g.steps_per_round} steps after {g.warmup} warm-up steps.",
+            "",
+            *group_table(g, results.get(g.key, [])),
+            "",
+        ]
+    return "\n".join(lines)
+
+
 def _state_verdict(groups: list[Group], results: dict[str, list[Result]]) -> str:
     bad, n = [], 0
     for g in groups:

@@ -58,6 +58,7 @@ class Group:
     #: (soapdsl label, peer label) pairs whose ratio is reported
     ratios: list[tuple[str, str]] = field(default_factory=list)
     device: str = "cpu"
+    params: str = "gpt"  # the parameter set (benchmarks/params.py): "gpt" or "many"
 
 
 @dataclass
@@ -203,7 +204,7 @@ def _sensitivity(entry: Entry, pool: GradPool, steps: int) -> str:
 
 
 def run_group(group: Group, log: Callable[[str], None] = print) -> list[Result]:
-    pool = GradPool(group.subset, device=group.device)
+    pool = GradPool(group.subset, device=group.device, params=group.params)
     live: list[Live] = []
     failed: list[Result] = []
     for e in group.entries:
