@@ -323,3 +323,24 @@ def test_transposed_parameter_round_trips_into_a_contiguous_one() -> None:
     train(contiguous, resumed, xs[3:])
     train(ref, ref_opt, xs[3:])
     torch.testing.assert_close(contiguous, ref, rtol=1e-13, atol=1e-15)
+
+
+def test_parameter_laid_out_anew_after_its_first_step_gives_adams_numbers() -> None:
+    """``p.data = ...`` with the same shape, dtype and device but other strides leaves the
+    layout as it was (nothing it reads changed), while the moments keep the parameter's old
+    strides: the check at each fused step must see it, or the kernel would pair the parameter's
+    elements with another element's moments."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(4, 18, generator=g, dtype=torch.float64)
+    grads = [torch.randn(4, 18, generator=g, dtype=torch.float64) for _ in range(4)]
+    ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt, ref_opt = soapdsl.build("adamw", [("w", ours)], lr=0.1), _torch_adamw([ref], 0.1)
+    for k, grad in enumerate(grads):
+        if k == 2:  # the same values, transposed in memory: strides (1, 4)
+            ours.data = ours.detach().t().contiguous().t()
+            assert ours.stride() == (1, 4)
+        ours.grad, ref.grad = grad.clone(), grad.clone()  # contiguous: laid out as the moments are
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(ours, ref, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(opt.state[ours]["1.momentum.buf"], ref_opt.state[ref]["exp_avg"])

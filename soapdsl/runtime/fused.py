@@ -29,6 +29,7 @@ path, which gives the same numbers up to rounding. A route opts out with ``[fuse
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,10 @@ from soapdsl.registry import Op
 from soapdsl.runtime.context import FITS_EVERY_DTYPE
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_STRIDE = torch.Tensor.stride
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,12 @@ class FusedAdam:
 
 @dataclass
 class Tensors:
-    """A cohort's tensors as the kernel takes them, aligned with ``params`` (built on first use)."""
+    """A cohort's tensors as the kernel takes them, aligned with ``params`` (built on first use).
+
+    A cohort's parameters keep their dtype and device while it lives (the layout is built again
+    when one changes), and its moments are the optimizer's own tensors, so what the kernel's
+    checks read of them is read once, here: the kernel calls, one per device and dtype
+    (``calls``), and what each step must find again (``expected``)."""
 
     params: list[torch.Tensor]
     m: list[torch.Tensor]
@@ -92,6 +102,13 @@ class Tensors:
     host_steps: torch.Tensor  # the cohort's step counters (CPU, 1-D; each state's "step" is a view)
     kernel_steps: list[torch.Tensor]  # what the kernel reads: the states' "step" on CPU, device views on CUDA
     buffers: list[torch.Tensor]  # the device copies' storage, one per CUDA device
+    #: per kernel call: the indices of its parameters (None: all of them, in order), and its
+    #: parameters, moments and step counters
+    calls: list[tuple[list[int] | None, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]
+    #: the dtypes, devices and strides that every gradient and parameter must have at a step for
+    #: :meth:`grads` to pass it without :func:`usable`'s loop: the parameters', where they and
+    #: their moments pass what that loop asks of them and share their strides; else None
+    expected: tuple[list[torch.dtype], list[torch.device], list[tuple[int, ...]]] | None
 
     @classmethod
     def of(
@@ -100,7 +117,60 @@ class Tensors:
         m_key, v_key = f.state_keys
         buffers, views = device_steps(params)
         kernel = [st["step"] if p.device.type == "cpu" else d for p, st, d in zip(params, states, views, strict=True)]
-        return cls(params, [st[m_key] for st in states], [st[v_key] for st in states], host_steps, kernel, buffers)
+        m, v = [st[m_key] for st in states], [st[v_key] for st in states]
+        by_dtype: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            by_dtype.setdefault((p.device, p.dtype), []).append(i)
+        calls = [
+            (
+                None if len(by_dtype) == 1 else idx,
+                [params[i] for i in idx],
+                [m[i] for i in idx],
+                [v[i] for i in idx],
+                [kernel[i] for i in idx],
+            )
+            for idx in by_dtype.values()
+        ]
+        strides = list(map(_STRIDE, params))
+        expected = None
+        if (
+            list(map(_STRIDE, m)) == strides
+            and list(map(_STRIDE, v)) == strides
+            and all(
+                p.dtype in _DTYPES
+                and mp.dtype is p.dtype
+                and vp.dtype is p.dtype
+                and (p.is_cpu or p.is_cuda)
+                and mp.device == p.device
+                and vp.device == p.device
+                for p, mp, vp in zip(params, m, v, strict=True)
+            )
+        ):
+            expected = (list(map(_DTYPE, params)), list(map(_DEVICE, params)), strides)
+        return cls(params, m, v, host_steps, kernel, buffers, calls, expected)
+
+    def grads(self) -> list[torch.Tensor] | None:
+        """The parameters' gradients when the kernel can take this step (:func:`usable`), else None.
+
+        This runs at every step of every fused route: where each gradient has its parameter's
+        dtype, device and strides and each parameter the strides it had (a ``p.data = ...`` may
+        lay it out anew), four passes of C-level ``map`` over the cohort say so, about a third
+        of :func:`usable`'s loop; anything else is left to that loop. (A sparse gradient never
+        gets here: the step's layout, built again when a gradient's layout changes, refuses it.)"""
+        grads = list(map(_GRAD, self.params))
+        if self.expected is not None:
+            dtypes, devices, strides = self.expected
+            try:
+                if (
+                    list(map(_DTYPE, grads)) == dtypes
+                    and list(map(_STRIDE, grads)) == strides
+                    and list(map(_STRIDE, self.params)) == strides
+                    and list(map(_DEVICE, grads)) == devices
+                ):
+                    return grads
+            except (AttributeError, RuntimeError):  # a gradient set to None, a layout without strides
+                pass
+        return grads if usable(self.params, self.m, self.v) else None
 
     def advance(self, t: int) -> None:
         """Count step ``t`` on the host and on every device."""
@@ -198,28 +268,18 @@ def device_steps(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[t
     return buffers, views
 
 
-def step(
-    f: FusedAdam,
-    params: list[torch.Tensor],
-    moments: tuple[list[torch.Tensor], list[torch.Tensor]],
-    steps: list[torch.Tensor],
-    hyper: dict[str, float],
-) -> None:
-    """One Adam(W) step of every parameter (the step counters already advanced), one kernel
-    call per device and dtype."""
+def step(f: FusedAdam, ts: Tensors, grads: list[torch.Tensor], hyper: dict[str, float]) -> None:
+    """One Adam(W) step of every parameter of ``ts`` with ``grads`` (the step counters already
+    advanced), one kernel call per device and dtype."""
     kernel = torch._fused_adamw_ if f.kernel == "adamw" else torch._fused_adam_
-    by_dtype: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, p in enumerate(params):
-        by_dtype.setdefault((p.device, p.dtype), []).append(i)
-    for idx in by_dtype.values():
-        grads: list[torch.Tensor] = [params[i].grad for i in idx]  # type: ignore[misc]
+    for idx, params, m, v, steps in ts.calls:
         kernel(
-            [params[i] for i in idx],
-            grads,
-            [moments[0][i] for i in idx],
-            [moments[1][i] for i in idx],
+            params,
+            grads if idx is None else [grads[i] for i in idx],
+            m,
+            v,
             [],
-            [steps[i] for i in idx],
+            steps,
             lr=hyper["lr"],
             beta1=hyper["beta1"],
             beta2=hyper["beta2"],

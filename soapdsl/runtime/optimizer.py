@@ -1129,10 +1129,11 @@ class SoapOptimizer(torch.optim.Optimizer):
             params = cohort.params
             cohort.fused = fused.Tensors.of(params, [self.state[p] for p in params], cohort.steps, f)
         ts = cohort.fused
-        if not fused.usable(ts.params, ts.m, ts.v):
+        grads = ts.grads()
+        if grads is None:
             return False
         ts.advance(cohort.t + 1)
-        fused.step(f, ts.params, (ts.m, ts.v), ts.kernel_steps, hyper)
+        fused.step(f, ts, grads, hyper)
         self._stepped(cohort, cohort.t + 1)
         return True
 
