@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import numbers
+import operator
 import os
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import torch
@@ -105,6 +107,11 @@ class _CompiledRoute:
 
 
 _MISSING = object()
+_GRAD = operator.attrgetter("grad")
+_SHAPE = operator.attrgetter("shape")
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+_LAYOUT = operator.attrgetter("layout")
 
 
 def _key(item: tuple[tuple[int, tuple[Any, ...]], Any]) -> tuple[int, str]:
@@ -885,14 +892,22 @@ class SoapOptimizer(torch.optim.Optimizer):
         return lead is None or rp.tensors[lead] is p
 
     def _layout(self, rp: RoutePlan, group: dict[str, Any]) -> _Layout:
-        active = [p for p in group["params"] if p.grad is not None]
+        # read at every step of every route, so each attribute is read by a C-level map over
+        # the parameters, not a Python loop (a model of many small tensors is host-bound)
+        active = group["params"]
+        if not isinstance(active, list):  # read twice below
+            active = list(active)
+        grads = list(map(_GRAD, active))
+        if not all(map(operator.is_not, grads, repeat(None))):
+            active = [p for p, g in zip(active, grads, strict=True) if g is not None]
+            grads = [g for g in grads if g is not None]
         ids = tuple(map(id, active))
         signature = (
             ids,
-            tuple([p.shape for p in active]),
-            tuple([p.dtype for p in active]),
-            tuple([p.device for p in active]),
-            tuple([p.grad.layout for p in active]),  # type: ignore[union-attr]
+            tuple(map(_SHAPE, active)),
+            tuple(map(_DTYPE, active)),
+            tuple(map(_DEVICE, active)),
+            tuple(map(_LAYOUT, grads)),
         )
         cached = self._layouts.get(rp.index)
         if cached is not None and cached.signature == signature:
