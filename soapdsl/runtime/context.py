@@ -9,6 +9,7 @@ both alike and use ``torch._foreach_*`` over the bucket tensors.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -72,6 +73,28 @@ class Bucket:
         return len(self.params)
 
 
+_DTYPE = operator.attrgetter("dtype")
+_DEVICE = operator.attrgetter("device")
+
+
+@dataclass(frozen=True)
+class Members:
+    """A cohort's parameters as its steps read them, read once per layout: the layout is built
+    again when a parameter's dtype or device changes (runtime/optimizer.py), and a step of a
+    model of many small tensors is host-bound, so its writes compare a list here with one map
+    over their updates instead of looping over the parameters."""
+
+    params: list[torch.Tensor]  # bucket by bucket
+    dtypes: list[torch.dtype]
+    devices: list[torch.device]
+    stacked: bool  # some bucket carries a leading batch dim
+
+    @classmethod
+    def of(cls, buckets: Sequence[Bucket]) -> Members:
+        params = [p for b in buckets for p in b.params]
+        return cls(params, list(map(_DTYPE, params)), list(map(_DEVICE, params)), any(b.stacked for b in buckets))
+
+
 @dataclass
 class Ctx:
     """Execution context of one cohort for one step."""
@@ -92,6 +115,9 @@ class Ctx:
     #: stochastic rounding of bfloat16 and float16 parameter writes (route option stochastic_round;
     #: runtime/rounding.py)
     rounding: Rounding | None = None
+    #: the buckets' parameters, their dtypes and devices (the optimizer keeps them per cohort;
+    #: read from the buckets when not given)
+    members: Members | None = None
     _param_slabs: list[torch.Tensor] | None = field(default=None, repr=False)
     _host_writes: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -143,10 +169,15 @@ class Ctx:
 
     # -- parameters -------------------------------------------------------------------------
 
+    def _members(self) -> Members:
+        if self.members is None:
+            self.members = Members.of(self.buckets)
+        return self.members
+
     @property
     def params(self) -> list[torch.Tensor]:
-        """Flat list of the cohort's parameters, bucket by bucket."""
-        return [p for b in self.buckets for p in b.params]
+        """Flat list of the cohort's parameters, bucket by bucket (not to be changed)."""
+        return self._members().params
 
     def param_slabs(self) -> list[torch.Tensor]:
         """Parameters laid out like the value (stacked copies in batched buckets; read-only).
@@ -162,6 +193,8 @@ class Ctx:
 
     def unbind(self, ts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Per-parameter views of bucket tensors, aligned with :attr:`params`."""
+        if not self._members().stacked and len(ts) == len(self.buckets):
+            return list(ts)  # one tensor per parameter already
         out: list[torch.Tensor] = []
         for b, t in zip(self.buckets, ts, strict=True):
             out.extend(t.unbind(0) if b.stacked else (t,))
@@ -203,11 +236,17 @@ class Ctx:
                     rounding.write(p, torch.add(p, u, alpha=alpha), self.t, stage)  # float32: u's dtype
                 else:
                     p.add_(u.to(p.dtype), alpha=alpha)
-        elif all(p.dtype == u.dtype and p.device == u.device for p, u in zip(params, updates, strict=True)):
+        elif self._like_params(updates):
             torch._foreach_add_(params, updates, alpha=alpha)
         else:
             for p, u in zip(params, updates, strict=True):
                 p.add_(u.to(p.dtype), alpha=alpha)
+
+    def _like_params(self, ts: list[torch.Tensor]) -> bool:
+        """Whether ``ts`` (one per parameter) have the parameters' dtypes and devices, so that
+        one foreach call writes them."""
+        m = self._members()
+        return len(ts) == len(m.params) and list(map(_DTYPE, ts)) == m.dtypes and list(map(_DEVICE, ts)) == m.devices
 
     def _rounding(self, params: list[torch.Tensor]) -> Rounding | None:
         """The route's stochastic rounding where a write to ``params`` needs it (for the bfloat16
@@ -251,7 +290,7 @@ class Ctx:
                     rounding.write(p, torch.addcdiv(p, n, d, value=alpha), self.t, stage)
                 else:
                     p.add_((n / d).to(p.dtype), alpha=alpha)
-        elif all(p.dtype == n.dtype and p.device == n.device for p, n in zip(params, nums, strict=True)):
+        elif self._like_params(nums):
             torch._foreach_addcdiv_(params, nums, dens, value=alpha)
         else:
             for p, n, d in zip(params, nums, dens, strict=True):

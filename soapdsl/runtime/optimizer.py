@@ -18,7 +18,7 @@ import operator
 import os
 import types
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from typing import Any
 
@@ -43,7 +43,7 @@ from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapShapeError, So
 from soapdsl.ir import const_text
 from soapdsl.registry import Op
 from soapdsl.runtime import fused
-from soapdsl.runtime.context import Bucket, Ctx, Val
+from soapdsl.runtime.context import Bucket, Ctx, Members, Val
 from soapdsl.runtime.dist import Splitter
 from soapdsl.runtime.fsdp import OWNER_KEY, Sharded
 from soapdsl.runtime.graphs import GraphCache
@@ -246,10 +246,20 @@ class _Cohort:
     steps: torch.Tensor  # 1-D, on the CPU: the "step" state of every parameter is a 0-d view of it
     # fused Adam's parameters with their m, v and step tensors, aligned (built on first use)
     fused: fused.Tensors | None = None
+    #: what the steps read of the buckets' parameters, read once (context.Members): their
+    #: layout is built again when one changes shape, dtype or device
+    members: Members = field(init=False)
+    ids: list[int] = field(init=False)  # each step records the parameters' count under their ids
+    state_dtypes: list[torch.dtype] = field(init=False)  # per bucket: the dtype its gradient is read in
+
+    def __post_init__(self) -> None:
+        self.members = Members.of(self.buckets)
+        self.ids = list(map(id, self.members.params))
+        self.state_dtypes = [state_dtype(b.params[0].dtype) for b in self.buckets]
 
     @property
     def params(self) -> list[torch.Tensor]:
-        return [p for b in self.buckets for p in b.params]
+        return self.members.params
 
 
 @dataclass
@@ -1033,13 +1043,14 @@ class SoapOptimizer(torch.optim.Optimizer):
 
     # -- execution ----------------------------------------------------------------------------
 
-    def _run(self, rp: RoutePlan, group: dict[str, Any], cohort: _Cohort) -> None:
-        lowered = self._fused[rp.index]
-        if lowered is not None and self._run_fused(lowered, group, cohort):
-            return
-        grads: list[torch.Tensor] = []
-        for b in cohort.buckets:
-            dtype = state_dtype(b.params[0].dtype)
+    def _grads(self, cohort: _Cohort) -> list[torch.Tensor]:
+        """The cohort's gradients, one tensor per bucket in the bucket's state dtype."""
+        if not cohort.members.stacked:  # a bucket per parameter: its gradient as it is, where its dtype is the state's
+            grads: list[torch.Tensor] = list(map(_GRAD, cohort.members.params))
+            if list(map(_DTYPE, grads)) == cohort.state_dtypes:
+                return grads
+        grads = []
+        for b, dtype in zip(cohort.buckets, cohort.state_dtypes, strict=True):
             if b.stacked and b.size > 1:
                 grads.append(torch.stack([p.grad for p in b.params]).to(dtype))  # type: ignore[misc]
             elif b.stacked:
@@ -1050,6 +1061,13 @@ class SoapOptimizer(torch.optim.Optimizer):
                 g = b.params[0].grad
                 assert g is not None
                 grads.append(g if g.dtype == dtype else g.to(dtype))
+        return grads
+
+    def _run(self, rp: RoutePlan, group: dict[str, Any], cohort: _Cohort) -> None:
+        lowered = self._fused[rp.index]
+        if lowered is not None and self._run_fused(lowered, group, cohort):
+            return
+        grads = self._grads(cohort)
         t = cohort.t + 1
         split = None if rp.options.get("compile") else self._split
         ctx = Ctx(
@@ -1063,6 +1081,7 @@ class SoapOptimizer(torch.optim.Optimizer):
             split=split,
             graphs=self._graphs.get(rp.index),
             rounding=self._rounding.get(rp.index),
+            members=cohort.members,
         )
         ops = list(walk_ops(rp.ops))
         proceed = [op.before(ctx) for op in ops]  # every op sees the step, even when one skips it
@@ -1155,9 +1174,7 @@ class SoapOptimizer(torch.optim.Optimizer):
     def _stepped(self, cohort: _Cohort, t: int) -> None:
         """Record that every parameter of ``cohort`` has taken step ``t`` (its counters already count it)."""
         cohort.t = t
-        for b in cohort.buckets:
-            for p in b.params:
-                self._steps[id(p)] = t
+        self._steps.update(dict.fromkeys(cohort.ids, t))  # one C-level pass: a step of many small tensors is host-bound
 
 
 @torch.compiler.disable
