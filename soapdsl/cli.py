@@ -24,8 +24,8 @@ from soapdsl.check import literal
 from soapdsl.compiler import compile_plan
 from soapdsl.errors import SoapArgumentError, SoapError, SoapWarning
 from soapdsl.syntax import ast as A
+from soapdsl.syntax.formatter import format_module
 from soapdsl.syntax.parser import decode_source, parse, parse_file
-from soapdsl.syntax.printer import format_module
 
 #: parameter shapes `soapdsl compile` uses when none are given: a small GPT-like model
 EXAMPLE_SHAPES = (

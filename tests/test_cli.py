@@ -146,7 +146,7 @@ def test_check_and_fmt_skip_a_byte_order_mark(tmp_path, capsys):
     path = tmp_path / "bom.soap"
     path.write_bytes("\ufeffrecipe r(lr=1e-3) = momentum(0.9) |> sign |> lr\n".encode())
     assert run(capsys, "check", str(path)) == (0, f"{path}: ok (recipe r)\n", "")
-    assert run(capsys, "fmt", str(path)) == (0, "recipe r(lr=0.001) = momentum(0.9) |> sign |> lr\n", "")
+    assert run(capsys, "fmt", str(path)) == (0, "recipe r(lr=1e-3) = momentum(0.9) |> sign |> lr\n", "")
 
 
 def test_check_reports_syntax_error_with_caret(tmp_path):
@@ -207,7 +207,7 @@ def test_fmt_prints_canonical_form(tmp_path, capsys):
     f.write_text("recipe   x( lr = 1e-3 )=momentum( 0.9 )|>sign\n")
     code, out, _ = run(capsys, "fmt", str(f))
     assert code == 0
-    assert out == "recipe x(lr=0.001) = momentum(0.9) |> sign\n"
+    assert out == "recipe x(lr=1e-3) = momentum(0.9) |> sign\n"
 
 
 def test_a_repeated_set_is_refused(capsys):
@@ -414,7 +414,7 @@ def test_a_dash_reads_standard_input(capsys, monkeypatch):
         monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
 
     stdin("recipe   r( lr = 1e-3 )=momentum( 0.9 )|>sign |> lr\n")
-    assert run(capsys, "fmt", "-") == (0, "recipe r(lr=0.001) = momentum(0.9) |> sign |> lr\n", "")
+    assert run(capsys, "fmt", "-") == (0, "recipe r(lr=1e-3) = momentum(0.9) |> sign |> lr\n", "")
     stdin("recipe r(lr=1e-3) = momentum(0.9) |> sign |> lr\n")
     assert run(capsys, "check", "-") == (0, "<stdin>: ok (recipe r)\n", "")
     stdin("recipe r(lr=1e-3) = momentum(0.9) |> sign |> lr\n")

@@ -13,7 +13,7 @@ import soapdsl
 from soapdsl import library, registry
 from soapdsl.errors import SoapError
 from soapdsl.syntax import ast as A
-from soapdsl.syntax.printer import format_module
+from soapdsl.syntax.formatter import format_module
 from tests.test_fmt import assert_fmt_keeps
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
@@ -207,6 +207,76 @@ def test_fmt_keeps_comments_and_meaning_on_generated_sources(module, comments):
     except SoapError:  # a comment in a string literal
         assume(False)
     assert source == module
+    assert_fmt_keeps(text)
+
+
+# -- generated ASTs too long for one line: the 88-column layout ------------------------------
+
+long_names = st.from_regex(r"[a-z][a-z0-9_]{4,11}", fullmatch=True).filter(
+    lambda s: s not in {"recipe", "macro", "route"}
+)
+long_leaves = st.one_of(nums, st.booleans().map(A.Bool), long_names.map(A.Name))
+
+
+def long_stages(depth: int = 2):
+    block = st.none() if depth == 0 else st.one_of(st.none(), long_pipelines(depth - 1))
+    args = st.lists(st.tuples(st.one_of(st.none(), long_names), long_leaves), max_size=8).map(
+        lambda xs: tuple(A.Arg(n, v) for n, v in sorted(xs, key=lambda a: a[0] is not None))
+    )
+    return st.builds(A.Stage, long_names, args, block, st.one_of(st.none(), long_names))
+
+
+def long_pipelines(depth: int = 2):
+    return st.lists(long_stages(depth), min_size=1, max_size=4).map(lambda ss: A.Pipeline(tuple(ss)))
+
+
+long_params = st.lists(st.tuples(long_names, st.one_of(st.none(), nums)), max_size=10, unique_by=lambda t: t[0])
+long_routes = st.builds(
+    A.Route,
+    selectors,
+    st.lists(st.tuples(long_names, long_leaves), max_size=4).map(lambda xs: tuple(A.Setting(n, v) for n, v in xs)),
+    long_pipelines(2),
+)
+long_modules = st.builds(
+    A.Module,
+    st.lists(
+        st.one_of(
+            st.builds(
+                A.Recipe,
+                long_names,
+                long_params.map(lambda xs: tuple(A.Param(n, d) for n, d in xs)),
+                st.lists(long_routes, min_size=1, max_size=3).map(tuple),
+            ),
+            st.builds(
+                A.Macro, long_names, long_params.map(lambda xs: tuple(A.Param(n, d) for n, d in xs)), long_pipelines(2)
+            ),
+        ),
+        max_size=2,
+    ).map(tuple),
+    st.one_of(st.none(), long_pipelines(2)),
+)
+
+
+@settings(FUZZ, max_examples=150)
+@given(long_modules)
+def test_long_generated_asts_fit_in_88_columns_and_round_trip(module):
+    """With no token longer than a line, every line fits in 88 columns; printing is still the
+    inverse of parsing, and idempotent."""
+    text = format_module(module)
+    assert max(map(len, text.splitlines()), default=0) <= 88, text
+    again = soapdsl.parse(text)
+    assert again == module, text
+    assert format_module(again) == text
+
+
+@settings(FUZZ, max_examples=60)
+@given(long_modules, st.lists(st.tuples(st.integers(0, 10**6), st.sampled_from(COMMENTS)), max_size=6))
+def test_fmt_keeps_comments_in_long_generated_sources(module, comments):
+    text = format_module(module)
+    gaps = [i for i, ch in enumerate(text) if ch in " \n"] + [0, len(text)]
+    for n, (i, comment) in enumerate(sorted(((gaps[w % len(gaps)], c) for w, c in comments), reverse=True)):
+        text = text[:i] + comment.format(n) + text[i:]
+    assert soapdsl.parse(text) == module
     assert_fmt_keeps(text)
 
 

@@ -11,8 +11,8 @@ import soapdsl
 from soapdsl.errors import SoapSyntaxError
 from soapdsl.resources import recipe_files
 from soapdsl.syntax import ast as A
+from soapdsl.syntax.formatter import format_module
 from soapdsl.syntax.parser import MAX_DEPTH, parse_file
-from soapdsl.syntax.printer import format_module
 
 CARD = "rotate(left, freq=40) |> sqrt_whiten |> newton_schulz(5) |> graft(norm)"
 

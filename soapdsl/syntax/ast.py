@@ -23,8 +23,12 @@ def _loc() -> Loc:
 
 @dataclass(frozen=True)
 class Num:
+    """A number; ``text`` is its spelling in the source (``3e-4``, not ``0.0003``), which
+    `soapdsl fmt` keeps, and empty in a tree built by hand."""
+
     value: int | float
     loc: Loc = _loc()
+    text: str = field(default="", compare=False, repr=False)
 
 
 @dataclass(frozen=True)

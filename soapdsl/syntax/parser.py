@@ -470,7 +470,7 @@ class _Builder(Transformer_NonRecursive):
                 value = int(text)
             except ValueError:  # past sys.get_int_max_str_digits(), which int() refuses
                 raise SoapSyntaxError(too_long(text), self._tok_loc(tok)) from None
-        return A.Num(value, self._tok_loc(tok))
+        return A.Num(value, self._tok_loc(tok), text.lower())
 
     def string(self, meta, items):
         return A.Str(_unquote(items[0], self._tok_loc(items[0])), self._loc(meta))
@@ -493,7 +493,8 @@ class _Builder(Transformer_NonRecursive):
     def neg(self, meta, items):
         operand = items[0]
         if isinstance(operand, A.Num):  # fold "-3" into a literal
-            return A.Num(-operand.value, self._loc(meta))
+            text = operand.text[1:] if operand.text.startswith("-") else "-" + operand.text
+            return A.Num(-operand.value, self._loc(meta), text if operand.text else "")
         return A.Neg(operand, self._loc(meta))
 
     def _bin(self, op, meta, items):

@@ -1,0 +1,107 @@
+"""Line breaking for the canonical printer: which text goes on which line, within 88 columns.
+
+Each function returns whole printed lines, indentation included. A line is broken only
+between tokens, so the text parses the same whatever the breaks:
+
+- a list in parentheses or brackets (a header's parameters, a stage's arguments, a route's
+  settings) fills each line and breaks after a comma, the next line aligned after the ``(``;
+- a selector breaks before an ``or`` (or the ``and`` of a top-level conjunction), the next
+  line aligned after ``route``;
+- a stage with a ``{ ... }`` block that does not fit on its line ends its line with ``{``,
+  prints the block's pipeline two columns right of the stage's name and closes it on a line
+  of its own, under the stage's name;
+- a pipeline that does not fit on its line prints one stage a line, ``|> `` before each
+  stage but the first.
+
+Only a single token (a long name, string or number), or an argument holding a ``{ ... }``
+block, prints past the 88th column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from soapdsl.syntax import ast as A
+from soapdsl.syntax.printer import format_arg, format_expr, format_param, format_pipeline, format_selector, format_stage
+
+WIDTH = 88
+
+
+def fill(lead: str, words: Sequence[str], col: int) -> list[str]:
+    """``lead`` and then ``words`` joined by spaces, a line broken before a word that would
+    pass the 88th column; a continuation line starts at column ``col`` (0-based)."""
+    lines: list[str] = []
+    line = lead + words[0]
+    for w in words[1:]:
+        if len(line) + 1 + len(w) > WIDTH:
+            lines.append(line)
+            line = " " * col + w
+        else:
+            line += " " + w
+    lines.append(line)
+    return lines
+
+
+def listed(opener: str, items: Sequence[str], closer: str) -> list[str]:
+    """The words of ``opener item, item, ... closer``: a break may follow each comma."""
+    if not items:
+        return [opener + closer]
+    words = [item + "," for item in items[:-1]] + [items[-1] + closer]
+    words[0] = opener + words[0]
+    return words
+
+
+def header_lines(keyword: str, d: A.Definition, end: str) -> list[str]:
+    """``recipe NAME(params):`` (``end`` is ``:`` or `` =``), its parameters filled."""
+    opener = f"{keyword} {d.name}"
+    if not d.params:
+        return [opener + end]
+    return fill("", listed(opener + "(", [format_param(p, spelled=True) for p in d.params], ")" + end), len(opener) + 1)
+
+
+def route_head_lines(r: A.Route, indent: str) -> list[str]:
+    """``route SELECTOR [settings]:`` at ``indent``."""
+    s = r.selector
+    if isinstance(s, (A.SelOr, A.SelAnd)):
+        op, prec = (" or ", 1) if isinstance(s, A.SelOr) else (" and ", 2)
+        words = [format_selector(s.items[0], prec, spelled=True)]
+        words += [op.lstrip() + format_selector(i, prec, spelled=True) for i in s.items[1:]]
+    else:
+        words = [format_selector(s, spelled=True)]
+    words[0] = "route " + words[0]
+    if r.settings:
+        settings = [f"{x.name}={format_expr(x.value, spelled=True)}" for x in r.settings]
+        words += listed("[", settings, "]")
+    words[-1] += ":"
+    return fill(indent, words, len(indent) + len("route "))
+
+
+def stage_lines(s: A.Stage, lead: str) -> list[str]:
+    """The stage ``s`` after ``lead`` (its indentation, and a ``|> ``)."""
+    flat = lead + format_stage(s, spelled=True)
+    if len(flat) <= WIDTH:
+        return [flat]
+    col = len(lead)
+    label = "" if s.label is None else f" as {s.label}"
+    after = label if s.block is None else " {"
+    if s.args:
+        opener = s.name + "("
+        args = [format_arg(a, spelled=True) for a in s.args]
+        lines = fill(lead, listed(opener, args, ")" + after), col + len(opener))
+    else:
+        lines = [lead + s.name + after]
+    if s.block is not None:
+        lines += pipeline_lines(s.block, " " * (col + 2))
+        lines.append(" " * col + "}" + label)
+    return lines
+
+
+def pipeline_lines(p: A.Pipeline, indent: str) -> list[str]:
+    """The pipeline ``p`` at ``indent``: on one line, or one stage a line."""
+    flat = indent + format_pipeline(p, spelled=True)
+    if len(flat) <= WIDTH:
+        return [flat]
+    out: list[str] = []
+    for i, s in enumerate(p.stages):
+        out += stage_lines(s, indent + ("|> " if i else ""))
+    return out
