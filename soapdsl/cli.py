@@ -3,7 +3,7 @@
 soapdsl compile soap --set freq=40 --shapes "w=1024x256,b=256" --format json
 soapdsl check my_recipe.soap other.soap
 soapdsl list
-soapdsl fmt my_recipe.soap
+soapdsl fmt my_recipe.soap          (--check, --diff, -w)
 soapdsl race adamw soap:freq=20 --steps 100
 """
 
@@ -19,12 +19,11 @@ from typing import Any, NoReturn
 
 import torch
 
-from soapdsl import __version__, library, registry
+from soapdsl import __version__, fmt, library, registry
 from soapdsl.check import literal
 from soapdsl.compiler import compile_plan
 from soapdsl.errors import SoapArgumentError, SoapError, SoapWarning
 from soapdsl.syntax import ast as A
-from soapdsl.syntax.formatter import format_module
 from soapdsl.syntax.parser import decode_source, parse, parse_file
 
 #: parameter shapes `soapdsl compile` uses when none are given: a small GPT-like model
@@ -166,11 +165,9 @@ def cmd_list(ns: argparse.Namespace) -> int:
 
 
 def cmd_fmt(ns: argparse.Namespace) -> int:
-    for path in ns.files:
-        module, _ = read_module(path)
-        library.check_module(module)
-        sys.stdout.write(format_module(module))
-    return 0
+    if ns.mode == fmt.WRITE and STDIN in ns.files:
+        raise bad_command_line("soapdsl fmt", "--write cannot rewrite standard input ('-'): leave out --write")
+    return fmt.run(ns.files, ns.mode or fmt.PRINT, read_stdin, STDIN)
 
 
 def cmd_race(ns: argparse.Namespace) -> int:
@@ -244,14 +241,39 @@ def make_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("list", allow_abbrev=False, help="operators and shipped recipes")
     s.set_defaults(func=cmd_list)
 
-    f = sub.add_parser("fmt", allow_abbrev=False, help="print .soap files in canonical form")
-    f.add_argument(
-        "files",
-        nargs="+",
-        metavar="FILE",
-        help=".soap files (- reads standard input), printed to stdout; the files are left as they are",
+    f = sub.add_parser(
+        "fmt",
+        allow_abbrev=False,
+        help="print .soap files in canonical form, or check, diff or rewrite them",
+        description="Print each FILE in canonical form on stdout (the files are left as they are), or, with"
+        " an option, check, diff or rewrite them. A file that cannot be read, parsed or checked has its"
+        " error printed on stderr and the next file is taken; the status is then 1.",
     )
-    f.set_defaults(func=cmd_fmt)
+    f.add_argument("files", nargs="+", metavar="FILE", help=".soap files (- reads standard input)")
+    how = f.add_mutually_exclusive_group()
+    how.add_argument(
+        "--check",
+        dest="mode",
+        action="store_const",
+        const=fmt.CHECK,
+        help="print the name of each file that is not in canonical form, and nothing else; exit 1 if any",
+    )
+    how.add_argument(
+        "--diff",
+        dest="mode",
+        action="store_const",
+        const=fmt.DIFF,
+        help="print a unified diff of what formatting would change; exit 1 if it would change a file",
+    )
+    how.add_argument(
+        "-w",
+        "--write",
+        dest="mode",
+        action="store_const",
+        const=fmt.WRITE,
+        help="rewrite each file that is not in canonical form, in place, and print its name",
+    )
+    f.set_defaults(func=cmd_fmt)  # no option: mode None, print
 
     from soapdsl.race import runner as race
 

@@ -3,6 +3,8 @@ file (its syntax tree and its documentation comments) never changes; printing is
 
 from __future__ import annotations
 
+import errno
+import os
 import textwrap
 from pathlib import Path
 
@@ -310,3 +312,101 @@ EMPTY_LINES = {
 @pytest.mark.parametrize("text, expected", EMPTY_LINES.values(), ids=EMPTY_LINES.keys())
 def test_empty_lines(text, expected):
     assert assert_fmt_keeps(text) == expected
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def files(tmp_path, monkeypatch):
+    """ugly.soap (not canonical), fine.soap (canonical) and bad.soap (a syntax error), in the
+    working directory."""
+    monkeypatch.chdir(tmp_path)
+    Path("ugly.soap").write_text("recipe   x( lr = 1e-3 )=momentum( 0.9 )|>sign\n")
+    Path("fine.soap").write_text("recipe y(lr=1) = sign\n")
+    Path("bad.soap").write_text("recipe z(lr=1) = nope(\n")
+    return tmp_path
+
+
+BAD_ERROR = "bad.soap:1:23: syntax error: unexpected end of text"
+
+
+def run_fmt(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(["fmt", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_every_file_is_processed_and_an_error_does_not_stop_the_run(files, capsys):
+    code, out, err = run_fmt(capsys, "ugly.soap", "bad.soap", "fine.soap")
+    assert code == 1
+    assert out == "recipe x(lr=1e-3) = momentum(0.9) |> sign\nrecipe y(lr=1) = sign\n"
+    assert err.startswith(BAD_ERROR) and "    1 | recipe z(lr=1) = nope(\n" in err and "Traceback" not in err
+
+
+def test_check_names_the_files_that_would_change(files, capsys):
+    code, out, err = run_fmt(capsys, "--check", "ugly.soap", "bad.soap", "fine.soap")
+    assert (code, out) == (1, "ugly.soap\n")
+    assert err.startswith(BAD_ERROR)
+    assert run_fmt(capsys, "--check", "fine.soap") == (0, "", "")
+    assert Path("ugly.soap").read_text().startswith("recipe   x(")
+
+
+def test_diff_shows_what_would_change(files, capsys):
+    Path("nonl.soap").write_text("recipe q(lr=1) =  sign")
+    code, out, err = run_fmt(capsys, "--diff", "ugly.soap", "fine.soap", "nonl.soap")
+    assert (code, err) == (1, "")
+    assert out == (
+        "--- ugly.soap\n+++ ugly.soap\n@@ -1 +1 @@\n"
+        "-recipe   x( lr = 1e-3 )=momentum( 0.9 )|>sign\n+recipe x(lr=1e-3) = momentum(0.9) |> sign\n"
+        "--- nonl.soap\n+++ nonl.soap\n@@ -1 +1 @@\n"
+        "-recipe q(lr=1) =  sign\n\\ No newline at end of file\n+recipe q(lr=1) = sign\n"
+    )
+    assert run_fmt(capsys, "--diff", "fine.soap") == (0, "", "")
+
+
+def test_write_rewrites_only_the_files_that_change(files, capsys):
+    fine = Path("fine.soap")
+    before = fine.stat().st_mtime_ns
+    code, out, err = run_fmt(capsys, "-w", "ugly.soap", "bad.soap", "fine.soap")
+    assert (code, out) == (1, "ugly.soap\n")
+    assert err.startswith(BAD_ERROR)
+    assert Path("ugly.soap").read_text() == "recipe x(lr=1e-3) = momentum(0.9) |> sign\n"
+    assert fine.stat().st_mtime_ns == before
+    assert Path("bad.soap").read_text() == "recipe z(lr=1) = nope(\n"
+    assert run_fmt(capsys, "--write", "ugly.soap", "fine.soap") == (0, "", "")
+
+
+def test_write_refuses_standard_input_and_the_options_exclude_each_other(files, capsys):
+    code, out, err = run_fmt(capsys, "-w", "ugly.soap", "-")
+    assert (code, out) == (1, "")
+    assert err == "error: --write cannot rewrite standard input ('-'): leave out --write\n" + (
+        "  note: see 'soapdsl fmt --help'\n"
+    )
+    assert Path("ugly.soap").read_text().startswith("recipe   x(")
+    code, out, err = run_fmt(capsys, "--check", "--diff", "ugly.soap")
+    assert (code, out) == (1, "")
+    assert err.startswith("error: argument --diff: not allowed with argument --check")
+
+
+def test_check_reads_standard_input(files, capsys, monkeypatch):
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"recipe r(lr=1)=sign\n")))
+    assert run_fmt(capsys, "--check", "-") == (1, "<stdin>\n", "")
+
+
+def test_a_file_that_cannot_be_written_is_an_error_and_the_run_goes_on(files, capsys, monkeypatch):
+    write_bytes = Path.write_bytes
+
+    def full_disk(self, data):
+        if self.name == "full.soap":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    Path("full.soap").write_text("recipe x(lr=1)=sign\n")
+    code, out, err = run_fmt(capsys, "-w", "full.soap", "ugly.soap")
+    assert (code, out) == (1, "ugly.soap\n")
+    assert err == "error: cannot write recipe file 'full.soap': No space left on device\n"

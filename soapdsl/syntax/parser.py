@@ -315,6 +315,12 @@ def parse_file(path: str | Path, display: str | None = None) -> A.Module:
     A directory is refused by name (not as an unreadable file), and a UTF-8 byte-order mark,
     which some Windows editors write, is skipped rather than reported as a character.
     """
+    return load_file(path, display)[1]
+
+
+def load_file(path: str | Path, display: str | None = None) -> tuple[str, A.Module]:
+    """The text of a ``.soap`` file (as :func:`decode_source` reads it) and its module, as
+    :func:`parse_file` parses it: for `soapdsl fmt`, which compares the two."""
     p = Path(path)
     if p.is_dir():
         raise SoapNameError(f"{str(p)!r} is a directory, not a recipe file")
@@ -323,7 +329,8 @@ def parse_file(path: str | Path, display: str | None = None) -> A.Module:
     except OSError as e:
         raise SoapNameError(f"cannot read recipe file {str(p)!r}: {e.strerror}") from None
     try:
-        return parse(decode_source(raw, display or str(p), f"recipe file {str(p)!r}"), display or str(p))
+        text = decode_source(raw, display or str(p), f"recipe file {str(p)!r}")
+        return text, parse(text, display or str(p))
     except SoapSyntaxError as e:
         if p.suffix.lower() in (".yaml", ".yml"):
             # `soapdsl check train.yaml`, build("train.yaml", ...): a config where a recipe belongs

@@ -1,0 +1,61 @@
+"""`soapdsl fmt`: print, check, diff or rewrite .soap files in canonical form.
+
+Every file is processed: a file that cannot be read, parsed or checked has its error printed
+on stderr and the next file is taken; the status is 1 at the end if any failed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from soapdsl import library
+from soapdsl.errors import SoapError, SoapNameError
+from soapdsl.syntax.formatter import format_module
+from soapdsl.syntax.parser import load_file, parse
+
+#: what to do with each file's canonical form
+PRINT, CHECK, DIFF, WRITE = "print", "check", "diff", "write"
+
+
+def run(paths: Sequence[str], mode: str, read_stdin: Callable[[], str], stdin: str = "-") -> int:
+    """Format each of ``paths`` (``stdin``: read with ``read_stdin``) as ``mode`` says; the
+    exit status: 1 if a file failed, or, in CHECK and DIFF modes, would change."""
+    failed = changed = False
+    for path in paths:
+        try:
+            if path == stdin:
+                name, text = "<stdin>", read_stdin()
+                module = parse(text, name)
+            else:
+                name = path
+                text, module = load_file(path)
+            library.check_module(module)
+            out = format_module(module)
+            if mode == PRINT:
+                sys.stdout.write(out)
+            elif out != text:
+                changed = True
+                _report(mode, path, name, text, out)
+        except SoapError as e:
+            print(e.format(), file=sys.stderr)
+            failed = True
+    return 1 if failed or (changed and mode in (CHECK, DIFF)) else 0
+
+
+def _report(mode: str, path: str, name: str, text: str, out: str) -> None:
+    """What to do with a file whose canonical form ``out`` differs from its ``text``."""
+    if mode == CHECK:
+        print(name)
+    elif mode == DIFF:
+        for line in difflib.unified_diff(text.splitlines(True), out.splitlines(True), name, name):
+            # (only the source's last line can lack its line end: the canonical form has it)
+            sys.stdout.write(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
+    else:
+        try:
+            Path(path).write_bytes(out.encode("utf-8"))
+        except OSError as e:
+            raise SoapNameError(f"cannot write recipe file {path!r}: {e.strerror}") from None
+        print(name)
