@@ -317,6 +317,13 @@ def test_empty_lines(text, expected):
 # -- the command ----------------------------------------------------------------------------
 
 
+def test_every_shipped_source_is_in_canonical_form(capsys):
+    """`soapdsl fmt --check recipes/*.soap docs/examples/*.soap` passes: the canonical layout is
+    the one the shipped recipes are written in."""
+    assert cli.main(["fmt", "--check", *map(str, recipe_files() + EXAMPLES)]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
 @pytest.fixture
 def files(tmp_path, monkeypatch):
     """ugly.soap (not canonical), fine.soap (canonical) and bad.soap (a syntax error), in the

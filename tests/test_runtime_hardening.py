@@ -375,8 +375,8 @@ def test_two_tensors_under_one_name_are_refused():
     ("recipe", "line"),
     [
         ("soap", "recipes/soap.soap:14:5"),
-        ("soap_muon", "recipes/soap_muon.soap:21:5"),
-        ("soap_soap", "recipes/soap_soap.soap:21:8"),
+        ("soap_muon", "recipes/soap_muon.soap:24:5"),
+        ("soap_soap", "recipes/soap_soap.soap:22:8"),
     ],
 )
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
