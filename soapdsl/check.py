@@ -839,13 +839,14 @@ def check_selector(sel: A.Selector, env: Mapping[str, Any], names: Mapping[str, 
                 + f" (one of {', '.join(SELECTOR_QUANTITIES)})",
                 sel.loc,
             )
-        bound = _value(sel.value, _Scope(names, env, MacroTable()))
-        if isinstance(bound, ir.Sym):
+        # a bare name anywhere in the bound (`numel > big * 2` too) that is no recipe parameter
+        for unknown in (n for n in _names_in(sel.value) if n.id not in names):
             raise SoapNameError(
-                f"unknown name '{bound.name}' in '{sel.name} {sel.op}': a comparison takes a number or a"
-                " recipe parameter" + did_you_mean(bound.name, list(names)),
-                sel.value.loc,
+                f"unknown name '{unknown.id}' in '{sel.name} {sel.op}': a comparison takes a number or a"
+                " recipe parameter" + did_you_mean(unknown.id, list(names)),
+                unknown.loc,
             )
+        bound = _value(sel.value, _Scope(names, env, MacroTable()))
         if any(env.get(r, 0) is None for r in bound.refs()):
             return  # reads a required recipe parameter: checked when the recipe is bound
         value = bound.evaluate(env)

@@ -53,6 +53,15 @@ SOURCES = [
         r" did you mean 'big_n'\?$",
         "2:17",
     ),
+    # ... and inside arithmetic it was "arithmetic needs numbers, got big in 'big * 2'"
+    (
+        "selector-unknown-name-in-arithmetic",
+        "recipe r(lr=1, big_n=100):\n  route numel > 2 * big: sign\n  route default: lr\n",
+        SoapNameError,
+        r"^unknown name 'big' in 'numel >': a comparison takes a number or a recipe parameter;"
+        r" did you mean 'big_n'\?$",
+        "2:21",
+    ),
     # a name in a default was a symbol: "arithmetic needs numbers, got lr in 'lr * 10'"
     (
         "default-refers-to-a-parameter",
