@@ -87,28 +87,39 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+def _inverse(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
+
+
+def _one_cycle(opt):
+    """OneCycleLR with its defaults: lr and, for muon, the momentum change at every step."""
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=30)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("recipe", "kw", "shapes"),
+    ("recipe", "kw", "shapes", "schedule"),
     [
-        ("adamw", {}, {"w": (8, 12), "b": (12,)}),
-        ("muon", {}, {"w": (8, 12), "u": (12, 8), "b": (12,)}),
-        ("soap", {"freq": 3}, {"a": (8, 8), "c": (16, 16), "v": (8,)}),
-        ("card", {}, {"a": (8, 8), "c": (16, 16), "v": (8,)}),
+        ("adamw", {}, {"w": (8, 12), "b": (12,)}, _inverse),
+        ("muon", {}, {"w": (8, 12), "u": (12, 8), "b": (12,)}, _inverse),
+        ("muon", {}, {"w": (8, 12), "u": (12, 8), "b": (12,)}, _one_cycle),
+        ("soap", {"freq": 3}, {"a": (8, 8), "c": (16, 16), "v": (8,)}, _inverse),
+        ("card", {}, {"a": (8, 8), "c": (16, 16), "v": (8,)}, _inverse),
     ],
 )
-def test_compiled_route_follows_an_lr_scheduler_without_compiling_again(recipe, kw, shapes):
-    """A scheduler sets a new lr at every step: a compiled route takes it as an input of the code
-    it compiled (not a constant to compile again for, 8 times and then eagerly) and steps by it,
-    as the eager route does. Graphs compiled after the first steps would be compilations for a
-    new lr: the routes' other variants (first step, a basis not ready yet, a refresh) come early."""
+def test_compiled_route_follows_an_lr_scheduler_without_compiling_again(recipe, kw, shapes, schedule):
+    """A scheduler sets a new lr (OneCycleLR also a new momentum) at every step: a compiled route
+    takes it as an input of the code it compiled (not a constant to compile again for, 8 times
+    and then eagerly) and steps by it, as the eager route does. Graphs compiled after the first
+    steps would be compilations for a new value: the routes' other variants (first step, a basis
+    not ready yet, a refresh) come early."""
     torch._dynamo.reset()
     eager_p, compiled_p = twin_params(shapes)
     opts = [
         soapdsl.build(recipe, list(eager_p.items()), **kw),
         soapdsl.build(recipe, list(compiled_p.items()), torch_compile=True, **kw),
     ]
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1 / (1 + s)) for o in opts]
+    scheds = [schedule(o) for o in opts]
     warm = 4
     for step in range(12):
         if step == warm:
@@ -116,7 +127,7 @@ def test_compiled_route_follows_an_lr_scheduler_without_compiling_again(recipe, 
         lockstep(opts, [eager_p, compiled_p], shapes, 1, seed=step)
         for s in scheds:
             s.step()
-    assert _graphs() == graphs, f"{recipe}: compiled again for a new lr"
+    assert _graphs() == graphs, f"{recipe}: compiled again for a new {schedule.__name__} value"
     for n in shapes:
         torch.testing.assert_close(compiled_p[n], eager_p[n], rtol=1e-5, atol=1e-6)
 

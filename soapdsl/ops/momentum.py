@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 
 from soapdsl.registry import Hyper, Op, OpArgs, StateSpec, register
-from soapdsl.runtime.context import Ctx, Val
+from soapdsl.runtime.context import Ctx, Val, lerp, scale_, scaled_add
 
 
 class MomentumArgs(OpArgs):
@@ -55,12 +55,12 @@ class Momentum(Op):
         beta = self.hp("beta", ctx.group)
         buf = ctx.state(self)["buf"]
         if a.kind == "ema":
-            torch._foreach_lerp_(buf, x.ts, 1.0 - beta)
+            lerp(buf, x.ts, 1.0 - beta, out=True)
         else:
-            torch._foreach_mul_(buf, beta)
+            scale_(buf, beta)
             torch._foreach_add_(buf, x.ts)
         if not a.nesterov:
             return Val(buf, owned=False)
         if a.kind == "ema":
-            return Val(list(torch._foreach_lerp(x.ts, buf, beta)), owned=True)
-        return Val(list(torch._foreach_add(x.ts, buf, alpha=beta)), owned=True)
+            return Val(lerp(x.ts, buf, beta), owned=True)
+        return Val(scaled_add(x.ts, buf, beta), owned=True)

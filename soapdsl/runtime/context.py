@@ -43,6 +43,43 @@ def _traced() -> bool:
     return torch.compiler.is_compiling()
 
 
+def lerp(
+    starts: Sequence[torch.Tensor], ends: Sequence[torch.Tensor], weight: float, out: bool = False
+) -> list[torch.Tensor]:
+    """``start + weight * (end - start)`` for each pair, as ``torch._foreach_lerp``; with ``out``
+    into ``starts`` (in place). Traced (context ``_traced``), the weight multiplies the tensors,
+    in torch's two forms of lerp, so that a weight that changes between steps (a momentum that
+    OneCycleLR cycles) stays an input of the compiled code instead of a constant to compile for."""
+    if not _traced():
+        if out:
+            torch._foreach_lerp_(list(starts), list(ends), weight)
+            return list(starts)
+        return list(torch._foreach_lerp(list(starts), list(ends), weight))
+    res = []
+    for a, b in zip(starts, ends, strict=True):
+        v = a + weight * (b - a) if weight < 0.5 else b - (b - a) * (1.0 - weight)
+        res.append(a.copy_(v) if out else v)
+    return res
+
+
+def scaled_add(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], alpha: float) -> list[torch.Tensor]:
+    """``x + alpha * y`` for each pair, as ``torch._foreach_add(xs, ys, alpha=alpha)``; traced,
+    ``alpha`` multiplies ``y`` (see :func:`lerp`)."""
+    if not _traced():
+        return list(torch._foreach_add(list(xs), list(ys), alpha=alpha))
+    return [x + y * alpha for x, y in zip(xs, ys, strict=True)]
+
+
+def scale_(ts: Sequence[torch.Tensor], factor: float) -> None:
+    """``t *= factor`` for each tensor, as ``torch._foreach_mul_``; traced, one ``mul_`` each
+    (see :func:`lerp`)."""
+    if not _traced():
+        torch._foreach_mul_(list(ts), factor)
+        return
+    for t in ts:
+        t.mul_(factor)
+
+
 @dataclass
 class Val:
     """The value flowing through a pipeline: one tensor per bucket.
