@@ -110,8 +110,11 @@ class Bucket:
         return len(self.params)
 
 
-_DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
+#: a tensor's gradient, dtype and device, for C-level ``map`` over a cohort's parameters (a step of
+#: a model of many small tensors is host-bound); the runtime's modules share them
+GRAD_OF = operator.attrgetter("grad")
+DTYPE_OF = operator.attrgetter("dtype")
+DEVICE_OF = operator.attrgetter("device")
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ class Members:
     @classmethod
     def of(cls, buckets: Sequence[Bucket]) -> Members:
         params = [p for b in buckets for p in b.params]
-        return cls(params, list(map(_DTYPE, params)), list(map(_DEVICE, params)), any(b.stacked for b in buckets))
+        return cls(params, list(map(DTYPE_OF, params)), list(map(DEVICE_OF, params)), any(b.stacked for b in buckets))
 
 
 @dataclass
@@ -243,11 +246,7 @@ class Ctx:
         params = self.params
         rounding = self._rounding(params)
         if rounding is None:
-            if _traced():
-                for p in params:
-                    p.mul_(factor)
-            else:
-                torch._foreach_mul_(params, factor)
+            scale_(params, factor)
             return
         for p in params:
             if rounding.rounds(p):
@@ -283,7 +282,9 @@ class Ctx:
         """Whether ``ts`` (one per parameter) have the parameters' dtypes and devices, so that
         one foreach call writes them."""
         m = self._members()
-        return len(ts) == len(m.params) and list(map(_DTYPE, ts)) == m.dtypes and list(map(_DEVICE, ts)) == m.devices
+        return (
+            len(ts) == len(m.params) and list(map(DTYPE_OF, ts)) == m.dtypes and list(map(DEVICE_OF, ts)) == m.devices
+        )
 
     def _rounding(self, params: list[torch.Tensor]) -> Rounding | None:
         """The route's stochastic rounding where a write to ``params`` needs it (for the bfloat16

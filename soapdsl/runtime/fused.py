@@ -29,19 +29,15 @@ path, which gives the same numbers up to rounding. A route opts out with ``[fuse
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from soapdsl.registry import Op
-from soapdsl.runtime.context import FITS_EVERY_DTYPE
+from soapdsl.runtime.context import DEVICE_OF, DTYPE_OF, FITS_EVERY_DTYPE, GRAD_OF
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_GRAD = operator.attrgetter("grad")
-_DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
 _STRIDE = torch.Tensor.stride
 
 
@@ -146,7 +142,7 @@ class Tensors:
                 for p, mp, vp in zip(params, m, v, strict=True)
             )
         ):
-            expected = (list(map(_DTYPE, params)), list(map(_DEVICE, params)), strides)
+            expected = (list(map(DTYPE_OF, params)), list(map(DEVICE_OF, params)), strides)
         return cls(params, m, v, host_steps, kernel, buffers, calls, expected)
 
     def grads(self) -> list[torch.Tensor] | None:
@@ -157,15 +153,15 @@ class Tensors:
         lay it out anew), four passes of C-level ``map`` over the cohort say so, about a third
         of :func:`usable`'s loop; anything else is left to that loop. (A sparse gradient never
         gets here: the step's layout, built again when a gradient's layout changes, refuses it.)"""
-        grads = list(map(_GRAD, self.params))
+        grads = list(map(GRAD_OF, self.params))
         if self.expected is not None:
             dtypes, devices, strides = self.expected
             try:
                 if (
-                    list(map(_DTYPE, grads)) == dtypes
+                    list(map(DTYPE_OF, grads)) == dtypes
                     and list(map(_STRIDE, grads)) == strides
                     and list(map(_STRIDE, self.params)) == strides
-                    and list(map(_DEVICE, grads)) == devices
+                    and list(map(DEVICE_OF, grads)) == devices
                 ):
                     return grads
             except (AttributeError, RuntimeError):  # a gradient set to None, a layout without strides

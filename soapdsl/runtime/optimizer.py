@@ -43,7 +43,7 @@ from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapShapeError, So
 from soapdsl.ir import const_text
 from soapdsl.registry import Op
 from soapdsl.runtime import fused
-from soapdsl.runtime.context import Bucket, Ctx, Members, Val
+from soapdsl.runtime.context import DEVICE_OF, DTYPE_OF, GRAD_OF, Bucket, Ctx, Members, Val
 from soapdsl.runtime.dist import Splitter
 from soapdsl.runtime.fsdp import OWNER_KEY, Sharded
 from soapdsl.runtime.graphs import GraphCache
@@ -107,10 +107,7 @@ class _CompiledRoute:
 
 
 _MISSING = object()
-_GRAD = operator.attrgetter("grad")
 _SHAPE = operator.attrgetter("shape")
-_DTYPE = operator.attrgetter("dtype")
-_DEVICE = operator.attrgetter("device")
 _LAYOUT = operator.attrgetter("layout")
 
 
@@ -907,7 +904,7 @@ class SoapOptimizer(torch.optim.Optimizer):
         active = group["params"]
         if not isinstance(active, list):  # read twice below
             active = list(active)
-        grads = list(map(_GRAD, active))
+        grads = list(map(GRAD_OF, active))
         if not all(map(operator.is_not, grads, repeat(None))):
             active = [p for p, g in zip(active, grads, strict=True) if g is not None]
             grads = [g for g in grads if g is not None]
@@ -915,8 +912,8 @@ class SoapOptimizer(torch.optim.Optimizer):
         signature = (
             ids,
             tuple(map(_SHAPE, active)),
-            tuple(map(_DTYPE, active)),
-            tuple(map(_DEVICE, active)),
+            tuple(map(DTYPE_OF, active)),
+            tuple(map(DEVICE_OF, active)),
             tuple(map(_LAYOUT, grads)),
         )
         cached = self._layouts.get(rp.index)
@@ -1046,8 +1043,8 @@ class SoapOptimizer(torch.optim.Optimizer):
     def _grads(self, cohort: _Cohort) -> list[torch.Tensor]:
         """The cohort's gradients, one tensor per bucket in the bucket's state dtype."""
         if not cohort.members.stacked:  # a bucket per parameter: its gradient as it is, where its dtype is the state's
-            grads: list[torch.Tensor] = list(map(_GRAD, cohort.members.params))
-            if list(map(_DTYPE, grads)) == cohort.state_dtypes:
+            grads: list[torch.Tensor] = list(map(GRAD_OF, cohort.members.params))
+            if list(map(DTYPE_OF, grads)) == cohort.state_dtypes:
                 return grads
         grads = []
         for b, dtype in zip(cohort.buckets, cohort.state_dtypes, strict=True):
