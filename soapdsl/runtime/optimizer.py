@@ -94,15 +94,16 @@ class _CompiledRoute:
     def __init__(self, index: int) -> None:
         code = run_ops.__code__.replace(co_name=f"run_ops_route_{index}", co_qualname=f"run_ops_route_{index}")
         self.fn = torch.compile(types.FunctionType(code, run_ops.__globals__, code.co_name), dynamic=True)
-
-    def __call__(self, ctx: Ctx, ops: Sequence[Op], x: Val) -> Val:
         # torch remembers, by symbol name ("zf23"), the floats that its last compilation had to
         # make constants, and does not forget them when that compilation succeeds: the next
         # route's compilation would make constants of its own floats of the same names (a
-        # learning rate among them), and compile again for each new value
-        state = getattr(torch._dynamo.symbolic_convert, "TensorifyState", None)
-        if state is not None:
-            state.clear()
+        # learning rate among them), and compile again for each new value. Cleared before each
+        # call (a torch internal: looked up once, and left alone if a torch lacks it)
+        self._tensorify = getattr(torch._dynamo.symbolic_convert, "TensorifyState", None)
+
+    def __call__(self, ctx: Ctx, ops: Sequence[Op], x: Val) -> Val:
+        if self._tensorify is not None:
+            self._tensorify.clear()
         return self.fn(ctx, ops, x)
 
 
