@@ -297,6 +297,30 @@ def test_ctrl_c_during_a_race_ends_with_one_line_and_status_130(tmp_path):
     assert not (tmp_path / "race.json").exists()
 
 
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    script = code + "\nimport sys\nprint(' '.join(sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    return set(proc.stdout.splitlines()[-1].split())
+
+
+def test_the_commands_that_build_no_optimizer_do_not_import_dynamo():
+    """torch.compiler.disable, as a decorator at import, imports torch._dynamo: half of `import
+    soapdsl`'s 3 s, for code that runs only when something is compiled. (Building an optimizer
+    imports it all the same: torch.optim.Optimizer's add_param_group does.)"""
+    recipe = Path(__file__).parents[1] / "recipes" / "soap.soap"
+    code = (
+        "import torch, soapdsl\n"
+        "from soapdsl.cli import main\n"
+        "soapdsl.compile('soap', torch.nn.Linear(4, 3), stochastic_round=True)\n"
+        f"for argv in (['compile', 'soap_muon'], ['check', {str(recipe)!r}], ['list']):\n"
+        "    assert main(argv) == 0"
+    )
+    modules = _modules_after(code)
+    assert "torch" in modules
+    assert "torch._dynamo" not in modules
+
+
 @pytest.mark.parametrize(
     ("argv", "message", "command"),
     [

@@ -9,10 +9,11 @@ both alike and use ``torch._foreach_*`` over the bucket tensors.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from soapdsl.runtime.dist import Item, Like, Splitter
     from soapdsl.runtime.graphs import GraphCache
     from soapdsl.runtime.rounding import Rounding
+
+T = TypeVar("T")
 
 
 #: the largest float16, the narrowest dtype of a parameter or a state tensor: a host-side factor
@@ -41,6 +44,23 @@ def _traced() -> bool:
     scheduler changes at every step would compile the route again at every step, eager again
     after torch's recompile limit."""
     return torch.compiler.is_compiling()
+
+
+def eager(fn: Callable[..., T]) -> Callable[..., T]:
+    """``torch.compiler.disable(fn)``, made at the first call: torch.compile, when it traces a
+    call of the result, runs ``fn`` eagerly (a graph break). Decorating with
+    ``torch.compiler.disable`` itself imports torch._dynamo, 1.5 s of a 3 s ``import soapdsl``
+    on a CPU, for code that only runs when something is being compiled."""
+    disabled: Callable[..., T] | None = None
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> T:
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return call
 
 
 def lerp(

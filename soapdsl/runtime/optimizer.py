@@ -43,7 +43,7 @@ from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapShapeError, So
 from soapdsl.ir import const_text
 from soapdsl.registry import Op
 from soapdsl.runtime import fused
-from soapdsl.runtime.context import DEVICE_OF, DTYPE_OF, GRAD_OF, Bucket, Ctx, Members, Val
+from soapdsl.runtime.context import DEVICE_OF, DTYPE_OF, GRAD_OF, Bucket, Ctx, Members, Val, eager
 from soapdsl.runtime.dist import Splitter
 from soapdsl.runtime.fsdp import OWNER_KEY, Sharded
 from soapdsl.runtime.graphs import GraphCache
@@ -1175,7 +1175,7 @@ class SoapOptimizer(torch.optim.Optimizer):
         self._steps.update(dict.fromkeys(cohort.ids, t))  # one C-level pass: a step of many small tensors is host-bound
 
 
-@torch.compiler.disable
+@eager
 def _eager_step(opt: SoapOptimizer, closure: Callable[[], Any] | None) -> Any:
     with torch.no_grad():
         return opt._step_with(closure)

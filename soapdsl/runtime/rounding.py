@@ -49,6 +49,8 @@ from collections.abc import Mapping
 
 import torch
 
+from soapdsl.runtime.context import eager
+
 _MASK64 = (1 << 64) - 1
 #: elements drawn from one seed: an FSDP2 rank draws at most two blocks' worth it does not use
 BLOCK = 1 << 20
@@ -161,7 +163,7 @@ class Rounding:
         """Whether writes into ``p`` are rounded stochastically (bfloat16 and float16 ones are)."""
         return p.dtype in DTYPES
 
-    @torch.compiler.disable  # seeding a generator is not traceable: a compiled route writes here eagerly
+    @eager  # seeding a generator is not traceable: a compiled route writes here eagerly
     def write(self, p: torch.Tensor, value: torch.Tensor, step: int, stage: str) -> None:
         """``p <- value`` (a float32 tensor of ``p``'s shape), rounded stochastically."""
         first, total = self.first.get(id(p), (0, p.numel()))
