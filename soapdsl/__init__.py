@@ -5,8 +5,11 @@ opt = soapdsl.build("adamw", model, lr=3e-4)
 opt = soapdsl.build("momentum(0.9) |> sign |> lr", model, lr=1e-3)
 """
 
-from soapdsl.api import apply, build, compile, from_config, parse
-from soapdsl.compiler import Plan
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from soapdsl.errors import (
     SoapArgumentError,
     SoapConfigError,
@@ -19,9 +22,39 @@ from soapdsl.errors import (
     SoapSyntaxError,
     SoapWarning,
 )
-from soapdsl.runtime.optimizer import SoapOptimizer
+
+if TYPE_CHECKING:
+    from soapdsl.api import apply, build, compile, from_config, parse
+    from soapdsl.compiler import Plan
+    from soapdsl.runtime.optimizer import SoapOptimizer
 
 __version__ = "0.1.0"
+
+#: the names that need torch, imported at their first use: `soapdsl --help` and a command-line
+#: error need none of them, and importing torch takes seconds
+_LAZY = {
+    "apply": "soapdsl.api",
+    "build": "soapdsl.api",
+    "compile": "soapdsl.api",
+    "from_config": "soapdsl.api",
+    "parse": "soapdsl.api",
+    "Plan": "soapdsl.compiler",
+    "SoapOptimizer": "soapdsl.runtime.optimizer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'soapdsl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later lookups are a module attribute's
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "apply",

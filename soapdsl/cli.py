@@ -15,16 +15,18 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
-
-from soapdsl import __version__, fmt, library, registry
-from soapdsl.check import literal
-from soapdsl.compiler import compile_plan
+from soapdsl import __version__, fmt
 from soapdsl.errors import SoapArgumentError, SoapError, SoapWarning
 from soapdsl.syntax import ast as A
 from soapdsl.syntax.parser import decode_source, parse, parse_file
+
+# torch and what needs it (the operators, the compiler) are imported by the commands that use
+# them, inside main(): `soapdsl --help` and a bad command line answer without the seconds that
+# importing torch takes, and a ^C during that import is an interruption like any other
+if TYPE_CHECKING:
+    import torch
 
 #: parameter shapes `soapdsl compile` uses when none are given: a small GPT-like model
 EXAMPLE_SHAPES = (
@@ -38,6 +40,8 @@ EXAMPLE_SHAPES = (
 
 def parse_set(items: Sequence[str]) -> dict[str, Any]:
     """``k=v`` pairs; values are soapdsl literals (numbers, true/false, names, tuples)."""
+    from soapdsl.check import literal
+
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -53,6 +57,8 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
 
 def parse_shapes(text: str) -> list[tuple[str, torch.Tensor]]:
     """``name=MxN,name2=K,s=`` -> meta tensors (no memory is allocated); ``s=`` is 0-d."""
+    import torch
+
     out = []
     seen: set[str] = set()
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -102,6 +108,9 @@ def read_module(path: str) -> tuple[A.Module, str]:
 
 
 def cmd_compile(ns: argparse.Namespace) -> int:
+    from soapdsl import library
+    from soapdsl.compiler import compile_plan
+
     args = parse_set(ns.set or [])
     if ns.recipe == STDIN:  # recipe text, as if given inline (never a name or a path)
         recipe = library._from_text(read_stdin(), args, "<stdin>")
@@ -122,6 +131,8 @@ def cmd_compile(ns: argparse.Namespace) -> int:
 
 
 def cmd_check(ns: argparse.Namespace) -> int:
+    from soapdsl import library
+
     bad = 0
     for path in ns.files:
         try:
@@ -143,6 +154,8 @@ def cmd_check(ns: argparse.Namespace) -> int:
 
 
 def cmd_list(ns: argparse.Namespace) -> int:
+    from soapdsl import library, registry
+
     ops = registry.all_ops()
     width = max(len(n) for n in ops)
     print("operators:")
@@ -275,7 +288,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     f.set_defaults(func=cmd_fmt)  # no option: mode None, print
 
-    from soapdsl.race import runner as race
+    from soapdsl.race import defaults as race
 
     r = sub.add_parser(
         "race",

@@ -11,7 +11,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from soapdsl import library
 from soapdsl.errors import SoapError, SoapNameError
 from soapdsl.syntax.formatter import format_module
 from soapdsl.syntax.parser import load_file, parse
@@ -23,6 +22,8 @@ PRINT, CHECK, DIFF, WRITE = "print", "check", "diff", "write"
 def run(paths: Sequence[str], mode: str, read_stdin: Callable[[], str], stdin: str = "-") -> int:
     """Format each of ``paths`` (``stdin``: read with ``read_stdin``) as ``mode`` says; the
     exit status: 1 if a file failed, or, in CHECK and DIFF modes, would change."""
+    from soapdsl import library  # (the operators, and torch: not for the CLI's parser, which reads the modes)
+
     failed = changed = False
     for path in paths:
         try:

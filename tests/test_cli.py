@@ -304,6 +304,18 @@ def _modules_after(code: str) -> set[str]:
     return set(proc.stdout.splitlines()[-1].split())
 
 
+def test_help_and_a_bad_command_line_do_not_import_torch():
+    """Importing torch takes seconds on a CPU: `soapdsl --help` took 4 s, and a ^C during the
+    import was a traceback. The commands import torch when they run, inside main()."""
+    code = (
+        "from soapdsl.cli import main\n"
+        "for argv in (['--help'], ['race', '--help'], ['fmt', '--help'], ['race', 'adamw', '--steps', 'x']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass"
+    )
+    assert "torch" not in _modules_after(code)
+    assert "torch" not in _modules_after("import soapdsl; soapdsl.SoapError; soapdsl.__version__")
+
+
 def test_the_commands_that_build_no_optimizer_do_not_import_dynamo():
     """torch.compiler.disable, as a decorator at import, imports torch._dynamo: half of `import
     soapdsl`'s 3 s, for code that runs only when something is compiled. (Building an optimizer

@@ -5,7 +5,40 @@
 >>> print(result.table())                                      # doctest: +SKIP
 """
 
-from soapdsl.race.runner import RaceConfig, RaceResult, Row, RunResult, run_race
-from soapdsl.race.spec import RecipeSpec, parse_spec, parse_specs
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from soapdsl.race.runner import RaceConfig, RaceResult, Row, RunResult, run_race
+    from soapdsl.race.spec import RecipeSpec, parse_spec, parse_specs
+
+#: imported at their first use, as soapdsl's own names are (soapdsl/__init__.py): the command
+#: line's parser reads soapdsl.race.defaults without importing torch
+_LAZY = {
+    "RaceConfig": "soapdsl.race.runner",
+    "RaceResult": "soapdsl.race.runner",
+    "Row": "soapdsl.race.runner",
+    "RunResult": "soapdsl.race.runner",
+    "run_race": "soapdsl.race.runner",
+    "RecipeSpec": "soapdsl.race.spec",
+    "parse_spec": "soapdsl.race.spec",
+    "parse_specs": "soapdsl.race.spec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'soapdsl.race' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = ["RaceConfig", "RaceResult", "RecipeSpec", "Row", "RunResult", "parse_spec", "parse_specs", "run_race"]

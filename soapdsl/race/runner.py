@@ -25,25 +25,24 @@ from soapdsl import ir
 from soapdsl.compiler import compile_plan, mark_routes
 from soapdsl.errors import SoapArgumentError
 from soapdsl.race.data import Corpus, load_charlm
+from soapdsl.race.defaults import (
+    DEFAULT_BATCH,
+    DEFAULT_CONTEXT,
+    DEFAULT_D_MODEL,
+    DEFAULT_EVAL_BATCHES,
+    DEFAULT_HEADS,
+    DEFAULT_LAYERS,
+    DEFAULT_STEPS,
+    MAX_THREADS,
+    TASKS,
+)
 from soapdsl.race.model import CharTransformer, ModelConfig
 from soapdsl.race.progress import Progress
 from soapdsl.race.spec import RecipeSpec, lr_params, parse_grid, parse_specs, scaled_lrs
 from soapdsl.runtime.optimizer import SoapOptimizer
 
-TASKS = ("charlm",)
-
-#: defaults of `soapdsl race`: four recipes run in about 3.5 minutes on 2 CPU cores
-DEFAULT_STEPS = 300
-DEFAULT_BATCH = 32
-DEFAULT_CONTEXT = 128
-DEFAULT_D_MODEL = 128
-DEFAULT_LAYERS = 2
-DEFAULT_HEADS = 4
-DEFAULT_EVAL_BATCHES = 4
 #: EMA factor of the smoothed train loss (debiased); "steps to target" and the plot use it
 EMA_BETA = 0.9
-#: a race never takes more threads than this (a tiny model gains nothing from more)
-MAX_THREADS = 8
 
 
 @dataclass
