@@ -5,6 +5,7 @@ state dicts, LR schedulers that cycle momentum."""
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import pickle
 import re
@@ -158,6 +159,186 @@ def test_the_routes_a_checkpoint_was_saved_for_are_compared():
     saved.step()
     with pytest.raises(SoapStateError, match=r"holds routes \['\"head\*\"'\].*take routes \['default'\]"):
         soapdsl.build(text, body).load_state_dict(saved.state_dict())
+
+
+# -- torch's hyperparameter names that a recipe lacks ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("recipe", "key", "value", "message"),
+    [
+        (
+            "adamw",
+            "betas",
+            (0.5, 0.5),
+            r"param_group\['betas'\] of route 'default' would be ignored: recipe 'adamw' has no parameter"
+            r" 'betas'; write beta1 and beta2 \(torch's betas=\(beta1, beta2\) is 2 parameters here\)"
+            r" \(parameters: lr, beta1, beta2, eps, weight_decay\)$",
+        ),
+        (
+            "adamw",
+            "momentum",
+            0.5,
+            r"param_group\['momentum'\] of route 'default' would be ignored: recipe 'adamw' has no parameter"
+            r" 'momentum' \(parameters: lr, beta1, beta2, eps, weight_decay\)$",
+        ),
+        ("adamw", "amsgrad", True, r"recipe 'adamw' has no parameter 'amsgrad'"),
+        ("adamw", "maximize", True, r"recipe 'adamw' has no parameter 'maximize'"),
+        ("adamw", "foreach", True, r"has no parameter 'foreach'; soapdsl picks the kernel per route itself"),
+        # card's header has no weight_decay (nor eps): a decay loop or a torch config sets it in vain
+        ("card", "weight_decay", 0.1, r"recipe 'card' has no parameter 'weight_decay' \(parameters: lr, adam_lr\)"),
+        ("sign |> lr", "eps", 1e-3, r"route 'default' would be ignored: recipe 'inline' has no parameter 'eps'"),
+        ("muon", "betas", (0.9, 0.95), r"route 'default' would be ignored: recipe 'muon' has no parameter 'betas'"),
+    ],
+)
+def test_a_torch_hyperparameter_the_recipe_lacks_is_refused_at_the_step(recipe, key, value, message):
+    """A torch user's betas, momentum or weight_decay written into a group of a recipe that has
+    no such parameter was ignored by every step: silently other numbers than the ones meant. The
+    step refuses it before it writes any parameter, and goes on once the key is gone."""
+    a, b = _net(), _net()
+    grads = _grads(a, 3)
+    opt, twin = soapdsl.build(recipe, a), soapdsl.build(recipe, b)
+    _run(a, opt, grads[:1])
+    _run(b, twin, grads[:1])
+    before = [p.detach().clone() for p in a.parameters()]
+    group = opt.param_groups[-1]
+    group[key] = value
+    with pytest.raises(SoapArgumentError, match=message):
+        _run(a, opt, grads[1:2])
+    for p, q in zip(a.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+    del group[key]
+    _run(a, opt, grads[1:])
+    _run(b, twin, grads[1:])
+    _assert_same(a, b)
+
+
+def test_every_torch_hyperparameter_is_named_and_the_others_are_listed_in_a_note():
+    net = _net()
+    opt = soapdsl.build("adamw", net)
+    opt.param_groups[0].update(momentum=0.9, nesterov=True, initial_lr=1e-3, dampening=0.1)
+    with pytest.raises(SoapArgumentError) as info:
+        _run(net, opt, _grads(net, 1))
+    assert "param_group['momentum'] of route 'default'" in info.value.message
+    assert info.value.notes == (
+        "the group also holds 'nesterov', 'dampening', which the recipe has no parameter for either",
+    )
+
+
+def test_a_key_renamed_in_place_is_seen_though_the_group_keeps_its_size():
+    """The check looks at a group's keys again whenever they changed, not only when their count
+    did: eps renamed to torch's momentum leaves as many keys."""
+    net = _net()
+    opt = soapdsl.build("adamw", net)
+    _run(net, opt, _grads(net, 1))
+    group = opt.param_groups[0]
+    group["momentum"] = group.pop("eps")
+    with pytest.raises(SoapArgumentError, match=r"param_group\['momentum'\] of route 'default' would be ignored"):
+        _run(net, opt, _grads(net, 1))
+
+
+def test_a_config_route_override_names_its_own_recipe_and_takes_the_optimizers_defaults():
+    """An override route's group holds the overriding recipe's parameters: torch's betas there
+    names adamw's; the momentum that OneCycleLR writes into every group of muon (it is in
+    opt.defaults) is muon's, which that route does not read, as muon's own Adam routes do not."""
+    net = _net()
+    opt = soapdsl.from_config(net, {"recipe": "muon", "routes": [{"match": "embed.*", "recipe": "adamw"}]})
+    assert opt.param_groups[0]["route"] == '"embed.*"'
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=6)
+    for gs in _grads(net, 3):
+        _run(net, opt, [gs])
+        sched.step()
+    assert all("momentum" in g and "max_momentum" in g for g in opt.param_groups)
+    opt.param_groups[0]["betas"] = (0.9, 0.95)
+    with pytest.raises(
+        SoapArgumentError,
+        match=r"""param_group\['betas'\] of route '"embed\.\*"' would be ignored: recipe 'adamw' has no parameter"""
+        r" 'betas'; write beta1 and beta2 .*\(parameters: lr, beta1, beta2, eps, weight_decay\)$",
+    ):
+        _run(net, opt, _grads(net, 1))
+
+
+def test_keys_of_schedulers_trainers_and_users_are_kept_and_change_nothing():
+    """initial_lr (every LRScheduler), swa_lr (SWALR), max_lr and base_momentum style keys and a
+    user's own ("name") are no torch hyperparameters: they stay in the groups, and the steps are
+    those of an optimizer without them."""
+    a, b = _net(), _net()
+    grads = _grads(a, 4)
+    opt, twin = soapdsl.build("adamw", a), soapdsl.build("adamw", b)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    swa = torch.optim.swa_utils.SWALR(opt, swa_lr=0.05, anneal_epochs=3)
+    twin_sched = torch.optim.lr_scheduler.StepLR(twin, step_size=2, gamma=0.5)
+    twin_swa = torch.optim.swa_utils.SWALR(twin, swa_lr=0.05, anneal_epochs=3)
+    opt.param_groups[0].update(name="body", max_lr=1.0, min_lr=0.0, base_lr=1e-3, max_momentum=0.95)
+    for gs in grads:
+        _run(a, opt, [gs])
+        _run(b, twin, [gs])
+        for s in (sched, swa, twin_sched, twin_swa):
+            s.step()
+    assert {"initial_lr", "swa_lr", "name", "max_lr"} <= opt.param_groups[0].keys()
+    _assert_same(a, b)
+
+
+def test_a_copy_of_an_optimizer_whose_group_holds_a_torch_hyperparameter_refuses_it_too():
+    net = _net()
+    opt = soapdsl.build("adamw", net)
+    opt.param_groups[0]["momentum"] = 0.9
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        with pytest.raises(SoapArgumentError, match=r"recipe 'adamw' has no parameter 'momentum'"):
+            copied.step()
+
+
+def test_a_checkpoint_whose_group_holds_a_torch_hyperparameter_the_recipe_lacks_is_refused():
+    """load_state_dict copies each saved group's keys into the group: a betas saved there
+    (written by hand, or saved by a soapdsl that ignored it) would be refused at the next step,
+    far from its cause; the load refuses it, before touching any state, and says how to load."""
+    net = _net()
+    saved = soapdsl.build("adamw", net)
+    _run(net, saved, _grads(net, 2))
+    sd = saved.state_dict()
+    sd["param_groups"][0]["betas"] = (0.5, 0.5)
+    opt = soapdsl.build("adamw", net)
+    with pytest.raises(
+        SoapStateError,
+        match=r"the state dict's param_groups\[0\] \(route 'default'\) holds 'betas', but recipe 'adamw' has no"
+        r" parameter 'betas'; write beta1 and beta2 .*: the optimizer that saved it ignored it, and so would this"
+        r" one; delete sd\['param_groups'\]\[0\]\['betas'\] to load the checkpoint$",
+    ):
+        opt.load_state_dict(sd)
+    assert len(opt.state) == 0 and "betas" not in opt.param_groups[0]
+    del sd["param_groups"][0]["betas"]
+    sd["param_groups"][0]["initial_lr"] = 1e-3  # a scheduler's key loads as before
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["initial_lr"] == 1e-3
+    _run(net, opt, _grads(net, 1))
+
+
+def test_a_torch_optimizers_stepped_state_dict_is_refused_as_not_soapdsls():
+    """torch's AdamW saves betas, amsgrad, foreach... in its groups: its checkpoint is refused
+    as not a soapdsl one before any of those keys is looked at."""
+    net = _net()
+    ref = torch.optim.AdamW(net.parameters())
+    _run(net, ref, _grads(net, 1))
+    with pytest.raises(SoapStateError, match="not saved by a soapdsl optimizer"):
+        soapdsl.build("adamw", net).load_state_dict(ref.state_dict())
+
+
+def test_the_torch_hyperparameter_names_cover_every_torch_optimizer():
+    """The names are every keyword of torch.optim's optimizers' constructors (lr aside, which every
+    group holds): a torch that adds one fails here, to add it."""
+    from soapdsl.runtime.optimizer import TORCH_HYPERPARAMETERS
+
+    names = set()
+    for name in dir(torch.optim):
+        cls = getattr(torch.optim, name)
+        if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer:
+            names |= set(inspect.signature(cls.__init__).parameters) - {"self", "params", "lr"}
+    assert names <= TORCH_HYPERPARAMETERS, sorted(names - TORCH_HYPERPARAMETERS)
+    assert {"betas", "momentum", "weight_decay", "eps", "nesterov"} <= TORCH_HYPERPARAMETERS
+    # what schedulers and trainers write must not be among them
+    assert not {"lr", "initial_lr", "max_lr", "min_lr", "base_lr", "max_momentum", "base_momentum", "swa_lr"} & (
+        TORCH_HYPERPARAMETERS
+    )
 
 
 # -- copies and pickling ------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from soapdsl.compiler import (
     walk_ops,
     walk_shaped,
 )
-from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapShapeError, SoapStateError
+from soapdsl.errors import Loc, SoapArgumentError, SoapError, SoapShapeError, SoapStateError, did_you_mean
 from soapdsl.ir import const_text
 from soapdsl.registry import Op
 from soapdsl.runtime import fused
@@ -49,6 +49,8 @@ from soapdsl.runtime.fsdp import OWNER_KEY, Sharded
 from soapdsl.runtime.graphs import GraphCache
 from soapdsl.runtime.rounding import Rounding
 from soapdsl.runtime.state import OptimizerState
+from soapdsl.syntax import ast as A
+from soapdsl.syntax.printer import format_selector
 
 __all__ = ["SoapOptimizer"]
 
@@ -186,6 +188,61 @@ def _step_value(name: str, value: Any) -> float:
     return count
 
 
+#: the hyperparameters of torch.optim's optimizers (their constructors' keywords but params and
+#: lr, which every group holds): a key a torch user writes into a param_group expecting a step to
+#: follow it. A group that holds one its recipe has no parameter for is refused (a step would
+#: ignore it: silently other numbers than the user meant); every other key (a scheduler's
+#: initial_lr, max_lr or base_momentum, SWALR's swa_lr, a user's own) is the user's to keep.
+TORCH_HYPERPARAMETERS = frozenset(
+    {
+        "adjust_lr_fn",
+        "alpha",
+        "amsgrad",
+        "beta2_decay",
+        "betas",
+        "capturable",
+        "centered",
+        "d",
+        "dampening",
+        "decoupled_weight_decay",
+        "differentiable",
+        "eps",
+        "etas",
+        "foreach",
+        "fused",
+        "history_size",
+        "initial_accumulator_value",
+        "lambd",
+        "line_search_fn",
+        "lr_decay",
+        "max_eval",
+        "max_iter",
+        "maximize",
+        "momentum",
+        "momentum_decay",
+        "nesterov",
+        "ns_coefficients",
+        "ns_steps",
+        "rho",
+        "step_sizes",
+        "t0",
+        "tolerance_change",
+        "tolerance_grad",
+        "weight_decay",
+    }
+)
+
+
+def _recipe_of(plan: Plan, rp: RoutePlan) -> str:
+    """The name of the recipe whose parameters ``rp``'s param_group holds: the plan's own, or
+    for a route that a config's route override added (they come first), the overriding one's."""
+    if rp.index >= len(plan.routes) - len(plan.recipe.routes):
+        return plan.recipe.name
+    sel = rp.route.selector  # the override's selector, or (it, the overriding recipe's route's)
+    texts = {format_selector(sel)} | ({format_selector(sel.items[0])} if isinstance(sel, A.SelAnd) else set())
+    return next((name for text, name, _ in plan.overrides if text in texts), plan.recipe.name)
+
+
 _GROUPS_ARE_ROUTES = (
     "a soapdsl optimizer's param_groups are its routes; build a new optimizer (or add a route to the"
     " recipe) to optimize more parameters"
@@ -206,6 +263,22 @@ def _identify(opt: Any, sd: dict[str, Any]) -> None:
     if opt._shards is not None:
         sd["soapdsl"]["shards"] = opt._shards.shards()
         opt._shards.for_checkpointers(sd)
+
+
+def _lacks(plan: Plan, rp: RoutePlan, key: str) -> str:
+    """``recipe 'r' has no parameter 'key'``, with a hint and the parameters the group holds."""
+    params = list(rp.hyper)
+    return (
+        f"recipe '{_recipe_of(plan, rp)}' has no parameter '{key}'"
+        + did_you_mean(key, params)
+        + f" (parameters: {', '.join(params)})"
+    )
+
+
+def _also(unknown: list[str]) -> list[str]:
+    """The note naming the torch hyperparameters past the first that a group has no parameter for."""
+    rest = ", ".join(f"'{k}'" for k in unknown[1:])
+    return [f"the group also holds {rest}, which the recipe has no parameter for either"] if rest else []
 
 
 def _fixed_state_error(key: str, saved: Any, built: Any, why: str) -> SoapStateError:
@@ -402,6 +475,12 @@ class SoapOptimizer(torch.optim.Optimizer):
             for rp in self._routes
         ]
         self._validated: list[tuple[Any, ...] | None] = [None] * len(self._routes)
+        # the keys each group held when last checked for torch hyperparameters it has no
+        # parameter for (None: check at the next step), and those of them it may hold: its
+        # recipe's parameters, and the optimizer's (defaults: what OneCycleLR writes into every
+        # group, a config override's route included)
+        self._keys: list[frozenset[Any] | None] = [None] * len(self._routes)
+        self._own: list[frozenset[str]] = [frozenset(rp.hyper) | frozenset(plan.args) for rp in self._routes]
         # hyperparameters a route reads once, when it is built, with the values it read
         self._fixed: list[tuple[tuple[str, Any], ...]] = fixed or [
             tuple((k, rp.hyper[k]) for k in sorted(rp.fixed)) for rp in self._routes
@@ -546,7 +625,10 @@ class SoapOptimizer(torch.optim.Optimizer):
 
         Values the stages follow are validated again whenever they changed since the last
         step; values fixed when the optimizer was built must not have changed (a few dict
-        lookups: they are normally the very objects the optimizer was built with)."""
+        lookups: they are normally the very objects the optimizer was built with). The group's
+        keys are looked at again only when they changed since the last step."""
+        if group.keys() != self._keys[i]:
+            self._check_keys(i, rp, group)
         for key, built in self._fixed[i]:
             value = group.get(key, built)
             if value is not built and not _equal(value, built):
@@ -570,6 +652,23 @@ class SoapOptimizer(torch.optim.Optimizer):
         # a value converted from another type (a tensor may change in place) is checked every step
         self._validated[i] = None if changed else values
         return view
+
+    def _check_keys(self, i: int, rp: RoutePlan, group: dict[str, Any]) -> None:
+        """Refuse a torch hyperparameter in ``group`` that its recipe has no parameter for."""
+        unknown = self._unknown_keys(i, group)
+        if unknown:
+            raise SoapArgumentError(
+                f"param_group['{unknown[0]}'] of route '{rp.selector}' would be ignored: "
+                + _lacks(self.plan, rp, unknown[0]),
+                notes=_also(unknown),
+            )
+        self._keys[i] = frozenset(group)
+
+    def _unknown_keys(self, i: int, group: Mapping[Any, Any]) -> list[str]:
+        """The keys of ``group`` (route ``i``'s, or a checkpoint's for it) that torch's optimizers
+        take and its recipe has no parameter for, in the group's order."""
+        own = self._own[i]
+        return [k for k in group if k in TORCH_HYPERPARAMETERS and k not in own]
 
     def _fixed_error(self, i: int, rp: RoutePlan, key: str, value: Any, built: Any) -> SoapArgumentError:
         """The error for a param_group value that the route read once, when it was built."""
@@ -738,6 +837,18 @@ class SoapOptimizer(torch.optim.Optimizer):
                 f"state dict has routes with {theirs} parameters, this optimizer has {mine}:"
                 " it was saved for a different model"
             )
+        for i, (rp, saved) in enumerate(zip(self._routes, groups, strict=True)):
+            # load would copy it into the group, and the next step refuse it, far from its cause
+            unknown = self._unknown_keys(i, saved)
+            if unknown:
+                key = unknown[0]
+                raise SoapStateError(
+                    f"the state dict's param_groups[{i}] (route '{rp.selector}') holds '{key}', but "
+                    + _lacks(self.plan, rp, key)
+                    + ": the optimizer that saved it ignored it, and so would this one;"
+                    f" delete sd['param_groups'][{i}]['{key}'] to load the checkpoint",
+                    notes=_also(unknown),
+                )
         shards = meta.get("shards")
         if self._shards is None and isinstance(shards, dict) and shards.get("world") != 1:
             # one rank's share (of one rank, the whole): loaded as a whole, the parameters that
