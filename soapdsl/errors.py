@@ -285,11 +285,17 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str:
             " AdamW, batched by shape elsewhere (soapdsl compile shows which)"
         )
     if name == "betas":
-        # torch's spelling, which difflib would answer with beta2 alone
-        betas = [f"beta{i}" for i in range(1, 10) if f"beta{i}" in names]
-        if len(betas) > 1:
-            listed = ", ".join(betas[:-1]) + " and " + betas[-1]
-            return f"; write {listed} (torch's betas=({', '.join(betas)}) is {len(betas)} parameters here)"
+        # torch's spelling, which difflib would answer with beta2 alone; muon's Adam routes
+        # spell theirs adam_beta1 and adam_beta2
+        sets = []
+        for prefix in sorted({n[: -len("beta1")] for n in names if n.endswith("beta1")}, key=len):
+            betas = [f"{prefix}beta{i}" for i in range(1, 10) if f"{prefix}beta{i}" in names]
+            if len(betas) > 1:
+                sets.append(betas)
+        if sets:
+            first = sets[0]
+            written = ", or ".join(", ".join(b[:-1]) + " and " + b[-1] for b in sets)
+            return f"; write {written} (torch's betas=({', '.join(first)}) is {len(first)} parameters here)"
     match = difflib.get_close_matches(name, sorted(names), n=1, cutoff=0.65)
     return f"; did you mean '{match[0]}'?" if match else ""
 

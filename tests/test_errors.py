@@ -501,6 +501,16 @@ COMPILE = [
         None,
     ),
     (
+        # muon's Adam routes spell theirs with a prefix
+        "torch-betas-prefixed",
+        "muon",
+        {"w": (2, 2)},
+        {"betas": (0.9, 0.99)},
+        SoapNameError,
+        r"recipe 'muon' has no parameter 'betas'; write adam_beta1 and adam_beta2 \(torch's betas=\(adam_beta1,",
+        None,
+    ),
+    (
         "arg-out-of-range",
         "adamw",
         {"w": (2, 2)},
