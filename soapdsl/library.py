@@ -77,7 +77,30 @@ def inline_recipe(pipeline: A.Pipeline, macros: MacroTable, params: Mapping[str,
     header = {"lr": 1e-3, **params}
     route = A.Route(A.SelName("default", pipeline.loc), (), pipeline, pipeline.loc)
     recipe = A.Recipe("inline", (), (route,), "", True, pipeline.loc)
-    return check_recipe(recipe, macros, extra_params=header)
+    out = check_recipe(recipe, macros, extra_params=header)
+    read = out.routes[0].pipeline.refs()
+    unread = [k for k in params if k != "lr" and k not in read]
+    if unread:
+        # a stage's argument does not default to a parameter of its name: `decay` with
+        # weight_decay=0.5 given would decay by its own 0.01, and nothing would say so
+        raise SoapNameError(
+            f"no stage of the inline pipeline reads '{unread[0]}' ({unread[0]}="
+            f"{ir.const_text(params[unread[0]])} is given): a stage's argument does not take a parameter"
+            " of its name by itself; name the parameter where a stage should read it"
+            + _reader_hint(unread[0], out.routes[0].pipeline),
+            pipeline.loc,
+            notes=[f"no stage reads '{k}' either" for k in unread[1:]],
+        )
+    return out
+
+
+def _reader_hint(name: str, pipeline: ir.Pipeline) -> str:
+    """``, as in decay(weight_decay=weight_decay)`` for a stage with an argument called ``name``."""
+    for _, stage in pipeline.walk():
+        op = registry.get(stage.op)
+        if op is not None and name in op.Args.model_fields:
+            return f", as in {stage.op}({name}={name})"
+    return ""
 
 
 def _pick(

@@ -501,6 +501,18 @@ COMPILE = [
         None,
     ),
     (
+        # a stage's argument does not default to the parameter of its name: decay decayed by
+        # its own 0.01 while weight_decay=0.5 sat in the param_group
+        "inline-unread-parameter",
+        "sign |> decay |> lr",
+        {"w": (2, 2)},
+        {"weight_decay": 0.5},
+        SoapNameError,
+        r"^no stage of the inline pipeline reads 'weight_decay' \(weight_decay=0\.5 is given\).*"
+        r" as in decay\(weight_decay=weight_decay\)$",
+        "1:1",
+    ),
+    (
         # muon's Adam routes spell theirs with a prefix
         "torch-betas-prefixed",
         "muon",

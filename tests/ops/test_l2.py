@@ -77,7 +77,7 @@ def test_decay_term_reaches_the_second_moment_when_the_update_is_not_the_gradien
 def test_skipped_when_zero(recipe: str) -> None:
     (params,) = _tensors(6, 1)
     plain = [p.clone() for p in params]
-    opt = soapdsl.build(recipe, params, lr=0.1, w=0.0)
+    opt = soapdsl.build(recipe, params, lr=0.1, **({"w": 0.0} if "(w)" in recipe else {}))
     opt_plain = soapdsl.build("momentum(0.9) |> lr", plain, lr=0.1)
     for gs in _tensors(7, 3):
         _step(opt, params, gs)
