@@ -35,8 +35,10 @@ from soapdsl.errors import (
     SoapRecipeError,
     SoapRouteError,
     SoapShapeError,
+    SoapWarning,
     decimal_comma_hint,
     did_you_mean,
+    warn,
 )
 from soapdsl.registry import walk_ops as walk_ops  # defined beside Op.children; callers import it from here
 from soapdsl.runtime.fused import FusedAdam
@@ -660,6 +662,11 @@ def compile_plan(
         rp.params.append(ParamEntry(name, shape, t.dtype, rp.index, 0, notes))
         rp.tensors.append(t)
     for rp in routes:
+        names = [e.name for e in rp.params]
+        for op in walk_ops(rp.ops):
+            problem = op.share_problem(names)
+            if problem is not None:
+                warn(SoapWarning(problem, getattr(op, "loc", None)))
         rp.leaders = share_leaders(rp)
         for i, e in enumerate(rp.params):
             e.state_bytes = op_state_bytes(

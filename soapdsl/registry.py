@@ -22,7 +22,7 @@ import inspect
 import math
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, get_args, get_origin
 
@@ -299,6 +299,11 @@ class Op:
     def share_key(self, name: str) -> str:
         """Parameters with equal keys share this op's ``shared`` state (default: none share)."""
         return name
+
+    def share_problem(self, names: Sequence[str]) -> str | None:
+        """Why this op's sharing, as its arguments ask for it, shares nothing between the
+        parameters ``names`` of its route (a pattern that matches none of them), or None."""
+        return None
 
     # -- run time -------------------------------------------------------------------------
 

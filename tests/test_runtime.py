@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -248,7 +249,10 @@ def test_every_shipped_recipe_steps_bf16_parameters(recipe):
     params = {n: torch.nn.Parameter((0.01 * torch.randn(s)).bfloat16()) for n, s in BF16_SHAPES.items()}
     start = {n: p.detach().clone() for n, p in params.items()}
     freq = {"freq": 2} if "freq" in shipped(recipe).defaults() else {}
-    opt = soapdsl.build(recipe, list(params.items()), **freq)
+    # names without a block index: the shared bases share nothing, and soapdsl says so
+    shares = pytest.warns(soapdsl.SoapWarning, match="matches none") if recipe == "soap_muon_shared" else nullcontext()
+    with shares:
+        opt = soapdsl.build(recipe, list(params.items()), **freq)
     g = torch.Generator().manual_seed(1)
     for _ in range(7):
         for p in params.values():

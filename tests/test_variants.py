@@ -3,6 +3,8 @@ from ALGORITHMS.md in tests/references_variants.py."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -201,6 +203,30 @@ def test_soap_muon_shared_allocates_one_factor_and_basis_per_group():
     text = shared.to_text()
     assert "blocks.0.fc.weight, blocks.1.fc.weight" in text
     assert "sharing saves 8.00 KiB of state" in text
+
+
+@pytest.mark.parametrize(
+    ("share", "message"),
+    [
+        # a model whose blocks are 'layer.N' (BERT's 'encoder.layer.3.'): nothing matched, so
+        # soap_muon_shared was soap_muon without a word
+        (r"layers\.(\d+)\.", re.escape(r"share='layers\\.(\\d+)\\.' matches none of the route's 8 parameter names")),
+        ("(blo)cks", re.escape("captures 'blo' in 'blocks.0.fc.weight', not a layer index")),
+    ],
+)
+def test_a_share_pattern_that_groups_nothing_is_a_warning(share, message):
+    params = [(f"blocks.{i}.{w}.weight", torch.empty(6, 6, device="meta")) for i in range(4) for w in ("fc", "proj")]
+    with pytest.warns(soapdsl.SoapWarning, match=message) as caught:
+        plan = soapdsl.compile("soap_muon_shared", params, share=share)
+    assert len(caught) == 1
+    assert "sharing saves" not in plan.to_text()
+
+
+def test_a_share_pattern_that_groups_is_not_a_warning_nor_one_parameter():
+    params = [(f"blocks.{i}.fc.weight", torch.empty(6, 6, device="meta")) for i in range(2)]
+    soapdsl.compile("soap_muon_shared", params)  # SoapWarning is an error in the tests
+    soapdsl.compile("soap_muon_shared", [("w", torch.empty(6, 6, device="meta"))])
+    soapdsl.compile("soap_muon_shared", params, share=r"blocks\.(\d+)\.", share_size=0)  # all in one group
 
 
 def test_sharing_needs_every_member_to_step():

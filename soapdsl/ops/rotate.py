@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Sequence
 from typing import Any, Literal, Union
 
 import torch
@@ -152,7 +153,9 @@ class Rotate(Op):
             Members of a group are stacked into one batch: they need equal shapes, dtypes and
             devices, and a batched route (checked when the optimizer is built). A parameter
             that does not require a gradient when the optimizer is built is left out: it never
-            steps, so it adds nothing and holds nothing. Empty: no sharing.
+            steps, so it adds nothing and holds nothing. Empty: no sharing. A pattern that
+            matches none of a route's parameter names, or captures something other than a
+            number (with share_size > 0), shares nothing: a SoapWarning says so.
         share_size: how many consecutive indices form a group (2: adjacent blocks); 0 puts
             every index in one group (all the experts of a layer).
         permute: which second moments a refresh permutes: "all" (the block's own and those of
@@ -238,6 +241,26 @@ class Rotate(Op):
         index = m.group(1)
         group = "*" if a.share_size == 0 else str(int(index) // a.share_size) if index.isdigit() else index
         return f"{name[: m.start(1)]}<{group}>{name[m.end(1) :]}"
+
+    def share_problem(self, names: Sequence[str]) -> str | None:
+        a = self._args()
+        if not a.share or len(names) < 2:  # (one parameter shares with nobody whatever it says)
+            return None
+        matches = [(n, m) for n in names if (m := re.search(a.share, n)) is not None]
+        said = f"share={a.share!r}"
+        if not matches:
+            return (
+                f"{said} matches none of the route's {len(names)} parameter names (such as"
+                f" '{names[0]}'): every parameter keeps a basis of its own"
+            )
+        name, m = next(((n, m) for n, m in matches if not m.group(1).isdigit()), (None, None))
+        if name is not None and m is not None and a.share_size != 0:
+            return (
+                f"{said} captures '{m.group(1)}' in '{name}', not a layer index: only numbers are"
+                f" grouped by index // share_size ({a.share_size}), so names that differ there"
+                " never share a basis"
+            )
+        return None
 
     def host_state(self, shape: tuple[int, ...]) -> dict[str, Any]:
         return {"ready": False, "beta": None}
