@@ -113,7 +113,7 @@ def cmd_compile(ns: argparse.Namespace) -> int:
 
     args = parse_set(ns.set or [])
     if ns.recipe == STDIN:  # recipe text, as if given inline (never a name or a path)
-        recipe = library._from_text(read_stdin(), args, "<stdin>")
+        recipe = library.from_text(read_stdin(), args, "<stdin>")
     else:
         recipe = library.resolve(ns.recipe, args)
     shapes = parse_shapes(EXAMPLE_SHAPES if ns.shapes is None else ns.shapes)
@@ -137,11 +137,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
     for path in ns.files:
         try:
             module, path = read_module(path)
-            recipes, _ = library.check_module(module)
-            if module.pipeline is not None:
-                if recipes:
-                    library._pick(module, recipes, library.library().macros, None, {})
-                library.inline_recipe(module.pipeline, library.library().macros.with_module(module), {}, path)
+            recipes, _ = library.check_source(module)
         except SoapError as e:
             print(e.format(), file=sys.stderr)
             bad += 1

@@ -33,7 +33,7 @@ def run(paths: Sequence[str], mode: str, read_stdin: Callable[[], str], stdin: s
             else:
                 name = path
                 text, module = load_file(path)
-            library.check_module(module)
+            library.check_source(module)  # as `soapdsl check` checks it
             out = format_module(module)
             if mode == PRINT:
                 sys.stdout.write(out)

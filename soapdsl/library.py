@@ -58,7 +58,8 @@ def shipped(name: str) -> ir.Recipe:
 
 
 def check_module(module: A.Module) -> tuple[list[ir.Recipe], MacroTable]:
-    """Check every definition of a module against the prelude (what `soapdsl check` does)."""
+    """Check every definition (macro and recipe) of a module against the prelude; a bare
+    pipeline is left to the caller, who knows its arguments (``check_source`` checks it too)."""
     macros = library().macros.with_module(module)
     for m in module.macros:
         check_macro(m, macros)
@@ -70,6 +71,26 @@ def check_module(module: A.Module) -> tuple[list[ir.Recipe], MacroTable]:
         seen[r.name] = r
         out.append(check_recipe(r, macros))
     return out, macros
+
+
+def check_source(module: A.Module) -> tuple[list[ir.Recipe], MacroTable]:
+    """Check a whole source as ``soapdsl check`` and ``soapdsl fmt`` do: its macros and recipes,
+    and a bare pipeline, as an inline recipe given no arguments; a source that defines recipes
+    cannot also end in one. Returns the checked recipes and the macros the source sees."""
+    recipes, macros = check_module(module)
+    if module.pipeline is not None:
+        if recipes:
+            raise _pipeline_after_recipes(module.pipeline)
+        inline_recipe(module.pipeline, macros, {}, module.file)
+    return recipes, macros
+
+
+def _pipeline_after_recipes(pipeline: A.Pipeline) -> SoapSyntaxError:
+    loc = pipeline.loc
+    # a bare pipeline normally starts a line; one that starts mid-line is a missing '|>'
+    # (`recipe r(lr=1) = sign sign` reads as the recipe `sign`, then the pipeline `sign`)
+    notes = () if loc is None or loc.col == 1 else (MISSING_PIPE,)
+    return SoapSyntaxError("a source that defines recipes cannot also end in a bare pipeline", loc, notes=notes)
 
 
 def inline_recipe(pipeline: A.Pipeline, macros: MacroTable, params: Mapping[str, Any], file: str) -> ir.Recipe:
@@ -131,11 +152,7 @@ def _pick(
     if module.pipeline is not None and not recipes:
         return inline_recipe(module.pipeline, macros, params, module.file)
     if module.pipeline is not None:
-        loc = module.pipeline.loc
-        # a bare pipeline normally starts a line; one that starts mid-line is a missing '|>'
-        # (`recipe r(lr=1) = sign sign` reads as the recipe `sign`, then the pipeline `sign`)
-        notes = () if loc is None or loc.col == 1 else (MISSING_PIPE,)
-        raise SoapSyntaxError("a source that defines recipes cannot also end in a bare pipeline", loc, notes=notes)
+        raise _pipeline_after_recipes(module.pipeline)
     if not recipes:
         raise SoapNameError(f"{module.file} defines no recipe and no pipeline")
     if len(recipes) == 1:
@@ -189,7 +206,7 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None, file: str
         if registry.get(text) is None and text not in library().macros.macros:
             raise _unknown_recipe(text)
     if "\n" in text:
-        return _from_text(spec, params, file)
+        return from_text(spec, params, file)
     path_part, sep, name = text.partition("::")
     if path_part.endswith(".soap") or names_a_file(path_part):
         return _from_file(text, params)
@@ -207,7 +224,7 @@ def resolve(spec: str | Path, params: Mapping[str, Any] | None = None, file: str
             )
         return shipped(path_part)
     try:
-        return _from_text(spec, params, file)
+        return from_text(spec, params, file)
     except SoapSyntaxError as e:
         if _PATHLIKE.match(text) and ("/" in text or "." in text):
             # `my_recipe.sop`, `recipes/muon`: a mistyped path was read as recipe text
@@ -245,7 +262,9 @@ def _no_name_after(text: str, names: list[str], where: str, holds: str = "") -> 
     return SoapNameError(f"'{text.strip()}' names no recipe after '::' ({fix})")
 
 
-def _from_text(spec: str, params: Mapping[str, Any], file: str = "<inline>") -> ir.Recipe:
+def from_text(spec: str, params: Mapping[str, Any] | None = None, file: str = "<inline>") -> ir.Recipe:
+    """Recipe text (one recipe, or a bare pipeline), never a name or a path, to checked IR:
+    ``soapdsl compile -``. ``params`` and ``file`` are as for ``resolve``."""
     module = parse(spec, file)
     recipes, macros = check_module(module)
-    return _pick(module, recipes, macros, None, params, text=True)
+    return _pick(module, recipes, macros, None, dict(params or {}), text=True)

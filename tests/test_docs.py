@@ -2,8 +2,8 @@
 
 * docs/operators.md is exactly what ``python -m soapdsl.docgen`` renders from the registry.
 * Every ```soap block in docs/*.md and README.md parses; a block whose first line is not
-  ``# parse-only`` must also pass the checker (recipes and macros through
-  ``library.check_module``, a bare pipeline through ``library.resolve``).
+  ``# parse-only`` must also pass the checker, as ``soapdsl check`` runs it
+  (``library.check_source``: recipes, macros and a bare pipeline).
 * Each file in docs/examples is the ```soap block that names it in its first line.
 * Every ``$ soapdsl check`` and ``$ soapdsl compile`` transcript prints what the docs show. It
   runs in an empty folder holding the files the transcript shows with ``$ cat NAME`` and those
@@ -128,11 +128,7 @@ def test_soap_block(where: str, text: str) -> None:
     if text.lstrip().startswith(PARSE_ONLY):
         return
     try:
-        if module.definitions:
-            recipes, _ = library.check_module(module)
-            assert module.pipeline is None or not recipes, f"{where}: recipes and a bare pipeline"
-        if module.pipeline is not None:
-            library.resolve(text)
+        library.check_source(module)  # as `soapdsl check` checks it
     except soapdsl.SoapError as e:
         pytest.fail(
             f"{where}: example parses but does not check (mark it `{PARSE_ONLY}` if it uses"

@@ -417,3 +417,26 @@ def test_a_file_that_cannot_be_written_is_an_error_and_the_run_goes_on(files, ca
     code, out, err = run_fmt(capsys, "-w", "full.soap", "ugly.soap")
     assert (code, out) == (1, "ugly.soap\n")
     assert err == "error: cannot write recipe file 'full.soap': No space left on device\n"
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("momentum(0.9) |> sgn\n", "b.soap:1:18: error: unknown operator 'sgn'; did you mean 'sign'?"),
+        ("momentum(1.5) |> sign\n", "b.soap:1:10: error: invalid beta=1.5 for 'momentum': must be < 1.0"),
+        ("sign |> lr |> lr\n", "b.soap:1:15: error: the update is applied twice ('lr' again; first at b.soap:1:9)"),
+        (
+            "recipe r(lr=1) = sign\nsign |> lr\n",
+            "b.soap:2:1: syntax error: a source that defines recipes cannot also end in a bare pipeline",
+        ),
+    ],
+    ids=["unknown operator", "bad argument", "lr twice", "recipes and a pipeline"],
+)
+def test_a_bare_pipeline_is_checked_as_soapdsl_check_checks_it(files, capsys, text, error):
+    """fmt checked a source's recipes and macros but not its bare pipeline: `momentum(0.9) |> sgn`
+    printed with status 0, and `fmt --check` passed it, where `soapdsl check` refused it."""
+    Path("b.soap").write_text(text)
+    code, out, err = cli.main(["check", "b.soap"]), *capsys.readouterr()
+    assert (code, out, err.splitlines()[0]) == (1, "", error)
+    for mode in ([], ["--check"], ["--diff"]):
+        assert run_fmt(capsys, *mode, "b.soap") == (1, "", err)

@@ -92,9 +92,7 @@ def test_token_soup_only_raises_soap_errors(text):
         return
     assert_fmt_keeps(text)  # comments ("#c") included
     try:
-        recipes, macros = library.check_module(module)
-        if module.pipeline is not None and not recipes:
-            library.inline_recipe(module.pipeline, macros, {}, "<inline>")
+        library.check_source(module)
     except SoapError:
         pass
 
