@@ -107,6 +107,13 @@ def read_module(path: str) -> tuple[A.Module, str]:
     return parse_file(path), path
 
 
+def refuse_stdin_twice(prog: str, files: Sequence[str]) -> None:
+    """The first '-' would read all of standard input and a second find it empty (`soapdsl check
+    - -` checked the text, then said the empty source after it was ok)."""
+    if list(files).count(STDIN) > 1:
+        raise bad_command_line(prog, "'-' is given more than once: standard input can be read only once")
+
+
 def cmd_compile(ns: argparse.Namespace) -> int:
     from soapdsl import library
     from soapdsl.compiler import compile_plan
@@ -131,6 +138,7 @@ def cmd_compile(ns: argparse.Namespace) -> int:
 
 
 def cmd_check(ns: argparse.Namespace) -> int:
+    refuse_stdin_twice("soapdsl check", ns.files)
     from soapdsl import library
 
     bad = 0
@@ -176,6 +184,7 @@ def cmd_list(ns: argparse.Namespace) -> int:
 def cmd_fmt(ns: argparse.Namespace) -> int:
     if ns.mode == fmt.WRITE and STDIN in ns.files:
         raise bad_command_line("soapdsl fmt", "--write cannot rewrite standard input ('-'): leave out --write")
+    refuse_stdin_twice("soapdsl fmt", ns.files)
     return fmt.run(ns.files, ns.mode or fmt.PRINT, read_stdin, STDIN)
 
 

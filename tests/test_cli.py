@@ -348,6 +348,9 @@ def test_the_commands_that_build_no_optimizer_do_not_import_dynamo():
         ),
         (["lsit"], "argument command: invalid choice: 'lsit' (choose from 'compile',", "soapdsl"),
         ([], "the following arguments are required: command", "soapdsl"),
+        # the second '-' found standard input empty: `check - -` said "<stdin>: ok (empty)"
+        (["check", "-", "-"], "'-' is given more than once: standard input", "soapdsl check"),
+        (["fmt", "--check", "-", "x.soap", "-"], "'-' is given more than once: standard input", "soapdsl fmt"),
     ],
 )
 def test_a_bad_command_line_is_one_error_with_status_1(capsys, argv, message, command):
