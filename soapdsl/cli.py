@@ -159,6 +159,7 @@ def cmd_check(ns: argparse.Namespace) -> int:
 
 def cmd_list(ns: argparse.Namespace) -> int:
     from soapdsl import library, registry
+    from soapdsl.check import constant
 
     ops = registry.all_ops()
     width = max(len(n) for n in ops)
@@ -176,7 +177,10 @@ def cmd_list(ns: argparse.Namespace) -> int:
             print(f"      {doc}")
     print("\nmacros (prelude):")
     for name, m in sorted(lib.macros.macros.items()):
-        params = ", ".join(p.name for p in m.params)
+        # defaults as a recipe's are shown (0.9, 1e-08); a required parameter bare
+        params = ", ".join(
+            p.name if p.default is None else f"{p.name}={library.ir.const_text(constant(p.default))}" for p in m.params
+        )
         print(f"  {name}({params})")
     return 0
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import soapdsl
 from soapdsl import library, registry
 from soapdsl.cli import main
 
@@ -180,6 +181,21 @@ def test_list_shows_every_op_and_recipe(capsys):
         assert f"  {name}" in out and cls.summary() in out
     for name in library.shipped_names():
         assert f"  {name}(lr=" in out
+
+
+def test_list_shows_a_macros_defaults_as_a_recipes(capsys, monkeypatch):
+    """The prelude's macros were listed as `adam(beta1, beta2, eps)`, as if every argument had to
+    be given, where prelude.soap has `adam(beta1=0.9, beta2=0.999, eps=1e-8)`."""
+    lib = library.library()
+    extra = soapdsl.parse("macro needs(k, eps=-2.5e-3) = scale(k) |> sign\n")  # a required parameter
+    monkeypatch.setattr(library, "library", lambda: library.Library(lib.recipes, lib.macros.with_module(extra)))
+    code, out, _ = run(capsys, "list")
+    assert code == 0
+    recipes, macros = out.split("\nrecipes:\n")[1].split("\nmacros (prelude):\n")
+    assert "  adam(lr=0.001, beta1=0.9, beta2=0.999, eps=1e-08, weight_decay=0)\n" in recipes
+    assert "  adam(beta1=0.9, beta2=0.999, eps=1e-08)\n" in macros
+    assert "  adamw(beta1=0.9, beta2=0.999, eps=1e-08, weight_decay=0.01)\n" in macros
+    assert "  needs(k, eps=-0.0025)\n" in macros
 
 
 def test_every_option_says_its_default():
