@@ -487,6 +487,9 @@ def _pipeline(p: A.Pipeline, scope: _Scope) -> ir.Pipeline:
     while i < len(stages):
         s = stages[i]
         before = len(out)
+        problem = None if s.label is None else boolean_name_problem(s.label, "a label")
+        if problem:  # `from=true` reads the boolean, not the stage
+            raise SoapNameError(problem, _label_loc(s))
         cls = registry.get(s.name)
         visible = {**scope.labels, **{k: where for k, (where, _) in labels.items()}}
         if cls is not None:
@@ -734,8 +737,25 @@ def _expand(
 RESERVED_PARAMS = ("params", "route", "recipe", "initial_lr")
 
 
+#: the words that are the booleans wherever a value is written (`scale(true)`), so a parameter
+#: or a label of that name could never be read: docs/language.md, section 15
+BOOLEANS = ("true", "false")
+
+
+def boolean_name_problem(name: str, what: str = "a parameter") -> str | None:
+    """Why ``name`` may not name a parameter (of a recipe or a macro) or a label, or None."""
+    if name in BOOLEANS:
+        return (
+            f"'{name}' cannot be the name of {what}: `{name}` is always the boolean where a value is"
+            " written, so no argument could read it; choose another name"
+        )
+    return None
+
+
 def reserved_param_problem(name: str) -> str | None:
     """Why a recipe parameter may not be called ``name``, or None."""
+    if name in BOOLEANS:
+        return boolean_name_problem(name)
     if name in RESERVED_PARAMS:
         return (
             f"parameter name '{name}' is reserved: param_groups hold the optimizer's own '{name}' under it"
@@ -771,7 +791,7 @@ def check_params(params: tuple[A.Param, ...], what: str, recipe: bool = False) -
                     " value where it is used, as an argument or a route setting)",
                     n.loc,
                 )
-        problem = reserved_param_problem(p.name) if recipe else None
+        problem = reserved_param_problem(p.name) if recipe else boolean_name_problem(p.name)
         if problem:
             raise SoapNameError(problem, p.loc)
         if p.name in out:

@@ -434,6 +434,44 @@ SOURCES = [
         r"^from=b reads the parameter 'b' \(= 0\.9\), not the stage labelled 'b' at <inline>:1:33:",
         "1:78",
     ),
+    # `true` and `false` are the booleans wherever a value is written: a parameter or a label of
+    # that name checked ok and could never be read (`scale(true)` got the boolean)
+    (
+        "parameter-named-true",
+        "recipe r(lr=1, true=2) = scale(true) |> lr\n",
+        SoapNameError,
+        r"^'true' cannot be the name of a parameter: `true` is always the boolean where a value is written,"
+        r" so no argument could read it; choose another name$",
+        "1:16",
+    ),
+    (
+        "required-parameter-named-false",
+        "recipe r(lr=1, false) = sign |> lr\n",
+        SoapNameError,
+        r"^'false' cannot be the name of a parameter",
+        "1:16",
+    ),
+    (
+        "macro-parameter-named-false",
+        "macro m(false=1) = scale(false)\nrecipe r(lr=1) = m |> lr\n",
+        SoapNameError,
+        r"^'false' cannot be the name of a parameter",
+        "1:9",
+    ),
+    (
+        "label-named-true",
+        "recipe r(lr=1) = momentum(0.9) as true |> rotate(left) { sign |> graft(norm, from=true) } |> lr\n",
+        SoapNameError,
+        r"^'true' cannot be the name of a label: `true` is always the boolean",
+        "1:35",
+    ),
+    (
+        "label-named-false-in-a-macro",
+        "macro m = momentum(0.9) as false\nrecipe r(lr=1) = m |> sign |> lr\n",
+        SoapNameError,
+        r"^'false' cannot be the name of a label",
+        "1:28",
+    ),
 ]
 
 
@@ -797,6 +835,18 @@ def test_a_macro_that_labels_a_stage_used_twice_says_so():
     with pytest.raises(SoapRecipeError) as info:
         library.resolve("macro m = momentum(0.9) as s |> sign\nrecipe r(lr=1) = m |> m\n")
     assert info.value.notes[-1].endswith("use it once per pipeline (a scope's block is a pipeline of its own)")
+
+
+@pytest.mark.parametrize("name", ["true", "false"])
+def test_an_inline_pipeline_or_config_argument_named_like_a_boolean_is_refused(name):
+    """An inline pipeline declares a parameter per keyword argument (a config's args, --set):
+    one called `true` could never be read, as in a recipe's header."""
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(SoapNameError, match=f"error: '{name}' cannot be the name of a parameter"):
+        soapdsl.build("sign |> lr", model, lr=1, **{name: 3})
+    with pytest.raises(SoapNameError, match=f"error: '{name}' cannot be the name of a parameter") as info:
+        soapdsl.from_config(model, f'recipe: "sign |> scale(s) |> lr"\nargs: {{s: 1, "{name}": 2}}\n')
+    assert (info.value.loc.line, info.value.loc.col) == (2, 14)
 
 
 def test_a_label_named_like_a_parameter_is_fine_while_no_argument_names_it():
