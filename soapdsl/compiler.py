@@ -44,6 +44,7 @@ from soapdsl.registry import walk_ops as walk_ops  # defined beside Op.children;
 from soapdsl.runtime.fused import FusedAdam
 from soapdsl.runtime.fused import match as fused_match
 from soapdsl.syntax import ast as A
+from soapdsl.syntax.parser import non_ascii_digit_note
 from soapdsl.syntax.printer import format_selector
 
 FORMAT_VERSION = 1
@@ -195,12 +196,18 @@ def bind_args(recipe: ir.Recipe, args: Mapping[str, Any], partial: bool = False)
             )
         default = values[k]
         if isinstance(default, int | float) and not isinstance(default, bool) and isinstance(v, str):
-            # YAML 1.1 reads 3e-4 as a string; a numeric parameter takes it as the number it spells
+            # YAML 1.1 reads 3e-4 as a string; a numeric parameter takes it as the number it spells,
+            # in ASCII digits as recipe text writes one (float() reads full-width digits too)
+            digit = next((i for i, c in enumerate(v) if c.isdecimal() and not c.isascii()), None)
             try:
+                if digit is not None:
+                    raise ValueError(v)
                 number = float(v)
             except ValueError:
+                note = non_ascii_digit_note(v[digit:]) if digit is not None else None
                 raise SoapArgumentError(
-                    f"argument {k} of recipe '{recipe.name}' must be a number, got {v!r}" + decimal_comma_hint(v)
+                    f"argument {k} of recipe '{recipe.name}' must be a number, got {v!r}"
+                    + (f": {note}" if note else decimal_comma_hint(v))
                 ) from None
             v = int(number) if isinstance(default, int) and number.is_integer() and "." not in v else number
         values[k] = v

@@ -255,7 +255,7 @@ def decimal_comma(reading: str) -> str:
 
 def decimal_comma_hint(text: str, name: str = "") -> str:
     """``"; a decimal comma? ..."`` for a value written like ``0,9`` (of ``name``), or ""."""
-    m = re.fullmatch(r"\s*([+-]?\d+),(\d+)\s*", text)
+    m = re.fullmatch(r"\s*([+-]?[0-9]+),([0-9]+)\s*", text)
     return f"; {decimal_comma(f'{name}=' * bool(name) + f'{m[1]}.{m[2]}')}" if m else ""
 
 

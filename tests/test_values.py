@@ -426,3 +426,53 @@ def test_a_required_parameter_in_a_selector_is_checked_at_the_build(value, patte
         soapdsl.compile(CUT, [("w", torch.nn.Parameter(torch.zeros(4, 4)))], cut=value)
     assert f"{info.value.loc.line}:{info.value.loc.col}" == "2:30"
     assert "recipe arguments given: cut=" in str(info.value)
+
+
+# -- digits other than 0-9 ------------------------------------------------------------------
+
+# NUMBER was `\d`, which is any Unicode digit: full-width and Arabic-Indic digits checked ok as
+# numbers, while a name refuses any non-ASCII character
+NON_ASCII_DIGITS = [
+    ("recipe r(lr=\uff11e-3) = sign |> lr", "1:13", "'\uff11' (FULLWIDTH DIGIT ONE) is not an ASCII digit; write 1"),
+    (
+        "momentum(\u0660.\u0669) |> lr",
+        "1:10",
+        "'\u0660' (ARABIC-INDIC DIGIT ZERO) is not an ASCII digit; write 0.9 for '\u0660.\u0669'",
+    ),
+    ("newton_schulz(\uff15) |> lr", "1:15", "'\uff15' (FULLWIDTH DIGIT FIVE) is not an ASCII digit; write 5"),
+    ("momentum(0.\u0669) |> lr", "1:12", "'\u0669' (ARABIC-INDIC DIGIT NINE) is not an ASCII digit; write 9"),
+]
+
+
+@pytest.mark.parametrize(("source", "where", "note"), NON_ASCII_DIGITS)
+def test_a_digit_other_than_0_to_9_is_an_unexpected_character_with_the_ascii_digit(source, where, note):
+    with pytest.raises(SoapSyntaxError) as info:
+        library.resolve(source)
+    err = info.value
+    assert err.message == f"unexpected character {source[int(where[2:]) - 1]!r}"
+    assert err.loc is not None and f"{err.loc.line}:{err.loc.col}" == where, str(err)
+    assert err.notes == (note,)
+
+
+def test_a_set_value_in_non_ascii_digits_is_refused_at_the_digit(capsys):
+    assert main(["compile", "adamw", "--set", "lr=\uff11e-3", "--shapes", "w=4x3"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "<--set lr>:1:4: syntax error: unexpected character '\uff11'",
+        "    1 | lr=\uff11e-3",
+        "      |    ^^",  # a full-width character takes two columns
+        "  note: '\uff11' (FULLWIDTH DIGIT ONE) is not an ASCII digit; write 1",
+    ]
+
+
+def test_a_number_as_text_in_non_ascii_digits_is_no_number():
+    """A numeric parameter reads a Python or YAML string that spells a number (YAML 1.1 reads
+    3e-4 as text), with float(), which reads any Unicode digit."""
+    note = "'\uff11' (FULLWIDTH DIGIT ONE) is not an ASCII digit; write 1"
+    with pytest.raises(SoapArgumentError) as info:
+        soapdsl.build("adamw", _model(), lr="\uff11e-3")
+    assert info.value.message == f"argument lr of recipe 'adamw' must be a number, got '\uff11e-3': {note}"
+    with pytest.raises(SoapArgumentError) as info:
+        soapdsl.from_config(_model(), "recipe: adamw\nargs: {eps: 2\u0665}\n")
+    note = "'\u0665' (ARABIC-INDIC DIGIT FIVE) is not an ASCII digit; write 5"
+    assert info.value.message == f"argument eps of recipe 'adamw' must be a number, got '2\u0665': {note}"
+    assert info.value.loc is not None and (info.value.loc.line, info.value.loc.col) == (2, 8)

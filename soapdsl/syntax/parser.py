@@ -7,6 +7,7 @@ import codecs
 import difflib
 import re
 import sys
+import unicodedata
 from dataclasses import fields, is_dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -121,6 +122,27 @@ def _expected(names: set[str]) -> str:
     return "; expected " + ", ".join(shown)
 
 
+#: decimal separators a keyboard layout or an input method may write for '.'
+_DECIMAL_POINTS = {"\u066b": ".", "\uff0e": "."}  # ARABIC DECIMAL SEPARATOR, FULLWIDTH FULL STOP
+
+
+def non_ascii_digit_note(text: str) -> str | None:
+    """If ``text`` starts with a digit other than 0-9 (full-width, Arabic-Indic, ...), which
+    looks like a number and is none to soapdsl, what to write instead; else None."""
+    if not text or text[0].isascii() or unicodedata.decimal(text[0], None) is None:
+        return None
+    run = []
+    for c in text:
+        value = unicodedata.decimal(c, None)
+        if value is None and c != "." and c not in _DECIMAL_POINTS:
+            break
+        run.append(str(value) if value is not None else _DECIMAL_POINTS.get(c, c))
+    ch, written = text[0], text[: len(run)]
+    fix = "".join(run)
+    note = f"{ch!r} ({unicodedata.name(ch, 'a digit')}) is not an ASCII digit; write {fix}"
+    return note if written == ch else f"{note} for {written!r}"
+
+
 def parse(text: str, file: str = "<inline>") -> A.Module:
     """Parse soapdsl source text into a :class:`~soapdsl.syntax.ast.Module`.
 
@@ -137,8 +159,11 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
     except lark.UnexpectedCharacters as e:
         ch = text[e.pos_in_stream] if e.pos_in_stream is not None and e.pos_in_stream < len(text) else "?"
         loc = Loc(file, e.line, e.column, e.line, e.column + 1, text)
-        # invisible in an editor: say what it is
-        notes = ("U+FEFF is a byte-order mark, which most editors do not show: delete it",) if ch == BOM else ()
+        # a digit that looks like 0-9 and is none: say which one to write
+        digit = non_ascii_digit_note(text[e.pos_in_stream :] if e.pos_in_stream is not None else ch)
+        notes: tuple[str, ...] = (digit,) if digit else ()
+        if ch == BOM:  # invisible in an editor: say what it is
+            notes = ("U+FEFF is a byte-order mark, which most editors do not show: delete it",)
         raise SoapSyntaxError(f"unexpected character {ch!r}", loc, notes=notes) from None
     except lark.UnexpectedToken as e:
         tok = e.token
