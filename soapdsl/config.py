@@ -107,6 +107,9 @@ _FIELD_TYPES = {
 }
 
 
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
 def _marks(
     node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], yaml.Mark], dups: list[Duplicate]
 ) -> None:
@@ -122,6 +125,11 @@ def _marks(
                 else:
                     first[(k.tag, key)] = k.start_mark.line + 1
             out[(*path, key, "__key__")] = k.start_mark
+            if isinstance(k, yaml.ScalarNode) and k.tag != _STR_TAG:  # `3:`, `true:`: a key that is no string
+                try:  # under the key as yaml.safe_load reads it, to find where it is written
+                    out[(*path, yaml.constructor.SafeConstructor().construct_object(k), "__key__")] = k.start_mark
+                except (yaml.YAMLError, ValueError, TypeError):  # yaml.safe_load has refused it already
+                    pass
             _marks(v, (*path, key), out, dups)
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
@@ -322,6 +330,7 @@ def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mar
                 f" '{inner}' to the top level",
                 _loc(file, marks, (nested, inner)),
             )
+    _check_keys(data, file, marks, prefix, yaml_text=source is not None)
     try:
         parsed = OptimizerConfig.model_validate(dict(data))
     except ValidationError as e:
@@ -330,6 +339,55 @@ def load(cfg: Any) -> tuple[OptimizerConfig, str, dict[tuple[Any, ...], yaml.Mar
         loc = _loc(file, marks, (*prefix, *where)) or _loc(file, marks, (*prefix, *where[:-1]))
         raise SoapConfigError(f"{dotted}: {msg}", loc) from None
     return parsed, file, marks, prefix
+
+
+def _key_text(key: Any, yaml_text: bool) -> str:
+    """A mapping key as the config spells it: YAML's spelling for a config given as text."""
+    if yaml_text and (key is None or isinstance(key, bool)):
+        return {None: "null", True: "true", False: "false"}[key]
+    return str(key) if yaml_text else repr(key)
+
+
+def _kind(key: Any) -> str:
+    """`` (a number)`` for a key of that type, as its text may not say (YAML reads `yes` as true)."""
+    if key is None:
+        return ""
+    if isinstance(key, bool):
+        return " (a boolean)"
+    return " (a number)" if isinstance(key, int | float) else f" (a {type(key).__name__})"
+
+
+def _check_keys(
+    data: Mapping[Any, Any],
+    file: str,
+    marks: Mapping[tuple[Any, ...], yaml.Mark],
+    prefix: tuple[Any, ...],
+    yaml_text: bool,
+) -> None:
+    """Refuse a key that is no string (`3: 4`, or YAML's unquoted `true:`) in the optimizer's
+    mappings, of which the schema said only "3: has the wrong type" (at the top, or in a route)."""
+    mappings: list[tuple[tuple[Any, ...], Mapping[Any, Any]]] = [((), data)]
+    if isinstance(data.get("args"), Mapping):
+        mappings.append((("args",), data["args"]))
+    routes = data.get("routes")
+    for i, route in enumerate(routes if isinstance(routes, list) else ()):
+        if isinstance(route, Mapping):
+            mappings.append((("routes", i), route))
+            if isinstance(route.get("args"), Mapping):
+                mappings.append((("routes", i, "args"), route["args"]))
+    for path, mapping in mappings:
+        bad = [k for k in mapping if not isinstance(k, str)]
+        if not bad:
+            continue
+        key, shown = bad[0], _key_text(bad[0], yaml_text)
+        if path[-1:] == ("args",):
+            fix = ": args maps recipe parameter names to values, such as {lr: 0.01}"
+        else:
+            fix = f" (allowed: {', '.join(_allowed(path))})"
+        raise SoapConfigError(
+            f"{'.'.join([*map(str, (*prefix, *path)), shown])}: the key {shown}{_kind(key)} is not a string{fix}",
+            _loc(file, marks, (*prefix, *path, key)),
+        )
 
 
 def _allowed(where: tuple[Any, ...]) -> list[str]:

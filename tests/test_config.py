@@ -320,6 +320,64 @@ def test_schema_errors_in_plain_words(text, message, where):
     assert "Input should" not in str(err) and "Value error" not in str(err)
 
 
+TOP_KEYS = "recipe, args, routes, distributed, torch_compile, cuda_graphs, stochastic_round"
+ARGS_ARE = ": args maps recipe parameter names to values, such as {lr: 0.01}"
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message", "where"),
+    [
+        # "3: has the wrong type", said of the key's value
+        ({"recipe": "adamw", 3: 4}, f"3: the key 3 (a number) is not a string (allowed: {TOP_KEYS})", None),
+        ({"recipe": "adamw", "args": {3: 4}}, f"args.3: the key 3 (a number) is not a string{ARGS_ARE}", None),
+        (
+            {"recipe": "adamw", "routes": [{"match": "*", "recipe": "adam", 3: 4}]},
+            "routes.0.3: the key 3 (a number) is not a string (allowed: match, where, recipe, args)",
+            None,
+        ),
+        (
+            {"recipe": "adamw", "routes": [{"match": "*", "recipe": "adam", "args": {None: 1}}]},
+            f"routes.0.args.None: the key None is not a string{ARGS_ARE}",
+            None,
+        ),
+        # YAML reads an unquoted 3, true (yes, on) or ~ as no string; the error was at the
+        # enclosing mapping (line 1 for a top-level key), its path "args.1" for `true:`
+        ("recipe: adamw\n3: 4\n", f"3: the key 3 (a number) is not a string (allowed: {TOP_KEYS})", (2, 1)),
+        (
+            "recipe: adamw\nargs:\n  lr: 1\n  true: 4\n",
+            f"args.true: the key true (a boolean) is not a string{ARGS_ARE}",
+            (4, 3),
+        ),
+        (
+            "recipe: adamw\nargs: {lr: 1, yes: 4}\n",
+            f"args.true: the key true (a boolean) is not a string{ARGS_ARE}",
+            (2, 15),
+        ),
+        (
+            "recipe: adamw\nroutes:\n  - where: vector\n    recipe: adam\n    5: 1\n",
+            "routes.0.5: the key 5 (a number) is not a string (allowed: match, where, recipe, args)",
+            (5, 5),
+        ),
+        (
+            "optimizer:\n  recipe: adamw\n  args: {~: 1}\n",
+            f"optimizer.args.null: the key null is not a string{ARGS_ARE}",
+            (3, 10),
+        ),
+    ],
+)
+def test_a_key_that_is_not_a_string_is_named(cfg, message, where):
+    err = config_error(cfg)
+    assert err.message == message
+    if where is None:
+        assert err.loc is None
+    else:
+        assert (err.loc.line, err.loc.col) == where, str(err)
+
+
+def test_keys_that_are_not_strings_outside_the_optimizer_are_not_ours():
+    soapdsl.from_config(torch.nn.Linear(3, 3), "seeds: {1: 2}\noptimizer:\n  recipe: adamw\n")
+
+
 def test_a_dict_config_with_args_not_a_mapping():
     err = config_error({"recipe": "adamw", "args": 5})
     assert err.message == "args: must be a mapping of recipe parameters to values, such as {lr: 0.01}"
