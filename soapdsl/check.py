@@ -31,6 +31,7 @@ from soapdsl.errors import (
     SoapNameError,
     SoapRecipeError,
     SoapRouteError,
+    SoapSyntaxError,
     SoapWarning,
     decimal_comma,
     decimal_comma_hint,
@@ -123,10 +124,21 @@ def literal(text: str, file: str, shown: str, col: int, what: str) -> Any:
     """One value written on a command line (``--set lr=3e-4``, ``soap:freq=20``): ``text``,
     which starts at 1-based column ``col`` of ``shown``. It is parsed as the argument of a
     stage, ``x(TEXT)``; an error points into ``shown`` as the user wrote it, not into that."""
-    from soapdsl.syntax.parser import parse
+    from soapdsl.syntax.parser import first_comment, parse
 
+    wrapped = f"x({text})"
     try:
-        module = parse(f"x({text})", file)
+        # `lr=1e-3 # c`: the comment runs over the wrapper's ')', and the parser asked for one
+        comment = first_comment(wrapped)
+        if comment is not None:
+            first = comment.start_pos or 0
+            last = min(first + len(comment.value), len(wrapped) - 1)  # the comment, not the ')'
+            at = (comment.line or 1, comment.column or 1)
+            raise SoapSyntaxError(
+                f"{what}: a value cannot hold a comment ('#' starts one): leave out {wrapped[first:last].strip()!r}",
+                Loc(file, *at, at[0], at[1] + last - first, wrapped),
+            )
+        module = parse(wrapped, file)
         assert module.pipeline is not None
         args = module.pipeline.stages[0].args
         if len(args) != 1 or args[0].name is not None:

@@ -1291,3 +1291,34 @@ def test_reference_keyword_names_point_at_soapdsl_names(recipe, given, hint) -> 
 def test_a_recipe_name_in_capitals_is_told_the_lower_case_name(given, shipped) -> None:
     with pytest.raises(SoapNameError, match=rf"unknown recipe '{given}'; recipe names are lower case: '{shipped}'"):
         soapdsl.build(given, [torch.nn.Parameter(torch.zeros(2, 2))])
+
+
+@pytest.mark.parametrize(
+    ("item", "col", "comment"),
+    [("lr=1e-3 # c", 9, "# c"), ("lr=1e-3#", 8, "#"), ("lr=(0.9, # beta2", 10, "# beta2")],
+)
+def test_a_comment_in_a_set_value_is_refused_at_the_comment(capsys, item, col, comment):
+    """The value is parsed as x(VALUE): a comment ran over the wrapper's ')', and the error asked
+    for a ')' (or '%', ...) the user never wrote."""
+    from soapdsl.cli import main
+
+    assert main(["compile", "adamw", "--set", item, "--shapes", "w=4x3"]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"<--set lr>:1:{col}: syntax error: --set lr: a value cannot hold a comment ('#' starts one):"
+        f" leave out {comment!r}",
+        f"    1 | {item}",
+        "      | " + " " * (col - 1) + "^" * len(comment),
+    ]
+
+
+def test_a_comment_in_a_race_override_is_refused_and_a_hash_in_a_string_is_none():
+    from soapdsl.race.spec import parse_overrides
+
+    spec = "adamw:lr=1e-3 # c,beta1=0.9"
+    with pytest.raises(SoapSyntaxError) as info:
+        parse_overrides("lr=1e-3 # c,beta1=0.9", spec)
+    assert info.value.message == (
+        f"recipe spec '{spec}': lr: a value cannot hold a comment ('#' starts one): leave out '# c'"
+    )
+    assert (info.value.loc.col, info.value.loc.end_col) == (15, 18)
+    assert parse_overrides("match='a#b'", "x:match='a#b'") == {"match": "a#b"}

@@ -304,6 +304,17 @@ def _comments(text: str) -> tuple[A.Comment, ...]:
     return tuple(out)
 
 
+def first_comment(text: str) -> Token | None:
+    """The first ``#`` comment of ``text`` outside a string literal, as a token (None if there
+    is none, or if ``text`` does not lex: its parse error is the one to show)."""
+    if "#" not in text:
+        return None
+    try:
+        return next((t for t in _parser().lex(text, dont_ignore=True) if t.type == "COMMENT"), None)
+    except lark.exceptions.LarkError:
+        return None
+
+
 def _end_position(text: str) -> tuple[int, int]:
     lines = text.splitlines() or [""]
     if text.endswith("\n"):
