@@ -7,9 +7,9 @@ opt = soapdsl.build("momentum(0.9) |> sign |> lr", model, lr=1e-3)
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from soapdsl._lazy import lazy
 from soapdsl.errors import (
     SoapArgumentError,
     SoapConfigError,
@@ -43,18 +43,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'soapdsl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # once: later lookups are a module attribute's
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy("soapdsl", _LAZY, globals())
 
 __all__ = [
     "apply",

@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from soapdsl._lazy import lazy
 
 if TYPE_CHECKING:
     from soapdsl.race.runner import RaceConfig, RaceResult, Row, RunResult, run_race
@@ -28,17 +29,6 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'soapdsl.race' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
-
+__getattr__, __dir__ = lazy("soapdsl.race", _LAZY, globals())
 
 __all__ = ["RaceConfig", "RaceResult", "RecipeSpec", "Row", "RunResult", "parse_spec", "parse_specs", "run_race"]
