@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Sequence
@@ -55,6 +56,10 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+#: one dimension of --shapes
+_DIM = re.compile(r"\s*[0-9]+\s*")
+
+
 def parse_shapes(text: str) -> list[tuple[str, torch.Tensor]]:
     """``name=MxN,name2=K,s=`` -> meta tensors (no memory is allocated); ``s=`` is 0-d."""
     import torch
@@ -64,11 +69,10 @@ def parse_shapes(text: str) -> list[tuple[str, torch.Tensor]]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         name, sep, dims = item.partition("=")
         name = name.strip()
-        try:
-            shape = [int(d) for d in dims.lower().split("x")] if dims.strip() else []
-        except ValueError:
-            shape = None
-        if not sep or not name or shape is None or any(d < 0 for d in shape):
+        parts = dims.lower().split("x") if dims.strip() else []
+        # ASCII digits, as recipe text writes numbers (int() takes full-width ones too)
+        shape = [int(d) for d in parts] if all(_DIM.fullmatch(d) for d in parts) else None
+        if not sep or not name or shape is None:
             raise SoapArgumentError(f"--shapes expects NAME=MxN[,NAME=K...], got {item!r}")
         if name in seen:
             # a model cannot hold two parameters of one name; the second would shadow the first

@@ -92,6 +92,9 @@ def test_compile_notes_which_newton_schulz_form_runs(capsys):
         (["compile", "adamw", "--set", "beta1=2"], "invalid beta=2"),
         (["compile", "adamw", "--set", "nonsense"], "--set expects KEY=VALUE"),
         (["compile", "adamw", "--shapes", "w=3xq"], "--shapes expects NAME=MxN"),
+        # full-width digits, which int() reads and recipe text refuses
+        (["compile", "adamw", "--shapes", "w=\uff12x3"], "--shapes expects NAME=MxN"),
+        (["compile", "adamw", "--shapes", "w=+2"], "--shapes expects NAME=MxN"),
         (["compile", "adamww"], "unknown recipe 'adamww'; did you mean 'adamw'"),
         (["compile", "momentum |> newton_schulz(5)", "--shapes", "b=3"], "parameter 'b' of shape \\[3\\]"),
     ],
