@@ -454,6 +454,25 @@ def test_a_digit_other_than_0_to_9_is_an_unexpected_character_with_the_ascii_dig
     assert err.notes == (note,)
 
 
+@pytest.mark.parametrize(
+    ("source", "plain", "name"),
+    [
+        ("rotate(side=\u201cleft\u201d) { sign } |> lr", '"', "LEFT DOUBLE QUOTATION MARK"),
+        ("rotate(side=\u2018left\u2019) { sign } |> lr", "'", "LEFT SINGLE QUOTATION MARK"),
+    ],
+)
+def test_a_typographic_quote_is_told_to_be_a_plain_one(source, plain, name):
+    """A recipe pasted from a word processor or a web page: the bare 'unexpected character'
+    did not say what was wrong with a quote that looks right."""
+    with pytest.raises(SoapSyntaxError) as info:
+        library.resolve(source)
+    err = info.value
+    assert err.loc is not None and (err.loc.line, err.loc.col) == (1, 13)
+    assert err.notes == (
+        f"{source[12]!r} ({name}) is a typographic quote; a string is written between plain {plain} quotes",
+    )
+
+
 def test_a_set_value_in_non_ascii_digits_is_refused_at_the_digit(capsys):
     assert main(["compile", "adamw", "--set", "lr=\uff11e-3", "--shapes", "w=4x3"]) == 1
     assert capsys.readouterr().err.splitlines() == [

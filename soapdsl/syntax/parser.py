@@ -122,6 +122,12 @@ def _expected(names: set[str]) -> str:
     return "; expected " + ", ".join(shown)
 
 
+#: quotes that editors and web pages substitute for the plain ones -> the plain one
+_TYPOGRAPHIC_QUOTES = {
+    **dict.fromkeys("\u201c\u201d\u201e\u201f\u00ab\u00bb\uff02\u2033", '"'),
+    **dict.fromkeys("\u2018\u2019\u201a\u201b\u2039\u203a\uff07\u2032", "'"),
+}
+
 #: decimal separators a keyboard layout or an input method may write for '.'
 _DECIMAL_POINTS = {"\u066b": ".", "\uff0e": "."}  # ARABIC DECIMAL SEPARATOR, FULLWIDTH FULL STOP
 
@@ -164,6 +170,12 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
         notes: tuple[str, ...] = (digit,) if digit else ()
         if ch == BOM:  # invisible in an editor: say what it is
             notes = ("U+FEFF is a byte-order mark, which most editors do not show: delete it",)
+        elif ch in _TYPOGRAPHIC_QUOTES:  # a word processor's or a web page's "smart" quote
+            plain = _TYPOGRAPHIC_QUOTES[ch]
+            notes = (
+                f"{ch!r} ({unicodedata.name(ch)}) is a typographic quote;"
+                f" a string is written between plain {plain} quotes",
+            )
         raise SoapSyntaxError(f"unexpected character {ch!r}", loc, notes=notes) from None
     except lark.UnexpectedToken as e:
         tok = e.token
