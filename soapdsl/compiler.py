@@ -83,6 +83,9 @@ class RoutePlan:
     #: (op path, share key) -> index in ``tensors`` of the parameter that holds the op's shared
     #: state for that share group (see :func:`share_leaders`)
     leaders: dict[tuple[str, str], int] = field(default_factory=dict, repr=False)
+    #: the recipe whose header parameters this route's param_group holds: the plan's own, or
+    #: for a route a config's route override added, the overriding recipe
+    recipe: str = ""
 
     @property
     def needs_batch_dim(self) -> bool:
@@ -507,7 +510,9 @@ def named_parameters(params: Any) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def _route_plan(index: int, route: ir.Route, values: Mapping[str, Any], args: Mapping[str, Any]) -> RoutePlan:
+def _route_plan(
+    index: int, route: ir.Route, values: Mapping[str, Any], args: Mapping[str, Any], recipe: str
+) -> RoutePlan:
     env = dict(values)
     options: dict[str, Any] = {}
     for name, v in route.settings:
@@ -548,6 +553,7 @@ def _route_plan(index: int, route: ir.Route, values: Mapping[str, Any], args: Ma
         ops,
         fixed=frozenset(k for k in fixed if k in env),
         compared=frozenset(k for k in read if k in env),
+        recipe=recipe,
     )
 
 
@@ -624,11 +630,13 @@ def compile_plan(
         for r in sub.routes:
             combined = selector if always_true(r.selector) else A.SelAnd((selector, r.selector))
             routes.append(
-                _route_plan(len(routes), ir.Route(combined, r.settings, r.pipeline, r.loc), sub_values, sub_args)
+                _route_plan(
+                    len(routes), ir.Route(combined, r.settings, r.pipeline, r.loc), sub_values, sub_args, sub.name
+                )
             )
     values = bind_args(recipe, args)
     for route in recipe.routes:
-        routes.append(_route_plan(len(routes), route, values, args))
+        routes.append(_route_plan(len(routes), route, values, args, recipe.name))
     for name, t in named_parameters(params):
         if is_lazy(t):  # reading its shape raises inside torch
             raise SoapArgumentError(

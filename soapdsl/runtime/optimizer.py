@@ -49,8 +49,6 @@ from soapdsl.runtime.fsdp import OWNER_KEY, Sharded
 from soapdsl.runtime.graphs import GraphCache
 from soapdsl.runtime.rounding import Rounding
 from soapdsl.runtime.state import OptimizerState
-from soapdsl.syntax import ast as A
-from soapdsl.syntax.printer import format_selector
 
 __all__ = ["SoapOptimizer"]
 
@@ -233,16 +231,6 @@ TORCH_HYPERPARAMETERS = frozenset(
 )
 
 
-def _recipe_of(plan: Plan, rp: RoutePlan) -> str:
-    """The name of the recipe whose parameters ``rp``'s param_group holds: the plan's own, or
-    for a route that a config's route override added (they come first), the overriding one's."""
-    if rp.index >= len(plan.routes) - len(plan.recipe.routes):
-        return plan.recipe.name
-    sel = rp.route.selector  # the override's selector, or (it, the overriding recipe's route's)
-    texts = {format_selector(sel)} | ({format_selector(sel.items[0])} if isinstance(sel, A.SelAnd) else set())
-    return next((name for text, name, _ in plan.overrides if text in texts), plan.recipe.name)
-
-
 _GROUPS_ARE_ROUTES = (
     "a soapdsl optimizer's param_groups are its routes; build a new optimizer (or add a route to the"
     " recipe) to optimize more parameters"
@@ -265,11 +253,11 @@ def _identify(opt: Any, sd: dict[str, Any]) -> None:
         opt._shards.for_checkpointers(sd)
 
 
-def _lacks(plan: Plan, rp: RoutePlan, key: str) -> str:
+def _lacks(rp: RoutePlan, key: str) -> str:
     """``recipe 'r' has no parameter 'key'``, with a hint and the parameters the group holds."""
     params = list(rp.hyper)
     return (
-        f"recipe '{_recipe_of(plan, rp)}' has no parameter '{key}'"
+        f"recipe '{rp.recipe}' has no parameter '{key}'"
         + did_you_mean(key, params)
         + f" (parameters: {', '.join(params)})"
     )
@@ -658,8 +646,7 @@ class SoapOptimizer(torch.optim.Optimizer):
         unknown = self._unknown_keys(i, group)
         if unknown:
             raise SoapArgumentError(
-                f"param_group['{unknown[0]}'] of route '{rp.selector}' would be ignored: "
-                + _lacks(self.plan, rp, unknown[0]),
+                f"param_group['{unknown[0]}'] of route '{rp.selector}' would be ignored: " + _lacks(rp, unknown[0]),
                 notes=_also(unknown),
             )
         self._keys[i] = frozenset(group)
@@ -844,7 +831,7 @@ class SoapOptimizer(torch.optim.Optimizer):
                 key = unknown[0]
                 raise SoapStateError(
                     f"the state dict's param_groups[{i}] (route '{rp.selector}') holds '{key}', but "
-                    + _lacks(self.plan, rp, key)
+                    + _lacks(rp, key)
                     + ": the optimizer that saved it ignored it, and so would this one;"
                     f" delete sd['param_groups'][{i}]['{key}'] to load the checkpoint",
                     notes=_also(unknown),
