@@ -4,6 +4,7 @@ torch-bound names, so that the command line's parser and `soapdsl --help` import
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,9 +18,14 @@ def lazy(
 
     def getattr_(name: str) -> Any:
         module = names.get(name)
-        if module is None:
+        if module is not None:
+            value = getattr(importlib.import_module(module), name)
+        elif not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}") is not None:
+            # a submodule (soapdsl.library, soapdsl.registry): importing the package eagerly
+            # made them attributes, and code reads them so
+            value = importlib.import_module(f"{package}.{name}")
+        else:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(module), name)
         namespace[name] = value
         return value
 

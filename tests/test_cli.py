@@ -335,6 +335,14 @@ def test_help_and_a_bad_command_line_do_not_import_torch():
     assert "torch" not in _modules_after("import soapdsl; soapdsl.SoapError; soapdsl.__version__")
 
 
+def test_the_submodules_are_attributes_of_the_package_as_before():
+    """`import soapdsl` imported the submodules eagerly, so `soapdsl.library.shipped_names()`
+    worked after it alone; the names loaded at first use must keep that (a test file that read
+    soapdsl.library at collection failed when run by itself)."""
+    code = "import soapdsl\nsoapdsl.library.shipped_names(); soapdsl.registry.all_ops(); soapdsl.race.runner"
+    assert "soapdsl.library" in _modules_after(code)
+
+
 def test_the_commands_that_build_no_optimizer_do_not_import_dynamo():
     """torch.compiler.disable, as a decorator at import, imports torch._dynamo: half of `import
     soapdsl`'s 3 s, for code that runs only when something is compiled. (Building an optimizer
