@@ -81,7 +81,7 @@ def check_source(module: A.Module) -> tuple[list[ir.Recipe], MacroTable]:
     if module.pipeline is not None:
         if recipes:
             raise _pipeline_after_recipes(module.pipeline)
-        inline_recipe(module.pipeline, macros, {}, module.file)
+        inline_recipe(module.pipeline, macros, {})
     return recipes, macros
 
 
@@ -93,7 +93,7 @@ def _pipeline_after_recipes(pipeline: A.Pipeline) -> SoapSyntaxError:
     return SoapSyntaxError("a source that defines recipes cannot also end in a bare pipeline", loc, notes=notes)
 
 
-def inline_recipe(pipeline: A.Pipeline, macros: MacroTable, params: Mapping[str, Any], file: str) -> ir.Recipe:
+def inline_recipe(pipeline: A.Pipeline, macros: MacroTable, params: Mapping[str, Any]) -> ir.Recipe:
     """A bare pipeline as a recipe with one default route; its parameters are the args given."""
     header = {"lr": 1e-3, **params}
     route = A.Route(A.SelName("default", pipeline.loc), (), pipeline, pipeline.loc)
@@ -150,7 +150,7 @@ def _pick(
             f"no recipe '{name}' in {module.file}" + did_you_mean(name, names) + f" (recipes: {', '.join(names)})"
         )
     if module.pipeline is not None and not recipes:
-        return inline_recipe(module.pipeline, macros, params, module.file)
+        return inline_recipe(module.pipeline, macros, params)
     if module.pipeline is not None:
         raise _pipeline_after_recipes(module.pipeline)
     if not recipes:
