@@ -766,8 +766,9 @@ def boolean_name_problem(name: str, what: str = "a parameter") -> str | None:
 
 def reserved_param_problem(name: str) -> str | None:
     """Why a recipe parameter may not be called ``name``, or None."""
-    if name in BOOLEANS:
-        return boolean_name_problem(name)
+    problem = boolean_name_problem(name)
+    if problem is not None:
+        return problem
     if name in RESERVED_PARAMS:
         return (
             f"parameter name '{name}' is reserved: param_groups hold the optimizer's own '{name}' under it"

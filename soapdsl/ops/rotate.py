@@ -253,13 +253,13 @@ class Rotate(Op):
                 f"{said} matches none of the route's {len(names)} parameter names (such as"
                 f" '{names[0]}'): every parameter keeps a basis of its own"
             )
-        name, m = next(((n, m) for n, m in matches if not m.group(1).isdigit()), (None, None))
-        if name is not None and m is not None and a.share_size != 0:
-            return (
-                f"{said} captures '{m.group(1)}' in '{name}', not a layer index: only numbers are"
-                f" grouped by index // share_size ({a.share_size}), so names that differ there"
-                " never share a basis"
-            )
+        for name, m in matches if a.share_size != 0 else ():
+            if not m.group(1).isdigit():
+                return (
+                    f"{said} captures '{m.group(1)}' in '{name}', not a layer index: only numbers are"
+                    f" grouped by index // share_size ({a.share_size}), so names that differ there"
+                    " never share a basis"
+                )
         return None
 
     def host_state(self, shape: tuple[int, ...]) -> dict[str, Any]:
