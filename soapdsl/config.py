@@ -114,7 +114,9 @@ def _marks(
     node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], yaml.Mark], dups: list[Duplicate]
 ) -> None:
     out[path] = node.start_mark
-    if isinstance(node, yaml.MappingNode):
+    if isinstance(node, yaml.ScalarNode):
+        out[(*path, "__end__")] = node.end_mark
+    elif isinstance(node, yaml.MappingNode):
         first: dict[tuple[str, Any], int] = {}
         for k, v in node.value:
             key = k.value
@@ -402,6 +404,14 @@ def _loc(file: str, marks: Mapping[tuple[Any, ...], yaml.Mark], path: tuple[Any,
     return Loc(file, mark.line + 1, mark.column + 1, mark.line + 1, mark.column + 2, SOURCES.get(file))
 
 
+def _value_loc(file: str, marks: Mapping[tuple[Any, ...], yaml.Mark], path: tuple[Any, ...]) -> Loc | None:
+    """Under the whole value at path when it is a one-line scalar (a recipe name or file), else at its key."""
+    start, end = marks.get(path), marks.get((*path, "__end__"))
+    if start is None or end is None or end.line != start.line:
+        return _loc(file, marks, path)
+    return Loc(file, start.line + 1, start.column + 1, end.line + 1, end.column + 1, SOURCES.get(file))
+
+
 def _args(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: tuple(map(_number, v)) if isinstance(v, list) else _number(v) for k, v in raw.items()}
 
@@ -654,7 +664,7 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
             try:
                 sub = recipe(o.recipe, sub_args, (*prefix, "routes", i, "recipe"))
             except SoapError as e:
-                raise e.at(_loc(file, marks, (*prefix, "routes", i, "recipe"))) from None
+                raise e.at(_value_loc(file, marks, (*prefix, "routes", i, "recipe"))) from None
             _check_args(sub, sub_args, file, marks, (*prefix, "routes", i, "args"))
             selector = _selector(o, i, file, marks, (*prefix, "routes", i))
             values = {**sub.defaults(), **sub_args}
@@ -676,7 +686,7 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
         for name, (path, text) in texts.items():
             _in_yaml(e, file, marks, path, text, name)
         if e.loc is None:
-            e.at(_loc(file, marks, (*prefix, "recipe")))
+            e.at(_value_loc(file, marks, (*prefix, "recipe")))
         elif e.loc.file != file and not e.loc.file.startswith(f"{file}["):
             e.notes = (*e.notes, f"from the optimizer config {file}")
             e.args = (e.format(),)

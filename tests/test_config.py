@@ -386,7 +386,8 @@ def test_a_dict_config_with_args_not_a_mapping():
 def test_an_unknown_recipe_in_a_route_points_at_the_route():
     err = config_error("recipe: adamw\nroutes:\n  - match: '*bias'\n    recipe: adamm\n", SoapNameError)
     assert err.message.startswith("unknown recipe 'adamm'")
-    assert (err.loc.line, err.loc.col) == (4, 5)
+    # under the value, the whole name, not the key
+    assert (err.loc.line, err.loc.col, err.loc.end_col) == (4, 13, 18)
 
 
 def test_a_multiline_where_points_into_the_yaml():

@@ -653,7 +653,7 @@ CONFIGS = [
         r"unknown selector 'vectr'",
         None,
     ),
-    ("unknown-recipe", "recipe: adamx\n", SoapNameError, r"unknown recipe 'adamx'", "1:1"),
+    ("unknown-recipe", "recipe: adamx\n", SoapNameError, r"unknown recipe 'adamx'", "1:9"),
 ]
 
 
