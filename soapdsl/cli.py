@@ -434,9 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except BrokenPipeError:
         # the reader stopped early (`soapdsl list | head`): nothing is wrong with the input, so no
-        # traceback; stdout goes to devnull, or the interpreter's last flush would raise again
+        # traceback; stdout goes to devnull, or the interpreter's last flush would raise again.
+        # The status is a shell's for a program that SIGPIPE ended (`yes | head` under pipefail):
+        # scripts that allow for one allow for the other, and 1 read as bad input
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return 141  # 128 + SIGPIPE (13)
     except OSError as e:
         if e.filename is not None:  # a file's: every file soapdsl opens says so as a SoapError
             raise
