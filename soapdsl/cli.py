@@ -198,9 +198,14 @@ def cmd_fmt(ns: argparse.Namespace) -> int:
 
 def cmd_race(ns: argparse.Namespace) -> int:
     from soapdsl.race import run_race
+    from soapdsl.race.spec import STDIN_FILE, parse_spec
 
+    specs = [parse_spec(t) for t in ns.recipes]
+    if any(s.recipe.strip() == STDIN for s in specs):
+        text = read_stdin()  # once: `race - -:lr=0.01` races the same text twice
+        specs = [s.with_text(text, STDIN_FILE) if s.recipe.strip() == STDIN else s for s in specs]
     result = run_race(
-        ns.recipes,
+        specs,
         task=ns.task,
         steps=ns.steps,
         batch=ns.batch,
@@ -316,7 +321,7 @@ def make_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="RECIPE",
         help="shipped name, .soap path or inline pipeline, with optional overrides NAME:KEY=VALUE[,KEY=VALUE...]"
-        " (e.g. soap:freq=20,lr=0.01)",
+        " (e.g. soap:freq=20,lr=0.01); - is recipe text on standard input (-:KEY=VALUE after --)",
     )
     r.add_argument(
         "--task", default="charlm", help="what to train (default %(default)s: a char transformer on the KJV Bible)"
@@ -423,7 +428,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ns, extra = make_parser().parse_known_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
         if extra:  # said by the command's parser, whose --help lists the options that exist
-            raise bad_command_line(f"soapdsl {ns.command}", f"unrecognized arguments: {' '.join(extra)}")
+            err = bad_command_line(f"soapdsl {ns.command}", f"unrecognized arguments: {' '.join(extra)}")
+            if ns.command == "race" and any(e.startswith(f"{STDIN}:") for e in extra):
+                # `-:lr=3e-3` reads as an option to argparse, as any word that starts with '-'
+                err.notes = (
+                    "overrides of the recipe on standard input go after '--', which ends the options:"
+                    " soapdsl race --steps 100 -- - -:lr=3e-3",
+                    *err.notes,
+                )
+                err.args = (err.format(),)
+            raise err
         with warnings.catch_warnings():
             warnings.showwarning = _show_soap_warnings(warnings.showwarning)
             code = int(ns.func(ns))

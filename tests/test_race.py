@@ -441,3 +441,41 @@ def test_a_pipe_is_read_once(tmp_path):
     )
     assert (proc.returncode, proc.stderr) == (0, "")
     assert [row["label"] for row in json.loads((tmp_path / "race.json").read_text())["rows"]] == ["stdin:lr=0.01"]
+
+
+def _race_stdin(tmp_path, text, *argv):
+    import subprocess
+    import sys
+
+    opts = ["--quiet", "--no-plot", "--out", str(tmp_path), *TINY_CLI]
+    cmd = [sys.executable, "-m", "soapdsl", "race", *opts, *argv]
+    return subprocess.run(cmd, input=text, capture_output=True, text=True)
+
+
+def test_dash_races_recipe_text_on_standard_input(tmp_path):
+    """`soapdsl race -` was a syntax error at the '-', though compile, check and fmt read `-`.
+    The text is read once and may race twice; `--` lets `-:KEY=VALUE` through argparse."""
+    proc = _race_stdin(tmp_path, "momentum(0.9) |> sign |> lr\n", "--", "-", "-:lr=0.01", "adamw")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    rows = json.loads((tmp_path / "race.json").read_text())["rows"]
+    assert [(r["label"], r["spec"], r["lr"]) for r in rows] == [
+        ("stdin", "-", 1e-3),
+        ("stdin:lr=0.01", "-:lr=0.01", 0.01),
+        ("adamw", "adamw", 1e-3),
+    ]
+
+
+def test_dash_text_is_named_by_its_recipe_and_never_read_as_a_name(tmp_path):
+    proc = _race_stdin(tmp_path, "recipe mine(lr=1e-3) = momentum(0.9) |> sign |> lr\n", "-")
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert [r["label"] for r in json.loads((tmp_path / "race.json").read_text())["rows"]] == ["mine"]
+    # as for `compile -`: text on standard input is recipe text, so a shipped name there is not one
+    proc = _race_stdin(tmp_path, "soap\n", "-")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("<stdin>:1:1: error: unknown operator 'soap'")
+
+
+def test_dash_overrides_before_double_dash_say_how(tmp_path):
+    proc = _race_stdin(tmp_path, "sign |> lr\n", "-", "-:lr=0.01")
+    assert proc.returncode == 1
+    assert "note: overrides of the recipe on standard input go after '--'" in proc.stderr

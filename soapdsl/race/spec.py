@@ -28,6 +28,7 @@ from soapdsl.errors import SoapArgumentError, decimal_comma_hint
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SOAP_PATH = re.compile(r"^[^\s:]+\.soap(::[A-Za-z_][A-Za-z0-9_]*)?$")
 _KEY_EQ = re.compile(r"^\s*[A-Za-z_][A-Za-z0-9_]*\s*=")
+STDIN_FILE = "<stdin>"
 
 
 @dataclass
@@ -38,11 +39,20 @@ class RecipeSpec:
     recipe: str  # what library.resolve() takes
     overrides: dict[str, Any] = field(default_factory=dict)
     label: str = ""
+    #: where recipe text came from: ``<stdin>`` (``soapdsl race -``) is always text, never a
+    #: name or a path, and its errors point there
+    file: str = "<inline>"
 
     @property
     def base(self) -> str:
         """A short name for the recipe: the shipped name, the file stem, or the recipe's name."""
         text = self.recipe.strip()
+        if self.file == STDIN_FILE:  # a recipe's own name, else where the pipeline came from
+            try:
+                name = self.resolve().name
+            except Exception:
+                name = "inline"
+            return "stdin" if name == "inline" else name
         if _IDENT.match(text):
             return text
         path, _, hint = text.partition("::")
@@ -55,7 +65,13 @@ class RecipeSpec:
         return name
 
     def resolve(self) -> ir.Recipe:
+        if self.file == STDIN_FILE:
+            return library.from_text(self.recipe, self.overrides, self.file)
         return library.resolve(self.recipe, self.overrides)
+
+    def with_text(self, text: str, file: str) -> RecipeSpec:
+        """This spec with its recipe replaced by text read elsewhere (``-``: standard input)."""
+        return RecipeSpec(self.text, text, dict(self.overrides), self.label, file)
 
 
 def _split_top(text: str, sep: str = ",") -> list[str]:
@@ -174,9 +190,9 @@ def parse_specs(texts: Iterable[str | RecipeSpec]) -> list[RecipeSpec]:
     specs = [t if isinstance(t, RecipeSpec) else parse_spec(t) for t in texts]
     if not specs:
         raise SoapArgumentError("the race needs at least one recipe")
-    seen: dict[tuple[str, str], str] = {}
+    seen: dict[tuple[str, str, str], str] = {}
     for s in specs:
-        key = (s.recipe.strip(), repr(sorted(s.overrides.items())))
+        key = (s.file, s.recipe.strip(), repr(sorted(s.overrides.items())))
         if key in seen:
             raise SoapArgumentError(f"recipe '{s.text}' is given twice (as '{seen[key]}')")
         seen[key] = s.text
