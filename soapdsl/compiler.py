@@ -145,23 +145,35 @@ class Plan:
         return plan_to_text(self)
 
 
-def walk_shaped(ops: Iterable[registry.Op], shape: tuple[int, ...]) -> Iterable[tuple[registry.Op, tuple[int, ...]]]:
-    """Like :func:`walk_ops`, with the parameter shape each op sees (scopes may reshape)."""
+Scopes = tuple[tuple[registry.Op, tuple[int, ...]], ...]
+
+
+def _walk_scopes(
+    ops: Iterable[registry.Op], shape: tuple[int, ...], scopes: Scopes
+) -> Iterable[tuple[registry.Op, tuple[int, ...], Scopes]]:
     for op in ops:
-        yield op, shape
+        yield op, shape, scopes
         body = getattr(op, "body", None)
         if body:
-            yield from walk_shaped(body, op.inner_shape(shape))
+            yield from _walk_scopes(body, op.inner_shape(shape), (*scopes, (op, shape)))
         for branch in getattr(op, "branches", {}).values():
-            yield from walk_shaped(branch, shape)
+            yield from _walk_scopes(branch, shape, scopes)
 
 
-def shape_problem(ops: Iterable[registry.Op], shape: tuple[int, ...]) -> tuple[registry.Op, str] | None:
-    """The first op that cannot take a parameter of ``shape`` (as it sees it), and why; or None."""
-    for op, seen in walk_shaped(ops, shape):
+def walk_shaped(ops: Iterable[registry.Op], shape: tuple[int, ...]) -> Iterable[tuple[registry.Op, tuple[int, ...]]]:
+    """Like :func:`walk_ops`, with the parameter shape each op sees (scopes may reshape)."""
+    for op, seen, _ in _walk_scopes(ops, shape, ()):
+        yield op, seen
+
+
+def shape_problem(ops: Iterable[registry.Op], shape: tuple[int, ...]) -> tuple[registry.Op, str, list[str]] | None:
+    """The first op that cannot take a parameter of ``shape`` (as it sees it), why, and notes
+    on each enclosing scope that reshaped it (so the error's two shapes are explained); or None."""
+    for op, seen, scopes in _walk_scopes(ops, shape, ()):
         why = op.check_shape(seen)
         if why is not None:
-            return op, why
+            notes = [scope.reshape_note(outer) for scope, outer in scopes if scope.inner_shape(outer) != outer]
+            return op, why, notes
     return None
 
 
@@ -665,11 +677,11 @@ def compile_plan(
             )
         unfit = shape_problem(rp.ops, shape)
         if unfit is not None:
-            op, why = unfit
+            op, why, reshaped = unfit
             raise SoapShapeError(
                 f"parameter '{name}' of shape {list(shape)} cannot go through this stage: {why}",
                 getattr(op, "loc", None),
-                notes=[f"it was routed by 'route {rp.selector}' (route {rp.index})"],
+                notes=[*reshaped, f"it was routed by 'route {rp.selector}' (route {rp.index})"],
             )
         notes = [n for op, seen in walk_shaped(rp.ops, shape) for n in op.notes(seen)]
         if is_empty(shape):

@@ -269,6 +269,11 @@ class Op:
         """Shape of a parameter as the stages inside this scope see it."""
         return shape
 
+    def reshape_note(self, shape: tuple[int, ...]) -> str:
+        """Why the stages inside this scope see ``shape`` as :meth:`inner_shape` does: a shape
+        error inside names a shape the parameter does not have, and this says where it came from."""
+        return f"inside '{self.name}' a parameter of shape {list(shape)} is seen as {list(self.inner_shape(shape))}"
+
     def children(self) -> list[list[Op]]:
         """Op lists nested in this op: a scope's body, pipeline-valued arguments."""
         out = []

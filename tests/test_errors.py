@@ -616,6 +616,33 @@ def test_bad_compile(recipe, shapes, args, cls, pattern, where):
         assert f"{err.loc.line}:{err.loc.col}" == where, str(err)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "shape", "seen", "how"),
+    [
+        ("channels_first", (3, 5, 7), [105], ""),
+        ("channels_last", (3, 5, 1, 1), [15], " (channels_last: permuted to NCHW first)"),
+    ],
+)
+def test_a_shape_error_after_merged_dims_says_they_were_merged(fmt, shape, seen, how):
+    """The error named a shape the parameter does not have ('got shape [105]' for [3, 5, 7]),
+    with no word of the merge that made it."""
+    recipe = f"rotate(both, merge_dims=true, max_dim=200, data_format={fmt}) {{ newton_schulz }} |> lr"
+    w = torch.nn.Parameter(torch.zeros(shape))
+    with pytest.raises(SoapShapeError) as info:
+        soapdsl.build(recipe, [("w", w)])
+    assert info.value.message.endswith(f"'newton_schulz' needs a matrix (ndim >= 2), got shape {seen}")
+    assert info.value.notes[0] == (
+        "inside 'rotate', merge_dims=true merges consecutive dims while their product is <= max_dim=200"
+        f"{how}: shape {list(shape)} is seen as {seen}"
+    )
+    # resized into that shape after the build: the step's error says the same
+    opt = soapdsl.build(recipe, [("w", w := torch.nn.Parameter(torch.zeros(200, 3)))])
+    w.data, w.grad = torch.zeros(shape), torch.zeros(shape)
+    with pytest.raises(SoapShapeError) as info:
+        opt.step()
+    assert info.value.notes[0].endswith(f"shape {list(shape)} is seen as {seen}")
+
+
 # -- configs --------------------------------------------------------------------------------
 
 CONFIGS = [

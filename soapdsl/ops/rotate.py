@@ -201,6 +201,16 @@ class Rotate(Op):
             shape = (shape[0], shape[3], shape[1], shape[2])
         return la.merge_shape(shape, self._max_dim())
 
+    def reshape_note(self, shape: tuple[int, ...]) -> str:
+        a = self._args()
+        permuted = (
+            " (channels_last: permuted to NCHW first)" if len(shape) == 4 and a.data_format == "channels_last" else ""
+        )
+        return (
+            f"inside 'rotate', merge_dims=true merges consecutive dims while their product is <= max_dim={a.max_dim}"
+            f"{permuted}: shape {list(shape)} is seen as {list(self.inner_shape(shape))}"
+        )
+
     def factored(self, shape: tuple[int, ...]) -> list[int]:
         """Dims (of the inner shape) that get a factor and a basis."""
         a = self._args()

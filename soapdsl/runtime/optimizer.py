@@ -1216,11 +1216,12 @@ class SoapOptimizer(torch.optim.Optimizer):
             )
         problem = shape_problem(rp.ops, shape)
         if problem is not None:
-            op, why = problem
+            op, why, reshaped = problem
             raise SoapShapeError(
                 f"parameter '{name}' {resized} after the optimizer was built and cannot go through this"
                 f" stage: {why}; build a new optimizer for the resized parameters",
                 getattr(op, "loc", None),
+                notes=reshaped,
             )
 
     def _check_state_fits(self, rp: RoutePlan, p: torch.Tensor) -> None:
