@@ -26,12 +26,15 @@ def alpha_at(t: int, alpha: float, warmup: int) -> float:
 
 def beta3_at(t: int, beta1: float, beta3: float, warmup: int) -> float:
     """AdEMAMix's b3 scheduler: the half-life grows linearly from beta1's to beta3's."""
-    if warmup <= 0:
+    if warmup <= 0 or beta3 <= 0.0:  # off, or capped at b3 = 0 by the min
         return beta3
-    if beta1 <= 0.0:
-        return beta3 if t >= warmup else 0.0
     frac = t / warmup
-    lb1, lb3 = math.log(beta1), math.log(beta3)
+    lb3 = math.log(beta3)
+    if beta1 <= 0.0:
+        # The formula's limit as ln b1 -> -inf: the half-life grows linearly from 0, so
+        # b3(t) = b3^(T/t) (apple/ml-ademamix's log(b + 1e-8) guard lands within 1e-4 of it).
+        return min(math.exp(lb3 / frac), beta3) if t > 0 else 0.0
+    lb1 = math.log(beta1)
     return min(math.exp(lb1 * lb3 / ((1 - frac) * lb3 + frac * lb1)), beta3)
 
 
