@@ -670,7 +670,7 @@ class ShampooRef(torch.optim.Optimizer):
       F_k = b2 F_k + (1-b2) G_(k) G_(k)^T for every dim k with d_k <= max_preconditioner_dim (F_k += ... if b2 == 1),
           updated every step BEFORE it is used, with the current G; larger dims get no factor (identity);
       at t == start, and at t % f == 0 for t > start (start = f when start_preconditioning_step == -1):
-          Finv_k = (F_k + eps I)^(-e);
+          Finv_k = (F_k / (1 - b2^t) + eps I)^(-e)   (use_bias_correction; F_k itself when b2 == 1 or without it);
       M = m / (1 - b1^t) with m = b1 m + (1-b1) G;
       A = M / (sqrt(v / (1 - gb2^t)) + graft_eps) with v = gb2 v + (1-gb2) G^2 (raw G);
       P = A for t < start; from t = start on P = M x_k Finv_k (every factored dim),
@@ -691,6 +691,11 @@ class ShampooRef(torch.optim.Optimizer):
       below f, which DistributedShampoo rejects, follows the same rule.) A param with no factored dim (0-d, or every
       dim too large) gets P = M rescaled to ||A|| from t = start on.
     - Grafting is per param (one block per param since there is no blocking).
+    - use_bias_correction (DistributedShampoo's default: True) corrects the factor matrices too, not only the
+      filtered gradient: the root is taken of F_k / (1 - b2^t), so eps meets the corrected factor.
+    - use_merge_dims (DistributedShampoo's default: True; False here, as in the shampoo recipe) reshapes G before
+      anything else: from the first dim on, the next dim joins the last merged one when either is 1 or their
+      product is <= max_preconditioner_dim. Factors, roots and the exponent's order are those of the merged shape.
     """
 
     def __init__(
@@ -706,6 +711,8 @@ class ShampooRef(torch.optim.Optimizer):
         exponent: str | float = "classic",
         graft_beta2: float = 0.95,
         graft_eps: float = 1e-8,
+        use_bias_correction: bool = True,
+        use_merge_dims: bool = False,
     ) -> None:
         if not (exponent in ("classic", "power_half") or isinstance(exponent, (int, float))):
             raise ValueError(f"unknown exponent {exponent!r}")
@@ -720,8 +727,22 @@ class ShampooRef(torch.optim.Optimizer):
             exponent=exponent,
             graft_beta2=graft_beta2,
             graft_eps=graft_eps,
+            use_bias_correction=use_bias_correction,
+            use_merge_dims=use_merge_dims,
         )
         super().__init__(params, defaults)
+
+    @staticmethod
+    def _merged(shape: tuple[int, ...], bound: int) -> tuple[int, ...]:
+        if len(shape) < 2:
+            return tuple(shape)
+        dims = [shape[0]]
+        for d in shape[1:]:
+            if dims[-1] == 1 or d == 1 or dims[-1] * d <= bound:
+                dims[-1] = dims[-1] * d
+            else:
+                dims.append(d)
+        return tuple(dims)
 
     @staticmethod
     def _exponent(exponent: str | float, ndim: int) -> float:
@@ -758,7 +779,10 @@ class ShampooRef(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
+                dims = tuple(p.shape)
+                if group["use_merge_dims"]:
+                    dims = self._merged(dims, group["max_preconditioner_dim"])
+                g = p.grad.reshape(dims)
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = 0
@@ -768,9 +792,9 @@ class ShampooRef(torch.optim.Optimizer):
                         torch.zeros(d, d, dtype=p.dtype, device=p.device)
                         if d <= group["max_preconditioner_dim"]
                         else None
-                        for d in p.shape
+                        for d in dims
                     ]
-                    state["inv_roots"] = [None for _ in p.shape]
+                    state["inv_roots"] = [None for _ in dims]
                     state["has_root"] = False
                 state["step"] += 1
                 t = state["step"]
@@ -796,9 +820,10 @@ class ShampooRef(torch.optim.Optimizer):
                 # ALGORITHMS.md 5.2: "before start_preconditioning_step (default = f): P = A", and the root is
                 # "refreshed before it is applied": the first root at t == start (DistributedShampoo's rule)
                 if t == start or (t % freq == 0 and t > start):
-                    e = self._exponent(group["exponent"], p.ndim)
+                    e = self._exponent(group["exponent"], len(dims))
+                    c2 = 1 - b2**t if group["use_bias_correction"] and b2 != 1 else 1.0
                     state["inv_roots"] = [
-                        None if f is None else self._inverse_root(f, group["epsilon"], e) for f in state["factors"]
+                        None if f is None else self._inverse_root(f / c2, group["epsilon"], e) for f in state["factors"]
                     ]
                     state["has_root"] = True
 
@@ -814,5 +839,5 @@ class ShampooRef(torch.optim.Optimizer):
 
                 if group["weight_decay"] > 0:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(direction, alpha=-group["lr"])
+                p.add_(direction.reshape(p.shape), alpha=-group["lr"])
         return loss

@@ -521,8 +521,26 @@ def test_embedding_head_and_vectors_follow_torch_adamw(recipe, kw, adam):
             {"precondition_frequency": 4, "start_preconditioning_step": 2, "epsilon": 1e-6},
         ),
         ({"freq": 5, "start": 12}, {"precondition_frequency": 5, "start_preconditioning_step": 12}),
+        (
+            # the first root once the merged 30-vector's factor has full rank (as start=12 above)
+            {"merge_dims": True, "max_dim": 30, "freq": 5, "start": 35, "eps": 1e-6},
+            {
+                "use_merge_dims": True,
+                "max_preconditioner_dim": 30,
+                "precondition_frequency": 5,
+                "start_preconditioning_step": 35,
+                "epsilon": 1e-6,
+            },
+        ),
     ],
-    ids=["defaults", "power_half+start", "adagrad+numeric-exponent+max_dim", "start<freq", "start=12,freq=5"],
+    ids=[
+        "defaults",
+        "power_half+start",
+        "adagrad+numeric-exponent+max_dim",
+        "start<freq",
+        "start=12,freq=5",
+        "merge_dims",
+    ],
 )
 def test_shampoo_equals_reference(options, ref_options):
     """The preconditioner starts at step `start` even when it is not a multiple of freq (then
@@ -533,9 +551,34 @@ def test_shampoo_equals_reference(options, ref_options):
         options,
         R.ShampooRef,
         ref_options,
-        {**MATS, "vector": (7,), "conv": (3, 2, 3, 3), "over_max_dim": (12, 5)},
+        {**MATS, "vector": (7,), "conv": (3, 2, 3, 3), "over_max_dim": (12, 5), "small": (5, 6), "column": (3, 1)},
     )
     assert err < 1e-10
+
+
+SMALL_EPS = {"eps": 1e-2, "freq": 3}  # eps near the factors' eigenvalues, where the bias correction shows
+SMALL_EPS_REF = {"epsilon": 1e-2, "precondition_frequency": 3}
+
+
+def test_shampoo_bias_corrects_its_factors_before_eps():
+    """DistributedShampoo (use_bias_correction=True, its default) takes the root of F / (1 - b2^t)
+    plus eps; soapdsl added eps to F itself, which only eps ever showed (graft rescales the rest)."""
+    shapes = {**MATS, "vector": (7,)}
+    assert race("shampoo", SMALL_EPS, R.ShampooRef, SMALL_EPS_REF, shapes) < 1e-10
+    # the check can fail: without the correction the reference moves the parameters elsewhere
+    uncorrected = {**SMALL_EPS_REF, "use_bias_correction": False}
+    assert race("shampoo", SMALL_EPS, R.ShampooRef, uncorrected, shapes) > 1e-3
+
+
+def test_shampoo_merge_dims_is_distributed_shampoos_rule():
+    """use_merge_dims: the next dim joins when either is 1 or the product is <= max_dim, and the
+    exponent is the merged tensor's (a merged matrix is a vector: 1/2 for classic)."""
+    opt = soapdsl.build("shampoo", [("w", torch.nn.Parameter(torch.zeros(2)))], merge_dims=True, max_dim=30)
+    op = opt.plan.routes[0].ops[3]
+    assert op.name == "shampoo"
+    cases = {(5, 6): (30,), (5, 7): (5, 7), (700, 1, 30): (700, 30), (1, 40): (40,), (3, 2, 3, 3): (18, 3), (9,): (9,)}
+    assert {shape: op.merged(shape) for shape in cases} == cases
+    assert (op.exponent((5, 6)), op.exponent((5, 7))) == (0.5, 0.25)
 
 
 # -- the card ---------------------------------------------------------------------------------

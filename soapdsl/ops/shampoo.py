@@ -19,6 +19,8 @@ class ShampooArgs(OpArgs):
     exponent: Literal["classic", "power_half"] | Float = "classic"
     max_dim: Int = Field(8192, ge=0)
     start: Int = Field(-1, ge=-1)
+    bias_correction: bool = True
+    merge_dims: bool = False
 
     @field_validator("exponent")
     @classmethod
@@ -43,9 +45,11 @@ class Shampoo(Op):
     Math:
         per factored dim k:  F_k <- beta F_k + (1 - beta) G_(k) G_(k)^T   (beta = 1: F_k += G_(k) G_(k)^T)
         at t == start, and at t % freq == 0 for t > start (t counts this parameter's steps from 1):
-            P_k = (F_k + eps I)^(-e)      via eigh, fp64 retry on failure
+            P_k = (F_k / (1 - beta^t) + eps I)^(-e)      via eigh, fp64 retry on failure
+                  (bias_correction=false, or beta = 1: F_k itself)
         out = x x_1 P_1 x_2 P_2 ...       (P_L X P_R for a matrix)
-        e: "classic" 1/(2 * ndim) (1/4 per side of a matrix), "power_half" 1/2, or a number.
+        e: "classic" 1/(2 * ndim) (1/4 per side of a matrix; ndim after merge_dims), "power_half" 1/2,
+           or a number.
 
     Args:
         beta: factor EMA decay; 1 accumulates (AdaGrad-style sums).
@@ -57,6 +61,13 @@ class Shampoo(Op):
             block the dim instead).
         start: first step with a preconditioner; -1 means `freq` (0 acts as `freq` too: steps
             count from 1).
+        bias_correction: divide the factors by 1 - beta^t before the root, as DistributedShampoo
+            does with use_bias_correction=True (its default). Only eps sees it: a following
+            graft(norm) rescales the result anyway.
+        merge_dims: first merge the parameter's dims as DistributedShampoo's use_merge_dims
+            (its default) does: a dim joins the one before it while their product is <= max_dim,
+            and a dim of size 1 always joins its neighbour (a 64 x 64 matrix is one dim of 4096,
+            with one 4096 x 4096 factor and the exponent of a vector).
 
     State:
         F{k}: the factor of dim k; P{k}: its inverse root; ready (host): a root exists.
@@ -74,15 +85,34 @@ class Shampoo(Op):
     kind = "batched"
     linear = True
 
+    def merged(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the factors are taken of: ``shape``, or with merge_dims its dims merged."""
+        a: ShampooArgs = self.args  # type: ignore[assignment]
+        if not a.merge_dims or len(shape) < 2:
+            return shape
+        out = [shape[0]]
+        for d in shape[1:]:
+            if out[-1] == 1 or d == 1 or out[-1] * d <= a.max_dim:
+                out[-1] *= d
+            else:
+                out.append(d)
+        return tuple(out)
+
     def factored(self, shape: tuple[int, ...]) -> list[int]:
-        return [k for k, d in enumerate(shape) if d <= self.args.max_dim]  # type: ignore[attr-defined]
+        """Dims of :meth:`merged` that get a factor."""
+        return [k for k, d in enumerate(self.merged(shape)) if d <= self.args.max_dim]  # type: ignore[attr-defined]
 
     def state(self, shape: tuple[int, ...]) -> dict[str, StateSpec]:
         out = {}
+        merged = self.merged(shape)
         for k in self.factored(shape):
-            out[f"F{k}"] = StateSpec((shape[k], shape[k]), basis="none")
-            out[f"P{k}"] = StateSpec((shape[k], shape[k]), basis="none")
+            out[f"F{k}"] = StateSpec((merged[k], merged[k]), basis="none")
+            out[f"P{k}"] = StateSpec((merged[k], merged[k]), basis="none")
         return out
+
+    def notes(self, shape: tuple[int, ...]) -> list[str]:
+        merged = self.merged(shape)
+        return [f"dims merged to {list(merged)}"] if merged != shape else []
 
     def host_state(self, shape: tuple[int, ...]) -> dict[str, Any]:
         return {"ready": False}
@@ -90,7 +120,7 @@ class Shampoo(Op):
     def exponent(self, shape: tuple[int, ...]) -> float:
         e = self.args.exponent  # type: ignore[attr-defined]
         if e == "classic":
-            return 1.0 / (2 * max(1, len(shape)))
+            return 1.0 / (2 * max(1, len(self.merged(shape))))
         if e == "power_half":
             return 0.5
         return float(e)
@@ -103,7 +133,10 @@ class Shampoo(Op):
         st = ctx.state(self)
         # DistributedShampoo: (t % f == 0 and t > start) or t == start; "before start: P = A"
         refresh = ctx.t == start or (ctx.t % a.freq == 0 and ctx.t > start)
+        # DistributedShampoo's bias correction of the factors (none for sums: beta = 1)
+        unbias = 1.0 - beta**ctx.t if a.bias_correction and beta != 1.0 else 1.0
         for j, (b, g) in enumerate(zip(ctx.buckets, ctx.g, strict=True)):
+            g = g.reshape(g.size(0), *self.merged(b.shape))
             for k in self.factored(b.shape):
                 f = st[f"F{k}"][j]
                 stats = la.factor_stats(g.to(f.dtype), k)
@@ -114,8 +147,9 @@ class Shampoo(Op):
                 if refresh:
                     try:
                         e, d = self.exponent(b.shape), f.size(-1)
+                        src = f if unbias == 1.0 else f / unbias
                         (root,) = ctx.per_matrix(
-                            lambda m, e=e: (la.inverse_root(m, e, eps),), [f], [((d, d), f.dtype)], float(d) ** 3
+                            lambda m, e=e: (la.inverse_root(m, e, eps),), [src], [((d, d), f.dtype)], float(d) ** 3
                         )
                     except torch.linalg.LinAlgError:
                         # only now, after a failure, are the factors read on the host
@@ -132,5 +166,6 @@ class Shampoo(Op):
         out = []
         for j, (b, t) in enumerate(zip(ctx.buckets, x.ts, strict=True)):
             qs = {k: st[f"P{k}"][j] for k in self.factored(b.shape)}
-            out.append(la.unrotate(t, qs) if qs else t.clone())  # P symmetric: x_k P_k
+            merged = t.reshape(t.size(0), *self.merged(b.shape))
+            out.append(la.unrotate(merged, qs).reshape(t.shape) if qs else t.clone())  # P symmetric: x_k P_k
         return Val(out, owned=True)

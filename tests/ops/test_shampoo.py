@@ -57,13 +57,14 @@ def _exponent(exponent, ndim: int) -> float:
 
 
 class _Ref:
-    def __init__(self, shape, beta, eps, freq, start, exponent, max_dim=8192):
+    def __init__(self, shape, beta, eps, freq, start, exponent, max_dim=8192, bias_correction=True):
         self.dims = [k for k, d in enumerate(shape) if d <= max_dim]
         self.f = {k: torch.zeros(shape[k], shape[k], dtype=torch.float64) for k in self.dims}
         self.p: dict[int, torch.Tensor] | None = None
         self.beta, self.eps, self.freq = beta, eps, freq
         self.start = freq if start < 0 else start
         self.e = _exponent(exponent, len(shape))
+        self.bias_correction = bias_correction
         self.t = 0
 
     def step(self, g: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -75,7 +76,9 @@ class _Ref:
         # ALGORITHMS.md 5.2: "before start_preconditioning_step (default = f): P = A", so the first
         # root comes at t == start; DistributedShampoo then refreshes at t % f == 0 for t > start
         if self.t == self.start or (self.t % self.freq == 0 and self.t > self.start):
-            self.p = {k: _inv_root(self.f[k], self.e, self.eps) for k in self.dims}
+            # the factors bias-corrected before eps meets them (none for sums, beta = 1)
+            c = 1 - self.beta**self.t if self.bias_correction and self.beta != 1.0 else 1.0
+            self.p = {k: _inv_root(self.f[k] / c, self.e, self.eps) for k in self.dims}
         if self.p is None:
             return None
         return _apply(g if x is None else x, self.p)
@@ -117,6 +120,20 @@ def test_matches_reference(exponent: str, batch: bool) -> None:
         f"recipe t(lr=1.0):\n  route default{settings}: shampoo({beta}, {eps}, freq={freq}, exponent={exponent}) |> lr"
     )
     _check(recipe, refs, SHAPES, 0, 7)
+
+
+def test_bias_correction_false_roots_the_factors_themselves() -> None:
+    """bias_correction=false: (F + eps I)^(-e), ALGORITHMS.md 5.2's formula as written; the default
+    (DistributedShampoo's) roots F / (1 - beta^t), and the two differ at this eps."""
+    beta, eps, freq = 0.9, 1e-3, 2
+    for correct in (True, False):
+        refs = [_Ref(s, beta, eps, freq, -1, "classic", bias_correction=correct) for s in SHAPES]
+        flag = "true" if correct else "false"
+        _check(f"shampoo({beta}, {eps}, freq={freq}, bias_correction={flag}) |> lr", refs, SHAPES, 4, 5, lr=1.0)
+    a, b = (_Ref((4, 6), beta, eps, freq, -1, "classic", bias_correction=c) for c in (True, False))
+    (g,) = _grads(4, 1, [(4, 6)])[0]
+    a.step(g), b.step(g)
+    assert not torch.allclose(a.step(g), b.step(g), rtol=1e-3)
 
 
 def test_classic_exponent_per_order() -> None:
