@@ -557,7 +557,7 @@ def test_two_tensors_under_one_name_are_refused():
     [
         ("soap", "recipes/soap.soap:14:5"),
         ("soap_muon", "recipes/soap_muon.soap:24:5"),
-        ("soap_soap", "recipes/soap_soap.soap:22:8"),
+        ("soap_soap", "recipes/soap_soap.soap:24:8"),
     ],
 )
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

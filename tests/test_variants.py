@@ -150,6 +150,28 @@ def test_soap_soap_can_permute_every_second_moment(freq):
     assert race("soap_soap", kw, V.SoapSoapRef, {**ref, "permute_all": False}, shapes) > 1e-3
 
 
+def test_soap_soap_first_bases_come_from_float64_eigendecompositions():
+    """soapsoap.py decomposes each factor in float64 and casts the basis back to the factor's dtype
+    (V.SoapSoapRef._eigh); soap and soap_muon decompose in the factor's own dtype. For float32 parameters
+    the two differ where it matters: the larger side's factor of one gradient is rank-deficient, and its
+    null-space eigenvectors, which every later step uses, are whatever that precision makes of them."""
+    shapes = {"tall": (8, 6), "wide": (6, 8), "square": (6, 6)}
+    for recipe, scopes in (("soap_soap", ("1.rotate", "1.1.rotate")), ("soap", ("0.rotate",))):
+        ours, _ = twin_params(shapes, torch.float32)
+        opt = soapdsl.build(recipe, list(ours.items()))
+        lockstep([opt], [ours], shapes, 1, seed=1, dtype=torch.float32)
+        for n, p in ours.items():
+            for scope in scopes:
+                for k in (0, 1):
+                    if f"{scope}.Q{k}" not in opt.state[p]:
+                        continue
+                    gg, q = opt.state[p][f"{scope}.GG{k}"], opt.state[p][f"{scope}.Q{k}"]
+                    assert gg.dtype == q.dtype == torch.float32, (recipe, n)
+                    work = gg.double() if recipe == "soap_soap" else gg + 1e-30 * torch.eye(gg.size(-1))
+                    expected = torch.linalg.eigh(work)[1].flip(-1).to(torch.float32)
+                    assert torch.equal(q, expected), (recipe, n, scope, k)
+
+
 SHARED = {
     "blocks.0.fc.weight": (6, 10),
     "blocks.1.fc.weight": (6, 10),

@@ -35,6 +35,7 @@ class RotateArgs(OpArgs):
     share: str = ""
     share_size: Int = Field(2, ge=0)
     permute: Literal["all", "nested", "none"] = "all"
+    eigh_dtype: Literal["auto", "fp64"] = "auto"
 
     @field_validator("freq")
     @classmethod
@@ -106,7 +107,8 @@ class Rotate(Op):
                                   beta_fallback when beta < 0, resolved at the parameter's
                                   first step and kept; G_(k) G_(k)^T contracts G with
                                   itself over every other dim; for a matrix, G G^T and G^T G)
-        first basis: Q_k = eigenvectors of GG_k + jitter I, descending (fp64 retry on failure)
+        first basis: Q_k = eigenvectors of GG_k + jitter I, descending (fp64 retry on failure;
+                     always fp64 with eigh_dtype=fp64)
         inside:  X -> X x_k Q_k^T (Q_L^T X Q_R for a matrix);  after the block: X -> X x_k Q_k
         shared (share=...): GG_k sums the statistics of every member of the group; one Q_k
         every `freq` steps (t % freq == offset % freq), after the update: sort Q_k's columns by
@@ -163,6 +165,10 @@ class Rotate(Op):
             old order). First moments are re-rotated exactly whatever this says. soapsoap.py
             permutes with its first basis only the second moment of the second (nested) one,
             and with the second basis nothing: "nested" and "none" reproduce it.
+        eigh_dtype: the precision of the first eigendecomposition: auto (the factor's, at least
+            fp32) or fp64 (decomposed in float64, the basis cast back to the factor's dtype, as
+            soapsoap.py does). Where a factor is rank-deficient (the larger side's factor of one
+            gradient), its null-space eigenvectors depend on it, and so does every later step.
 
     State:
         GG{k}, Q{k}: a d_k x d_k factor and basis per factored dim k (one per share group,
@@ -339,14 +345,17 @@ class Rotate(Op):
     def _init_bases(self, ctx: Ctx) -> None:
         st = ctx.state(self)
         jitter = self._args().jitter
+        fp64 = self._args().eigh_dtype == "fp64"
+
+        def basis(m: torch.Tensor) -> tuple[torch.Tensor]:
+            return (la.eigh_desc(m.double() if fp64 else m, jitter)[1].to(m.dtype),)
+
         for j, b in enumerate(ctx.buckets):
             for k in self.factored(b.shape):
                 gg = st[f"GG{k}"][j]
                 d = gg.size(-1)
                 try:
-                    (vecs,) = ctx.per_matrix(
-                        lambda m: la.eigh_desc(m, jitter)[1:], [gg], [((d, d), gg.dtype)], float(d) ** 3
-                    )
+                    (vecs,) = ctx.per_matrix(basis, [gg], [((d, d), gg.dtype)], float(d) ** 3)
                 except torch.linalg.LinAlgError:
                     raise self._eigh_error(ctx, j, gg) from None
                 st[f"Q{k}"][j].copy_(vecs)
