@@ -487,3 +487,18 @@ def merge_shape(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
     if acc > 1 or not out:
         out.append(acc)
     return tuple(out)
+
+
+def merge_small_dims(shape: tuple[int, ...], max_dim: int) -> tuple[int, ...]:
+    """DistributedShampoo's use_merge_dims: from the first dim on, the next dim joins the last
+    merged one when either is 1 or their product is <= ``max_dim``. Unlike :func:`merge_shape`,
+    a dim of size 1 always merges (``[700, 1, 30]`` is ``[700, 30]``)."""
+    if len(shape) < 2:
+        return shape
+    out = [shape[0]]
+    for d in shape[1:]:
+        if out[-1] == 1 or d == 1 or out[-1] * d <= max_dim:
+            out[-1] *= d
+        else:
+            out.append(d)
+    return tuple(out)

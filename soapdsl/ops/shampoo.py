@@ -88,15 +88,7 @@ class Shampoo(Op):
     def merged(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape the factors are taken of: ``shape``, or with merge_dims its dims merged."""
         a: ShampooArgs = self.args  # type: ignore[assignment]
-        if not a.merge_dims or len(shape) < 2:
-            return shape
-        out = [shape[0]]
-        for d in shape[1:]:
-            if out[-1] == 1 or d == 1 or out[-1] * d <= a.max_dim:
-                out[-1] *= d
-            else:
-                out.append(d)
-        return tuple(out)
+        return la.merge_small_dims(shape, a.max_dim) if a.merge_dims else shape
 
     def factored(self, shape: tuple[int, ...]) -> list[int]:
         """Dims of :meth:`merged` that get a factor."""
