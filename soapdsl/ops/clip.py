@@ -27,8 +27,10 @@ class Clip(Op):
         c = min(1, max_norm / (||x|| + eps));   out = c * x
         per=tensor: ||x|| is each parameter's Frobenius norm;
         per=route: the norm of all the route's updates together (torch.nn.utils.clip_grad_norm_);
-            every parameter of the route must then take every step (a parameter that had no
-            gradient at some step is an error, not a silently partial norm).
+            a step without some parameter's gradient takes the norm of those present, as
+            clip_grad_norm_ does; but then the parameters' step counts differ, and a later
+            step with gradients of parameters whose counts differ is an error, not a norm
+            split by step count: give every parameter of the route a gradient at every step.
 
     Args:
         max_norm: the bound, > 0.
