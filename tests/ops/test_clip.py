@@ -134,3 +134,14 @@ def test_per_route_refuses_parameters_with_different_step_counts() -> None:
     b.grad = torch.full((3,), 4.0, dtype=torch.float64)
     with pytest.raises(SoapArgumentError, match=r"reduces over all parameters.*different numbers of steps"):
         opt.step()
+
+
+def test_per_route_step_without_a_gradient_takes_the_norm_of_those_present() -> None:
+    """operators.md: a step that lacks a parameter's gradient clips by the norm of the gradients
+    present, as clip_grad_norm_ skips a parameter whose .grad is None (the error comes later)."""
+    a, b = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    opt = soapdsl.build("clip(1.0, per=route) |> lr", [a, b], lr=1.0)
+    a.grad = torch.full((3,), 2.0, dtype=torch.float64)
+    opt.step()
+    torch.testing.assert_close(a, -a.grad / (a.grad.norm() + 1e-6))
+    assert torch.equal(b, torch.zeros(3, dtype=torch.float64))
