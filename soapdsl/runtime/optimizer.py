@@ -746,7 +746,8 @@ class SoapOptimizer(torch.optim.Optimizer):
     def __repr__(self) -> str:
         lines = [f"SoapOptimizer(recipe={self.plan.recipe.name!r}"]
         for rp, g in zip(self._routes, self.param_groups, strict=True):
-            lines.append(f"  route {rp.selector}: {len(g['params'])} params, lr={g['lr']}")
+            n = len(g["params"])
+            lines.append(f"  route {rp.selector}: {n} param{'' if n == 1 else 's'}, lr={g['lr']}")
         return "\n".join(lines) + "\n)"
 
     # -- state dict checks --------------------------------------------------------------------
