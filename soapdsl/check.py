@@ -124,7 +124,7 @@ def literal(text: str, file: str, shown: str, col: int, what: str) -> Any:
     """One value written on a command line (``--set lr=3e-4``, ``soap:freq=20``): ``text``,
     which starts at 1-based column ``col`` of ``shown``. It is parsed as the argument of a
     stage, ``x(TEXT)``; an error points into ``shown`` as the user wrote it, not into that."""
-    from soapdsl.syntax.parser import first_comment, parse
+    from soapdsl.syntax.parser import first_comment, parse, unmatched_paren
 
     wrapped = f"x({text})"
     try:
@@ -137,6 +137,15 @@ def literal(text: str, file: str, shown: str, col: int, what: str) -> Any:
             raise SoapSyntaxError(
                 f"{what}: a value cannot hold a comment ('#' starts one): leave out {wrapped[first:last].strip()!r}",
                 Loc(file, *at, at[0], at[1] + last - first, wrapped),
+            )
+        # `lr=1) |> sign |> x(2`: a ')' of the value's own would close the wrapper's '(', and
+        # the rest would parse as more stages, whose first argument would be taken silently
+        close = unmatched_paren(text)
+        if close is not None:
+            close += 2  # in x(TEXT)
+            line, col_at = wrapped.count("\n", 0, close) + 1, close - wrapped.rfind("\n", 0, close)
+            raise SoapSyntaxError(
+                "unexpected ')': it closes no '(' of the value", Loc(file, line, col_at, line, col_at + 1, wrapped)
             )
         module = parse(wrapped, file)
         assert module.pipeline is not None

@@ -264,6 +264,32 @@ def test_a_bad_set_value_points_into_what_was_typed(capsys, item, message, shown
     assert lines[0].startswith(message) and lines[1:3] == shown
 
 
+@pytest.mark.parametrize(
+    ("item", "col"),
+    [("lr=1) |> sign |> x(2", 5), ("lr=(1)) |> x((2)", 7), ("lr=1) as a |> x(", 5), ("lr=2)", 5)],
+)
+def test_a_set_value_that_closes_the_wrapper_is_refused_at_its_paren(capsys, item, col):
+    """The value is parsed as x(VALUE): a ')' of its own closed the wrapper's '(', and the rest
+    made a pipeline of more stages, whose first argument was taken silently (lr=1)."""
+    code, out, err = run(capsys, "compile", "adamw", "--set", item, "--shapes", "w=4x3")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"<--set lr>:1:{col}: syntax error: unexpected ')': it closes no '(' of the value",
+        f"    1 | {item}",
+        "      | " + " " * (col - 1) + "^",
+    ]
+
+
+def test_a_race_override_that_closes_the_wrapper_is_refused():
+    from soapdsl.errors import SoapSyntaxError
+    from soapdsl.race.spec import parse_overrides
+
+    spec = "adamw:lr=1) |> sign |> x(2"
+    with pytest.raises(SoapSyntaxError, match=r"unexpected '\)': it closes no '\(' of the value") as info:
+        parse_overrides("lr=1) |> sign |> x(2", spec)
+    assert (info.value.loc.col, info.value.loc.end_col) == (11, 12)
+
+
 @pytest.mark.parametrize("argv", [["list"], ["compile", "soap"]])
 def test_a_closed_pipe_ends_quietly(argv):
     """`soapdsl list | head` closes the pipe early; that printed a BrokenPipeError traceback."""

@@ -327,6 +327,21 @@ def first_comment(text: str) -> Token | None:
         return None
 
 
+def unmatched_paren(text: str) -> int | None:
+    """The 0-based index in ``text`` of its first ')' (outside a string or a comment) that
+    closes no '(' before it, or None; also None where ``text`` does not lex, since its parse
+    error is the one to show."""
+    depth = 0
+    try:
+        for tok in _parser().lex(text):
+            depth += (tok == "(") - (tok == ")")
+            if depth < 0:
+                return tok.start_pos or 0
+    except lark.exceptions.LarkError:
+        return None
+    return None
+
+
 def _end_position(text: str) -> tuple[int, int]:
     lines = text.splitlines() or [""]
     if text.endswith("\n"):
