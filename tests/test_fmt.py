@@ -233,6 +233,50 @@ LAYOUTS = {
         "  clip(aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa,\n"
         "       bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb, c=1) as the_label\n",
     ),
+    "a block argument that fits on a line of its own goes there whole": (
+        "recipe r(lr=1) = momentum(0.95, nesterov=true) |> newton_schulz(5)"
+        " |> graft(norm, from={ momentum(0.9) |> rms_normalize(0.999, 1e-8, eps_at=raw) })\n",
+        "recipe r(lr=1) =\n"
+        "  momentum(0.95, nesterov=true)\n"
+        "  |> newton_schulz(5)\n"
+        "  |> graft(norm, from={ momentum(0.9) |> rms_normalize(0.999, 1e-8, eps_at=raw) })\n",
+    ),
+    "a block argument too long for a line opens on its line and closes under the stage": (
+        "recipe r(lr=1):\n  route matrix: momentum(0.95, nesterov=true) |> newton_schulz(5) |> graft(norm,"
+        " from={ momentum(0.9) |> rms_normalize(0.999, 1e-8, eps_at=raw, correct=false)"
+        " |> bias_correct(0.9) }, eps=1e-8) as g\n  route default: lr\n",
+        "recipe r(lr=1):\n"
+        "  route matrix:\n"
+        "    momentum(0.95, nesterov=true)\n"
+        "    |> newton_schulz(5)\n"
+        "    |> graft(norm, from={\n"
+        "         momentum(0.9)\n"
+        "         |> rms_normalize(0.999, 1e-8, eps_at=raw, correct=false)\n"
+        "         |> bias_correct(0.9)\n"
+        "       }, eps=1e-8) as g\n"
+        "  route default: lr\n",
+    ),
+    "block arguments nest, a positional one too, and a scope block follows them": (
+        "recipe r(lr=1) = graft(norm, from={ graft(norm, from={ momentum(0.9) |> rms_normalize(0.999,"
+        " 1e-8, eps_at=raw, correct=false) |> bias_correct(0.9) |> sign }) |> rms_normalize(0.999, 1e-8,"
+        " eps_at=raw, correct=false) }) |> rotate(both, { momentum(0.95) |> rms_normalize(0.95, 1e-8,"
+        " eps_at=raw, correct=false) |> sign }) { sign }\n",
+        "recipe r(lr=1) =\n"
+        "  graft(norm, from={\n"
+        "    graft(norm, from={\n"
+        "      momentum(0.9)\n"
+        "      |> rms_normalize(0.999, 1e-8, eps_at=raw, correct=false)\n"
+        "      |> bias_correct(0.9)\n"
+        "      |> sign\n"
+        "    })\n"
+        "    |> rms_normalize(0.999, 1e-8, eps_at=raw, correct=false)\n"
+        "  })\n"
+        "  |> rotate(both, {\n"
+        "       momentum(0.95) |> rms_normalize(0.95, 1e-8, eps_at=raw, correct=false) |> sign\n"
+        "     }) {\n"
+        "       sign\n"
+        "     }\n",
+    ),
     "one token longer than a line stays whole": (
         "recipe r(lr=1):\n  route " + '"' + "w" * 90 + '"' + ": sign\n  route default: lr\n",
         "recipe r(lr=1):\n  route " + '"' + "w" * 90 + '"' + ":\n    sign\n  route default: lr\n",

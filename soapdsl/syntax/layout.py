@@ -9,12 +9,13 @@ between tokens, so the text parses the same whatever the breaks:
   line aligned after ``route``;
 - a stage with a ``{ ... }`` block that does not fit on its line ends its line with ``{``,
   prints the block's pipeline two columns right of the stage's name and closes it on a line
-  of its own, under the stage's name;
+  of its own, under the stage's name; a ``{ ... }`` argument too long for a line of its own
+  does the same (``from={`` ... ``})``);
 - a pipeline that does not fit on its line prints one stage a line, ``|> `` before each
   stage but the first.
 
-Only a single token (a long name, string or number), or an argument holding a ``{ ... }``
-block, prints past the 88th column.
+Only a single token (a long name, string or number), or a ``{ ... }`` block inside a tuple or
+arithmetic, prints past the 88th column.
 """
 
 from __future__ import annotations
@@ -85,14 +86,44 @@ def stage_lines(s: A.Stage, lead: str) -> list[str]:
     label = "" if s.label is None else f" as {s.label}"
     after = label if s.block is None else " {"
     if s.args:
-        opener = s.name + "("
-        args = [format_arg(a, spelled=True) for a in s.args]
-        lines = fill(lead, listed(opener, args, ")" + after), col + len(opener))
+        lines = _argument_lines(s, lead, after)
     else:
         lines = [lead + s.name + after]
     if s.block is not None:
         lines += pipeline_lines(s.block, " " * (col + 2))
         lines.append(" " * col + "}" + label)
+    return lines
+
+
+def _argument_lines(s: A.Stage, lead: str, after: str) -> list[str]:
+    """``NAME(args)`` and ``after``, from ``lead`` on: the arguments fill their lines, aligned
+    after the ``(``. A ``{ ... }`` argument too long for a line of its own opens on its line
+    (``from={``), its pipeline goes two columns right of the stage's name, and it closes under
+    the name (``})``), where the arguments after it go on."""
+    col = len(lead)
+    opener = s.name + "("
+    indent = " " * (col + len(opener))  # of a continuation line
+    words = listed(opener, [format_arg(a, spelled=True) for a in s.args], ")" + after)
+    lines: list[str] = []
+    line = ""
+    for i, (a, word) in enumerate(zip(s.args, words, strict=True)):
+        block = isinstance(a.value, A.Block) and len(indent if i else lead) + len(word) > WIDTH
+        if block:  # the word is "[opener][name=]{ pipeline }" and then "," or ")" + after
+            head = (opener if i == 0 else "") + ("" if a.name is None else f"{a.name}=") + "{"
+            tail = "}" + word[len(head) - 1 + len(format_expr(a.value, spelled=True)) :]
+            word = head
+        if i == 0:
+            line = lead + word
+        elif len(line) + 1 + len(word) > WIDTH:
+            lines.append(line)
+            line = indent + word
+        else:
+            line += " " + word
+        if block:
+            assert isinstance(a.value, A.Block)
+            lines += [line, *pipeline_lines(a.value.pipeline, " " * (col + 2))]
+            line = " " * col + tail
+    lines.append(line)
     return lines
 
 
