@@ -110,10 +110,26 @@ _FIELD_TYPES = {
 _STR_TAG = "tag:yaml.org,2002:str"
 
 
+#: a node's properties, an anchor (`&r`) and a tag (`!!str`), each with the space after it
+_PROPERTIES = re.compile(r"(?:[&!][^\s,\[\]{}]*\s*)+")
+
+
+def _value_start(mark: yaml.Mark) -> yaml.Mark:
+    """``mark``, a node's start, moved past the node's anchor and tag, which PyYAML counts as
+    its start: where the value itself (a quote, a block's `|`) is written."""
+    text, i = mark.buffer, mark.index
+    m = _PROPERTIES.match(text, i) if isinstance(text, str) else None
+    if m is None:
+        return mark
+    j = m.end()
+    line = mark.line + text.count("\n", i, j)
+    return yaml.Mark(mark.name, j, line, j - (text.rfind("\n", 0, j) + 1), text, j)
+
+
 def _marks(
     node: yaml.Node, path: tuple[Any, ...], out: dict[tuple[Any, ...], yaml.Mark], dups: list[Duplicate]
 ) -> None:
-    out[path] = node.start_mark
+    out[path] = _value_start(node.start_mark)
     if isinstance(node, yaml.ScalarNode):
         out[(*path, "__end__")] = node.end_mark
     elif isinstance(node, yaml.MappingNode):

@@ -419,6 +419,11 @@ INLINE_RECIPES = [
     ('optimizer: {recipe: "momentum(0.9) |> sgn |> lr"}\n', SoapNameError, "1:39", 3),
     # an escape after the error does not move it
     ('recipe: "momentum(0.9) |> sgn |> \\u006cr"\n', SoapNameError, "1:27", 3),
+    # an anchor or a tag before the value (and an alias that uses it) does not hide where it is
+    ("optimizer:\n  recipe: &r 'momentum(0.9) |> sgn |> lr'\n", SoapNameError, "2:32", 3),
+    ("r: &r |\n  momentum(0.9) |> sgn\noptimizer:\n  recipe: *r\n", SoapNameError, "2:20", 3),
+    ("recipe: !!str momentum(0.9) |> sgn |> lr\n", SoapNameError, "1:32", 3),
+    ("recipe: &r !!str |\n  momentum(0.9) |> sgn\n", SoapNameError, "2:20", 3),
     # an error found when the plan is compiled, in a route override's recipe
     (
         "recipe: adamw\nroutes:\n  - match: '*'\n    recipe: |\n      sign |> newton_schulz(5)\n",
@@ -432,7 +437,21 @@ INLINE_RECIPES = [
 @pytest.mark.parametrize(
     ("text", "cls", "where", "width"),
     INLINE_RECIPES,
-    ids=["block", "block-indent", "block-end", "block-crlf", "plain", "quoted", "flow", "escape-after", "override"],
+    ids=[
+        "block",
+        "block-indent",
+        "block-end",
+        "block-crlf",
+        "plain",
+        "quoted",
+        "flow",
+        "escape-after",
+        "anchor",
+        "alias",
+        "tag",
+        "anchor-tag-block",
+        "override",
+    ],
 )
 def test_an_error_in_recipe_text_points_into_the_yaml(text, cls, where, width):
     """It pointed at `<inline>:LINE:COL` of the text, with the file only in a note."""
