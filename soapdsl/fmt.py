@@ -6,6 +6,7 @@ on stderr and the next file is taken; the status is 1 at the end if any failed.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import sys
 from collections.abc import Callable, Sequence
@@ -46,6 +47,16 @@ def run(paths: Sequence[str], mode: str, read_stdin: Callable[[], str], stdin: s
     return 1 if failed or (changed and mode in (CHECK, DIFF)) else 0
 
 
+def _as_written(raw: bytes, out: str) -> bytes:
+    """The bytes of ``out`` with the conventions of the file's bytes ``raw``, which the text it
+    was read as does not show (so --check passes a file that has them): CRLF line ends where
+    its first line ends so, and a UTF-8 byte-order mark where it starts with one."""
+    first = raw.split(b"\n", 1)[0]
+    if first.endswith(b"\r") and len(first) < len(raw):
+        out = out.replace("\n", "\r\n")
+    return (codecs.BOM_UTF8 if raw.startswith(codecs.BOM_UTF8) else b"") + out.encode("utf-8")
+
+
 def _report(mode: str, path: str, name: str, text: str, out: str) -> None:
     """What to do with a file whose canonical form ``out`` differs from its ``text``."""
     if mode == CHECK:
@@ -56,7 +67,7 @@ def _report(mode: str, path: str, name: str, text: str, out: str) -> None:
             sys.stdout.write(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
     else:
         try:
-            Path(path).write_bytes(out.encode("utf-8"))
+            Path(path).write_bytes(_as_written(Path(path).read_bytes(), out))
         except OSError as e:
             raise SoapNameError(f"cannot write recipe file {path!r}: {e.strerror}") from None
         print(name)

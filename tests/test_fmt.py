@@ -428,6 +428,20 @@ def test_write_rewrites_only_the_files_that_change(files, capsys):
     assert run_fmt(capsys, "--write", "ugly.soap", "fine.soap") == (0, "", "")
 
 
+def test_write_keeps_the_files_line_ends_and_byte_order_mark(files, capsys):
+    """--check passed a canonical file with CRLF line ends (or a BOM), as read; but -w rewrote
+    one that needed other changes with LF line ends and without its BOM, every line changed."""
+    Path("win.soap").write_bytes(b"recipe   x( lr = 1e-3 )=momentum( 0.9 )\r\n  |>sign\r\n")
+    Path("bom.soap").write_bytes(b"\xef\xbb\xbfrecipe   x( lr = 1e-3 )=sign\n")
+    Path("fine.soap").write_bytes(b"\xef\xbb\xbfrecipe y(lr=1) = sign\r\n")
+    assert run_fmt(capsys, "--check", "fine.soap") == (0, "", "")
+    assert run_fmt(capsys, "-w", "win.soap", "bom.soap", "fine.soap") == (0, "win.soap\nbom.soap\n", "")
+    assert Path("win.soap").read_bytes() == b"recipe x(lr=1e-3) = momentum(0.9) |> sign\r\n"
+    assert Path("bom.soap").read_bytes() == b"\xef\xbb\xbfrecipe x(lr=1e-3) = sign\n"
+    assert Path("fine.soap").read_bytes() == b"\xef\xbb\xbfrecipe y(lr=1) = sign\r\n"
+    assert run_fmt(capsys, "--check", "win.soap", "bom.soap") == (0, "", "")
+
+
 def test_write_refuses_standard_input_and_the_options_exclude_each_other(files, capsys):
     code, out, err = run_fmt(capsys, "-w", "ugly.soap", "-")
     assert (code, out) == (1, "")
