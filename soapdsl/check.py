@@ -54,6 +54,8 @@ class MacroTable:
     """Macros visible to a checked source: the prelude, then the source's own (shadowing)."""
 
     macros: dict[str, A.Macro] = field(default_factory=dict)
+    #: the source's recipes, by name: none can be a stage, but an error can say what it is
+    recipes: dict[str, Loc] = field(default_factory=dict)
 
     def with_module(self, module: A.Module) -> MacroTable:
         out = dict(self.macros)
@@ -65,7 +67,8 @@ class MacroTable:
                 raise SoapNameError(f"macro '{m.name}' has the name of a primitive operator", m.loc)
             seen[m.name] = m
             out[m.name] = m
-        return MacroTable(out)
+        recipes = {**self.recipes, **{r.name: r.loc for r in reversed(module.recipes)}}
+        return MacroTable(out, recipes)
 
 
 @dataclass(frozen=True)
@@ -554,7 +557,9 @@ def _pipeline(p: A.Pipeline, scope: _Scope) -> ir.Pipeline:
         else:
             candidates = list(registry.all_ops()) + list(scope.macros.macros)
             raise SoapNameError(
-                f"unknown operator '{s.name}'" + did_you_mean(s.name, candidates), s.loc, notes=_recipe_hint(s.name)
+                f"unknown operator '{s.name}'" + did_you_mean(s.name, candidates),
+                s.loc,
+                notes=_recipe_hint(s.name, scope.macros.recipes),
             )
         for j, stage in enumerate(out[before:], before):
             if stage.label is None:
@@ -655,9 +660,17 @@ MAX_MACRO_STAGES = 1000
 _MAX_MACRO_NOTES = 8
 
 
-def _recipe_hint(name: str) -> list[str]:
-    """A note for a stage named after a shipped recipe (`route matrix: muon`)."""
+def _recipe_hint(name: str, own: Mapping[str, Loc]) -> list[str]:
+    """A note for a stage named after a recipe of its source ``own`` (`recipe a(lr=1) = a`) or a
+    shipped recipe (`route matrix: muon`)."""
     from soapdsl import library  # library imports this module
+
+    if name in own:
+        return [
+            f"'{name}' is a recipe of this source ({own[name]}); a stage is an operator or a macro, and no"
+            " recipe can be called, by another or by itself: to share a pipeline, write it as a macro"
+            " (macro NAME(...) = ...)"
+        ]
 
     try:
         shipped = name in library.library().recipes

@@ -1009,6 +1009,26 @@ def test_a_shipped_recipe_used_as_a_stage_says_what_it_is():
     with pytest.raises(SoapNameError, match=r"unknown operator 'muon'\n") as info:
         library.resolve("recipe r(lr=1):\n  route matrix: muon\n  route default: adamw\n")
     assert len(info.value.notes) == 1 and info.value.notes[0].startswith("'muon' is a shipped recipe; a stage is")
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "where"),
+    [
+        ("recipe a(lr=1) = sign |> a\n", "a", "<inline>:1:1"),
+        ("recipe a(lr=1) = b\nrecipe b(lr=1) = a\n", "b", "<inline>:2:1"),
+        ("recipe a(lr=1):\n  route default: b |> lr\nrecipe b(lr=1) = sign\n", "b", "<inline>:3:1"),
+    ],
+    ids=["itself", "each other", "another"],
+)
+def test_a_recipe_of_the_source_used_as_a_stage_says_what_it_is(text, name, where):
+    """`recipe a(lr=1) = a`, or two recipes calling each other, said only "unknown operator 'a'",
+    of a name the source had just defined."""
+    with pytest.raises(SoapNameError, match=rf"unknown operator '{name}'\n") as info:
+        library.check_source(soapdsl.parse(text))
+    assert info.value.notes == (
+        f"'{name}' is a recipe of this source ({where}); a stage is an operator or a macro, and no recipe"
+        " can be called, by another or by itself: to share a pipeline, write it as a macro (macro NAME(...) = ...)",
+    )
     with pytest.raises(SoapNameError) as info:
         library.resolve("recipe r(lr=1) = sgn |> lr")
     assert info.value.notes == ()
