@@ -353,7 +353,7 @@ def validate_args(
             and not (nonfinite_name and _admits_number(annotation))
         ):
             raise SoapArgumentError(
-                f"invalid {fname}={given} for '{cls.name}': expected one of "
+                f"invalid {fname}={ir.const_text(given)} for '{cls.name}': expected one of "
                 + ", ".join(map(str, choices))
                 + (", or a number" if _admits_number(annotation) else "")
                 + did_you_mean(given, [str(c) for c in choices]),

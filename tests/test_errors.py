@@ -180,6 +180,14 @@ SOURCES = [
         "1:22",
     ),
     ("short-tuple", "newton_schulz(coeffs=(1, 2))", SoapArgumentError, r"item 2 is missing", "1:22"),
+    # a string that is no choice shows as a literal: a line break in it broke the message's line
+    (
+        "bad-enum-string",
+        "momentum(kind='sgd\\n')",
+        SoapArgumentError,
+        r"invalid kind=\"sgd\\n\" for 'momentum': expected one of ema, sgd; did you mean 'sgd'\?$",
+        "1:15",
+    ),
     (
         "bad-combination",
         "newton_schulz(5, dtype=bf16, form=gram)",
