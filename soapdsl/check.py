@@ -315,7 +315,12 @@ def validate_args(
             continue
         concrete[name] = value.evaluate(env)
     try:
-        return cls.Args(**concrete)
+        try:
+            return cls.Args(**concrete)
+        except ValidationError:
+            # pydantic reads an integral float (5.0) for an int field only below 2**63; past
+            # that, as the integer it spells (1e20, as 100000000000000000000 is read)
+            return cls.Args(**{k: _integral_floats_as_ints(v) for k, v in concrete.items()})
     except ValidationError as e:
         err = _relevant_error(e.errors(), concrete)
         fname = str(err["loc"][0]) if err["loc"] else ""
@@ -487,6 +492,15 @@ def takes_text(cls: type[registry.Op], field_name: str) -> str:
         text = " or ".join(others)
     constraint = constraint_text(f)
     return f"{text} {constraint}" if constraint else text
+
+
+def _integral_floats_as_ints(v: Any) -> Any:
+    """``v`` with each float that is a whole number past int64 (in tuples too) as that integer."""
+    if isinstance(v, float) and v.is_integer() and abs(v) >= 2**63:
+        return int(v)
+    if isinstance(v, tuple):
+        return tuple(map(_integral_floats_as_ints, v))
+    return v
 
 
 def _pydantic_message(err: Mapping[str, Any]) -> str:

@@ -495,3 +495,25 @@ def test_a_number_as_text_in_non_ascii_digits_is_no_number():
     note = "'\u0665' (ARABIC-INDIC DIGIT FIVE) is not an ASCII digit; write 5"
     assert info.value.message == f"argument eps of recipe 'adamw' must be a number, got '2\u0665': {note}"
     assert info.value.loc is not None and (info.value.loc.line, info.value.loc.col) == (2, 8)
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("newton_schulz(1e20)", "invalid steps=1e+20 for 'newton_schulz': must be < 100"),
+        ("newton_schulz(-1e19)", "invalid steps=-1e+19 for 'newton_schulz': must be >= 0"),
+        ("rotate(left, freq=((1e30, 1), 10)) |> sign", None),
+        ("rotate(left, freq=1e30) |> sign", None),
+    ],
+)
+def test_an_integral_float_past_int64_is_the_integer_it_spells(source, message):
+    """An integral float is accepted for an int field (5.0 is 5), but pydantic reads one only
+    below 2**63: 1e20 gave "unable to parse input string as an integer, exceeded maximum size",
+    of a number that is no string, where 100000000000000000000 got its bound."""
+    params = [torch.zeros(3, 3)]
+    if message is None:
+        soapdsl.compile(source, params)
+        return
+    with pytest.raises(SoapArgumentError) as info:
+        soapdsl.compile(source, params)
+    assert info.value.message == message
