@@ -154,11 +154,21 @@ EVERY_CONSTRUCT = (
 )
 
 
+#: block arguments too long for a line, nested, positional and followed by arguments
+LONG_BLOCK_ARGUMENTS = (
+    "recipe r ( lr = 1 ) :\n route default : momentum ( 0.95 ) |> graft ( norm , from = { momentum ( 0.9 )"
+    " |> rms_normalize ( 0.999 , 1e-8 , eps_at = raw , correct = false ) |> bias_correct ( 0.9 ) } , eps = 1 )"
+    " as g |> graft ( { graft ( norm , from = { momentum ( 0.9 ) |> rms_normalize ( 0.999 , 1e-8 , eps_at = raw"
+    " , correct = false ) } ) } ) |> lr\n"
+)
+
+
+@pytest.mark.parametrize("source", [EVERY_CONSTRUCT, LONG_BLOCK_ARGUMENTS], ids=["every construct", "block arguments"])
 @pytest.mark.parametrize("comment", ["  # t\n", "\n# o\n", "\n\n# b\n\n"], ids=["trailing", "own line", "apart"])
-def test_a_comment_between_any_two_tokens_is_kept(comment):
-    gaps = [i for i, ch in enumerate(EVERY_CONSTRUCT) if ch in " \n"] + [0]
+def test_a_comment_between_any_two_tokens_is_kept(comment, source):
+    gaps = [i for i, ch in enumerate(source) if ch in " \n"] + [0]
     for i in gaps:
-        assert_fmt_keeps(EVERY_CONSTRUCT[:i] + comment + EVERY_CONSTRUCT[i:])
+        assert_fmt_keeps(source[:i] + comment + source[i:])
 
 
 # -- layout within 88 columns -----------------------------------------------------------------
