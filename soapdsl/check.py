@@ -175,6 +175,29 @@ def literal(text: str, file: str, shown: str, col: int, what: str) -> Any:
         raise
 
 
+def _python_value(v: Any) -> Any:
+    """A NumPy scalar or a 0-d tensor as the Python number it holds (as torch.optim takes
+    them), also inside a tuple; so param_groups and checkpoints hold plain Python values."""
+    if isinstance(v, tuple):
+        return tuple(_python_value(x) for x in v)
+    if not isinstance(v, str) and type(v) not in (bool, int, float) and getattr(v, "ndim", None) == 0:
+        item = getattr(v, "item", None)
+        if callable(item):
+            return item()
+    return v
+
+
+def argument_value(recipe: str, name: str, v: Any) -> Any:
+    """The value of argument ``name`` of ``recipe`` given from Python (``build(..., name=v)``,
+    a config): as :func:`_python_value` reads it, and a number, boolean, string or tuple."""
+    v = _python_value(v)
+    if not isinstance(v, bool | int | float | str | tuple):
+        raise SoapArgumentError(
+            f"argument {name} of recipe '{recipe}' must be a number, boolean, name or tuple, got {type(v).__name__}"
+        )
+    return v
+
+
 def _spells_nonfinite(e: A.Expr) -> bool:
     """Whether ``e`` spells a non-finite number as Python would read it: a name such as
     ``inf`` or ``NaN``, negated or in a tuple."""

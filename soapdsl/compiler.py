@@ -22,6 +22,7 @@ from soapdsl import ir, registry
 from soapdsl.check import (
     ROUTE_OPTIONS,
     always_true,
+    argument_value,
     check_selector,
     evaluate,
     lr_problem,
@@ -180,18 +181,6 @@ def shape_problem(ops: Iterable[registry.Op], shape: tuple[int, ...]) -> tuple[r
 # -- binding ----------------------------------------------------------------------------------
 
 
-def _python_value(v: Any) -> Any:
-    """A NumPy scalar or a 0-d tensor as the Python number it holds (as torch.optim takes
-    them), also inside a tuple; so param_groups and checkpoints hold plain Python values."""
-    if isinstance(v, tuple):
-        return tuple(_python_value(x) for x in v)
-    if not isinstance(v, str) and type(v) not in (bool, int, float) and getattr(v, "ndim", None) == 0:
-        item = getattr(v, "item", None)
-        if callable(item):
-            return item()
-    return v
-
-
 def bind_args(recipe: ir.Recipe, args: Mapping[str, Any], partial: bool = False) -> dict[str, Any]:
     """Header parameter values: the defaults, overridden by ``args``; ``partial`` checks the
     arguments given only, leaving a required parameter unset (None)."""
@@ -203,12 +192,7 @@ def bind_args(recipe: ir.Recipe, args: Mapping[str, Any], partial: bool = False)
                 + did_you_mean(k, values)
                 + (f" (parameters: {', '.join(values)})" if values else "")
             )
-        v = _python_value(v)
-        if not isinstance(v, bool | int | float | str | tuple):
-            raise SoapArgumentError(
-                f"argument {k} of recipe '{recipe.name}' must be a number, boolean, name or tuple,"
-                f" got {type(v).__name__}"
-            )
+        v = argument_value(recipe.name, k, v)
         default = values[k]
         if isinstance(default, int | float) and not isinstance(default, bool) and isinstance(v, str):
             # YAML 1.1 reads 3e-4 as a string; a numeric parameter takes it as the number it spells,

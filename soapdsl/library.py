@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from soapdsl import ir, registry
-from soapdsl.check import MacroTable, check_macro, check_recipe
+from soapdsl.check import MacroTable, argument_value, check_macro, check_recipe
 from soapdsl.errors import SoapError, SoapNameError, SoapSyntaxError, did_you_mean
 from soapdsl.resources import recipe_files
 from soapdsl.syntax import ast as A
@@ -95,7 +95,8 @@ def _pipeline_after_recipes(pipeline: A.Pipeline) -> SoapSyntaxError:
 
 def inline_recipe(pipeline: A.Pipeline, macros: MacroTable, params: Mapping[str, Any]) -> ir.Recipe:
     """A bare pipeline as a recipe with one default route; its parameters are the args given."""
-    header = {"lr": 1e-3, **params}
+    # as a named recipe's arguments are read (compiler.bind_args), before the check sees them
+    header = {"lr": 1e-3, **{k: argument_value("inline", k, v) for k, v in params.items()}}
     route = A.Route(A.SelName("default", pipeline.loc), (), pipeline, pipeline.loc)
     recipe = A.Recipe("inline", (), (route,), "", True, pipeline.loc)
     out = check_recipe(recipe, macros, extra_params=header)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import warnings
 
 import pytest
 import torch
@@ -517,3 +518,25 @@ def test_an_integral_float_past_int64_is_the_integer_it_spells(source, message):
     with pytest.raises(SoapArgumentError) as info:
         soapdsl.compile(source, params)
     assert info.value.message == message
+
+
+def test_an_inline_pipelines_arguments_are_read_as_a_recipes_are():
+    """A named recipe's arguments were read as Python values (a NumPy or 0-d tensor scalar as
+    the number it holds) and refused by type before the check; an inline pipeline's were not:
+    a NumPy boolean was 'invalid nesterov=True ...: expected true or false', a set reached the
+    operator ('a schedule is ...'), and a 0-d tensor that requires grad warned from inside
+    pydantic."""
+    np = pytest.importorskip("numpy")
+    params = [torch.nn.Parameter(torch.zeros(3, 3))]
+    opt = soapdsl.build("momentum(0.9, nesterov=n) |> sign", params, n=np.bool_(True))
+    assert type(opt.param_groups[0]["n"]) is bool
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = soapdsl.build("momentum(b) |> sign", params, b=torch.tensor(0.5, requires_grad=True))
+    assert opt.param_groups[0]["b"] == 0.5
+    for value in ({1, 2}, {1: 2}, 1j, np.array([10])):
+        with pytest.raises(SoapArgumentError) as info:
+            soapdsl.build("rotate(left, freq=f) |> sign", params, f=value)
+        assert info.value.message == (
+            f"argument f of recipe 'inline' must be a number, boolean, name or tuple, got {type(value).__name__}"
+        )
