@@ -24,7 +24,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +42,13 @@ from soapdsl.errors import (
     SoapConfigError,
     SoapError,
     SoapNameError,
+    SoapSyntaxError,
     did_you_mean,
 )
 from soapdsl.ir import Ref
 from soapdsl.runtime.optimizer import SoapOptimizer
 from soapdsl.syntax import ast as A
-from soapdsl.syntax.parser import decode_source, int_digit_limit, parse, too_long
+from soapdsl.syntax.parser import decode_source, first_comment, int_digit_limit, parse, too_long
 from soapdsl.syntax.printer import format_selector
 
 Scalar = bool | int | float | str
@@ -68,6 +69,13 @@ class RouteOverride(BaseModel):
             raise ValueError("match needs at least one pattern")
         if isinstance(v, list) and "" in v:
             raise ValueError("match holds an empty pattern, which no parameter name matches")
+        return v
+
+    @field_validator("where")
+    @classmethod
+    def _a_selector(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError('where is empty; it holds a selector, such as "matrix and max_dim < 4096"')
         return v
 
 
@@ -467,11 +475,37 @@ def _selector(
     if override.where is not None:
         name = _text_name(file, (*path, "where"))
         try:
+            # `matrix # hidden`: the comment would run over the synthetic route's ':'
+            comment = first_comment(override.where)
+            if comment is not None:
+                text, wrapped = comment.value.rstrip(), _WHERE_PREFIX + override.where
+                at = len(_WHERE_PREFIX) + (comment.start_pos or 0)
+                line, col = wrapped.count("\n", 0, at) + 1, at - wrapped.rfind("\n", 0, at)
+                raise SoapConfigError(
+                    f"{_dotted((*path, 'where'))}: a selector cannot hold a comment ('#' starts one):"
+                    f" leave out {text!r}",
+                    Loc(name, line, col, line, col + len(text), wrapped),
+                )
             module = parse(f"{_WHERE_PREFIX}{override.where}: lr\n", name)
             routes = [r for recipe in module.recipes for r in recipe.routes]
             selector = routes[0].selector
             check_selector(selector, {"lr": 1}, {"lr": Ref("lr")})
         except SoapError as e:
+            wrapped = _WHERE_PREFIX + override.where
+            end = (wrapped.count("\n") + 1, len(wrapped) - wrapped.rfind("\n"))
+            cut = "unexpected ':'"
+            if (
+                isinstance(e, SoapSyntaxError)
+                and e.message.startswith(cut)
+                and e.loc
+                and (e.loc.line, e.loc.col) == end
+            ):
+                # the selector ended early (`matrix and`): the ':' is the synthetic route's; the
+                # text ends after its last character, not on the line a block's last '\n' starts
+                e.message = "unexpected end of text" + e.message[len(cut) :]
+                last = len(_WHERE_PREFIX + override.where.rstrip())
+                line, col = wrapped.count("\n", 0, last) + 1, last - wrapped.rfind("\n", 0, last)
+                e.loc = Loc(name, line, col, line, col + 1, wrapped)
             raise _in_yaml(e, file, marks, (*path, "where"), override.where, name, _WHERE_PREFIX) from None
         extra = routes[0].settings or len(routes) > 1 or len(module.recipes) > 1 or module.macros
         if extra or [s.name for s in routes[0].pipeline.stages] != ["lr"]:
@@ -524,9 +558,6 @@ def _in_yaml(
     (``first at ...``) are moved alike.
     """
     mark = marks.get(path)
-    if mark is None:
-        return e
-    source = SOURCES.get(file) or ""
     lines = text.split("\n")
     shift_lines, shift_col = before.count("\n"), len(before.split("\n")[-1])
 
@@ -535,6 +566,10 @@ def _in_yaml(
         offset = col - 1 - (shift_col if k == 0 else 0)
         ok = 0 <= k < len(lines) and 0 <= offset <= len(lines[k])
         return (k, offset) if ok else None
+
+    if mark is None:  # a dict: no file to point into, but the text itself, without ``before``
+        return _in_text(e, name, text, in_text) if before else e
+    source = SOURCES.get(file) or ""
 
     def in_file(k: int, offset: int, width: int) -> tuple[int, int] | None:
         head = source[mark.index : mark.index + 1]
@@ -583,6 +618,30 @@ def _in_yaml(
                 )
         e.loc = Loc(file, at[0], at[1], at[0], at[1] + width, SOURCES.get(file))
         e.source = None
+    e.args = (e.format(),)
+    return e
+
+
+def _in_text(e: SoapError, name: str, text: str, in_text: Callable[[int, int], tuple[int, int] | None]) -> SoapError:
+    """Move the positions of an error in ``text`` parsed after a synthetic prefix (source
+    ``name``), which ``in_text`` maps to (line, offset) in ``text``, to ``text`` itself."""
+
+    def moved(m: re.Match[str]) -> str:
+        pos = in_text(int(m.group(1)), int(m.group(2)))
+        return m.group(0) if pos is None else f"{name}:{pos[0] + 1}:{pos[1] + 1}"
+
+    quoted = re.compile(re.escape(name) + r":(\d+):(\d+)")
+    e.message = quoted.sub(moved, e.message)
+    e.notes = tuple(quoted.sub(moved, n) for n in e.notes)
+    if e.loc is not None and e.loc.file == name:
+        pos = in_text(e.loc.line, e.loc.col)
+        if pos is not None:
+            lines = text.split("\n")
+            width = e.loc.end_col - e.loc.col if e.loc.end_line == e.loc.line else 1
+            width = max(1, min(width, len(lines[pos[0]]) - pos[1]))
+            line, col = pos[0] + 1, pos[1] + 1
+            e.loc = Loc(name, line, col, line, col + width, text)
+            e.source = None
     e.args = (e.format(),)
     return e
 

@@ -297,6 +297,11 @@ def test_an_optimizer_given_as_a_name_is_shown_the_mapping():
         ),
         ("recipe: adamw\nroutes: [5]\n", "routes.0: must be a mapping with 'recipe' and 'match' or 'where'", (2, 10)),
         (
+            "recipe: adamw\nroutes:\n  - where: '  '\n    recipe: adam\n",
+            'routes.0.where: is empty; it holds a selector, such as "matrix and max_dim < 4096"',
+            (3, 5),
+        ),
+        (
             "recipe: adamw\ndistributed: 1\n",
             "distributed: must be true or false: true splits the matrix work across the ranks of a data-parallel run",
             (2, 1),
@@ -506,6 +511,39 @@ def test_an_error_in_recipe_text_of_a_dict_names_the_key():
     err = config_error({"optimizer": {"recipe": "momentum(0.9) |> sgn |> lr"}}, SoapNameError)
     assert str(err.loc) == "<config>[optimizer.recipe]:1:18" and not err.notes
     assert "    1 | momentum(0.9) |> sgn |> lr\n" in str(err)
+
+
+@pytest.mark.parametrize("as_dict", [False, True], ids=["yaml", "dict"])
+def test_an_error_in_a_where_shows_the_selector_not_the_route_it_is_parsed_in(as_dict):
+    """The selector is parsed as `route WHERE: lr` inside a recipe: from a dict, the error
+    showed that text at its line 2 (`route matrix and ndims > 2: lr`), and a selector cut short
+    was "unexpected ':'", a ':' the user never wrote."""
+    where = ["matrix and ndims > 2", "matrix and", "matrix # hidden"]
+    kinds = [SoapRouteError, SoapSyntaxError, SoapConfigError]
+    if as_dict:
+        cfgs = [{"recipe": "adamw", "routes": [{"where": w, "recipe": "adam"}]} for w in where]
+        lines = [f"<config>[routes.0.where]:1:{col}" for col in (12, 11, 8)]
+        shown = where
+    else:
+        cfgs = [f"recipe: adamw\nroutes:\n  - where: '{w}'\n    recipe: adam\n" for w in where]
+        lines = [f"<config>:3:{col}" for col in (24, 23, 20)]
+        shown = [f"  - where: '{w}'" for w in where]
+    errors = [config_error(cfg, kind) for cfg, kind in zip(cfgs, kinds, strict=True)]
+    assert [str(e.loc) for e in errors] == lines
+    assert [str(e).splitlines()[1].split(" | ", 1)[1] for e in errors] == shown
+    assert errors[1].message == "unexpected end of text; expected '(', 'not', a name, a string"
+    if not as_dict:  # in a literal block, at the end of its text, not on the line after it
+        block = "recipe: adamw\nroutes:\n  - where: |\n      matrix and\n    recipe: adam\n"
+        err = config_error(block, SoapSyntaxError)
+        assert (str(err.loc), err.message, err.notes) == ("<config>:4:17", errors[1].message, ())
+
+
+def test_a_comment_in_a_where_is_refused_at_the_comment():
+    """The selector is parsed inside a synthetic route, `route WHERE: lr`: a comment ran over its
+    ':', and the error asked for a ':' (or ',', '[', ...) the user never wrote."""
+    err = config_error("recipe: adamw\nroutes:\n  - where: 'matrix # hidden ones'\n    recipe: adam\n")
+    assert err.message == "routes.0.where: a selector cannot hold a comment ('#' starts one): leave out '# hidden ones'"
+    assert (err.loc.line, err.loc.col, err.loc.end_col) == (3, 20, 33)
 
 
 @pytest.mark.parametrize(
