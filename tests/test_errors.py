@@ -1082,6 +1082,28 @@ def test_a_route_outside_a_recipe_is_named(source, where):
 
 
 @pytest.mark.parametrize(
+    ("source", "where", "keyword", "at"),
+    [
+        ("recipe r(lr=1):\n  route vector: sign |>\n  route default: sign\n", "2:22", "route", "3:3"),
+        ("recipe r(lr=1):\n  route vector: sign |>  # c\n\n  route not matrix: sign\n", "2:22", "route", "4:3"),
+        ('recipe r(lr=1):\n  route vector: sign |>\n  route "a*": sign\n', "2:22", "route", "3:3"),
+        ("recipe r(lr=1) = sign |>\nrecipe s(lr=1) = sign\n", "1:23", "recipe", "2:1"),
+        ("macro m = sign |>\nmacro n = sign\n", "1:16", "macro", "2:1"),
+    ],
+)
+def test_a_pipe_that_ends_a_line_before_a_keyword_is_named(source, where, keyword, at):
+    """`sign |>` and then a line `route default: sign`: the '|>' read the keyword as a stage,
+    and the error was an unexpected ':' or '=' on the next line (or, after `route not`, two
+    stages in a row without '|>')."""
+    with pytest.raises(SoapSyntaxError) as info:
+        library.resolve(source)
+    assert info.value.message == "'|>' with no stage after it: a pipeline cannot end in '|>'"
+    assert f"{info.value.loc.line}:{info.value.loc.col}" == where
+    assert info.value.loc.end_col - info.value.loc.col == 2
+    assert info.value.notes == (f"'{keyword}' at <inline>:{at} starts a {keyword}, which '|>' would read as a stage",)
+
+
+@pytest.mark.parametrize(
     "source", ["def r(lr=1) = sign", "recipe r(lr=1) = sign\n  rotate sign\n", "rotate(left) { Route sign } |> lr"]
 )
 def test_a_word_far_from_a_keyword_keeps_the_missing_pipe_note(source):

@@ -111,6 +111,26 @@ def _keyword_typo(text: str, tok: Token) -> tuple[str, tuple[int, int], str] | N
     return word, (line, col), close[0]
 
 
+def _dangling_pipe(text: str, tok: Token) -> tuple[Token, Token] | None:
+    """The '|>' that ends a line before ``tok``'s line, where that line starts with a keyword
+    (``route``, ``recipe``, ``macro``): the parser read the keyword as the stage after the
+    '|>' and stopped later on that line. Returns (the '|>', the keyword), or None."""
+    if tok.start_pos is None:
+        return None
+    found = None
+    try:
+        prev = None
+        for cur in _parser().lex(text):
+            if (cur.start_pos or 0) > tok.start_pos:
+                break
+            if prev is not None and prev == "|>" and cur in _LINE_KEYWORDS and (cur.line or 0) > (prev.line or 0):
+                found = (prev, cur)
+            prev = cur
+    except lark.exceptions.LarkError:
+        return None
+    return found if found is not None and found[1].line == tok.line else None
+
+
 def _expected(names: set[str]) -> str:
     described = (_describe(n) for n in names)
     # anonymous terminals with a fixed text ('//', '|>') describe as that text; others are internal
@@ -191,6 +211,15 @@ def parse(text: str, file: str = "<inline>") -> A.Module:
             tok.end_column or (tok.column or 1) + 1,
             text,
         )
+        dangling = _dangling_pipe(text, tok)
+        if dangling is not None:  # `sign |>` ending a line, and a `route ...` line after it
+            pipe, starts = dangling
+            at = f"{file}:{starts.line}:{starts.column}"
+            raise SoapSyntaxError(
+                "'|>' with no stage after it: a pipeline cannot end in '|>'",
+                Loc(file, pipe.line or 1, pipe.column or 1, pipe.line or 1, (pipe.column or 1) + 2, text),
+                notes=(f"'{starts}' at {at} starts a {starts}, which '|>' would read as a stage",),
+            ) from None
         acceptable = _acceptable(e)
         # at the top level only: in a block neither a definition nor a route can start
         typo = _keyword_typo(text, tok) if tok.type == "NAME" and "$END" in acceptable else None
