@@ -333,6 +333,17 @@ def test_numbers_keep_their_spelling():
     assert out == "recipe r(lr=3e-4, eps=1e-8, b=.5, c=1., d=-1e-3, big=1e999, n=007) = scale(-2.50) |> lr\n"
 
 
+def test_a_likely_decimal_comma_keeps_its_spelling_and_so_its_warning():
+    """fmt printed rms_normalize(0,999) as rms_normalize(0, 999), the spelling that says two
+    numbers were meant: the checker's warning of a likely decimal comma (eps=999) was gone for
+    good from a file rewritten with -w."""
+    text = "recipe r(lr=1) = rms_normalize(0,999) |> newton_schulz(5, coeffs=(3,4, 2.0)) |> scale(1 ,2)\n"
+    out = assert_fmt_keeps(text)
+    assert out == ("recipe r(lr=1) =\n  rms_normalize(0,999) |> newton_schulz(5, coeffs=(3,4, 2.0)) |> scale(1, 2)\n")
+    long = "macro m = clip(" + ", ".join(["1"] * 40) + ",2)\n"
+    assert assert_fmt_keeps(long).endswith(" 1,2)\n")
+
+
 def test_a_recipe_keeps_its_form():
     short, long = "recipe r(lr=1) = sign |> lr\n", "recipe r(lr=1):\n  route default: sign |> lr\n"
     assert assert_fmt_keeps(short) == short

@@ -23,7 +23,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from soapdsl.syntax import ast as A
-from soapdsl.syntax.printer import format_arg, format_expr, format_param, format_pipeline, format_selector, format_stage
+from soapdsl.syntax.printer import (
+    argument_words,
+    format_expr,
+    format_param,
+    format_pipeline,
+    format_selector,
+    format_stage,
+)
 
 WIDTH = 88
 
@@ -103,10 +110,11 @@ def _argument_lines(s: A.Stage, lead: str, after: str) -> list[str]:
     col = len(lead)
     opener = s.name + "("
     indent = " " * (col + len(opener))  # of a continuation line
-    words = listed(opener, [format_arg(a, spelled=True) for a in s.args], ")" + after)
+    args = argument_words(s.args, spelled=True)
+    words = listed(opener, [text for _, text in args], ")" + after)
     lines: list[str] = []
     line = ""
-    for i, (a, word) in enumerate(zip(s.args, words, strict=True)):
+    for i, ((a, _), word) in enumerate(zip(args, words, strict=True)):
         block = isinstance(a.value, A.Block) and len(indent if i else lead) + len(word) > WIDTH
         if block:  # the word is "[opener][name=]{ pipeline }" and then "," or ")" + after
             head = (opener if i == 0 else "") + ("" if a.name is None else f"{a.name}=") + "{"

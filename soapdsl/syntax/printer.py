@@ -29,10 +29,48 @@ def format_pipeline(p: A.Pipeline, *, spelled: bool = False) -> str:
     return " |> ".join(format_stage(s, spelled=spelled) for s in p.stages)
 
 
+def comma_joined(a: A.Expr, b: A.Expr) -> bool:
+    """Whether ``a,b`` are two plain integer literals written with nothing but a comma between
+    them (``0,999``), which the checker warns of as a likely decimal comma: ``soapdsl fmt``
+    keeps them so, and so the warning (``0, 999`` says that two numbers are meant)."""
+    return (
+        isinstance(a, A.Num)
+        and isinstance(b, A.Num)
+        and a.text.isdigit()
+        and b.text.isdigit()
+        and a.loc.file == b.loc.file
+        and a.loc.end_line == b.loc.line
+        and b.loc.col == a.loc.end_col + 1
+    )
+
+
+def argument_words(args: tuple[A.Arg, ...], *, spelled: bool = False) -> list[tuple[A.Arg, str]]:
+    """Each argument with its text, but with spelled=True two arguments :func:`comma_joined`
+    as one (``0,999``, held by the first)."""
+    out: list[tuple[A.Arg, str]] = []
+    for i, a in enumerate(args):
+        text = format_arg(a, spelled=spelled)
+        prev = args[i - 1] if i else None
+        if spelled and prev is not None and prev.name is None and a.name is None and comma_joined(prev.value, a.value):
+            out[-1] = (out[-1][0], out[-1][1] + "," + text)
+        else:
+            out.append((a, text))
+    return out
+
+
+def _items_text(items: tuple[A.Expr, ...], spelled: bool) -> str:
+    out = ""
+    for i, e in enumerate(items):
+        if i:
+            out += "," if spelled and comma_joined(items[i - 1], e) else ", "
+        out += format_expr(e, spelled=spelled)
+    return out
+
+
 def format_stage(s: A.Stage, *, spelled: bool = False) -> str:
     out = s.name
     if s.args:
-        out += "(" + ", ".join(format_arg(a, spelled=spelled) for a in s.args) + ")"
+        out += "(" + ", ".join(text for _, text in argument_words(s.args, spelled=spelled)) + ")"
     if s.block is not None:
         out += " { " + format_pipeline(s.block, spelled=spelled) + " }"
     if s.label is not None:
@@ -64,7 +102,7 @@ def format_expr(e: A.Expr, prec: int = 0, *, spelled: bool = False) -> str:
     if isinstance(e, A.Tuple):
         if len(e.items) == 1:
             return "(" + format_expr(e.items[0], spelled=spelled) + ",)"
-        return "(" + ", ".join(format_expr(i, spelled=spelled) for i in e.items) + ")"
+        return "(" + _items_text(e.items, spelled) + ")"
     if isinstance(e, A.Neg):
         return "-" + format_expr(e.operand, 3, spelled=spelled)
     if isinstance(e, A.BinOp):
