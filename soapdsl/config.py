@@ -466,7 +466,7 @@ _WHERE_PREFIX = "recipe _(lr=1):\n  route "
 
 
 def _selector(
-    override: RouteOverride, index: int, file: str, marks: Mapping[tuple[Any, ...], yaml.Mark], path: tuple[Any, ...]
+    override: RouteOverride, file: str, marks: Mapping[tuple[Any, ...], yaml.Mark], path: tuple[Any, ...]
 ) -> A.Selector:
     parts: list[A.Selector] = []
     if override.match is not None:
@@ -511,14 +511,14 @@ def _selector(
         if extra or [s.name for s in routes[0].pipeline.stages] != ["lr"]:
             # `matrix [lr=0.5]` parses, and the setting would be dropped
             raise SoapConfigError(
-                f'routes[{index}].where holds a selector only, such as "matrix and max_dim < 4096";'
+                f'{_dotted((*path, "where"))}: holds a selector only, such as "matrix and max_dim < 4096";'
                 " the route's recipe goes in 'recipe' and its settings (lr, ...) in 'args'",
                 _loc(file, marks, (*path, "where")),
             )
         parts.append(selector)
     if not parts:
         raise SoapConfigError(
-            f"routes[{index}] needs 'match' or 'where' to say which parameters it takes", _loc(file, marks, path)
+            f"{_dotted(path)}: needs 'match' or 'where' to say which parameters it takes", _loc(file, marks, path)
         )
     return parts[0] if len(parts) == 1 else A.SelAnd(tuple(parts))
 
@@ -741,7 +741,7 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
             except SoapError as e:
                 raise e.at(_value_loc(file, marks, (*prefix, "routes", i, "recipe"))) from None
             _check_args(sub, sub_args, file, marks, (*prefix, "routes", i, "args"))
-            selector = _selector(o, i, file, marks, (*prefix, "routes", i))
+            selector = _selector(o, file, marks, (*prefix, "routes", i))
             values = {**sub.defaults(), **sub_args}
             check_selector(selector, values, {k: Ref(k) for k in values})
             overrides.append((selector, sub, sub_args))

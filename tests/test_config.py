@@ -555,7 +555,7 @@ def test_a_where_holds_a_selector_only(where):
     """Text after the selector parsed inside the synthetic route and was dropped: `[lr=0.5]`
     silently left the route at the recipe's lr."""
     cfg = {"recipe": "adamw", "routes": [{"where": where, "recipe": "adam"}]}
-    with pytest.raises(SoapConfigError, match=r"routes\[0\]\.where holds a selector only.*'args'"):
+    with pytest.raises(SoapConfigError, match=r"routes\.0\.where: holds a selector only.*'args'"):
         soapdsl.from_config(torch.nn.Linear(4, 3), cfg)
 
 

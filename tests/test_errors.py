@@ -678,7 +678,7 @@ CONFIGS = [
         "route-needs-selector",
         "recipe: adamw\nroutes:\n  - recipe: adam\n",
         SoapConfigError,
-        r"needs 'match' or 'where'",
+        r"routes\.0: needs 'match' or 'where'",
         "3:5",
     ),
     (
