@@ -466,7 +466,11 @@ _WHERE_PREFIX = "recipe _(lr=1):\n  route "
 
 
 def _selector(
-    override: RouteOverride, file: str, marks: Mapping[tuple[Any, ...], yaml.Mark], path: tuple[Any, ...]
+    override: RouteOverride,
+    values: Mapping[str, Any],
+    file: str,
+    marks: Mapping[tuple[Any, ...], yaml.Mark],
+    path: tuple[Any, ...],
 ) -> A.Selector:
     parts: list[A.Selector] = []
     if override.match is not None:
@@ -489,7 +493,9 @@ def _selector(
             module = parse(f"{_WHERE_PREFIX}{override.where}: lr\n", name)
             routes = [r for recipe in module.recipes for r in recipe.routes]
             selector = routes[0].selector
-            check_selector(selector, {"lr": 1}, {"lr": Ref("lr")})
+            # a comparison may name a parameter of the route's recipe (`max_dim < max_dim`
+            # reads that recipe's max_dim, with its args), as a route of a recipe file does
+            check_selector(selector, values, {k: Ref(k) for k in values})
         except SoapError as e:
             wrapped = _WHERE_PREFIX + override.where
             end = (wrapped.count("\n") + 1, len(wrapped) - wrapped.rfind("\n"))
@@ -741,9 +747,8 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
             except SoapError as e:
                 raise e.at(_value_loc(file, marks, (*prefix, "routes", i, "recipe"))) from None
             _check_args(sub, sub_args, file, marks, (*prefix, "routes", i, "args"))
-            selector = _selector(o, file, marks, (*prefix, "routes", i))
             values = {**sub.defaults(), **sub_args}
-            check_selector(selector, values, {k: Ref(k) for k in values})
+            selector = _selector(o, values, file, marks, (*prefix, "routes", i))
             overrides.append((selector, sub, sub_args))
         plan = compile_plan(main, model, args, overrides)
         _warn_unused_overrides(plan, overrides, file, marks, (*prefix, "routes"))

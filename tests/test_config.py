@@ -546,6 +546,24 @@ def test_a_comment_in_a_where_is_refused_at_the_comment():
     assert (err.loc.line, err.loc.col, err.loc.end_col) == (3, 20, 33)
 
 
+def test_a_where_compares_with_the_route_recipes_parameters():
+    """A `where:` comparison may name a parameter of its route's recipe, with the route's args,
+    as a route in a recipe file names its recipe's: only `lr` was known, and `max_dim <= max_dim`
+    was 'unknown name max_dim' of a recipe that has one."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 300))
+    cfg = {
+        "recipe": "adamw",
+        "routes": [{"where": "matrix and max_dim <= max_dim", "recipe": "soap", "args": {"max_dim": 100}}],
+    }
+    opt = soapdsl.from_config(model, cfg)
+    taken = {tuple(p.shape) for g in opt.param_groups if g["route"] != "default" for p in g["params"]}
+    assert taken == {(3, 4)}
+    cfg["routes"][0]["where"] = "matrix and max_dim <= nope"
+    with pytest.raises(SoapNameError, match="unknown name 'nope'") as info:
+        soapdsl.from_config(model, cfg)
+    assert (info.value.loc.line, info.value.loc.col) == (1, 23)
+
+
 @pytest.mark.parametrize(
     "where",
     ["matrix [lr=0.5]", "matrix: sign\n  route vector", "matrix: sign |> lr\n  route vector"],
