@@ -468,6 +468,12 @@ def named_parameters(params: Any) -> list[tuple[str, torch.Tensor]]:
         raise SoapArgumentError(
             "params is a dict: pass its .items() (name -> tensor), model.named_parameters() or the module"
         )
+    if isinstance(params, set | frozenset):  # torch.optim refuses one too
+        raise SoapArgumentError(
+            f"params is a {type(params).__name__}, whose order changes from run to run (a state dict"
+            " keys each parameter's state by its position, so a checkpoint would load into the wrong"
+            " parameters): pass a list, model.named_parameters() or the module"
+        )
     try:
         items = list(params)
     except TypeError:

@@ -1085,6 +1085,20 @@ def test_a_dict_of_parameters_gets_a_hint():
     assert soapdsl.build("adamw", {"w": w}.items()).param_groups[0]["params"] == [w]
 
 
+@pytest.mark.parametrize("kind", [set, frozenset])
+@pytest.mark.parametrize("named", [False, True])
+def test_a_set_of_parameters_is_refused_as_torch_refuses_it(kind, named):
+    """A set's order follows the tensors' ids, which differ from run to run, and a state dict
+    keys the state by position: loaded into another run's optimizer, the state of one
+    parameter would silently go to another of the same shape. torch.optim refuses a set."""
+    net = torch.nn.Linear(4, 4)
+    params = kind(net.named_parameters()) if named else kind(net.parameters())
+    with pytest.raises(SoapArgumentError, match=rf"params is a {kind.__name__}, whose order .* a list"):
+        soapdsl.build("adamw", params)
+    with pytest.raises(SoapArgumentError, match=rf"params is a {kind.__name__}"):
+        soapdsl.compile("adamw", params)
+
+
 @pytest.mark.parametrize("lr", [1e39, 10**400])
 def test_an_lr_past_float32_is_refused_at_build_and_at_the_step(lr):
     """It multiplies float32 tensors: 1e39 failed inside torch ("cannot be converted to type
