@@ -597,6 +597,57 @@ def test_step_under_autocast_runs_as_without(recipe):
     _assert_same(runs[0], runs[1])
 
 
+@pytest.mark.parametrize("recipe", SHIPPED)
+def test_a_step_inside_inference_mode_leaves_state_the_next_steps_can_update(recipe):
+    """A step taken under torch.inference_mode (an evaluation loop that steps, a test harness)
+    created the state there as inference tensors, which no step outside may update in place:
+    the next step failed inside a stage with torch's 'Inplace update to inference tensor outside
+    InferenceMode'. Now the step makes ordinary tensors, and the run equals one without it."""
+    runs = []
+    for inference in (False, True):
+        torch.manual_seed(0)
+        params = {n: torch.nn.Parameter(torch.randn(s)) for n, s in BF16_SHAPES.items()}
+        freq = {"freq": 2} if "freq" in shipped(recipe).defaults() else {}
+        shares = pytest.warns(soapdsl.SoapWarning) if recipe == "soap_muon_shared" else nullcontext()
+        with shares:
+            opt = soapdsl.build(recipe, list(params.items()), **freq)
+        g = torch.Generator().manual_seed(1)
+        for k in range(5):
+            for p in params.values():
+                p.grad = torch.randn(p.shape, generator=g)
+            with torch.inference_mode(inference and k in (0, 2)):
+                opt.step()
+        assert not any(t.is_inference() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+        runs.append(params)
+    for n, p in runs[0].items():
+        assert torch.equal(p, runs[1][n]), n
+
+
+@pytest.mark.parametrize("recipe", SHIPPED)
+def test_a_checkpoint_loaded_inside_inference_mode_trains_on(recipe):
+    """torch's optimizers load a checkpoint under torch.inference_mode (a script that loads
+    everything there, then trains) and step on; soapdsl copied the state into inference tensors,
+    and the first step after failed inside a stage. Now it trains on as after a plain load."""
+    runs = []
+    for inference in (False, True):
+        torch.manual_seed(0)
+        params = {n: torch.nn.Parameter(torch.randn(s)) for n, s in BF16_SHAPES.items()}
+        freq = {"freq": 2} if "freq" in shipped(recipe).defaults() else {}
+        with pytest.warns(soapdsl.SoapWarning) if recipe == "soap_muon_shared" else nullcontext():
+            opt = soapdsl.build(recipe, list(params.items()), **freq)
+        g = torch.Generator().manual_seed(1)
+        for k in range(5):
+            for p in params.values():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+            if k == 2:
+                with torch.inference_mode(inference):
+                    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        runs.append(params)
+    for n, p in runs[0].items():
+        assert torch.equal(p, runs[1][n]), n
+
+
 def test_state_dict_without_top_level_entry_loads_from_its_param_groups():
     """Checkpointers that rebuild the dict from 'state' and 'param_groups' (torch's
     distributed checkpoint) drop the top-level 'soapdsl' entry; the groups carry the recipe's

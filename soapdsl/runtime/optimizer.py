@@ -107,6 +107,18 @@ class _CompiledRoute:
         return self.fn(ctx, ops, x)
 
 
+def _outside_inference() -> contextlib.AbstractContextManager[Any]:
+    """Out of torch.inference_mode, where it is on, and with grad mode off (leaving inference
+    mode turns it on): tensors made there are ordinary ones, which later steps may update in
+    place. Nothing to do elsewhere."""
+    if not torch.is_inference_mode_enabled():
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
 _MISSING = object()
 _SHAPE = operator.attrgetter("shape")
 _LAYOUT = operator.attrgetter("layout")
@@ -527,15 +539,18 @@ class SoapOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if any(torch.is_autocast_enabled(d) for d in self._device_types):
-            # a training loop may run its whole iteration under autocast: the step's matrix
-            # work stays in the state's dtype (factors would otherwise come out in bf16/fp16)
-            with contextlib.ExitStack() as stack:
-                for d in self._device_types:
-                    stack.enter_context(torch.autocast(d, enabled=False))
+        # under inference_mode the state a step creates (moments, slabs, bases) would be
+        # inference tensors, which no later step outside it may update in place
+        with _outside_inference():
+            if any(torch.is_autocast_enabled(d) for d in self._device_types):
+                # a training loop may run its whole iteration under autocast: the step's matrix
+                # work stays in the state's dtype (factors would otherwise come out in bf16/fp16)
+                with contextlib.ExitStack() as stack:
+                    for d in self._device_types:
+                        stack.enter_context(torch.autocast(d, enabled=False))
+                    self._step()
+            else:
                 self._step()
-        else:
-            self._step()
         return loss
 
     def _step(self) -> None:
@@ -719,15 +734,18 @@ class SoapOptimizer(torch.optim.Optimizer):
                 what = "parameter index" if isinstance(key, int) else "parameter"
                 raise SoapStateError(f"state dict holds state for {what} {key!r}, which this optimizer lacks")
         new_state = None
-        if self._shards is not None:
-            self._shards.load(state_dict, id_map)  # into the inner optimizer; self.state shows it
-        else:
-            new_state = OptimizerState()
-            for key, value in state_dict["state"].items():
-                p = id_map[key]
-                loaded = self._load_param_state(p, value)
-                if id(p) not in self._empty:  # an empty parameter keeps no state
-                    new_state[p] = loaded  # type: ignore[index]
+        # the loaded state is copied into new tensors: under inference_mode they would be
+        # inference tensors, which no step outside it may update in place
+        with _outside_inference():
+            if self._shards is not None:
+                self._shards.load(state_dict, id_map)  # into the inner optimizer; self.state shows it
+            else:
+                new_state = OptimizerState()
+                for key, value in state_dict["state"].items():
+                    p = id_map[key]
+                    loaded = self._load_param_state(p, value)
+                    if id(p) not in self._empty:  # an empty parameter keeps no state
+                        new_state[p] = loaded  # type: ignore[index]
         for saved, group, compared in zip(saved_groups, self.param_groups, self._compared, strict=True):
             skip = {"params", *compared}  # equal to the checkpoint's (checked): the build's objects stay
             for k, v in saved.items():
