@@ -448,6 +448,22 @@ def test_a_tensor_lr_changed_in_place_takes_effect():
     torch.testing.assert_close(w.detach(), torch.full((3,), -1.5))
 
 
+def test_a_loaded_tensor_lr_is_a_copy_as_torch_loads_it():
+    """A scheduler writes a tensor lr in place (fill_). load_state_dict put the checkpoint's
+    tensor itself into the group, so an optimizer loaded from another's state_dict() shared its
+    lr: the other's scheduler moved both, without a word. torch copies the saved groups."""
+    a, b = _net(), _net()
+    src, dst = soapdsl.build("adamw", a), soapdsl.build("adamw", b)
+    src.param_groups[0]["lr"] = torch.tensor(0.01)
+    sd = src.state_dict()
+    dst.load_state_dict(sd)
+    assert dst.param_groups[0]["lr"] is not src.param_groups[0]["lr"]
+    torch.optim.lr_scheduler.LambdaLR(src, lambda epoch: 0.1)  # src's lr.fill_(0.001)
+    assert float(src.param_groups[0]["lr"]) == pytest.approx(0.001)
+    assert float(dst.param_groups[0]["lr"]) == pytest.approx(0.01)
+    assert float(sd["param_groups"][0]["lr"]) == pytest.approx(0.001)  # sd holds src's own, as torch's does
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [

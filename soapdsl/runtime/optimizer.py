@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import numbers
 import operator
 import os
@@ -750,7 +751,9 @@ class SoapOptimizer(torch.optim.Optimizer):
             skip = {"params", *compared}  # equal to the checkpoint's (checked): the build's objects stay
             for k, v in saved.items():
                 if k not in skip:
-                    group[k] = v
+                    # a copy, as torch's load takes: a scheduler changes a tensor lr in place,
+                    # which the optimizer that saved it (or another loaded from it) still holds
+                    group[k] = copy.deepcopy(v)
         # a value only a setting read (`[lr=adam_lr]`) comes with the checkpoint, as its lr does
         self._fixed = [
             tuple((k, group.get(k, built)) for k, built in fixed)
