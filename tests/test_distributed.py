@@ -292,3 +292,32 @@ def test_distributed_needs_an_initialised_process_group():
         soapdsl.build("muon", _net(), distributed=True)
     with pytest.raises(SoapArgumentError, match=r"distributed must be True, False or a torch\.distributed process"):
         soapdsl.build("muon", _net(), distributed="yes")
+
+
+def test_a_conv_kernel_through_rotate_and_newton_schulz_equals_one_process(tmp_path):
+    """card rotates a conv kernel's first dim into its basis, which leaves the matrices handed
+    to Newton-Schulz strided, not contiguous. One process iterated on them as they were; a split
+    hands each rank contiguous copies, and a matrix product's last bits depend on its operands'
+    layout: even one rank of one thread ended 5e-7 away from one process after two steps. Every
+    per-matrix computation now takes contiguous matrices, here as on the ranks."""
+    shapes = {"conv.weight": (3, 2, 3, 3), "a.weight": (6, 6), "b.weight": (6, 6), "a.bias": (6,)}
+    runs = []
+    with one_thread():
+        for distributed in (False, True):
+            if distributed:
+                dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+            try:
+                torch.manual_seed(0)
+                params = {n: torch.nn.Parameter(torch.randn(s)) for n, s in shapes.items()}
+                opt = soapdsl.build("card", list(params.items()), distributed=distributed)
+                g = torch.Generator().manual_seed(1)
+                for _ in range(4):
+                    for p in params.values():
+                        p.grad = torch.randn(p.shape, generator=g)
+                    opt.step()
+            finally:
+                if distributed:
+                    dist.destroy_process_group()
+            runs.append(params)
+    for n, p in runs[0].items():
+        assert torch.equal(p, runs[1][n]), n

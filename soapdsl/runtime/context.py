@@ -220,7 +220,13 @@ class Ctx:
 
         The results are contiguous either way: a split result is rebuilt from bytes, where one
         computed here may have LAPACK's layout (a QR's Q is column-major), and a product with a
-        float64 operand of another layout can round differently in its last bits."""
+        float64 operand of another layout can round differently in its last bits.
+
+        So are the inputs: a split hands each rank contiguous copies of its matrices, and a
+        matrix product's last bits depend on its operands' layout too (a conv kernel rotated
+        into its basis reaches Newton-Schulz strided), so here the batches are made contiguous
+        as well, and one process computes what the ranks compute."""
+        items = [(fn, [x.contiguous() for x in xs], like, cost) for fn, xs, like, cost in items]
         if self.split is None:
             outs = [list(fn(*xs)) for fn, xs, _, _ in items]
         else:
