@@ -844,6 +844,36 @@ def test_an_empty_parameter_resized_to_another_empty_shape_steps_as_before():
 # -- hand-edited state dicts ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("recipe", ["adamw", "soap", "muon"])
+@pytest.mark.parametrize("how", ["checkpoint", "state"])
+def test_an_entry_of_its_own_in_a_parameters_state_is_kept_and_changes_nothing(recipe, how):
+    """torch's optimizers keep a key they do not know in a parameter's state, whatever its
+    value. soapdsl grouped parameters by every value in their state that is no tensor, so a
+    list or a dict (a tool's note in a checkpoint, or one written into opt.state) failed the
+    next step inside it with 'unhashable type: list'; a number or a string split the batch."""
+    runs = []
+    for note in (False, True):
+        net = _net()
+        opt = soapdsl.build(recipe, net, **({"freq": 2} if recipe == "soap" else {}))
+        grads = _grads(net, 5)
+        _run(net, opt, grads[:2])
+        weights = [p for p in net.parameters() if p.ndim == 2]
+        if note and how == "checkpoint":
+            sd = copy.deepcopy(opt.state_dict())
+            for i, st in sd["state"].items():
+                st["note"] = [i, "from a tool"] if i % 2 else {"i": i}
+            opt = soapdsl.build(recipe, net, **({"freq": 2} if recipe == "soap" else {}))
+            opt.load_state_dict(sd)
+        elif note:
+            for i, p in enumerate(weights):
+                opt.state[p]["note"] = [i] if i % 2 else i
+        _run(net, opt, grads[2:])
+        if note:
+            assert all("note" in opt.state[p] for p in weights)
+        runs.append(net)
+    _assert_same(*runs)
+
+
 def _saved() -> tuple[torch.nn.Module, dict]:
     net = torch.nn.Linear(4, 3)
     opt = soapdsl.build("adamw", net)

@@ -470,6 +470,17 @@ class SoapOptimizer(torch.optim.Optimizer):
         }
         # Adam-shaped routes run through torch's fused kernel where it applies (runtime/fused.py)
         self._fused: dict[int, fused.FusedAdam | None] = {rp.index: rp.fused for rp in self._routes}
+        # the keys of the stages' host-side state values (rotate's "ready", ...), which decide
+        # with the step count which parameters step together
+        self._host_keys: dict[int, frozenset[str]] = {
+            rp.index: frozenset(
+                op.state_key(k)
+                for shape in {tuple(t.shape) for t in rp.tensors}
+                for op, inner in walk_shaped(rp.ops, shape)
+                for k in op.host_state(inner)
+            )
+            for rp in self._routes
+        }
         # hyperparameters that stages follow: re-validated whenever their values change
         self._watched: list[tuple[str, ...]] = [
             tuple(sorted({r for op in walk_ops(rp.ops) for v in op.dynamic.values() for r in v.refs()} | {"lr"}))
@@ -1064,9 +1075,12 @@ class SoapOptimizer(torch.optim.Optimizer):
             stepped.append(p)
         active = stepped
         by_step: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        host_keys = self._host_keys[rp.index]
         for p in active:
             st = self.state[p]
-            host = tuple(sorted((k, v) for k, v in st.items() if k != "step" and not torch.is_tensor(v)))
+            # the stages' own host values only: an entry a tool or the user put there is kept
+            # and left alone, as torch's optimizers leave it, whatever its value
+            host = tuple(sorted((k, v) for k, v in st.items() if k in host_keys))
             by_step.setdefault((self._step_count(p), host), []).append(p)
         if len(by_step) > 1:
             for op in walk_ops(rp.ops):
