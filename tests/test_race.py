@@ -202,6 +202,23 @@ def test_cli_out_that_cannot_be_a_directory_fails_before_training(tmp_path, caps
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("name", ["race.json", "losses.png"])
+def test_cli_output_file_that_is_a_directory_fails_before_training(tmp_path, capsys, monkeypatch, name):
+    """OUT/race.json or OUT/losses.png being a directory failed after every run had trained, with
+    'cannot write ... Is a directory' naming neither file, and the table was never printed."""
+    monkeypatch.setattr("soapdsl.race.runner._train", no_training)
+    (tmp_path / name).mkdir()
+    assert main(["race", "adamw", "--out", str(tmp_path), *TINY_CLI]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: race output {str(tmp_path / name)!r} is a directory, not a file\n"
+
+
+def test_cli_no_plot_ignores_a_png_directory(tmp_path, capsys):
+    (tmp_path / "losses.png").mkdir()
+    assert main(["race", "adamw", "--no-plot", "--quiet", "--out", str(tmp_path), *TINY_CLI]) == 0
+    assert (tmp_path / "race.json").is_file()
+
+
 def test_out_is_created_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr("soapdsl.race.runner._train", no_training)
     with pytest.raises(AssertionError):

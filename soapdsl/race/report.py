@@ -147,8 +147,9 @@ def plot_losses(result: RaceResult, path: Path) -> None:
     fig.savefig(path)
 
 
-def prepare_out(out: Path) -> None:
-    """Create the output directory ``out``, or say why it cannot be one.
+def prepare_out(out: Path, plot: bool = True) -> None:
+    """Create the output directory ``out``, or say why it cannot be one or cannot take the
+    race's files (``race.json`` and, with ``plot``, ``losses.png``).
 
     The race calls this before training, so that a bad ``--out`` fails in a second, not after
     minutes of training with a traceback.
@@ -161,11 +162,14 @@ def prepare_out(out: Path) -> None:
         raise SoapArgumentError(f"cannot create race output directory {str(out)!r}: {e.strerror}") from None
     if not os.access(out, os.W_OK | os.X_OK):
         raise SoapArgumentError(f"race output directory {str(out)!r} is not writable")
+    for name in (JSON_NAME, PNG_NAME) if plot else (JSON_NAME,):
+        if (out / name).is_dir():
+            raise SoapArgumentError(f"race output {str(out / name)!r} is a directory, not a file")
 
 
 def write_outputs(result: RaceResult, out: Path, plot: bool = True) -> None:
     """Write ``race.json`` and (with ``plot``) ``losses.png`` into ``out``."""
-    prepare_out(out)
+    prepare_out(out, plot)
     result.out_dir = out
     result.json_path = out / JSON_NAME
     try:
@@ -176,4 +180,5 @@ def write_outputs(result: RaceResult, out: Path, plot: bool = True) -> None:
             result.png_path = out / PNG_NAME
             plot_losses(result, result.png_path)
     except OSError as e:
-        raise SoapArgumentError(f"cannot write the race's results into {str(out)!r}: {e.strerror}") from None
+        where = str(e.filename) if e.filename is not None else str(out)
+        raise SoapArgumentError(f"cannot write the race's results into {where!r}: {e.strerror}") from None

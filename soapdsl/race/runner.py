@@ -507,7 +507,7 @@ def run_race(
         if out is not None:
             from soapdsl.race.report import prepare_out
 
-            prepare_out(Path(out))
+            prepare_out(Path(out), plot)
         for spec, recipe in resolved if grid else []:
             if not lr_params(recipe, spec.overrides):
                 print(f"note: {spec.label} has no lr parameter; the grid repeats one run", file=stream or sys.stderr)
