@@ -219,6 +219,15 @@ def test_cli_no_plot_ignores_a_png_directory(tmp_path, capsys):
     assert (tmp_path / "race.json").is_file()
 
 
+def test_cli_empty_out_is_refused(tmp_path, capsys, monkeypatch):
+    """--out '' (an unset shell variable) wrote race.json and losses.png into the current directory."""
+    monkeypatch.setattr("soapdsl.race.runner._train", no_training)
+    monkeypatch.chdir(tmp_path)
+    assert main(["race", "adamw", "--out", "", *TINY_CLI]) == 1
+    assert capsys.readouterr().err.startswith("error: race output directory is empty")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_out_is_created_before_training(tmp_path, monkeypatch):
     monkeypatch.setattr("soapdsl.race.runner._train", no_training)
     with pytest.raises(AssertionError):

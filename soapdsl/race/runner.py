@@ -471,6 +471,10 @@ def run_race(
     override or option raises a :class:`~soapdsl.errors.SoapError` before any training starts.
     """
     grid = parse_grid(lr_grid)
+    if out is not None and not str(out).strip():  # Path("") is ".": an unset $OUT wrote into the cwd
+        raise SoapArgumentError(
+            "race output directory is empty: give the directory to write race.json and losses.png into"
+        )
     cfg = RaceConfig(
         task=task,
         steps=steps,
