@@ -204,30 +204,42 @@ def cmd_race(ns: argparse.Namespace) -> int:
     if any(s.recipe.strip() == STDIN for s in specs):
         text = read_stdin()  # once: `race - -:lr=0.01` races the same text twice
         specs = [s.with_text(text, STDIN_FILE) if s.recipe.strip() == STDIN else s for s in specs]
-    result = run_race(
-        specs,
-        task=ns.task,
-        steps=ns.steps,
-        batch=ns.batch,
-        lr_grid=ns.lr_grid,
-        seed=ns.seed,
-        out=ns.out,
-        context=ns.context,
-        d_model=ns.d_model,
-        n_layers=ns.layers,
-        n_heads=ns.heads,
-        eval_every=ns.eval_every,
-        eval_batches=ns.eval_batches,
-        threads=ns.threads,
-        device=ns.device,
-        cuda_graphs=ns.cuda_graphs,
-        progress=not ns.quiet,
-        plot=not ns.no_plot,
-    )
+    try:
+        result = run_race(
+            specs,
+            task=ns.task,
+            steps=ns.steps,
+            batch=ns.batch,
+            lr_grid=ns.lr_grid,
+            seed=ns.seed,
+            out=ns.out,
+            context=ns.context,
+            d_model=ns.d_model,
+            n_layers=ns.layers,
+            n_heads=ns.heads,
+            eval_every=ns.eval_every,
+            eval_batches=ns.eval_batches,
+            threads=ns.threads,
+            device=ns.device,
+            cuda_graphs=ns.cuda_graphs,
+            progress=not ns.quiet,
+            plot=not ns.no_plot,
+        )
+    except BaseException as e:
+        partial = getattr(e, "race_result", None)
+        if partial is not None:  # the runs that finished before ^C or an error: shown and written
+            _show_race(partial)
+        raise
+    _show_race(result)
+    return 0
+
+
+def _show_race(result: Any) -> None:
     sys.stdout.write("\n" + result.table())
     written = [str(p) for p in (result.png_path, result.json_path) if p is not None]
-    print(f"\nwrote {' and '.join(written)}")
-    return 0
+    if written:
+        print(f"\nwrote {' and '.join(written)}")
+    sys.stdout.flush()
 
 
 class _Parser(argparse.ArgumentParser):

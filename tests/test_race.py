@@ -389,6 +389,77 @@ def test_diverged_run_is_reported(tmp_path):
     assert data["rows"][1]["diverged"] is True and data["rows"][1]["final_val"] is None
 
 
+def _stop_at_second_run(monkeypatch, exc):
+    """Make the race's second run raise ``exc`` at its start, as a ^C or an allocation would."""
+    from soapdsl.race import runner
+
+    train, calls = runner._train, []
+
+    def train_or_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise exc
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "_train", train_or_stop)
+
+
+def test_ctrl_c_keeps_the_finished_runs(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after a run had finished lost it: no table, no race.json, minutes of training gone."""
+    _stop_at_second_run(monkeypatch, KeyboardInterrupt())
+    rc = main(["race", "adamw", "muon", "soap", "--quiet", "--out", str(tmp_path), *TINY_CLI])
+    captured = capsys.readouterr()
+    assert rc == 130 and captured.err.endswith("interrupted\n")
+    lines = captured.out.splitlines()
+    assert any(line.split()[:1] == ["adamw"] for line in lines)
+    assert not any(line.split()[:1] in (["muon"], ["soap"]) for line in lines)
+    assert "stopped after 1 of 3 runs (interrupted); not finished: muon, soap" in captured.out
+    assert f"wrote {tmp_path / 'losses.png'} and {tmp_path / 'race.json'}" in captured.out
+    data = json.loads((tmp_path / "race.json").read_text())
+    assert data["complete"] is False and data["stopped"] == "interrupted"
+    assert data["unfinished"] == ["muon", "soap"]
+    assert [r["label"] for r in data["rows"]] == ["adamw"] and len(data["runs"]) == 1
+    assert (tmp_path / "losses.png").is_file()
+
+
+def test_an_error_in_a_later_run_keeps_the_finished_runs(tmp_path, capsys, monkeypatch):
+    _stop_at_second_run(monkeypatch, MemoryError())
+    rc = main(["race", "adamw", "muon", "--quiet", "--no-plot", "--out", str(tmp_path), *TINY_CLI])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert captured.err.startswith("error: the race does not fit in memory")
+    assert "Traceback" not in captured.err
+    assert any(line.split()[:1] == ["adamw"] for line in captured.out.splitlines())
+    data = json.loads((tmp_path / "race.json").read_text())
+    assert data["complete"] is False and data["stopped"].startswith("the race does not fit in memory")
+    assert data["unfinished"] == ["muon"]
+
+
+def test_a_stopped_race_carries_its_finished_runs(monkeypatch):
+    _stop_at_second_run(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt) as info:
+        tiny_race(["adamw", "muon"], lr_grid="1,2")
+    partial = info.value.race_result
+    assert not partial.complete and partial.unfinished == ["adamw (lr x2)", "muon (lr x1)", "muon (lr x2)"]
+    assert [row.label for row in partial.rows] == ["adamw"] and partial.rows[0].grid.keys() == {1.0}
+    full = tiny_race(["adamw"])
+    assert full.complete and full.stopped is None and full.unfinished == []
+    assert full.to_dict()["complete"] is True
+
+
+def test_ctrl_c_in_the_first_run_writes_nothing(tmp_path, monkeypatch):
+    from soapdsl.race import runner
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "_train", stop)
+    with pytest.raises(KeyboardInterrupt) as info:
+        tiny_race(["adamw", "muon"], out=tmp_path)
+    assert not hasattr(info.value, "race_result")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_errors_are_soap_errors():
     with pytest.raises(SoapError):
         tiny_race(["adamw"], steps=0)

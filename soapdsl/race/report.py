@@ -55,6 +55,12 @@ def format_table(result: RaceResult) -> str:
     out += [fmt(r) for r in lines]
     cfg = result.config
     out.append("")
+    if not result.complete:
+        n = len(result.runs)
+        out.append(
+            f"stopped after {n} of {n + len(result.unfinished)} runs ({result.stopped}); not finished: "
+            + ", ".join(result.unfinished)
+        )
     out.append(
         f"train: smoothed train loss (debiased EMA, beta {cfg.ema:g}) at step {cfg.steps}; val: loss on"
         f" {cfg.eval_batches * cfg.batch} held-out sequences (Romans..Revelation)"
@@ -86,6 +92,9 @@ def result_to_dict(result: RaceResult) -> dict[str, Any]:
     return {
         "format": "soapdsl-race",
         "version": JSON_VERSION,
+        "complete": result.complete,  # false: stopped early (Ctrl-C, an error); rows hold the finished runs
+        "stopped": result.stopped,
+        "unfinished": result.unfinished,
         "config": cfg,
         "task": result.task,
         "target": result.target if math.isfinite(result.target) else None,

@@ -23,7 +23,7 @@ import torch
 
 from soapdsl import ir
 from soapdsl.compiler import compile_plan, mark_routes
-from soapdsl.errors import SoapArgumentError
+from soapdsl.errors import SoapArgumentError, SoapError
 from soapdsl.race.data import Corpus, load_charlm
 from soapdsl.race.defaults import (
     DEFAULT_BATCH,
@@ -209,6 +209,14 @@ class RaceResult:
     out_dir: Path | None = None
     json_path: Path | None = None
     png_path: Path | None = None
+    #: why the race stopped before its last run (``interrupted``, an error's message); None when
+    #: every run finished
+    stopped: str | None = None
+    unfinished: list[str] = field(default_factory=list)  # the runs it never finished, as their bars name them
+
+    @property
+    def complete(self) -> bool:
+        return self.stopped is None
 
     def row(self, label: str) -> Row:
         for r in self.rows:
@@ -469,6 +477,11 @@ def run_race(
     runs once per multiplier, with every learning-rate parameter (``lr`` and each ``*_lr``)
     scaled by it, and keeps its run with the lowest final validation loss. Every bad recipe,
     override or option raises a :class:`~soapdsl.errors.SoapError` before any training starts.
+
+    A race stopped after some runs finished (Ctrl-C's ``KeyboardInterrupt``, a run that does not
+    fit in memory) keeps them: the exception it raises carries them as ``race_result``, a
+    :class:`RaceResult` whose ``complete`` is False (``stopped`` says why, ``unfinished`` lists the
+    rest), and they are written into ``out`` as a finished race's are.
     """
     grid = parse_grid(lr_grid)
     if out is not None and not str(out).strip():  # Path("") is ".": an unset $OUT wrote into the cwd
@@ -497,6 +510,7 @@ def run_race(
     old_threads = torch.get_num_threads()
     n_threads = cfg.threads or min(old_threads, MAX_THREADS)
     torch.set_num_threads(n_threads)
+    runs: list[RunResult] = []
     try:
         state = _Task(cfg)
         # resolve and compile everything first: a bad recipe fails before any training
@@ -533,18 +547,55 @@ def run_race(
                 file=stream or sys.stderr,
                 flush=True,
             )
-        runs = [_train(state, job, grid, progress, stream) for job in jobs]
-    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        error = _does_not_fit(cfg, e)
-        if error is None:
+        for job in jobs:
+            runs.append(_train(state, job, grid, progress, stream))
+    except BaseException as e:
+        stop: BaseException = e
+        if isinstance(e, RuntimeError | MemoryError):  # torch.OutOfMemoryError is a RuntimeError
+            stop = _does_not_fit(cfg, e) or e
+        if runs:  # keep what finished: a ^C or a failure in the last run must not lose the others
+            why = "interrupted" if isinstance(stop, KeyboardInterrupt) else str(getattr(stop, "message", "") or stop)
+            partial = _result(cfg, state, specs, runs, grid, n_threads, threads_how, on_cpu)
+            partial.stopped = why or type(stop).__name__
+            partial.unfinished = [_run_label(job, grid) for job in jobs[len(runs) :]]
+            if out is not None:
+                from soapdsl.race.report import write_outputs
+
+                try:
+                    write_outputs(partial, Path(out), plot=plot)
+                except SoapError:  # the error that stopped the race is the one to report
+                    pass
+            stop.race_result = partial  # type: ignore[attr-defined]
+        if stop is e:
             raise
-        raise error from None
+        raise stop from None
     finally:
         torch.set_num_threads(old_threads)
 
+    result = _result(cfg, state, specs, runs, grid, n_threads, threads_how, on_cpu)
+    if out is not None:
+        from soapdsl.race.report import write_outputs
+
+        write_outputs(result, Path(out), plot=plot)
+    return result
+
+
+def _result(
+    cfg: RaceConfig,
+    state: _Task,
+    specs: Sequence[RecipeSpec],
+    runs: list[RunResult],
+    grid: Sequence[float] | None,
+    n_threads: int,
+    threads_how: str,
+    on_cpu: bool,
+) -> RaceResult:
+    """The race's rows, target and task description from the runs that finished."""
     rows: list[Row] = []
     for spec in specs:
         mine = [r for r in runs if r.label == spec.label]
+        if not mine:  # a race stopped early: this recipe never finished a run
+            continue
         best = min(mine, key=_rank)  # ties (and all diverged) keep the first
         rows.append(Row(spec.label, best, {r.lr_multiplier: r.final_val for r in mine} if grid else {}))
     target = rows[0].best.final_train
@@ -574,9 +625,4 @@ def run_race(
         "steps_to_target": "first step whose smoothed train loss <= the first recipe's final smoothed train loss",
         "lr_grid": "multipliers of every learning-rate parameter (lr and *_lr); best by final validation loss",
     }
-    result = RaceResult(cfg, task_info, rows, runs, target, versions())
-    if out is not None:
-        from soapdsl.race.report import write_outputs
-
-        write_outputs(result, Path(out), plot=plot)
-    return result
+    return RaceResult(cfg, task_info, rows, runs, target, versions())
