@@ -359,6 +359,15 @@ def test_an_empty_lr_grid_multiplier_shows_the_grid(grid, message):
     assert info.value.message == message
 
 
+def test_an_lr_grid_past_a_float_names_the_multiplier():
+    """adamw:lr=1e10 with --lr-grid 1e300 said 'recipe arguments given: lr=inf', a value nobody gave."""
+    with pytest.raises(SoapArgumentError) as info:
+        tiny_race(["adamw:lr=1e10"], lr_grid="1,1e300")
+    assert str(info.value) == (
+        "error: --lr-grid multiplier x1e+300 takes adamw:lr=10000000000.0's lr=1e+10 past the largest float"
+    )
+
+
 def test_lr_grid_keeps_the_best():
     r = tiny_race(["adamw", "soap"], lr_grid=[1e-4, 1, 10])
     assert len(r.runs) == 6

@@ -519,7 +519,7 @@ def run_race(
         resolved = [(spec, spec.resolve()) for spec in specs]  # once each: a pipe (<(gen)) reads once
         for spec, recipe in resolved:
             for m in grid or [1.0]:
-                args = scaled_lrs(recipe, spec.overrides, m)
+                args = scaled_lrs(recipe, spec.overrides, m, spec.label)
                 mark_routes(compile_plan(recipe, probe, args), cuda_graphs=cfg.cuda_graphs)
                 jobs.append(_Job(spec, recipe, m, args))
         if out is not None:

@@ -15,6 +15,7 @@ split). Examples::
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -223,12 +224,18 @@ def lr_params(recipe: ir.Recipe, overrides: Mapping[str, Any]) -> dict[str, floa
     }
 
 
-def scaled_lrs(recipe: ir.Recipe, overrides: Mapping[str, Any], multiplier: float) -> dict[str, Any]:
-    """Overrides with every learning-rate parameter multiplied by ``multiplier``."""
+def scaled_lrs(recipe: ir.Recipe, overrides: Mapping[str, Any], multiplier: float, label: str = "") -> dict[str, Any]:
+    """Overrides with every learning-rate parameter multiplied by ``multiplier``; ``label``
+    names the recipe in the error for a product past the largest float."""
     out = dict(overrides)
     if multiplier != 1:
         for k, v in lr_params(recipe, overrides).items():
             out[k] = v * multiplier
+            if math.isinf(out[k]):  # the compiler's error would name lr=inf, which nobody gave
+                raise SoapArgumentError(
+                    f"--lr-grid multiplier x{multiplier:g} takes {label or recipe.name}'s {k}={v:g} past the"
+                    " largest float"
+                )
     return out
 
 
