@@ -39,6 +39,8 @@ import tempfile
 from io import BytesIO
 from pathlib import Path
 
+from benchmarks.options import at_least
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -111,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         "--width", type=int, default=None, help="model width d (vocab 16 d; default 256, many: 32); 16: host work"
     )
     ap.add_argument("--params", default="gpt", choices=["gpt", "many"], help="the parameter set (benchmarks/params.py)")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each worker")
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=6, help="steps per worker per round")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=at_least(1), default=None, help="torch.set_num_threads in each worker")
+    ap.add_argument("--rounds", type=at_least(1), default=10)
+    ap.add_argument("--steps", type=at_least(1), default=6, help="steps per worker per round")
+    ap.add_argument("--warmup", type=at_least(0), default=3)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -42,6 +42,7 @@ import torch.multiprocessing as mp
 
 import soapdsl
 from benchmarks import peers
+from benchmarks.options import at_least
 from benchmarks.params import GradPool
 from benchmarks.runner import tensor_state_bytes
 
@@ -128,9 +129,9 @@ def _sharded(pool: GradPool, world: int) -> tuple[list[tuple[str, Any]], Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_dist", description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
-    parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--ranks", type=at_least(1), default=2)
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch threads per rank")
+    parser.add_argument("--rounds", type=at_least(1), default=4)
     parser.add_argument("--out", type=Path, help="write the report here (Markdown) as well")
     parser.add_argument(
         "--fsdp", action=argparse.BooleanOptionalAction, default=True, help="also time FSDP2-sharded parameters"

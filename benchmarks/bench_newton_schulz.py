@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.options import at_least  # noqa: E402
 from benchmarks.runner import timed  # noqa: E402
 from soapdsl.ops import _linalg  # noqa: E402
 
@@ -95,12 +96,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_newton_schulz", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--sizes", default="256x1024,512x2048,1024x4096", help="comma-separated RxC")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--batch", type=at_least(1), default=4)
+    ap.add_argument("--reps", type=at_least(1), default=10)
     ap.add_argument("--tf32", action="store_true", help="torch.set_float32_matmul_precision('high')")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device here")
+    sizes = []
+    for size in args.sizes.split(","):
+        dims = size.lower().split("x")
+        if len(dims) != 2 or not all(d.strip().isdigit() and int(d) > 0 for d in dims):
+            ap.error(f"--sizes: expected RxC[,RxC...] like 256x1024, got {size!r}")
+        sizes.append((int(dims[0]), int(dims[1])))
     if args.tf32:
         torch.set_float32_matmul_precision("high")
     where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -112,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         " | error plain | error default | error form=gram |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for size in args.sizes.split(","):
-        r, c = (int(x) for x in size.lower().split("x"))
+    for r, c in sizes:
         m = measure(r, c, args.batch, args.reps, args.device)
         plain = float(m["ms_plain"])
         cells = {

@@ -31,6 +31,7 @@ if str(REPO) not in sys.path:
 
 import soapdsl  # noqa: E402
 from benchmarks import peers  # noqa: E402
+from benchmarks.options import at_least  # noqa: E402
 from benchmarks.params import gpt_shapes  # noqa: E402
 from benchmarks.runner import timed_step  # noqa: E402
 
@@ -65,7 +66,7 @@ def _entries(recipes: list[str], heavyball: bool) -> dict[str, Callable[[Any], A
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipes", default="adamw,soap")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=at_least(1), default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--no-heavyball", action="store_true", help="leave heavyball's AdamW out")
     ap.add_argument("--heavyball-compiled", action="store_true", help="heavyball's kernels through torch.compile")

@@ -56,6 +56,7 @@ if str(REPO) not in sys.path:
 
 import soapdsl  # noqa: E402
 from benchmarks import model, peers, profiling, report  # noqa: E402
+from benchmarks.options import at_least  # noqa: E402
 from benchmarks.params import select  # noqa: E402
 from benchmarks.runner import Entry, Group, Result, run_group  # noqa: E402
 
@@ -393,12 +394,12 @@ def uptime() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_step", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: one round, short warm-up, nothing compiled")
-    ap.add_argument("--rounds", type=int, default=None, help="rounds per group (default: 12/8/6/6; --quick: 1)")
+    ap.add_argument("--rounds", type=at_least(1), default=None, help="rounds per group (default: 12/8/6/6; --quick: 1)")
     ap.add_argument("--out", default=None, help="write the markdown report here (e.g. benchmarks/RESULTS.md)")
     ap.add_argument("--groups", default="abcd", help="which groups to run (default: abcd)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the as-shipped bf16 Muon measurement")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiles")
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    ap.add_argument("--threads", type=at_least(1), default=None, help="torch.set_num_threads (default: torch's own)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where parameters and state live")
     ap.add_argument("--no-compile", action="store_true", help="skip soapdsl's torch.compile entries")
     ap.add_argument(
@@ -417,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--device cuda: torch sees no CUDA device here")
     if args.many and args.out:
         ap.error("--many prints a section of its own; it does not write the report (--out)")
+    known = "abc" if args.many else "abcd"
+    if not args.groups:
+        ap.error(f"--groups '': names no group (groups: {', '.join(known)})")
+    for key in args.groups:
+        if key not in known:
+            ap.error(f"--groups {args.groups!r}: unknown group {key!r} (groups: {', '.join(known)})")
     shown = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python -m benchmarks.bench_step", *map(shlex.quote, shown)])
 

@@ -1,0 +1,68 @@
+"""The benchmarks' command lines refuse bad options with one argparse error (status 2), before
+any measuring: a count below one, an unknown group, an --out that cannot be written."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import ab_step, bench_dist, bench_newton_schulz, bench_rounding, bench_step
+
+
+def refused(capsys, main, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # torch.set_num_threads raised 'RuntimeError: set_num_threads expects a positive integer'
+        (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+        (["--threads", "-2"], "argument --threads: must be at least 1, got -2"),
+        # --rounds 0 measured nothing and wrote a report of n/a rows and 'did not run' targets
+        (["--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+        (["--rounds", "-1"], "argument --rounds: must be at least 1, got -1"),
+        # an unknown group ran no group and wrote an empty report
+        (["--groups", "xyz"], "--groups 'xyz': unknown group 'x' (groups: a, b, c, d)"),
+        (["--groups", ""], "--groups '': names no group (groups: a, b, c, d)"),
+        (["--many", "--groups", "d"], "--groups 'd': unknown group 'd' (groups: a, b, c)"),
+    ],
+)
+def test_bench_step_refuses_bad_options(capsys, argv, message):
+    assert message in refused(capsys, bench_step.main, argv)
+
+
+@pytest.mark.parametrize("option", ["--rounds", "--steps", "--warmup", "--threads"])
+def test_ab_step_refuses_counts_below_one(capsys, option):
+    """ab_step --rounds 0 ended in statistics.StatisticsError; --threads 0 in a worker's traceback."""
+    value = "-1" if option == "--warmup" else "0"
+    err = refused(capsys, ab_step.main, ["HEAD", option, value])
+    low = 0 if option == "--warmup" else 1
+    assert f"argument {option}: must be at least {low}, got {value}" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--reps", "0"], "argument --reps: must be at least 1, got 0"),
+        (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+        (["--sizes", "256x"], "--sizes: expected RxC[,RxC...] like 256x1024, got '256x'"),
+        (["--sizes", "0x8"], "--sizes: expected RxC[,RxC...] like 256x1024, got '0x8'"),
+    ],
+)
+def test_bench_newton_schulz_refuses_bad_options(capsys, argv, message):
+    assert message in refused(capsys, bench_newton_schulz.main, argv)
+
+
+def test_bench_rounding_refuses_bad_options(capsys):
+    assert "argument --rounds: must be at least 1, got 0" in refused(capsys, bench_rounding.main, ["--rounds", "0"])
+
+
+@pytest.mark.parametrize("option", ["--ranks", "--threads", "--rounds"])
+def test_bench_dist_refuses_counts_below_one(capsys, option):
+    """--ranks 0 ended in statistics.StatisticsError (a median of no rank's times)."""
+    assert f"argument {option}: must be at least 1, got 0" in refused(capsys, bench_dist.main, [option, "0"])
