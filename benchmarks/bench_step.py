@@ -424,6 +424,14 @@ def main(argv: list[str] | None = None) -> int:
     for key in args.groups:
         if key not in known:
             ap.error(f"--groups {args.groups!r}: unknown group {key!r} (groups: {', '.join(known)})")
+    if args.out:  # checked now: the report is written at the end of a run of minutes
+        out = Path(args.out)
+        if out.is_dir():
+            ap.error(f"--out {args.out!r} is a directory: name the report's file (e.g. benchmarks/RESULTS.md)")
+        if not out.parent.is_dir():
+            ap.error(f"--out {args.out!r}: directory {str(out.parent)!r} does not exist")
+        if not os.access(out if out.exists() else out.parent, os.W_OK):
+            ap.error(f"--out {args.out!r} is not writable")
     shown = argv if argv is not None else sys.argv[1:]
     command = " ".join(["python -m benchmarks.bench_step", *map(shlex.quote, shown)])
 

@@ -36,6 +36,16 @@ def test_bench_step_refuses_bad_options(capsys, argv, message):
     assert message in refused(capsys, bench_step.main, argv)
 
 
+def test_bench_step_refuses_an_out_it_cannot_write_before_measuring(capsys, tmp_path):
+    """--out naming a directory or a file in a missing directory failed at the very end of the
+    run (minutes on a CPU) with a traceback, the report lost."""
+    err = refused(capsys, bench_step.main, ["--quick", "--out", str(tmp_path)])
+    assert f"--out {str(tmp_path)!r} is a directory" in err
+    missing = tmp_path / "no" / "RESULTS.md"
+    err = refused(capsys, bench_step.main, ["--quick", "--out", str(missing)])
+    assert f"--out {str(missing)!r}: directory {str(missing.parent)!r} does not exist" in err
+
+
 @pytest.mark.parametrize("option", ["--rounds", "--steps", "--warmup", "--threads"])
 def test_ab_step_refuses_counts_below_one(capsys, option):
     """ab_step --rounds 0 ended in statistics.StatisticsError; --threads 0 in a worker's traceback."""
