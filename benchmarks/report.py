@@ -123,13 +123,16 @@ def targets_table(results: dict[str, list[Result]], quick: bool) -> list[str]:
 def group_table(g: Group, res: list[Result]) -> list[str]:
     peers = sorted({p for _, p in g.ratios})
     peers = [p for p in peers if any(r.label == p and r.times for r in res)]
-    head = "| optimizer | median ms | amortised ms | " + " | ".join(f"/ {p} (amort., median)" for p in peers)
-    head += " | page faults/step | warm-up extra s | note |"
-    out = [head, "|" + "---|" * (6 + len(peers))]
+
+    def row(cells: list[str]) -> str:  # one cell per peer, none without peers (a "" would add a column)
+        return "| " + " | ".join(cells) + " |"
+
+    head = ["optimizer", "median ms", "amortised ms", *(f"/ {p} (amort., median)" for p in peers)]
+    out = [row([*head, "page faults/step", "warm-up extra s", "note"]), "|" + "---|" * (6 + len(peers))]
     by = {r.label: r for r in res}
     for r in res:
         if r.error is not None and not r.times:
-            out.append(f"| {r.label} | | | " + " | ".join("" for _ in peers) + f" | | | FAILED: {r.error} |")
+            out.append(row([r.label, "", "", *("" for _ in peers), "", "", f"FAILED: {r.error}"]))
             continue
         cells = []
         for p in peers:
@@ -144,11 +147,9 @@ def group_table(g: Group, res: list[Result]) -> list[str]:
         if r.error:
             note = (note + "; " if note else "") + "ERROR " + r.error
         extra = r.warmup_extra
-        out.append(
-            f"| {r.label} | {_ms(r.median)} | {_ms(r.amortised)} | "
-            + " | ".join(cells)
-            + f" | {r.faults_per_step:.0f} | {'n/a' if math.isnan(extra) else f'{extra:.1f}'} | {note} |"
-        )
+        faults = "n/a" if math.isnan(r.faults_per_step) else f"{r.faults_per_step:.0f}"
+        warm = "n/a" if math.isnan(extra) else f"{extra:.1f}"
+        out.append(row([r.label, _ms(r.median), _ms(r.amortised), *cells, faults, warm, note]))
     return out
 
 

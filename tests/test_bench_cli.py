@@ -76,3 +76,16 @@ def test_bench_rounding_refuses_bad_options(capsys):
 def test_bench_dist_refuses_counts_below_one(capsys, option):
     """--ranks 0 ended in statistics.StatisticsError (a median of no rank's times)."""
     assert f"argument {option}: must be at least 1, got 0" in refused(capsys, bench_dist.main, [option, "0"])
+
+
+def test_group_table_columns_line_up_when_every_peer_failed():
+    """With no peer measured (all failed), the header and rows had an empty extra cell that the
+    separator lacked, so the markdown table did not render, and a row with no times said 'nan'."""
+    from benchmarks.report import group_table
+    from benchmarks.runner import Group, Result
+
+    g = Group("a", "AdamW", "all", [], 10, 3, 1, [("soapdsl adamw", "torch AdamW foreach")])
+    res = [Result("soapdsl adamw", times=[0.01, 0.02], faults=4), Result("torch AdamW foreach", error="boom")]
+    lines = group_table(g, res)
+    assert len({line.count("|") for line in lines}) == 1, lines
+    assert "nan" not in "\n".join(lines)
