@@ -36,6 +36,22 @@ def test_bench_step_refuses_bad_options(capsys, argv, message):
     assert message in refused(capsys, bench_step.main, argv)
 
 
+def test_bench_step_many_runs_its_groups_without_a_groups_option(monkeypatch):
+    """--groups defaults to abcd, and --many has no group d: the documented
+    `bench_step --many` was refused with "unknown group 'd'" before it measured anything."""
+
+    class Measuring(Exception):
+        pass
+
+    def many_groups(*args, **kwargs):
+        raise Measuring
+
+    monkeypatch.setattr(bench_step, "many_groups", many_groups)
+    monkeypatch.setattr(bench_step, "machine_info", lambda device: {})
+    with pytest.raises(Measuring):
+        bench_step.main(["--many", "--quick"])
+
+
 def test_bench_step_refuses_an_out_it_cannot_write_before_measuring(capsys, tmp_path):
     """--out naming a directory or a file in a missing directory failed at the very end of the
     run (minutes on a CPU) with a traceback, the report lost."""
