@@ -464,6 +464,19 @@ def test_a_loaded_tensor_lr_is_a_copy_as_torch_loads_it():
     assert float(sd["param_groups"][0]["lr"]) == pytest.approx(0.001)  # sd holds src's own, as torch's does
 
 
+def test_a_tensor_lr_loaded_inside_inference_mode_is_an_ordinary_tensor():
+    """A load under torch.inference_mode makes ordinary state tensors; the group's copied tensor
+    lr was made there too, an inference tensor, so a scheduler's fill_ outside failed."""
+    a, b = _net(), _net()
+    src, dst = soapdsl.build("adamw", a), soapdsl.build("adamw", b)
+    src.param_groups[0]["lr"] = torch.tensor(0.01)
+    with torch.inference_mode():
+        dst.load_state_dict(src.state_dict())
+    assert not dst.param_groups[0]["lr"].is_inference()
+    torch.optim.lr_scheduler.LambdaLR(dst, lambda epoch: 0.1)  # dst's lr.fill_(0.001)
+    assert float(dst.param_groups[0]["lr"]) == pytest.approx(0.001)
+
+
 @pytest.mark.parametrize(
     ("value", "message"),
     [

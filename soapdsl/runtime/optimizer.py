@@ -758,13 +758,14 @@ class SoapOptimizer(torch.optim.Optimizer):
                     loaded = self._load_param_state(p, value)
                     if id(p) not in self._empty:  # an empty parameter keeps no state
                         new_state[p] = loaded  # type: ignore[index]
-        for saved, group, compared in zip(saved_groups, self.param_groups, self._compared, strict=True):
-            skip = {"params", *compared}  # equal to the checkpoint's (checked): the build's objects stay
-            for k, v in saved.items():
-                if k not in skip:
-                    # a copy, as torch's load takes: a scheduler changes a tensor lr in place,
-                    # which the optimizer that saved it (or another loaded from it) still holds
-                    group[k] = copy.deepcopy(v)
+        with _outside_inference():  # a tensor lr copied there would be an inference tensor
+            for saved, group, compared in zip(saved_groups, self.param_groups, self._compared, strict=True):
+                skip = {"params", *compared}  # equal to the checkpoint's (checked): the build's objects stay
+                for k, v in saved.items():
+                    if k not in skip:
+                        # a copy, as torch's load takes: a scheduler changes a tensor lr in place,
+                        # which the optimizer that saved it (or another loaded from it) still holds
+                        group[k] = copy.deepcopy(v)
         # a value only a setting read (`[lr=adam_lr]`) comes with the checkpoint, as its lr does
         self._fixed = [
             tuple((k, group.get(k, built)) for k, built in fixed)
