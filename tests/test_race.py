@@ -398,6 +398,16 @@ def test_diverged_run_is_reported(tmp_path):
     assert data["rows"][1]["diverged"] is True and data["rows"][1]["final_val"] is None
 
 
+def test_a_first_run_that_diverged_sets_no_target(tmp_path):
+    """With no final loss of the first run there is nothing to reach: every row shows '-', and
+    the legend said the column counted steps to reach that run's final train loss."""
+    r = tiny_race(["sign |> lr:lr=1e30", "adamw"], out=tmp_path)
+    assert r.rows[0].best.diverged and all(row.steps_to_target is None for row in r.rows)
+    table = r.table()
+    assert "steps to target" in table and "loss reaches" not in table
+    assert f"steps to: none, since {r.rows[0].label} has no final train loss to reach;" in table
+
+
 def _stop_at_second_run(monkeypatch, exc):
     """Make the race's second run raise ``exc`` at its start, as a ^C or an allocation would."""
     from soapdsl.race import runner

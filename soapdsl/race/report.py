@@ -65,9 +65,14 @@ def format_table(result: RaceResult) -> str:
         f"train: smoothed train loss (debiased EMA, beta {cfg.ema:g}) at step {cfg.steps}; val: loss on"
         f" {cfg.eval_batches * cfg.batch} held-out sequences (Romans..Revelation)"
     )
+    # a first run that diverged (or stopped) has no final loss: no row is measured against it
+    target = (
+        f"first step whose smoothed train loss reaches {first.label}'s final train loss"
+        if math.isfinite(result.target)
+        else f"none, since {first.label} has no final train loss to reach"
+    )
     out.append(
-        f"steps to: first step whose smoothed train loss reaches {first.label}'s final train loss;"
-        " time: training wall time (evaluation excluded); state: optimizer state (Plan.state_bytes)"
+        f"steps to: {target}; time: training wall time (evaluation excluded); state: optimizer state (Plan.state_bytes)"
     )
     if grid:
         out.append(
