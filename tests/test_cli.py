@@ -325,8 +325,14 @@ def test_ctrl_c_during_a_race_ends_with_one_line_and_status_130(tmp_path):
 
     argv = ["race", "adamw", "--steps", "100000", "--batch", "2", "--context", "16", "--d-model", "16"]
     argv += ["--layers", "1", "--heads", "2", "--threads", "1", "--out", str(tmp_path)]
+    # SIGINT as a terminal delivers it: a suite started in the background of a script (`cmd &`)
+    # runs with SIGINT ignored, which the race inherits and, rightly, keeps ignoring
     proc = subprocess.Popen(
-        [sys.executable, "-m", "soapdsl", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "soapdsl", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stderr is not None
     try:
