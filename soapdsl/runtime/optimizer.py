@@ -746,8 +746,9 @@ class SoapOptimizer(torch.optim.Optimizer):
                 what = "parameter index" if isinstance(key, int) else "parameter"
                 raise SoapStateError(f"state dict holds state for {what} {key!r}, which this optimizer lacks")
         new_state = None
-        # the loaded state is copied into new tensors: under inference_mode they would be
-        # inference tensors, which no step outside it may update in place
+        # the loaded state and the groups' values are copied into new tensors: under
+        # inference_mode they would be inference tensors, which no step (or a scheduler's
+        # in-place write of a tensor lr) outside it may update in place
         with _outside_inference():
             if self._shards is not None:
                 self._shards.load(state_dict, id_map)  # into the inner optimizer; self.state shows it
@@ -758,7 +759,6 @@ class SoapOptimizer(torch.optim.Optimizer):
                     loaded = self._load_param_state(p, value)
                     if id(p) not in self._empty:  # an empty parameter keeps no state
                         new_state[p] = loaded  # type: ignore[index]
-        with _outside_inference():  # a tensor lr copied there would be an inference tensor
             for saved, group, compared in zip(saved_groups, self.param_groups, self._compared, strict=True):
                 skip = {"params", *compared}  # equal to the checkpoint's (checked): the build's objects stay
                 for k, v in saved.items():
