@@ -40,7 +40,7 @@ from soapdsl.errors import (
     warn,
 )
 from soapdsl.syntax import ast as A
-from soapdsl.syntax.printer import format_selector
+from soapdsl.syntax.printer import comma_joined, format_selector
 
 #: selector names and the shape quantities a comparison may use
 SELECTOR_NAMES = ("default", "scalar", "vector", "matrix", "tensor")
@@ -219,7 +219,7 @@ def _bind(cls: type[registry.Op], stage: A.Stage, scope: _Scope) -> tuple[tuple[
     for prev, a in zip((None, *stage.args), stage.args, strict=False):
         if a.name is None and seen_keyword:
             notes = []
-            if prev is not None and _decimal_comma(prev.value, a.value):
+            if prev is not None and comma_joined(prev.value, a.value):
                 notes.append(decimal_comma(f"{prev.name}={_comma_text(prev.value, a.value)}"))
             raise SoapArgumentError("positional argument follows a keyword argument", a.loc, notes=notes)
         seen_keyword |= a.name is not None
@@ -243,26 +243,6 @@ def _bind(cls: type[registry.Op], stage: A.Stage, scope: _Scope) -> tuple[tuple[
             raise SoapArgumentError(f"argument '{a.name}' of '{cls.name}' given twice", a.loc)
         bound[a.name] = _value(a.value, scope)
     return tuple((f, bound[f]) for f in fields if f in bound)
-
-
-def _digits(e: A.Expr) -> bool:
-    """Whether ``e`` is an integer literal written as plain digits (``0``, ``999``, not ``1e3``)."""
-    if not isinstance(e, A.Num) or isinstance(e.value, float):
-        return False
-    text = span_text(e.loc)
-    return text is not None and text.isdigit()
-
-
-def _decimal_comma(a: A.Expr, b: A.Expr) -> bool:
-    """Whether ``a,b`` are two plain integer literals with nothing but a comma between them
-    (``0,999``): how a decimal comma reads."""
-    return (
-        a.loc.file == b.loc.file
-        and a.loc.end_line == b.loc.line
-        and b.loc.col == a.loc.end_col + 1
-        and _digits(a)
-        and _digits(b)
-    )
 
 
 def _comma_text(a: A.Expr, b: A.Expr) -> str:
@@ -294,14 +274,14 @@ def _warn_decimal_commas(cls: type[registry.Op], stage: A.Stage, fields: list[st
     slots = [(f, a.value) for f, a in zip(fields, positional, strict=False)]
     pairs = []
     for (name, a), (next_name, b) in itertools.pairwise(slots):
-        if _takes_float(_annotation(cls, name)) and _decimal_comma(a, b):
+        if _takes_float(_annotation(cls, name)) and comma_joined(a, b):
             pairs.append((a, b, f"{name}={span_text(a.loc)} and {next_name}={span_text(b.loc)}"))
     for name, value in slots + [(a.name, a.value) for a in stage.args if a.name is not None]:
         if isinstance(value, A.Tuple):
             items = value.items
             kinds = _item_annotations(_annotation(cls, name), len(items))
             for i, (a, b) in enumerate(itertools.pairwise(items)):
-                if _takes_float(kinds[i]) and _decimal_comma(a, b):
+                if _takes_float(kinds[i]) and comma_joined(a, b):
                     pairs.append((a, b, f"items {i} and {i + 1} of {name}"))
     for a, b, reading in pairs:
         loc = Loc(a.loc.file, a.loc.line, a.loc.col, b.loc.end_line, b.loc.end_col, a.loc.text)
