@@ -36,6 +36,7 @@ from soapdsl.errors import (
     decimal_comma,
     decimal_comma_hint,
     did_you_mean,
+    line_col,
     span_text,
     warn,
 )
@@ -146,7 +147,7 @@ def literal(text: str, file: str, shown: str, col: int, what: str) -> Any:
         close = unmatched_paren(text)
         if close is not None:
             close += 2  # in x(TEXT)
-            line, col_at = wrapped.count("\n", 0, close) + 1, close - wrapped.rfind("\n", 0, close)
+            line, col_at = line_col(wrapped, close)
             raise SoapSyntaxError(
                 "unexpected ')': it closes no '(' of the value", Loc(file, line, col_at, line, col_at + 1, wrapped)
             )

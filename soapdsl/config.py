@@ -44,6 +44,7 @@ from soapdsl.errors import (
     SoapNameError,
     SoapSyntaxError,
     did_you_mean,
+    line_col,
 )
 from soapdsl.ir import Ref
 from soapdsl.runtime.optimizer import SoapOptimizer
@@ -484,7 +485,7 @@ def _selector(
             if comment is not None:
                 text, wrapped = comment.value.rstrip(), _WHERE_PREFIX + override.where
                 at = len(_WHERE_PREFIX) + (comment.start_pos or 0)
-                line, col = wrapped.count("\n", 0, at) + 1, at - wrapped.rfind("\n", 0, at)
+                line, col = line_col(wrapped, at)
                 raise SoapConfigError(
                     f"{_dotted((*path, 'where'))}: a selector cannot hold a comment ('#' starts one):"
                     f" leave out {text!r}",
@@ -498,7 +499,7 @@ def _selector(
             check_selector(selector, values, {k: Ref(k) for k in values})
         except SoapError as e:
             wrapped = _WHERE_PREFIX + override.where
-            end = (wrapped.count("\n") + 1, len(wrapped) - wrapped.rfind("\n"))
+            end = line_col(wrapped, len(wrapped))
             cut = "unexpected ':'"
             if (
                 isinstance(e, SoapSyntaxError)
@@ -510,7 +511,7 @@ def _selector(
                 # text ends after its last character, not on the line a block's last '\n' starts
                 e.message = "unexpected end of text" + e.message[len(cut) :]
                 last = len(_WHERE_PREFIX + override.where.rstrip())
-                line, col = wrapped.count("\n", 0, last) + 1, last - wrapped.rfind("\n", 0, last)
+                line, col = line_col(wrapped, last)
                 e.loc = Loc(name, line, col, line, col + 1, wrapped)
             raise _in_yaml(e, file, marks, (*path, "where"), override.where, name, _WHERE_PREFIX) from None
         extra = routes[0].settings or len(routes) > 1 or len(module.recipes) > 1 or module.macros

@@ -52,6 +52,11 @@ class Loc:
         return f"{self.file}:{self.line}:{self.col}"
 
 
+def line_col(text: str, offset: int) -> tuple[int, int]:
+    """The 1-based line and column of the 0-based ``offset`` into ``text``."""
+    return text.count("\n", 0, offset) + 1, offset - text.rfind("\n", 0, offset)
+
+
 #: Text of every source parsed in this process, by file name, so that any error with a
 #: location can print the offending line. Inline texts are registered under "<inline>".
 SOURCES: dict[str, str] = {}

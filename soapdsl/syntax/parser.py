@@ -16,7 +16,7 @@ import lark
 from lark import Lark, Token, v_args
 from lark.visitors import Transformer_NonRecursive
 
-from soapdsl.errors import SOURCES, Loc, SoapError, SoapNameError, SoapSyntaxError
+from soapdsl.errors import SOURCES, Loc, SoapError, SoapNameError, SoapSyntaxError, line_col
 from soapdsl.resources import grammar_path
 from soapdsl.syntax import ast as A
 
@@ -105,10 +105,7 @@ def _keyword_typo(text: str, tok: Token) -> tuple[str, tuple[int, int], str] | N
     close = [word] if word == "route" else difflib.get_close_matches(word.lower(), _LINE_KEYWORDS, n=1, cutoff=0.75)
     if not close:
         return None
-    start = m.start(1)
-    line = text.count("\n", 0, start) + 1
-    col = start - (text.rfind("\n", 0, start) + 1) + 1
-    return word, (line, col), close[0]
+    return word, line_col(text, m.start(1)), close[0]
 
 
 def _dangling_pipe(text: str, tok: Token) -> tuple[Token, Token] | None:
@@ -388,7 +385,7 @@ def decode_source(raw: bytes, file: str, what: str, error: type[SoapError] = Soa
     if bad is None:
         return text
     i = bad.start()
-    line, col = text.count("\n", 0, i) + 1, i - text.rfind("\n", 0, i)
+    line, col = line_col(text, i)
     shown = _UNDECODED.sub("\ufffd", text)  # what an editor shows for a byte it cannot read
     raise error(
         f"{what} is not UTF-8 text",
