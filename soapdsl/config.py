@@ -479,11 +479,12 @@ def _selector(
         parts.append(A.SelOr(tuple(A.SelPattern(g) for g in globs)) if len(globs) > 1 else A.SelPattern(globs[0]))
     if override.where is not None:
         name = _text_name(file, (*path, "where"))
+        wrapped = _WHERE_PREFIX + override.where  # as parsed, before its ': lr'
         try:
             # `matrix # hidden`: the comment would run over the synthetic route's ':'
             comment = first_comment(override.where)
             if comment is not None:
-                text, wrapped = comment.value.rstrip(), _WHERE_PREFIX + override.where
+                text = comment.value.rstrip()
                 at = len(_WHERE_PREFIX) + (comment.start_pos or 0)
                 line, col = line_col(wrapped, at)
                 raise SoapConfigError(
@@ -491,14 +492,13 @@ def _selector(
                     f" leave out {text!r}",
                     Loc(name, line, col, line, col + len(text), wrapped),
                 )
-            module = parse(f"{_WHERE_PREFIX}{override.where}: lr\n", name)
+            module = parse(f"{wrapped}: lr\n", name)
             routes = [r for recipe in module.recipes for r in recipe.routes]
             selector = routes[0].selector
             # a comparison may name a parameter of the route's recipe (`max_dim < max_dim`
             # reads that recipe's max_dim, with its args), as a route of a recipe file does
             check_selector(selector, values, {k: Ref(k) for k in values})
         except SoapError as e:
-            wrapped = _WHERE_PREFIX + override.where
             end = line_col(wrapped, len(wrapped))
             cut = "unexpected ':'"
             if (
@@ -510,7 +510,7 @@ def _selector(
                 # the selector ended early (`matrix and`): the ':' is the synthetic route's; the
                 # text ends after its last character, not on the line a block's last '\n' starts
                 e.message = "unexpected end of text" + e.message[len(cut) :]
-                last = len(_WHERE_PREFIX + override.where.rstrip())
+                last = len(wrapped.rstrip())
                 line, col = line_col(wrapped, last)
                 e.loc = Loc(name, line, col, line, col + 1, wrapped)
             raise _in_yaml(e, file, marks, (*path, "where"), override.where, name, _WHERE_PREFIX) from None
