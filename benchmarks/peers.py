@@ -20,6 +20,7 @@ wrapper that applies a patch around ``step()``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import sys
 from collections.abc import Callable, Iterator
@@ -98,29 +99,42 @@ def torch_ns_in_input_dtype(
     whose ``bfloat16()`` is a fresh copy in grad's dtype, everything after it (the transpose, the
     normalisation, the addmm iteration) is torch's code unchanged, in fp32 (or fp64).
     """
-    return _TORCH_NS(grad.as_subclass(_NoBf16Cast), ns_coefficients, ns_steps, eps)
+    return _torch_ns()(grad.as_subclass(_NoBf16Cast), ns_coefficients, ns_steps, eps)
+
+
+# torch.optim.Muon first shipped in torch 2.9; soapdsl itself needs only torch 2.6
+HAS_TORCH_MUON = hasattr(torch.optim, "Muon")
 
 
 def _torch_muon_module() -> Any:
+    if not HAS_TORCH_MUON:
+        raise RuntimeError(f"torch.optim.Muon needs torch 2.9 or newer; this is torch {torch.__version__}")
     import torch.optim._muon as tm
 
     return tm
 
 
-_TORCH_NS = _torch_muon_module()._zeropower_via_newtonschulz
+@functools.cache
+def _torch_ns() -> Any:
+    """torch's Newton-Schulz function itself, kept from before any patch replaces it."""
+    return _torch_muon_module()._zeropower_via_newtonschulz
 
 
-# (module, attribute, replacement) for ``Patched``: torch.optim.Muon with its Newton-Schulz in the update's dtype
-TORCH_NS_PATCH = (_torch_muon_module(), "_zeropower_via_newtonschulz", torch_ns_in_input_dtype)
+def torch_ns_patch() -> tuple[Any, str, Any]:
+    """(module, attribute, replacement) for ``Patched``: torch.optim.Muon with its Newton-Schulz
+    in the update's dtype."""
+    _torch_ns()
+    return (_torch_muon_module(), "_zeropower_via_newtonschulz", torch_ns_in_input_dtype)
 
 
 def make_torch_muon(named: Named) -> torch.optim.Optimizer:
     """torch.optim.Muon as shipped (bf16 Newton-Schulz); the soapdsl ``muon`` defaults."""
+    _torch_muon_module()
     return torch.optim.Muon(_params(named), lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True)
 
 
 def make_torch_muon_fp32(named: Named) -> Patched:
-    return Patched(make_torch_muon(named), *TORCH_NS_PATCH)
+    return Patched(make_torch_muon(named), *torch_ns_patch())
 
 
 # -- heavyball --------------------------------------------------------------------------------

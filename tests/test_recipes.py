@@ -16,6 +16,7 @@ from tests.conftest import (
     assert_descending_eigenbasis,
     lockstep,
     muon_vs_torch,
+    needs_torch_muon,
     race,
     twin_params,
     worst_moved_err,
@@ -343,6 +344,7 @@ def test_soap_muon_gram_form_equals_reference():
     assert race("soap_muon", {"freq": 5, "ns_form": "gram"}, R.SoapMuonRef, ref_kw, MATS) < 1e-10
 
 
+@needs_torch_muon
 def test_muon_bf16_within_the_noise_between_independent_implementations():
     """torch.optim.Muon iterates in bf16 with fused addmm; any independent bf16 implementation
     differs from it by rounding. The loop reference (one rounding per op) shows that noise; ours
@@ -355,7 +357,7 @@ def test_muon_bf16_within_the_noise_between_independent_implementations():
 
 def _torch_muon_ns_in_input_dtype(params, **kw):
     """torch.optim.Muon itself, its Newton-Schulz run in the update's dtype (torch's code, not a copy)."""
-    return peers.Patched(torch.optim.Muon(params, **kw), *peers.TORCH_NS_PATCH)
+    return peers.Patched(torch.optim.Muon(params, **kw), *peers.torch_ns_patch())
 
 
 TORCH_MUON_OPTIONS = [
@@ -367,6 +369,7 @@ TORCH_MUON_OPTIONS = [
 ]
 
 
+@needs_torch_muon
 @pytest.mark.parametrize(("ours", "theirs"), TORCH_MUON_OPTIONS, ids=["defaults", "wd", "no_nesterov", "ns3", "rms"])
 def test_muon_equals_torch_muon_in_float64(ours, theirs):
     """Against torch.optim.Muon itself (not a reference written here), with torch's Newton-Schulz
@@ -377,6 +380,7 @@ def test_muon_equals_torch_muon_in_float64(ours, theirs):
     assert err < 1e-10  # 3.6e-15 seen
 
 
+@needs_torch_muon
 def test_muon_equals_torch_muon_in_float32():
     """The same in fp32, at full width: our batched (and, from 256 rows, halved) iteration against
     torch's per-matrix addmm iteration in fp32."""
@@ -385,6 +389,7 @@ def test_muon_equals_torch_muon_in_float32():
     assert race("muon", kw, _torch_muon_ns_in_input_dtype, kw, mats, steps=8, dtype=torch.float32) < 5e-5  # 6.3e-6 seen
 
 
+@needs_torch_muon
 def test_muon_torch_patch_changes_only_the_dtype():
     """The patch the comparisons above rely on: torch's function on the patched view equals the bf16
     original up to bf16 rounding, and runs in fp64 when handed fp64."""
