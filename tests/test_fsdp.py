@@ -10,6 +10,7 @@ only. Every rank and the single process use one thread.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import soapdsl
-from tests.multiproc import WORLD, one_thread, spawn
+from tests.multiproc import WORLD, one_thread, skip_on_torch_gap, spawn
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
 
@@ -237,6 +238,7 @@ def test_training_through_fsdp_steps_as_one_process(tmp_path):
     """With FSDP's own gradients (reduce-scattered from the ranks' halves of each batch): one
     process given the same gradients ends with the same parameters, bit for bit."""
     ranks = spawn(_real_backward, tmp_path, 4)
+    skip_on_torch_gap(ranks)
     assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
     with one_thread():
         model = _model()
@@ -663,6 +665,7 @@ def _dcp_round_trip(rank: int, ckpt: str, recipe: str, kw: dict) -> dict:
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # dcp.load(no_dist=True)
+@pytest.mark.filterwarnings("ignore:torch.distributed is unavailable or uninitialized:UserWarning")  # torch 2.6
 @pytest.mark.parametrize(("recipe", "kw"), [CASES[c] for c in ("soap_muon", "adamw", "soap_muon_shared", "shampoo")])
 def test_distributed_checkpoint_saves_and_loads_shares_and_loads_whole_in_one_process(tmp_path, recipe, kw):
     """torch.distributed.checkpoint (get_/set_optimizer_state_dict with dcp.save/load), as FSDP2
@@ -685,7 +688,9 @@ def test_distributed_checkpoint_saves_and_loads_shares_and_loads_whole_in_one_pr
     model = _model(seed=1)
     opt = soapdsl.build(recipe, model, **kw)
     sd = {"optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(sd, checkpoint_id=ckpt, no_dist=True)
+    # torch 2.6's dcp.load has no no_dist: a process with no process group loads alone anyway
+    alone = {"no_dist": True} if "no_dist" in inspect.signature(dcp.load).parameters else {}
+    dcp.load(sd, checkpoint_id=ckpt, **alone)
     set_optimizer_state_dict(model, opt, sd["optim"])
     _assert_same_state(opt.state_dict(), ranks[0]["saved"])
 
@@ -790,6 +795,7 @@ def test_empty_parameters_are_left_out_on_every_rank(tmp_path):
     that holds no rows of a parameter that is not empty still steps it (runtime/fsdp.py)."""
     steps = 3
     ranks = spawn(_train_with_empties, tmp_path, steps)
+    skip_on_torch_gap(ranks)
     assert all("error" not in r for r in ranks), [r.get("message") for r in ranks]
     with one_thread():
         for recipe, kw in EMPTY_CASES.items():

@@ -25,6 +25,7 @@ from tests.conftest import (
     lockstep,
     make_net,
     muon_vs_torch,
+    needs_torch_muon,
     race,
     train_step,
     twin_params,
@@ -109,6 +110,7 @@ def test_muon_fp64_equals_the_loop_reference_on_cuda(form: str) -> None:
     assert err < 1e-9
 
 
+@needs_torch_muon
 def test_muon_bf16_matches_torch_muon_on_cuda() -> None:
     """As on the CPU (tests/test_recipes.py): bf16 Newton-Schulz differs from torch's by bf16
     rounding only, no more than an independent bf16 loop implementation does."""

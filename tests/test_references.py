@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tests.conftest import needs_torch_muon
 from tests.references import (
     AdamSoapConventionsRef,
     MuonRef,
@@ -160,6 +161,7 @@ def test_soap_muon_fp32_runs():
     assert all(torch.isfinite(p).all() for p in params)
 
 
+@needs_torch_muon
 def test_muon_ref_bf16_matches_torch_muon():
     shapes = [(16, 16), (24, 10), (10, 24)]
     dtype = torch.float32
