@@ -17,6 +17,7 @@ import copy
 import numbers
 import operator
 import os
+import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -93,7 +94,10 @@ class _CompiledRoute:
     (context.py's ``_traced``)."""
 
     def __init__(self, index: int) -> None:
-        code = run_ops.__code__.replace(co_name=f"run_ops_route_{index}", co_qualname=f"run_ops_route_{index}")
+        name = f"run_ops_route_{index}"
+        code = run_ops.__code__.replace(co_name=name)
+        if sys.version_info >= (3, 11):  # a code object carries a qualified name from 3.11 on
+            code = code.replace(co_qualname=name)
         self.fn = torch.compile(types.FunctionType(code, run_ops.__globals__, code.co_name), dynamic=True)
         # torch remembers, by symbol name ("zf23"), the floats that its last compilation had to
         # make constants, and does not forget them when that compilation succeeds: the next
