@@ -401,24 +401,51 @@ def op_state_bytes(ops: Iterable[registry.Op], shape: tuple[int, ...], dtype: to
 _WRAPPERS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
-def _unwrapped(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """``model.named_parameters()`` with the wrappers' segments left out of the names, so that
-    routes select the same parameters (and a checkpoint fits) whether or not the model is
-    compiled or wrapped for data parallelism: `torch.compile(model)` names its parameters
-    `_orig_mod.<name>`, DDP `module.<name>`."""
+def _names(model: torch.nn.Module) -> list[tuple[str, str, torch.Tensor]]:
+    """Every name ``model`` holds each parameter under (``named_parameters(remove_duplicate=False)``):
+    (the name routes see, torch's name, the tensor). The names routes see leave the wrappers'
+    segments out, so that routes select the same parameters (and a checkpoint fits) whether or
+    not the model is compiled or wrapped for data parallelism: `torch.compile(model)` names its
+    parameters `_orig_mod.<name>`, DDP `module.<name>`."""
     parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-    out: list[tuple[str, torch.Tensor]] = []
-    for name, t in model.named_parameters():
+    out: list[tuple[str, str, torch.Tensor]] = []
+    for name, t in model.named_parameters(remove_duplicate=False):
         parts = name.split(".")
         kept, module = [], model
         for part in parts[:-1]:
             if not (part in _WRAPPERS or (part == "module" and isinstance(module, parallel))):
                 kept.append(part)
             module = module._modules[part]  # type: ignore[assignment]
-        out.append((".".join([*kept, parts[-1]]), t))
-    if len({n for n, _ in out}) < len(out):  # a model that also holds what it wraps: keep torch's names
-        return [(n, t) for n, t in model.named_parameters()]
+        out.append((".".join([*kept, parts[-1]]), name, t))
+    first = _first_names(out)
+    if len({n for n, _, _ in first}) < len(first):  # a model that also holds what it wraps: keep torch's names
+        return [(raw, raw, t) for _, raw, t in out]
     return out
+
+
+def _first_names(names: list[tuple[str, str, torch.Tensor]]) -> list[tuple[str, str, torch.Tensor]]:
+    """Each tensor once, under its first name, as ``nn.Module.named_parameters()`` lists it."""
+    first: dict[int, tuple[str, str, torch.Tensor]] = {}
+    for x in names:
+        first.setdefault(id(x[2]), x)
+    return list(first.values())
+
+
+def _unwrapped(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``model.named_parameters()`` with the wrappers' segments left out of the names (`_names`)."""
+    return [(name, t) for name, _, t in _first_names(_names(model))]
+
+
+def tied_names(model: torch.nn.Module) -> list[list[tuple[str, str]]]:
+    """The names of each tensor ``model`` holds under more than one, as (name routes see, torch's
+    name) pairs, the first the one it is routed by: ``transformer.wte.weight`` and
+    ``lm_head.weight`` in a GPT-2 whose head is tied to its embedding."""
+    names: dict[int, list[tuple[str, str]]] = {}
+    for name, raw, t in _names(model):
+        held = names.setdefault(id(t), [])
+        if all(name != n for n, _ in held):
+            held.append((name, raw))
+    return [held for held in names.values() if len(held) > 1]
 
 
 # what parameters may be: integer and bool tensors cannot take a fractional update, float8
@@ -678,6 +705,8 @@ def compile_plan(
             notes = ["empty: never stepped, no state"]
         rp.params.append(ParamEntry(name, shape, t.dtype, rp.index, 0, notes))
         rp.tensors.append(t)
+    if isinstance(params, torch.nn.Module):
+        _warn_tied(routes, tied_names(params))
     for rp in routes:
         names = [e.name for e in rp.params]
         for op in walk_ops(rp.ops):
@@ -693,6 +722,50 @@ def compile_plan(
                 lambda op, i=i, n=e.name, lead=rp.leaders: lead[(op.path, op.share_key(n))] == i,
             )
     return Plan(recipe, values, routes, borrowed)
+
+
+def _route_for(routes: list[RoutePlan], name: str, shape: tuple[int, ...]) -> RoutePlan | None:
+    """The route a parameter of this name and shape takes: the first whose selector it satisfies."""
+    return next((rp for rp in routes if matches(rp.route.selector, name, shape, rp.hyper)), None)
+
+
+def _warn_tied(routes: list[RoutePlan], tied: list[list[tuple[str, str]]]) -> None:
+    """Warn of each tensor held under several names that select different routes: it is stepped
+    once, by its first name's route, and the other route never sees it (a GPT-2's head, tied to
+    its embedding, took soap_muon's embedding lr of 0.4, not the head's 4e-3)."""
+    taken = {e.name: (rp, e.shape) for rp in routes for e in rp.params}
+    for names in tied:
+        first = names[0][0]
+        rp, shape = taken[first]
+        chosen = [(name, raw, _route_for(routes, name, shape)) for name, raw in names]
+        if all(other is None or other.index == rp.index for _, _, other in chosen):
+            continue
+        others = " and ".join(f"'{name}'" for name, _, _ in chosen[1:])
+        selects = ", ".join(
+            f"'{name}' selects route '{other.selector}' (route {other.index})"
+            for name, _, other in chosen
+            if other is not None
+        )
+        notes, noted = [], {rp.index}  # one way to each other route
+        for name, raw, other in chosen:
+            if other is None or other.index in noted:
+                continue
+            noted.add(other.index)
+            left = [r for _, r, _ in chosen if r != raw]
+            drop = f"n != '{left[0]}'" if len(left) == 1 else f"n not in {tuple(left)}"
+            notes.append(
+                f"to route it by '{name}' (route {other.index}), pass the parameters with that name only:"
+                f" [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if {drop}]"
+            )
+        notes.append(f"to keep it on route {rp.index} without this warning, pass model.named_parameters()")
+        warn(
+            SoapWarning(
+                f"parameter '{first}' is also named {others} (tied weights), and the names select"
+                f" different routes: {selects}; it is stepped once, by route {rp.index}, its first name's"
+                " (nn.Module.named_parameters() lists a tied tensor once, under its first name)",
+                notes=notes,
+            )
+        )
 
 
 def share_leaders(rp: RoutePlan) -> dict[tuple[str, str], int]:

@@ -622,6 +622,87 @@ def test_tied_weights_of_a_module_are_optimized_once():
     assert sum(len(g["params"]) for g in opt.param_groups) == 1
 
 
+class _TiedLM(torch.nn.Module):
+    """GPT-2's names: the head is the embedding (transformers' tie_word_embeddings)."""
+
+    def __init__(self, head: str = "lm_head") -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.transformer = torch.nn.Module()
+        self.transformer.wte = torch.nn.Embedding(11, 6)
+        self.transformer.h = torch.nn.Linear(6, 6)
+        setattr(self, head, torch.nn.Linear(6, 11, bias=False))
+        getattr(self, head).weight = self.transformer.wte.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.get_submodule(next(n for n in ("lm_head", "unembed") if hasattr(self, n)))(
+            self.transformer.h(self.transformer.wte(x))
+        )
+
+
+TIED_WARNING = [
+    "warning: parameter 'transformer.wte.weight' is also named 'lm_head.weight' (tied weights), and the names"
+    ' select different routes: \'transformer.wte.weight\' selects route \'"*embed*" or "*wte*" or "*wpe*"\''
+    ' (route 0), \'lm_head.weight\' selects route \'"*lm_head*" or "head.*" or "*.head.*" or "output.*"\''
+    " (route 1); it is stepped once, by route 0, its first name's (nn.Module.named_parameters() lists a tied"
+    " tensor once, under its first name)",
+    "  note: to route it by 'lm_head.weight' (route 1), pass the parameters with that name only: [(n, p) for n, p"
+    " in model.named_parameters(remove_duplicate=False) if n != '{prefix}transformer.wte.weight']",
+    "  note: to keep it on route 0 without this warning, pass model.named_parameters()",
+]
+
+
+def _tied_steps(opt: torch.optim.Optimizer, model: torch.nn.Module) -> None:
+    x = torch.tensor([[1, 4, 7], [2, 3, 10]])
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("wrap", ["none", "compile", "data_parallel"])
+def test_tied_weights_whose_names_select_different_routes_warn(wrap):
+    """A GPT-2's head (lm_head.weight) is its embedding (transformer.wte.weight): under soap_muon
+    the tensor took the embedding's route, lr 0.4, not the head's 4e-3, without a word, and the
+    loss rose from 3.9 to 8-10. The warning names both routes, the one taken and how to take the
+    other; a wrapped model's names leave the wrapper out, as its routes do."""
+    model = _TiedLM()
+    wrapped = {"none": model, "compile": torch.compile(model), "data_parallel": torch.nn.DataParallel(model)}[wrap]
+    with pytest.warns(soapdsl.SoapWarning) as record:
+        opt = soapdsl.build("soap_muon", wrapped)
+    (w,) = [r.message for r in record]
+    prefix = {"none": "", "compile": "_orig_mod.", "data_parallel": "module."}[wrap]
+    assert str(w).splitlines() == [line.replace("{prefix}", prefix) for line in TIED_WARNING]
+    assert record[0].filename == __file__
+    (group,) = [g for g in opt.param_groups if any(p is model.lm_head.weight for p in g["params"])]
+    assert (group["route"], group["lr"]) == ('"*embed*" or "*wte*" or "*wpe*"', 0.4)
+    # stepped as passing the names torch lists, which routes it the same way without a word
+    same = _TiedLM()
+    _tied_steps(opt, model)
+    _tied_steps(soapdsl.build("soap_muon", same.named_parameters()), same)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters(), strict=True))
+
+
+def test_tied_weights_route_by_the_name_passed_for_them():
+    """What the warning's note says: the pairs of named_parameters(remove_duplicate=False) less
+    the first name route the tensor by its other name, here the head's route (lr 4e-3)."""
+    model = _TiedLM()
+    params = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if n != "transformer.wte.weight"]
+    opt = soapdsl.build("soap_muon", params)  # SoapWarning is an error in the tests
+    (group,) = [g for g in opt.param_groups if any(p is model.lm_head.weight for p in g["params"])]
+    assert (group["route"], group["lr"]) == ('"*lm_head*" or "head.*" or "*.head.*" or "output.*"', 4e-3)
+    before = model.lm_head.weight.detach().clone()
+    _tied_steps(opt, model)
+    assert not torch.equal(model.lm_head.weight, before)
+
+
+def test_tied_weights_whose_names_select_one_route_do_not_warn():
+    model = _TiedLM(head="unembed")  # "*embed*" selects both names
+    opt = soapdsl.build("soap_muon", model)  # SoapWarning is an error in the tests
+    assert sum(len(g["params"]) for g in opt.param_groups) == 3
+    soapdsl.build("adamw", _TiedLM())  # one route for all
+
+
 @pytest.mark.parametrize(
     "dtype", [torch.complex64, torch.complex128, torch.int64, torch.int8, torch.bool, torch.float8_e4m3fn]
 )
