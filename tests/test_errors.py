@@ -595,6 +595,26 @@ COMPILE = [
         r"cannot read recipe file",
         None,
     ),
+    # a path the OS refuses outright escaped as ValueError ("embedded null byte") and OSError
+    # ("File name too long") from pathlib
+    (
+        "nul-in-path",
+        "my\x00recipe.soap",
+        {"w": (2, 2)},
+        {},
+        SoapNameError,
+        r"^cannot read recipe file 'my\\x00recipe.soap': a file name cannot hold a NUL character$",
+        None,
+    ),
+    (
+        "path-too-long",
+        "r" * 300 + ".soap",
+        {"w": (2, 2)},
+        {},
+        SoapNameError,
+        r"^cannot read recipe file 'r{300}\.soap': File name too long$",
+        None,
+    ),
     ("arg-bad-type", "adamw", {"w": (2, 2)}, {"lr": [1]}, SoapArgumentError, r"must be a number", None),
     (
         "missing-recipe-arg",

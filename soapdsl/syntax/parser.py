@@ -398,6 +398,20 @@ def decode_source(raw: bytes, file: str, what: str, error: type[SoapError] = Soa
 _UNDECODED = re.compile("[\udc80-\udcff]")
 
 
+def read_file(path: Path, what: str, error: type[SoapError]) -> bytes:
+    """The bytes of the file at ``path``, ``what`` (``"recipe file"``) in the ``error`` raised for a
+    directory or a file that cannot be read, including a name the OS refuses outright (a NUL
+    character, one too long), which pathlib raises as ValueError or from its is_dir() check."""
+    try:
+        if path.is_dir():
+            raise error(f"{str(path)!r} is a directory, not a {what}")
+        return path.read_bytes()
+    except OSError as e:
+        raise error(f"cannot read {what} {str(path)!r}: {e.strerror}") from None
+    except ValueError:  # "embedded null byte"
+        raise error(f"cannot read {what} {str(path)!r}: a file name cannot hold a NUL character") from None
+
+
 def parse_file(path: str | Path, display: str | None = None) -> A.Module:
     """Parse a ``.soap`` file; errors point at ``display`` (default: the path as given).
 
@@ -411,12 +425,7 @@ def load_file(path: str | Path, display: str | None = None) -> tuple[str, A.Modu
     """The text of a ``.soap`` file (as :func:`decode_source` reads it) and its module, as
     :func:`parse_file` parses it: for `soapdsl fmt`, which compares the two."""
     p = Path(path)
-    if p.is_dir():
-        raise SoapNameError(f"{str(p)!r} is a directory, not a recipe file")
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise SoapNameError(f"cannot read recipe file {str(p)!r}: {e.strerror}") from None
+    raw = read_file(p, "recipe file", SoapNameError)
     try:
         text = decode_source(raw, display or str(p), f"recipe file {str(p)!r}")
         return text, parse(text, display or str(p))
