@@ -49,7 +49,7 @@ from soapdsl.errors import (
 from soapdsl.ir import Ref
 from soapdsl.runtime.optimizer import SoapOptimizer
 from soapdsl.syntax import ast as A
-from soapdsl.syntax.parser import decode_source, first_comment, int_digit_limit, parse, too_long
+from soapdsl.syntax.parser import decode_source, first_comment, int_digit_limit, parse, read_file, too_long
 from soapdsl.syntax.printer import format_selector
 
 Scalar = bool | int | float | str
@@ -209,12 +209,7 @@ def _dotted(path: tuple[Any, ...]) -> str:
 
 
 def _read(path: Path) -> str:
-    if path.is_dir():
-        raise SoapConfigError(f"{str(path)!r} is a directory, not a config file")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise SoapConfigError(f"cannot read config file {str(path)!r}: {e.strerror}") from None
+    raw = read_file(path, "config file", SoapConfigError)
     # a byte-order mark, which some Windows editors write, is not part of the YAML
     return decode_source(raw, str(path), f"config file {str(path)!r}", SoapConfigError)
 

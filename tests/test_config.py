@@ -140,6 +140,17 @@ def test_a_directory_is_not_yaml_text(tmp_path):
         assert config_error(cfg).message.endswith("' is a directory, not a config file")
 
 
+def test_a_config_path_the_os_refuses_is_a_config_error():
+    """A NUL character escaped as ValueError (embedded null byte) and a name past the file-system
+    limit as OSError (File name too long), both from pathlib."""
+    assert config_error("my\x00train.yaml").message == (
+        "cannot read config file 'my\\x00train.yaml': a file name cannot hold a NUL character"
+    )
+    assert (
+        config_error("c" * 300 + ".yaml").message == f"cannot read config file '{'c' * 300}.yaml': File name too long"
+    )
+
+
 def test_a_config_path_without_a_yaml_suffix_is_read(tmp_path):
     path = tmp_path / "optimizer.cfg"
     path.write_text("recipe: adamw\nargs: {lr: 0.02}\n")
