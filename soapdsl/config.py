@@ -720,7 +720,8 @@ def build_from_config(model: Any, cfg: Any) -> SoapOptimizer:
         except SoapNameError as e:
             # `recipe: my.soap` next to the config, read from another directory
             beside = Path(file).parent / spec.strip().partition("::")[0]
-            if file != "<config>" and not Path(spec.strip()).is_absolute() and beside.is_file():
+            # os.path.isfile, not Path.is_file, which raises on a name too long for the file system
+            if file != "<config>" and not Path(spec.strip()).is_absolute() and os.path.isfile(beside):
                 e.notes = (
                     *e.notes,
                     f"a path in a config is relative to the working directory, not to the config;"

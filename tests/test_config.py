@@ -651,3 +651,11 @@ def test_a_recipe_file_beside_the_config_is_named_when_not_found(tmp_path, monke
     )
     monkeypatch.chdir(sub)
     assert soapdsl.from_config(torch.nn.Linear(3, 3), "train.yaml").plan.recipe.name == "my"
+
+
+def test_a_recipe_path_too_long_in_a_config_file_is_a_name_error(tmp_path):
+    """Looking for the recipe file beside the config, for the note above, escaped as OSError
+    (File name too long) from pathlib's is_file() where the recipe's path is too long a name."""
+    (tmp_path / "train.yaml").write_text("recipe: " + "r" * 300 + ".soap\n")
+    err = config_error(tmp_path / "train.yaml", SoapNameError)
+    assert err.message == f"cannot read recipe file '{'r' * 300}.soap': File name too long"
