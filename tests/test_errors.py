@@ -787,6 +787,24 @@ def test_loaded_host_values_are_checked(value, pattern):
         opt.load_state_dict(sd)
 
 
+@pytest.mark.parametrize("key", ["step", "0.rotate.ready"])
+def test_a_state_without_its_step_or_a_host_value_is_refused_when_loaded(key):
+    """Either one missing beside the state's tensors was loaded, and the next step raised KeyError
+    from inside the optimizer."""
+    opt = _stepped_soap()
+    sd = opt.state_dict()
+    del sd["state"][0][key]
+    with pytest.raises(
+        SoapStateError, match=rf"error: state dict lacks state \['{re.escape(key)}'\] for parameter 'weight'$"
+    ):
+        opt.load_state_dict(sd)
+    # a host value whose fresh value is None may be missing: saved before the stage kept it
+    del sd["state"][1]["0.rotate.beta"]
+    sd["state"][0] = opt.state_dict()["state"][0]
+    opt.load_state_dict(sd)
+    opt.step()
+
+
 @pytest.mark.parametrize(
     ("bad", "pattern"),
     [

@@ -985,7 +985,10 @@ class SoapOptimizer(torch.optim.Optimizer):
                 raise SoapStateError(f"state dict holds unknown state '{key}' for parameter '{name}'")
             else:
                 out[key] = value
-        missing = set(expected) - set(out)
+        # a host value that starts as None may be missing: from a state dict saved before the stage
+        # kept it (rotate's "beta"); a state without its step or another host value cannot step
+        needed = {"step", *expected, *(k for k, (_, _, initial) in hosts.items() if initial is not None)}
+        missing = needed - set(out)
         if out and missing:
             raise SoapStateError(f"state dict lacks state {sorted(missing)} for parameter '{name}'")
         return out
