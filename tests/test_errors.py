@@ -6,6 +6,7 @@ import re
 import warnings
 from typing import Literal
 
+import numpy as np
 import pydantic
 import pytest
 import torch
@@ -816,6 +817,39 @@ def test_a_state_without_its_step_or_a_host_value_is_refused_when_loaded(key):
 def test_load_state_dict_of_something_else(bad, pattern):
     with pytest.raises(SoapStateError, match=pattern):
         _stepped_soap().load_state_dict(bad)
+
+
+def _no_meta_and_a_list_for_recipe(sd):
+    del sd["soapdsl"]
+    sd["param_groups"][0]["recipe"] = [1]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "pattern"),
+    [
+        (lambda sd: sd["soapdsl"].update(format=torch.tensor([1, 1])), r"format tensor\(\[1, 1\]\) cannot be read"),
+        (lambda sd: sd["soapdsl"].update(format=np.array([1, 1])), r"format array\(\[1, 1\]\) cannot be read"),
+        (lambda sd: sd["soapdsl"].update(fingerprint=np.array(["a", "b"])), r"saved by recipe 'soap' \(fingerprint"),
+        (
+            lambda sd: sd["soapdsl"].update(routes=np.array(["a", "b"])),
+            r"holds routes \['a' 'b'\], but this optimizer's",
+        ),
+        (
+            lambda sd: sd["soapdsl"].update(shards={"rank": 0, "world": torch.tensor([1, 2])}),
+            r"the share of the state of rank 0 of tensor\(\[1, 2\]\) under FSDP2",
+        ),
+        (_no_meta_and_a_list_for_recipe, r"was not saved by a soapdsl optimizer \(it has no 'soapdsl' entry\)"),
+    ],
+)
+def test_state_dict_metadata_of_another_type_is_refused(spoil, pattern):
+    """A tensor or an array where the 'soapdsl' entry holds a number, a string or a list raised
+    RuntimeError or ValueError (its truth value is ambiguous) from the comparison that checks it,
+    and a list where a group holds its recipe TypeError (unhashable) from a set of them."""
+    opt = _stepped_soap()
+    sd = opt.state_dict()
+    spoil(sd)
+    with pytest.raises(SoapStateError, match=pattern):
+        opt.load_state_dict(sd)
 
 
 @pytest.mark.parametrize("plan", [None, "adamw"])

@@ -802,13 +802,15 @@ class SoapOptimizer(torch.optim.Optimizer):
                 "this state dict was not saved by a soapdsl optimizer (it has no 'soapdsl' entry);"
                 f" this optimizer runs recipe '{self.plan.recipe.name}'"
             )
-        if meta.get("format") != FORMAT_VERSION:
+        # _equal: a value of another type (a tensor, an array) may have no truth value to compare by
+        if not _equal(meta.get("format"), FORMAT_VERSION):
             raise SoapStateError(
                 f"state dict format {meta.get('format')!r} cannot be read; this soapdsl reads format {FORMAT_VERSION}"
             )
-        if meta.get("fingerprint") != self.plan.fingerprint or meta.get("recipe") != self.plan.recipe.name:
+        same_name = _equal(meta.get("recipe"), self.plan.recipe.name)
+        if not (same_name and _equal(meta.get("fingerprint"), self.plan.fingerprint)):
             why = ""
-            if meta.get("recipe") == self.plan.recipe.name:  # the same name says nothing of what differs
+            if same_name:  # the same name says nothing of what differs
                 saved_routes, own = meta.get("routes"), [rp.selector for rp in self._routes]
                 if isinstance(saved_routes, list) and saved_routes != own:
                     why = (
@@ -849,7 +851,7 @@ class SoapOptimizer(torch.optim.Optimizer):
                             key, saved[key], built, f" (route '{rp.selector}' fixes it when the optimizer is built)"
                         )
         mine_routes = [rp.selector for rp in self._routes]
-        if routes is not None and routes != mine_routes:
+        if routes is not None and not _equal(routes, mine_routes):
             self._check_selector_values(groups)
             raise SoapStateError(
                 f"state dict holds routes {routes}, but this optimizer's parameters take routes"
@@ -875,7 +877,7 @@ class SoapOptimizer(torch.optim.Optimizer):
                     notes=_also(unknown),
                 )
         shards = meta.get("shards")
-        if self._shards is None and isinstance(shards, dict) and shards.get("world") != 1:
+        if self._shards is None and isinstance(shards, dict) and not _equal(shards.get("world"), 1):
             # one rank's share (of one rank, the whole): loaded as a whole, the parameters that
             # other ranks own would start afresh
             raise SoapStateError(
@@ -892,11 +894,13 @@ class SoapOptimizer(torch.optim.Optimizer):
         get_optimizer_state_dict) keep those."""
         if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
             return None
-        recipes = {g.get("recipe") for g in groups}
-        if len(recipes) != 1 or not all(isinstance(g.get("route"), str) for g in groups):
+        if not all(isinstance(g.get("recipe"), str) and isinstance(g.get("route"), str) for g in groups):
+            return None
+        recipes = {g["recipe"] for g in groups}
+        if len(recipes) != 1:
             return None
         recipe = recipes.pop()
-        if not isinstance(recipe, str) or " " not in recipe:
+        if " " not in recipe:
             return None
         name, fingerprint = recipe.rsplit(" ", 1)
         routes = [g["route"] for g in groups]
