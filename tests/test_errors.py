@@ -819,6 +819,16 @@ def test_load_state_dict_of_something_else(bad, pattern):
         _stepped_soap().load_state_dict(bad)
 
 
+def test_a_parameter_key_that_cannot_be_a_key_is_refused():
+    """A list among a group's parameter indices raised TypeError (unhashable) from the map of the
+    saved indices to this optimizer's parameters."""
+    opt = _stepped_soap()
+    sd = opt.state_dict()
+    sd["param_groups"][0]["params"] = [[0], 1]
+    with pytest.raises(SoapStateError, match=r"param_groups\[0\]\['params'\] holds \[0\], expected the list of"):
+        opt.load_state_dict(sd)
+
+
 def _no_meta_and_a_list_for_recipe(sd):
     del sd["soapdsl"]
     sd["param_groups"][0]["recipe"] = [1]

@@ -836,6 +836,14 @@ class SoapOptimizer(torch.optim.Optimizer):
                     f"the state dict's param_groups[{i}]['params'] is a {type(g['params']).__name__}, expected the"
                     " list of its parameters' indices that state_dict() writes"
                 )
+            for key in g.get("params", ()):
+                try:
+                    hash(key)
+                except TypeError:  # a list: no key of 'state' can name it
+                    raise SoapStateError(
+                        f"the state dict's param_groups[{i}]['params'] holds {key!r}, expected the list of its"
+                        " parameters' indices that state_dict() writes"
+                    ) from None
         routes = meta.get("routes")
         if isinstance(routes, list) and len(routes) == len(groups) and all(isinstance(r, str) for r in routes):
             # values fixed when the optimizer is built: each route's against the checkpoint's
