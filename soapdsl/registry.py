@@ -317,7 +317,10 @@ class Op:
         expr = self.dynamic.get(name)
         if expr is None:
             return getattr(self.args, name)
-        return expr.evaluate(group)
+        value = expr.evaluate(group)
+        # a float, as the argument validated: a Python int past int64 (eps=10**30) overflows in
+        # torch. A tensor a group holds stays one (float() of a GPU tensor would sync every step)
+        return float(value) if isinstance(value, int) else value
 
     def apply(self, ctx: Ctx, x: Val) -> Val:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -436,6 +436,24 @@ def test_lr_may_be_a_numpy_scalar_or_a_0d_cpu_tensor(make):
     assert type(opt.param_groups[0]["lr"]) is type(make(0.5))  # the group keeps what was written
 
 
+@pytest.mark.parametrize(
+    ("recipe", "key", "value"),
+    [
+        ("soap", "eps", 10**30),
+        ("ademamix", "eps", 2**63),
+    ],
+)
+def test_an_integer_past_int64_that_a_stage_follows_steps_as_its_float(recipe, key, value):
+    """A recipe parameter given as a Python int too large for int64 reached torch as it was, and
+    the step raised OverflowError (int too big to convert) from a foreach kernel; a literal of
+    the same size in recipe text was always read as a float."""
+    a, b = _net(), _net()
+    grads = _grads(a, 2)
+    _run(a, soapdsl.build(recipe, a, **{key: float(value)}), grads)
+    _run(b, soapdsl.build(recipe, b, **{key: value}), grads)
+    _assert_same(a, b)
+
+
 def test_a_tensor_lr_changed_in_place_takes_effect():
     w = torch.nn.Parameter(torch.zeros(3))
     lr = torch.tensor(1.0)
