@@ -683,10 +683,8 @@ def compile_plan(
             if problem is not None:
                 raise SoapArgumentError(f"parameter '{name}' {problem}")
         shape = tuple(t.shape)
-        for rp in routes:
-            if matches(rp.route.selector, name, shape, rp.hyper):
-                break
-        else:
+        rp = _route_for(routes, name, shape)
+        if rp is None:
             raise SoapRouteError(
                 f"parameter '{name}' (shape {list(shape)}) matches no route of recipe"
                 f" '{recipe.name}'; add a final `route default: ...`",
