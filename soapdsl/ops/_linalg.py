@@ -48,7 +48,9 @@ def newton_schulz(
 
     The standard form computes the symmetric products ``X X^T`` and ``A^2`` by halves where
     :func:`halves_pay` (fp32/fp64 on a CPU, r even and at least ``HALVES_MIN_ROWS``): 3/4 of
-    their flops, the same iteration up to rounding.
+    their flops, the same iteration up to rounding. Where :func:`spectral_pays` (fp32 on a CPU,
+    many steps on a rectangular matrix: SOAP-Muon's 12) it evaluates the same polynomial from a
+    float64 eigendecomposition of ``X X^T`` instead (:func:`_spectral_newton_schulz`).
     """
     work = _DTYPES[dtype] or g.dtype
     if form == "gram" and work not in (torch.float32, torch.float64):
@@ -70,6 +72,10 @@ def newton_schulz(
         spare = scratch
     if form == "gram" and gram_pays(wide.size(-2), wide.size(-1), steps, cleanup, restart):
         return _gram_newton_schulz(_normalised(x, denom), polys, restart, tall, spare).to(g.dtype)
+    if form == "standard" and spectral_pays(wide, steps, cleanup):
+        out = _spectral_newton_schulz(x, denom, polys, tall, spare)
+        if out is not None:
+            return out.to(g.dtype)
     if halves_pay(wide):
         return _halved_newton_schulz(x, denom, polys, tall, spare).to(g.dtype)
     return _standard_newton_schulz(_normalised(x, denom), polys, tall, spare).to(g.dtype)
@@ -154,6 +160,90 @@ def halves_pay(x: torch.Tensor) -> bool:
         and r % 2 == 0
         and r >= HALVES_MIN_ROWS
     )
+
+
+SPECTRAL_MIN_ROWS = 128
+"""The shortest side from which :func:`spectral_pays` considers the spectral form (below it
+LAPACK's per-call overhead dominates: 1.2-1.9x the iteration's time at r = 64, measured)."""
+
+
+def spectral_flops(r: int) -> int:
+    """The eigendecomposition's share of :func:`spectral_cost`, in fp32 matmul flops of equal
+    time: float64 ``eigh`` of an r x r matrix measured at 40-67 r^3 from r = 256 (batches of 1
+    and 4, r up to 512, 2 CPU cores) and 83-94 r^3 at r = 128; the larger ends are taken."""
+    return (64 if r >= 256 else 96) * r**3
+
+
+def spectral_cost(r: int, c: int) -> int:
+    """The spectral form's cost on a wide r x c matrix in fp32 matmul flops of equal time: the
+    float64 products ``X X^T``, ``V diag(h) V^T`` and ``M X`` count twice (float64 matmul ran
+    at 0.42-0.5x the fp32 rate), plus :func:`spectral_flops`."""
+    return 2 * (4 * r * r * c + 2 * r**3) + spectral_flops(r)
+
+
+def spectral_pays(x: torch.Tensor, steps: int, cleanup: int) -> bool:
+    """Whether :func:`newton_schulz`'s standard form evaluates its polynomial spectrally on the
+    wide batch ``x`` ([B, r, c]): where :func:`spectral_cost` is below the iteration's flops
+    (by halves where :func:`halves_pay`). Unlike the iteration, the spectral form costs the same
+    for any number of steps: for SOAP-Muon's 10 + 2 on 256 x 1024 it took 0.48-0.56x the halved
+    iteration's time, for Muon's 5 it would take 1.1-1.3x, so Muon keeps iterating.
+
+    CPU only (a GPU's ``eigh`` is slow and synchronises with the host), eager only (the
+    estimates are eager timings), and fp32 only: the form works in float64 to stay as accurate
+    as the fp32 iteration, and a float64 iteration would need more than float64 to match."""
+    r, c = x.size(-2), x.size(-1)
+    if not (
+        x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and x.dtype == torch.float32
+        and r >= SPECTRAL_MIN_ROWS
+    ):
+        return False
+    iterate = newton_schulz_flops(r, c, steps, cleanup, "halved" if halves_pay(x) else "standard")
+    return spectral_cost(r, c) < iterate
+
+
+def _spectral_newton_schulz(
+    x: torch.Tensor,
+    denom: torch.Tensor,
+    polys: Sequence[tuple[float, float, float]],
+    tall: bool,
+    spare: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The standard iteration's result on ``x / denom`` ([B, r, c] wide, or [B, c, r] tall),
+    evaluated on the eigenvalues of its Gram matrix; None where that cannot be done (a
+    non-finite entry, or LAPACK not converging), for the caller to iterate instead.
+
+    Each step maps X to ``P(A) X`` with ``A = X X^T`` and P a polynomial, and every later A is
+    a polynomial of the first one, so the whole run is ``X_0 h(A_0)``-shaped: with
+    ``A_0 = V diag(s) V^T``, each eigenvalue (a squared singular value) follows the scalar
+    recursion ``p = a + s (b + c s)``, ``h <- h p``, ``s <- s p^2`` and the result is
+    ``V diag(h) V^T X_0``. Equal to the iteration in exact arithmetic. The Gram matrix squares
+    the spread of the singular values, so fp32 would lose the small ones (measured: relative
+    errors of 1e-3 to 7 against a float64 run where the iteration has 1e-6 to 3e-4); in
+    float64 the error is the iteration's or below. The cost does not grow with the number of
+    steps: one r x r ``eigh`` and three float64 products.
+    """
+    x64 = x.to(torch.float64)
+    gram = x64.mT @ x64 if tall else x64 @ x64.mT
+    if not bool(torch.isfinite(gram).all()):
+        return None
+    try:
+        s, vec = torch.linalg.eigh(gram)
+    except torch.linalg.LinAlgError:
+        return None
+    d = denom.to(torch.float64).flatten(-2)  # [B, 1]
+    s = (s / (d * d)).clamp_(min=0.0)  # eigenvalues of (X / d)(X / d)^T; rounding can dip below 0
+    h = torch.ones_like(s)
+    for a, b, c in polys:
+        p = (s * c + b).mul_(s).add_(a)
+        h.mul_(p)
+        s.mul_(p).mul_(p)
+    h.div_(d)
+    m = (vec * h.unsqueeze(-2)) @ vec.mT  # symmetric, so a tall X^T's result is X M
+    out = spare if spare is not None else torch.empty_like(x)
+    out.copy_(x64 @ m if tall else m @ x64)
+    return out
 
 
 def _halved_newton_schulz(

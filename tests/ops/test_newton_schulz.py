@@ -399,6 +399,7 @@ def test_halved_form_fp32_error_stays_at_the_plain_forms_level(
         out = _linalg.newton_schulz(g.float(), steps, COEFFS, cleanup).double()
         return float((out - exact).abs().max() / exact.abs().max())
 
+    monkeypatch.setattr(_linalg, "SPECTRAL_MIN_ROWS", 10**9)  # (10, 2) would run spectrally
     halved = err()
     monkeypatch.setattr(_linalg, "HALVES_MIN_ROWS", 10**9)
     plain = err()
@@ -452,3 +453,188 @@ def test_scratch_memory_changes_nothing(min_rows: int, form: str, shape: tuple[i
         got = _linalg.newton_schulz(g, 5, COEFFS, 2, form=form, scratch=scratch)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         assert bool((scratch == 7.0).all())
+
+
+# -- the spectral evaluation (standard form, fp32 on a CPU, where spectral_pays) ---------------
+
+
+@pytest.fixture
+def spectral_everywhere(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make every fp32 CPU batch take the spectral evaluation; returns a list that counts its
+    calls (a call that falls back to iterating counts too)."""
+    from soapdsl.ops import _linalg
+
+    calls: list[int] = []
+    spectral = _linalg._spectral_newton_schulz
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return spectral(*args, **kw)
+
+    monkeypatch.setattr(_linalg, "SPECTRAL_MIN_ROWS", 1)
+    monkeypatch.setattr(_linalg, "spectral_cost", lambda r, c: -1)
+    monkeypatch.setattr(_linalg, "_spectral_newton_schulz", counted)
+    return calls
+
+
+def _iterated(g: torch.Tensor, *args, **kw) -> torch.Tensor:
+    """newton_schulz with the spectral evaluation switched off (halves where they pay)."""
+    from soapdsl.ops import _linalg
+
+    saved = _linalg.SPECTRAL_MIN_ROWS
+    _linalg.SPECTRAL_MIN_ROWS = 10**9
+    try:
+        return _linalg.newton_schulz(g, *args, **kw)
+    finally:
+        _linalg.SPECTRAL_MIN_ROWS = saved
+
+
+@pytest.mark.parametrize("kind", sorted(SHAPES))
+@pytest.mark.parametrize(("steps", "cleanup"), [(5, 0), (10, 2)])
+def test_spectral_form_matches_the_fp32_loop(kind: str, steps: int, cleanup: int, spectral_everywhere) -> None:
+    """The same polynomial through the eigenvalues of X X^T: the per-matrix fp32 loop's result,
+    for wide, tall, square and conv batches and with the cubic cleanup."""
+    recipe = f"newton_schulz({steps}, cleanup={cleanup}) |> lr"
+    for gs, updates in _run(recipe, SHAPES[kind], 15, steps=2):
+        for g, u in zip(gs, updates):
+            torch.testing.assert_close(u, _ns_reference(g, steps, cleanup), **FP32)
+    assert spectral_everywhere
+
+
+def _low_rank(r: int, c: int, seed: int) -> torch.Tensor:
+    """[2, r, c]: rank 8 plus noise 1e-3 of it (a momentum dominated by a few directions)."""
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.randn(2, r, 8, generator=gen, dtype=torch.float64) @ torch.randn(
+        2, 8, c, generator=gen, dtype=torch.float64
+    )
+    return low + 1e-3 * torch.randn(2, r, c, generator=gen, dtype=torch.float64)
+
+
+def _heavy_tailed(r: int, c: int, seed: int) -> torch.Tensor:
+    """[2, r, c] of cubed normals (entries over 5 orders of magnitude, like m / sqrt(v))."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, r, c, generator=gen, dtype=torch.float64) ** 3
+
+
+@pytest.mark.parametrize("make", [_ill_conditioned, _low_rank, _heavy_tailed], ids=["ill", "low_rank", "heavy"])
+@pytest.mark.parametrize("shape", [(256, 512), (512, 256), (128, 384)], ids=["wide", "tall", "r128"])
+def test_spectral_form_fp32_error_is_at_most_the_iterations(make, shape: tuple[int, int]) -> None:
+    """Against a float64 iteration, SOAP-Muon's 10 + 2 steps in fp32 at the sizes where the
+    spectral evaluation runs by default: it is closer than the fp32 iteration (0.16-0.72x the
+    iteration's error, measured over 3 seeds; what is left is mostly the rounding of the input
+    to fp32). In fp32 the Gram matrix would lose the small singular values (errors of 1e-3 to
+    7 measured), which is why the spectral form works in float64."""
+    from soapdsl.ops import _linalg
+
+    r, c = shape
+    g = make(min(r, c), max(r, c), 0)
+    if r > c:
+        g = g.mT.contiguous()
+    exact = _linalg.newton_schulz(g, 10, COEFFS, 2)
+    g32 = g.float()
+    wide = g32 if r <= c else g32.mT
+    assert _linalg.spectral_pays(wide, 10, 2)
+
+    def err(out: torch.Tensor) -> float:
+        return float((out.double() - exact).abs().max() / exact.abs().max())
+
+    spectral = _linalg.newton_schulz(g32, 10, COEFFS, 2)
+    iterated = _iterated(g32, 10, COEFFS, 2)
+    assert spectral.dtype == torch.float32 and spectral.is_contiguous()
+    assert err(iterated) < 1e-2
+    assert err(spectral) <= err(iterated)
+
+
+def test_spectral_form_runs_where_it_counts_less() -> None:
+    """SOAP-Muon's 10 + 2 steps on rectangular fp32 matrices from 128 rows on a CPU; not Muon's
+    5 steps (the iteration is cheaper), not square 256 x 256, not below 128 rows, not fp64 (it
+    would need more than float64 to stay as accurate), bf16 or off the CPU."""
+    from soapdsl.ops._linalg import spectral_pays
+
+    def pays(shape, steps=10, cleanup=2, dtype=torch.float32, device="cpu") -> bool:
+        return spectral_pays(torch.empty(shape, dtype=dtype, device=device), steps, cleanup)
+
+    assert pays((4, 256, 1024)) and pays((1, 256, 768)) and pays((1, 128, 512)) and pays((1, 512, 1024))
+    assert not pays((4, 256, 1024), 5, 0)
+    assert not pays((1, 256, 256)) and not pays((1, 128, 256)) and not pays((1, 64, 256))
+    assert not pays((1, 256, 1024), dtype=torch.float64) and not pays((1, 256, 1024), dtype=torch.bfloat16)
+    assert not pays((1, 256, 1024), device="meta")
+
+
+def test_spectral_form_is_what_soap_muon_runs_at_full_width(monkeypatch) -> None:
+    """Through the op: a tall 768 x 256 and a wide 256 x 1024 batch take the spectral evaluation
+    under SOAP-Muon's steps, and Muon's 5 steps keep iterating."""
+    from soapdsl.ops import _linalg
+
+    shapes = []
+    spectral = _linalg._spectral_newton_schulz
+    monkeypatch.setattr(
+        _linalg, "_spectral_newton_schulz", lambda x, *a: shapes.append(tuple(x.shape)) or spectral(x, *a)
+    )
+    _run("newton_schulz(10, cleanup=2) |> lr", [(768, 256), (256, 1024), (256, 256)], 16)
+    assert sorted(shapes) == [(1, 256, 1024), (1, 768, 256)]
+    shapes.clear()
+    _run("newton_schulz(5) |> lr", [(768, 256), (256, 1024)], 16)
+    assert shapes == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_spectral_form_iterates_a_non_finite_batch(bad: float, spectral_everywhere) -> None:
+    """A NaN or inf entry makes the Gram matrix non-finite, and LAPACK must not see it: the batch
+    iterates instead and gives what the iteration gives (NaN where it spreads, as Muon does)."""
+    g = torch.randn(2, 6, 10)
+    g[0, 1, 2] = bad
+    from soapdsl.ops._linalg import newton_schulz
+
+    got = newton_schulz(g, 10, COEFFS, 2)
+    assert spectral_everywhere
+    want = _iterated(g, 10, COEFFS, 2)
+    assert torch.equal(got.isnan(), want.isnan()) and bool(got[0].isnan().all())
+    torch.testing.assert_close(got[1], want[1], **FP32)  # the finite matrix beside it is spectral
+
+
+def test_spectral_form_iterates_when_lapack_fails(spectral_everywhere, monkeypatch) -> None:
+    def fails(m):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    g = torch.randn(3, 6, 10)
+    want = _iterated(g, 10, COEFFS, 2)
+    monkeypatch.setattr(torch.linalg, "eigh", fails)
+    from soapdsl.ops._linalg import newton_schulz
+
+    torch.testing.assert_close(newton_schulz(g, 10, COEFFS, 2), want, rtol=0, atol=0)
+    assert spectral_everywhere
+
+
+@pytest.mark.parametrize("norm", ["fro", "spectral"])
+@pytest.mark.parametrize("eps_mode", ["add", "clamp"])
+def test_spectral_form_normalises_as_the_iteration(norm: str, eps_mode: str, spectral_everywhere) -> None:
+    """The normalisation is the iteration's own (Frobenius or top singular value, eps added or
+    clamped; eps=10 exceeds some of the norms), and eps=0 keeps a zero matrix zero."""
+    from soapdsl.ops._linalg import newton_schulz
+
+    gen = torch.Generator().manual_seed(17)
+    g = torch.randn(3, 6, 10, generator=gen) * torch.tensor([0.5, 3.0, 30.0]).view(3, 1, 1)
+    for eps in (1e-7, 10.0):
+        got = newton_schulz(g, 10, COEFFS, 2, eps, eps_mode, norm_kind=norm)
+        torch.testing.assert_close(got, _iterated(g, 10, COEFFS, 2, eps, eps_mode, norm_kind=norm), **FP32)
+    g[1] = 0
+    got = newton_schulz(g, 10, COEFFS, 2, 0.0, eps_mode, norm_kind=norm)
+    assert torch.equal(got[1], torch.zeros(6, 10)) and bool(got.isfinite().all())
+    assert spectral_everywhere
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 20), (3, 20, 6)], ids=["wide", "tall"])
+def test_spectral_form_scratch_memory_changes_nothing(shape: tuple[int, ...], spectral_everywhere) -> None:
+    """The input handed in as its own scratch may receive the result (it is read first, into
+    float64); a scratch of another dtype or layout is ignored."""
+    from soapdsl.ops._linalg import newton_schulz
+
+    g = torch.randn(shape)
+    want = newton_schulz(g, 10, COEFFS, 2)
+    own = g.clone()
+    torch.testing.assert_close(newton_schulz(own, 10, COEFFS, 2, scratch=own), want, rtol=0, atol=0)
+    for scratch in (torch.full(shape, 7.0, dtype=torch.float64), torch.full(shape[:1] + shape[:0:-1], 7.0).mT):
+        torch.testing.assert_close(newton_schulz(g, 10, COEFFS, 2, scratch=scratch), want, rtol=0, atol=0)
+        assert bool((scratch == 7.0).all())
+    assert spectral_everywhere
