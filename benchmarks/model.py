@@ -13,6 +13,10 @@ period), in fp32 (4 bytes a word):
 * Newton-Schulz per step: per quintic iteration on the wide orientation ``r x c`` (r <= c)
   ``X X^T`` (r (r+1) c: a symmetric product needs only one triangle), ``b A + c A A``
   (r^2 (r+1), symmetric too), ``B X`` (2 r^2 c); per cubic one, ``X X^T`` and ``A X``.
+  SOAP-Muon's 10 + 2 steps take the cheaper of that and the spectral evaluation (float64
+  ``X X^T``, ``eigh`` as 9 r^3, ``V diag(h) V^T``, ``M X``; float64 work counts twice, at half
+  the fp32 rate, with 8-byte words). Muon's 5 steps stay iterated: the spectral count is lower
+  there too, but ``eigh`` runs far below the matmul peak and soapdsl iterates them.
 
 The lower bound of a step is ``max(flops / matmul peak, bytes / bandwidth)``, with both rates
 measured on this machine in the same run (:func:`measure_machine`). It is a bound, not a
@@ -166,6 +170,30 @@ def _ns(c: Cost, m: int, n: int, steps: int, cleanup: int) -> None:
     _ew(c, "newton-schulz", m * n, 2, 3)  # normalise (norm read, scale)
 
 
+def _ns_spectral(c: Cost, m: int, n: int) -> None:
+    """The spectral evaluation (soapdsl.ops._linalg._spectral_newton_schulz), whatever the
+    steps: float64 work counted twice in flops (half the fp32 rate), 8-byte words."""
+    r, k = min(m, n), max(m, n)
+    fp64 = Cost()
+    _sym(fp64, "newton-schulz", r, k)  # A = X X^T
+    fp64.add("newton-schulz", 9 * r**3, W * 2 * r * r)  # eigh, vectors included
+    _sym(fp64, "newton-schulz", r, r)  # V diag(h) V^T
+    _mm(fp64, "newton-schulz", r, r, k)  # M X
+    for name, (flops, nbytes) in fp64.parts.items():
+        c.add(name, 2 * flops, 2 * nbytes)
+    _ew(c, "newton-schulz", m * n, 2, 3)  # normalise (the norm, a read) and cast back
+
+
+def _ns_cheapest(c: Cost, m: int, n: int, steps: int, cleanup: int) -> None:
+    """The standard iteration or the spectral evaluation, whichever counts fewer flops."""
+    iterated, spectral = Cost(), Cost()
+    _ns(iterated, m, n, steps, cleanup)
+    _ns_spectral(spectral, m, n)
+    cheaper = spectral if spectral.flops < iterated.flops else iterated
+    for name, (flops, nbytes) in cheaper.parts.items():
+        c.add(name, flops, nbytes)
+
+
 def _ns_gram(c: Cost, m: int, n: int, steps: int, cleanup: int, restart: int) -> None:
     """The Gram form (newton_schulz form=gram) where it counts fewer flops, else the standard one.
     Runs of ``restart`` iterations, each between R = X X^T and X <- Q X; inside a run R R per
@@ -270,9 +298,10 @@ def soap_cost(shapes: Shapes, freq: int, max_dim: int) -> Cost:
 def soap_muon_cost(shapes: Shapes, freq: int, form: str = "standard", restart: int = 3) -> Cost:
     """SOAP-Muon: hidden matrices get one-sided SOAP on the smaller side (2 projections, the
     momentum kept rotated), Adam-style normalisation in the rotated basis (read Gr, m, v; write
-    m, v, X: 6 words), Newton-Schulz (10 quintic + 2 cubic steps), the sqrt fix (read, write, a
-    norm: 3 words) and the update (3 words); the embedding, head and vectors take AdamW (7 words).
-    ``form="gram"``: the Gram form of Newton-Schulz."""
+    m, v, X: 6 words), Newton-Schulz (10 quintic + 2 cubic steps, iterated or spectral,
+    whichever counts fewer flops), the sqrt fix (read, write, a norm: 3 words) and the update
+    (3 words); the embedding, head and vectors take AdamW (7 words). ``form="gram"``: the Gram
+    form of Newton-Schulz."""
     c = Cost()
     for name, s in shapes:
         numel = math.prod(s)
@@ -289,7 +318,7 @@ def soap_muon_cost(shapes: Shapes, freq: int, form: str = "standard", restart: i
         if form == "gram":
             _ns_gram(c, m, n, 10, 2, restart)
         else:
-            _ns(c, m, n, 10, 2)
+            _ns_cheapest(c, m, n, 10, 2)
         _refresh(c, d, freq)
         c.add("refresh", 0, W * 2 * numel, 1.0 / freq)
         _mm(c, "refresh", d, d, d, 1.0 / freq)
