@@ -200,7 +200,7 @@ def model_section(
         " step actually executes (torch.utils.flop_counter over one refresh period; QR and eigh not included)"
         " and the time it takes at the matmul peak.",
         "",
-        "| recipe (params) | model GFLOP/step (matmul + QR) | model MB/step | lower bound ms |"
+        "| recipe (params) | model GFLOP/step (matmul, QR, eigh) | model MB/step | lower bound ms |"
         " counted matmul GFLOP/step (soapdsl) | counted at peak ms | measured (amortised) ms / lower bound |",
         "|---|---|---|---|---|---|---|",
     ]
