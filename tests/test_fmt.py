@@ -215,6 +215,27 @@ LAYOUTS = {
         "    adamw\n"
         "  route default: lr\n",
     ),
+    "a negated group too long for a line breaks inside its parentheses": (
+        'recipe r(lr=1):\n  route not ("*embedding_table_weights*" and matrix and "*transformer_block_seven*"'
+        " and ndim >= 2): sign\n  route default: lr\n",
+        "recipe r(lr=1):\n"
+        '  route not ("*embedding_table_weights*" and matrix and "*transformer_block_seven*"\n'
+        "        and ndim >= 2):\n"
+        "    sign\n"
+        "  route default: lr\n",
+    ),
+    "top-level breaks come first; a group breaks only where they are not enough": (
+        'recipe r(lr=1):\n  route ("*a_rather_long_module_name*" or "*another_long_module_name*") and'
+        ' (matrix or ndim >= 3) and not ("*the_excluded_one*" or "*and_another_excluded*"'
+        ' or "*and_a_third_one_that_is_long_too*"): sign\n  route default: lr\n',
+        "recipe r(lr=1):\n"
+        '  route ("*a_rather_long_module_name*" or "*another_long_module_name*")\n'
+        "        and (matrix or ndim >= 3)\n"
+        '        and not ("*the_excluded_one*" or "*and_another_excluded*"\n'
+        '        or "*and_a_third_one_that_is_long_too*"):\n'
+        "    sign\n"
+        "  route default: lr\n",
+    ),
     "a stage's arguments fill their lines; its block below it, closed under its name": (
         "recipe r(lr=1) = momentum(0.9) |> rotate(smaller, freq=10, beta=-1, beta_fallback=0.95,"
         " max_dim=10000, skip_first=true, jitter=0) { rms_normalize(0.95, 1e-8, eps_at=raw) |> sign } as q |> lr\n",

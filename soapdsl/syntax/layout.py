@@ -5,8 +5,9 @@ between tokens, so the text parses the same whatever the breaks:
 
 - a list in parentheses or brackets (a header's parameters, a stage's arguments, a route's
   settings) fills each line and breaks after a comma, the next line aligned after the ``(``;
-- a selector breaks before an ``or`` (or the ``and`` of a top-level conjunction), the next
-  line aligned after ``route``;
+- a selector breaks before an ``or`` or ``and``, the next line aligned after ``route``: at the
+  top level first, inside a parenthesised (or negated) group only where that group fits on
+  no line of its own;
 - a stage with a ``{ ... }`` block that does not fit on its line ends its line with ``{``,
   prints the block's pipeline two columns right of the stage's name and closes it on a line
   of its own, under the stage's name; a ``{ ... }`` argument too long for a line of its own
@@ -67,21 +68,72 @@ def header_lines(keyword: str, d: A.Definition, end: str) -> list[str]:
     return fill("", listed(opener + "(", [format_param(p, spelled=True) for p in d.params], ")" + end), len(opener) + 1)
 
 
+Unit = tuple[str, "tuple[Unit, ...] | None"]
+"""Text to print and, for a group that may break, its parts: their texts joined by spaces."""
+
+
+def _prefixed(u: Unit, text: str) -> Unit:
+    parts = u[1]
+    return text + u[0], None if parts is None else (_prefixed(parts[0], text), *parts[1:])
+
+
+def _suffixed(u: Unit, text: str) -> Unit:
+    parts = u[1]
+    return u[0] + text, None if parts is None else (*parts[:-1], _suffixed(parts[-1], text))
+
+
+def selector_unit(s: A.Selector, prec: int = 0) -> Unit:
+    """:func:`format_selector`'s text as a unit: an ``and``/``or`` is a group of its items,
+    each item after the first led by its operator."""
+    if isinstance(s, A.SelNot):
+        return _prefixed(selector_unit(s.operand, 3), "not ")
+    if not isinstance(s, (A.SelAnd, A.SelOr)):
+        return format_selector(s, prec, spelled=True), None
+    op, own = ("or ", 1) if isinstance(s, A.SelOr) else ("and ", 2)
+    parts = [selector_unit(item, own) for item in s.items]
+    parts[1:] = [_prefixed(u, op) for u in parts[1:]]
+    unit: Unit = " ".join(u[0] for u in parts), tuple(parts)
+    return _prefixed(_suffixed(unit, ")"), "(") if prec >= own else unit
+
+
+def fill_units(lead: str, units: Sequence[Unit], col: int) -> list[str]:
+    """Like :func:`fill`, for units: one that does not fit on its line goes whole to the next
+    (aligned at column ``col``); one that fits on no line breaks into its parts there, which
+    fill their lines in turn. So a group breaks inside only where breaking around it is not
+    enough."""
+    lines = [lead]
+    first = True
+
+    def put(u: Unit) -> None:
+        nonlocal first
+        if len(lines[-1]) + (0 if first else 1) + len(u[0]) <= WIDTH:
+            lines[-1] += ("" if first else " ") + u[0]
+            first = False
+            return
+        if not first:
+            lines.append(" " * col)
+            first = True
+        if u[1] is None or len(lines[-1]) + len(u[0]) <= WIDTH:
+            lines[-1] += u[0]
+            first = False
+            return
+        for part in u[1]:
+            put(part)
+
+    for u in units:
+        put(u)
+    return lines
+
+
 def route_head_lines(r: A.Route, indent: str) -> list[str]:
-    """``route SELECTOR [settings]:`` at ``indent``."""
-    s = r.selector
-    if isinstance(s, (A.SelOr, A.SelAnd)):
-        op, prec = (" or ", 1) if isinstance(s, A.SelOr) else (" and ", 2)
-        words = [format_selector(s.items[0], prec, spelled=True)]
-        words += [op.lstrip() + format_selector(i, prec, spelled=True) for i in s.items[1:]]
-    else:
-        words = [format_selector(s, spelled=True)]
-    words[0] = "route " + words[0]
+    """``route SELECTOR [settings]:`` at ``indent``: the selector breaks before an ``or`` or
+    ``and``, inside parentheses only where breaking around them is not enough."""
+    units: list[Unit] = [_prefixed(selector_unit(r.selector), "route ")]
     if r.settings:
         settings = [f"{x.name}={format_expr(x.value, spelled=True)}" for x in r.settings]
-        words += listed("[", settings, "]")
-    words[-1] += ":"
-    return fill(indent, words, len(indent) + len("route "))
+        units += [(w, None) for w in listed("[", settings, "]")]
+    units[-1] = _suffixed(units[-1], ":")
+    return fill_units(indent, units, len(indent) + len("route "))
 
 
 def stage_lines(s: A.Stage, lead: str) -> list[str]:
