@@ -224,10 +224,14 @@ def _spectral_newton_schulz(
     the spread of the singular values, so fp32 would lose the small ones (measured: relative
     errors of 1e-3 to 7 against a float64 run where the iteration has 1e-6 to 3e-4); in
     float64 the error is the iteration's or below. The cost does not grow with the number of
-    steps: one r x r ``eigh`` and three float64 products.
+    steps: one r x r ``eigh`` and three float64 products. x goes to float64 in parts of
+    ``SPECTRAL_PART`` elements along its long side, for the Gram matrix and again for the result.
     """
-    x64 = x.to(torch.float64)
-    gram = x64.mT @ x64 if tall else x64 @ x64.mT
+    r = x.size(-1) if tall else x.size(-2)
+    gram = x.new_zeros((x.size(0), r, r), dtype=torch.float64)
+    for part in _long_parts(x, tall):
+        x64 = part.to(torch.float64)
+        gram.baddbmm_(x64.mT, x64) if tall else gram.baddbmm_(x64, x64.mT)
     if not bool(torch.isfinite(gram).all()):
         return None
     try:
@@ -244,8 +248,24 @@ def _spectral_newton_schulz(
     h.div_(d)
     m = (vec * h.unsqueeze(-2)) @ vec.mT  # symmetric, so a tall X^T's result is X M
     out = spare if spare is not None else torch.empty_like(x)
-    out.copy_(x64 @ m if tall else m @ x64)
+    # each part of the result reads only its own part of x, so out may be x itself
+    for part, dest in zip(_long_parts(x, tall), _long_parts(out, tall), strict=True):
+        x64 = part.to(torch.float64)
+        dest.copy_(x64 @ m if tall else m @ x64)
     return out
+
+
+SPECTRAL_PART = 1 << 22
+"""Elements of x that the spectral form holds in float64 at a time (32 MiB): it converts x in
+parts along the long side, so a large batch does not need a float64 copy of itself twice over."""
+
+
+def _long_parts(x: torch.Tensor, tall: bool) -> list[torch.Tensor]:
+    """Views of a wide [B, r, c] (tall: [B, c, r]) batch, split along its long side c into parts
+    of about ``SPECTRAL_PART`` elements (one part where the batch is smaller)."""
+    per_long = x.size(0) * (x.size(-1) if tall else x.size(-2))
+    step = max(1, SPECTRAL_PART // max(per_long, 1))
+    return list(x.split(step, dim=-2 if tall else -1))
 
 
 def _halved_newton_schulz(

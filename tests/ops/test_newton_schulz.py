@@ -638,3 +638,22 @@ def test_spectral_form_scratch_memory_changes_nothing(shape: tuple[int, ...], sp
         torch.testing.assert_close(newton_schulz(g, 10, COEFFS, 2, scratch=scratch), want, rtol=0, atol=0)
         assert bool((scratch == 7.0).all())
     assert spectral_everywhere
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 20), (3, 20, 6)], ids=["wide", "tall"])
+def test_spectral_form_in_parts_is_the_same(shape: tuple[int, ...], spectral_everywhere, monkeypatch) -> None:
+    """A large batch goes to float64 in parts along its long side (SPECTRAL_PART elements at a
+    time, so it is never held in float64 whole): the Gram matrix summed over the parts and the
+    result written part by part, also into the input itself, is the one-part result to fp32
+    rounding."""
+    from soapdsl.ops import _linalg
+
+    g = torch.randn(shape)
+    whole = _linalg.newton_schulz(g, 10, COEFFS, 2)
+    tall = shape[1] > shape[2]
+    monkeypatch.setattr(_linalg, "SPECTRAL_PART", 7 * 3 * 6)  # 7 of the long side's 20 a part: 7, 7, 6
+    assert [p.size(-2 if tall else -1) for p in _linalg._long_parts(g, tall)] == [7, 7, 6]
+    torch.testing.assert_close(_linalg.newton_schulz(g, 10, COEFFS, 2), whole, rtol=1e-6, atol=1e-7)
+    own = g.clone()
+    torch.testing.assert_close(_linalg.newton_schulz(own, 10, COEFFS, 2, scratch=own), whole, rtol=1e-6, atol=1e-7)
+    assert len(spectral_everywhere) == 3
