@@ -217,7 +217,7 @@ def _spectral_newton_schulz(
     non-finite entry, or LAPACK not converging), for the caller to iterate instead.
 
     Each step maps X to ``P(A) X`` with ``A = X X^T`` and P a polynomial, and every later A is
-    a polynomial of the first one, so the whole run is ``X_0 h(A_0)``-shaped: with
+    a polynomial of the first one, so the whole run is ``H(A_0) X_0`` for one polynomial H: with
     ``A_0 = V diag(s) V^T``, each eigenvalue (a squared singular value) follows the scalar
     recursion ``p = a + s (b + c s)``, ``h <- h p``, ``s <- s p^2`` and the result is
     ``V diag(h) V^T X_0``. Equal to the iteration in exact arithmetic. The Gram matrix squares
@@ -231,7 +231,10 @@ def _spectral_newton_schulz(
     gram = x.new_zeros((x.size(0), r, r), dtype=torch.float64)
     for part in _long_parts(x, tall):
         x64 = part.to(torch.float64)
-        gram.baddbmm_(x64.mT, x64) if tall else gram.baddbmm_(x64, x64.mT)
+        if tall:
+            gram.baddbmm_(x64.mT, x64)
+        else:
+            gram.baddbmm_(x64, x64.mT)
     if not bool(torch.isfinite(gram).all()):
         return None
     try:
