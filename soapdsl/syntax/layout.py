@@ -36,19 +36,44 @@ from soapdsl.syntax.printer import (
 WIDTH = 88
 
 
+Unit = tuple[str, "tuple[Unit, ...] | None"]
+"""Text to print and, for a group that may break, its parts: their texts joined by spaces."""
+
+
+def fill_units(lead: str, units: Sequence[Unit], col: int) -> list[str]:
+    """``lead`` and then ``units`` joined by spaces, within 88 columns: a unit that does not
+    fit on its line goes whole to the next (aligned at column ``col``, 0-based); one that fits
+    on no line breaks into its parts there, which fill their lines in turn (a unit without
+    parts stays whole, past the 88th column). So a group breaks inside only where breaking
+    around it is not enough."""
+    lines = [lead]
+    first = True
+
+    def put(u: Unit) -> None:
+        nonlocal first
+        if len(lines[-1]) + (0 if first else 1) + len(u[0]) <= WIDTH:
+            lines[-1] += ("" if first else " ") + u[0]
+            first = False
+            return
+        if not first:
+            lines.append(" " * col)
+            first = True
+        if u[1] is None or len(lines[-1]) + len(u[0]) <= WIDTH:
+            lines[-1] += u[0]
+            first = False
+            return
+        for part in u[1]:
+            put(part)
+
+    for u in units:
+        put(u)
+    return lines
+
+
 def fill(lead: str, words: Sequence[str], col: int) -> list[str]:
     """``lead`` and then ``words`` joined by spaces, a line broken before a word that would
     pass the 88th column; a continuation line starts at column ``col`` (0-based)."""
-    lines: list[str] = []
-    line = lead + words[0]
-    for w in words[1:]:
-        if len(line) + 1 + len(w) > WIDTH:
-            lines.append(line)
-            line = " " * col + w
-        else:
-            line += " " + w
-    lines.append(line)
-    return lines
+    return fill_units(lead, [(w, None) for w in words], col)
 
 
 def listed(opener: str, items: Sequence[str], closer: str) -> list[str]:
@@ -66,10 +91,6 @@ def header_lines(keyword: str, d: A.Definition, end: str) -> list[str]:
     if not d.params:
         return [opener + end]
     return fill("", listed(opener + "(", [format_param(p, spelled=True) for p in d.params], ")" + end), len(opener) + 1)
-
-
-Unit = tuple[str, "tuple[Unit, ...] | None"]
-"""Text to print and, for a group that may break, its parts: their texts joined by spaces."""
 
 
 def _prefixed(u: Unit, text: str) -> Unit:
@@ -94,35 +115,6 @@ def selector_unit(s: A.Selector, prec: int = 0) -> Unit:
     parts[1:] = [_prefixed(u, op) for u in parts[1:]]
     unit: Unit = " ".join(u[0] for u in parts), tuple(parts)
     return _prefixed(_suffixed(unit, ")"), "(") if prec >= own else unit
-
-
-def fill_units(lead: str, units: Sequence[Unit], col: int) -> list[str]:
-    """Like :func:`fill`, for units: one that does not fit on its line goes whole to the next
-    (aligned at column ``col``); one that fits on no line breaks into its parts there, which
-    fill their lines in turn. So a group breaks inside only where breaking around it is not
-    enough."""
-    lines = [lead]
-    first = True
-
-    def put(u: Unit) -> None:
-        nonlocal first
-        if len(lines[-1]) + (0 if first else 1) + len(u[0]) <= WIDTH:
-            lines[-1] += ("" if first else " ") + u[0]
-            first = False
-            return
-        if not first:
-            lines.append(" " * col)
-            first = True
-        if u[1] is None or len(lines[-1]) + len(u[0]) <= WIDTH:
-            lines[-1] += u[0]
-            first = False
-            return
-        for part in u[1]:
-            put(part)
-
-    for u in units:
-        put(u)
-    return lines
 
 
 def route_head_lines(r: A.Route, indent: str) -> list[str]:
