@@ -189,8 +189,13 @@ def _ns_cheapest(c: Cost, m: int, n: int, steps: int, cleanup: int) -> None:
     iterated, spectral = Cost(), Cost()
     _ns(iterated, m, n, steps, cleanup)
     _ns_spectral(spectral, m, n)
-    cheaper = spectral if spectral.flops < iterated.flops else iterated
-    for name, (flops, nbytes) in cheaper.parts.items():
+    _add_cheaper(c, iterated, spectral)
+
+
+def _add_cheaper(c: Cost, first: Cost, other: Cost) -> None:
+    """Add to ``c`` the parts of whichever of two candidate forms counts fewer flops (``first``
+    on a tie)."""
+    for name, (flops, nbytes) in (other if other.flops < first.flops else first).parts.items():
         c.add(name, flops, nbytes)
 
 
@@ -214,9 +219,7 @@ def _ns_gram(c: Cost, m: int, n: int, steps: int, cleanup: int, restart: int) ->
                 _mm(gram, "newton-schulz", r, r, r, 2)  # P R P
         _mm(gram, "newton-schulz", r, r, k)  # Q X
     _ew(gram, "newton-schulz", m * n, 2, 3)
-    cheaper = gram if gram.flops < standard.flops else standard
-    for name, (flops, nbytes) in cheaper.parts.items():
-        c.add(name, flops, nbytes)
+    _add_cheaper(c, standard, gram)
 
 
 def _rotate(c: Cost, name: str, m: int, n: int, left: bool, right: bool, times: float = 1.0) -> None:
