@@ -182,6 +182,25 @@ def net() -> SmallNet:
     return make_net()
 
 
+@pytest.fixture
+def spectral_everywhere(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make every fp32 CPU batch take the spectral evaluation; returns a list that counts its
+    calls (a call that falls back to iterating counts too)."""
+    from soapdsl.ops import _linalg
+
+    calls: list[int] = []
+    spectral = _linalg._spectral_newton_schulz
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return spectral(*args, **kw)
+
+    monkeypatch.setattr(_linalg, "SPECTRAL_MIN_ROWS", 1)
+    monkeypatch.setattr(_linalg, "spectral_cost", lambda r, c: -1)
+    monkeypatch.setattr(_linalg, "_spectral_newton_schulz", counted)
+    return calls
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--update-goldens",

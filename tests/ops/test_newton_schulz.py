@@ -458,25 +458,6 @@ def test_scratch_memory_changes_nothing(min_rows: int, form: str, shape: tuple[i
 # -- the spectral evaluation (standard form, fp32 on a CPU, where spectral_pays) ---------------
 
 
-@pytest.fixture
-def spectral_everywhere(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Make every fp32 CPU batch take the spectral evaluation; returns a list that counts its
-    calls (a call that falls back to iterating counts too)."""
-    from soapdsl.ops import _linalg
-
-    calls: list[int] = []
-    spectral = _linalg._spectral_newton_schulz
-
-    def counted(*args, **kw):
-        calls.append(1)
-        return spectral(*args, **kw)
-
-    monkeypatch.setattr(_linalg, "SPECTRAL_MIN_ROWS", 1)
-    monkeypatch.setattr(_linalg, "spectral_cost", lambda r, c: -1)
-    monkeypatch.setattr(_linalg, "_spectral_newton_schulz", counted)
-    return calls
-
-
 def _iterated(g: torch.Tensor, *args, **kw) -> torch.Tensor:
     """newton_schulz with the spectral evaluation switched off (halves where they pay)."""
     from soapdsl.ops import _linalg
